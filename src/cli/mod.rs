@@ -1,0 +1,61 @@
+//! The command line: `chronflow run | next | crd | check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::OperatorConfig;
+use crate::{Error, Result};
+
+pub mod next;
+
+/// chronflow runs scheduled work on Kubernetes with seconds precision, exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "chronflow", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the next instants a schedule fires, to check one before applying it.
+    Next(next::NextArgs),
+    /// Print the ChronTask CustomResourceDefinition as YAML (what `crds/` holds).
+    Crd,
+    /// Validate an operator configuration file and print the effective configuration,
+    /// after `SCHEDULER__…` environment overrides and defaults.
+    CheckConfig {
+        /// Configuration file (YAML); without it, defaults and environment only.
+        #[arg(short = 'f', long = "file", env = "CHRONFLOW_CONFIG")]
+        file: Option<PathBuf>,
+    },
+}
+
+impl Cli {
+    /// Runs the chosen command and returns the process exit code.
+    pub async fn run(self) -> Result<ExitCode> {
+        match self.command {
+            Command::Next(args) => Ok(next::run(&args)),
+            Command::Crd => {
+                print_stdout(&crate::crd::crd_yaml()?)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::CheckConfig { file } => {
+                let config = OperatorConfig::load(file.as_deref())?;
+                let yaml = serde_yaml::to_string(&config)
+                    .map_err(|source| Error::Serialize { what: "configuration", source })?;
+                print_stdout(&yaml)?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+fn print_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(|source| Error::WriteOutput { path: "stdout".into(), source })
+}

@@ -1,0 +1,349 @@
+//! `ChronTask.spec`: what users declare. Everything the schema can check is checked at
+//! admission (patterns, bounds, CEL rules with messages); what it cannot (cron syntax, time
+//! zone names) the operator reports in status.
+
+use k8s_openapi::api::batch::v1::JobTemplateSpec;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::schema;
+use super::status::ChronTaskStatus;
+
+/// Duration as users write it: one or more `<integer><unit>` parts, units `d h m s ms`, largest first.
+pub const DURATION_PATTERN: &str = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$";
+/// Durations that CEL's `duration()` can also read (no days), so rules can compare them.
+pub const SHORT_DURATION_PATTERN: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$";
+
+/// A task that chronflow runs on a schedule: cron with seconds, a fixed-rate interval or a
+/// one-shot instant. Status reports its runs, success rate and next run.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "chronflow.io",
+    version = "v1alpha1",
+    kind = "ChronTask",
+    plural = "chrontasks",
+    shortname = "ct",
+    category = "chronflow",
+    namespaced,
+    status = "ChronTaskStatus",
+    derive = "PartialEq",
+    doc = "A task that chronflow fires on a schedule (cron with seconds, interval or one-shot) and whose runs it counts in status.",
+    printcolumn(name = "Schedule", type_ = "string", json_path = ".status.schedule", description = "The schedule, as the operator reads it"),
+    printcolumn(name = "Paused", type_ = "boolean", json_path = ".spec.paused"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Last Run", type_ = "date", json_path = ".status.lastScheduleTime"),
+    printcolumn(name = "Next Run", type_ = "string", json_path = ".status.nextRunTime"),
+    printcolumn(name = "Runs", type_ = "integer", json_path = ".status.totalRuns"),
+    printcolumn(name = "Success", type_ = "string", json_path = ".status.successRate"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = "1"),
+    selectable = ".status.phase",
+    selectable = ".spec.paused"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ChronTaskSpec {
+    /// When the task fires: exactly one of `cron`, `interval` or `at`, read in `timezone`.
+    pub schedule: ScheduleSpec,
+
+    /// Stops firing while true; resuming continues from now without replaying the paused period.
+    #[serde(default)]
+    pub paused: bool,
+
+    /// Why the task is paused; shown in status and Events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub pause_reason: Option<String>,
+
+    /// What to do when a run is due while the previous one is still running: `Allow` runs both,
+    /// `Forbid` skips the new run (counted as missed), `Replace` cancels the old run.
+    #[serde(default)]
+    pub concurrency_policy: ConcurrencyPolicy,
+
+    /// A run that cannot start within this many seconds of its scheduled instant is not started
+    /// and is counted in `status.missedRuns`. Unset: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub starting_deadline_seconds: Option<i64>,
+
+    /// What to do with instants missed while the operator was down: `Skip` them, run the
+    /// `Latest` one, or run `All` of them oldest first (at most 100).
+    #[serde(default)]
+    pub catch_up: CatchUpPolicy,
+
+    /// Time limit of each attempt, e.g. `30s`, `2m`.
+    #[serde(default = "default_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    pub timeout: String,
+
+    /// Retries of a failed attempt. Default: no retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+
+    /// What a run does: exactly one of `http` or `job`.
+    pub action: ActionSpec,
+
+    /// How many finished runs to keep in `status.recentRuns` (and, for Jobs, in the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+}
+
+fn default_timeout() -> String {
+    "30s".into()
+}
+
+/// When a task fires. Exactly one of `cron`, `interval` or `at`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.cron), has(self.interval), has(self.at)].filter(x, x).size() == 1").message("schedule needs exactly one of cron, interval or at"))]
+#[x_kube(validation = Rule::new("!has(self.startAt) || !has(self.endAt) || timestamp(self.endAt) > timestamp(self.startAt)").message("schedule.endAt must be after schedule.startAt"))]
+pub struct ScheduleSpec {
+    /// Cron expression: 6 fields with seconds first (`*/5 * * * * *`) or classic 5 fields
+    /// (`m h dom mon dow`), names (`JAN`, `MON`), ranges, lists, steps, Sunday as 0 or 7,
+    /// and the macros @yearly @annually @monthly @weekly @daily @midnight @hourly.
+    /// When both day fields are restricted, a day matches if either does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub cron: Option<String>,
+
+    /// Fixed-rate interval (`500ms`, `10s`, `1m30s`, `2h`, `1d`): runs are due at
+    /// `startAt + k*interval` (k = 0, 1, ...) or, without startAt, at `creation + k*interval`
+    /// (k = 1, 2, ...). Elapsed time: daylight saving does not move them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    pub interval: Option<String>,
+
+    /// One-shot instant (RFC 3339, e.g. `2026-12-01T09:00:00+08:00`); the task is Completed after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"), length(max = 64))]
+    pub at: Option<String>,
+
+    /// IANA time zone the cron expression is read in (e.g. `Europe/Berlin`). Default: the
+    /// operator's `timezone` setting. Daylight saving follows the Vixie cron rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub timezone: Option<String>,
+
+    /// Delays each run by up to this long, by an amount fixed per (task, instant), to spread
+    /// load; the run keeps its scheduled instant as its identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    pub jitter: Option<String>,
+
+    /// No run is due before this instant (RFC 3339, inclusive); anchors intervals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"), length(max = 64))]
+    pub start_at: Option<String>,
+
+    /// No run is due after this instant (RFC 3339, inclusive); the task is Completed after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"), length(max = 64))]
+    pub end_at: Option<String>,
+}
+
+/// What to do when a run is due while the previous one is still running.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConcurrencyPolicy {
+    /// Start the new run beside the old one.
+    Allow,
+    /// Do not start the new run; count it as missed.
+    #[default]
+    Forbid,
+    /// Cancel the old run and start the new one.
+    Replace,
+}
+
+/// What to do with instants missed while the operator was down.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CatchUpPolicy {
+    /// Run none of them; count them as missed.
+    Skip,
+    /// Run the most recent one; count the others as missed.
+    #[default]
+    Latest,
+    /// Run them all, oldest first, at most 100; count the rest as missed.
+    All,
+}
+
+/// Retries of a failed attempt, with backoff between attempts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.initialDelay) <= duration(self.maxDelay)").message("retry.initialDelay must not exceed retry.maxDelay"))]
+pub struct RetrySpec {
+    /// Attempts after the first one (0 to 10).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10))]
+    pub max_retries: u32,
+
+    /// How the delay grows: `Exponential` doubles it, `Linear` adds `initialDelay`, `Fixed` keeps it.
+    #[serde(default)]
+    pub backoff: Backoff,
+
+    /// Delay before the first retry (`h m s ms` units).
+    #[serde(default = "default_initial_delay")]
+    #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
+    pub initial_delay: String,
+
+    /// Upper bound of any delay (`h m s ms` units).
+    #[serde(default = "default_max_delay")]
+    #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
+    pub max_delay: String,
+}
+
+fn default_initial_delay() -> String {
+    "1s".into()
+}
+
+fn default_max_delay() -> String {
+    "60s".into()
+}
+
+/// How the delay between attempts grows.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backoff {
+    /// initialDelay, 2x, 4x, ... up to maxDelay.
+    #[default]
+    Exponential,
+    /// initialDelay every time.
+    Fixed,
+    /// initialDelay, 2x, 3x, ... up to maxDelay.
+    Linear,
+}
+
+/// What a run does. Exactly one of `http` or `job`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.job)].filter(x, x).size() == 1").message("action needs exactly one of http or job"))]
+pub struct ActionSpec {
+    /// Call an HTTP endpoint. Every request carries `Idempotency-Key: <namespace>/<name>@<instant>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpAction>,
+
+    /// Create a Job per run, named from the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobAction>,
+}
+
+/// An HTTP request per run; the run succeeds when the status code is in `successCodes`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpAction {
+    /// The endpoint, `http://` or `https://`.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("http.url must start with http:// or https://"))]
+    #[schemars(length(min = 8, max = 2048))]
+    pub url: String,
+
+    /// HTTP method.
+    #[serde(default)]
+    pub method: HttpMethod,
+
+    /// Request headers, each with a literal `value` or a `valueFrom.secretKeyRef`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub headers: Vec<HttpHeader>,
+
+    /// Request body, sent as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub body: Option<String>,
+
+    /// Status codes that count as success: exact codes (`204`) or classes (`2xx`).
+    #[serde(default = "default_success_codes")]
+    #[schemars(length(min = 1, max = 32), inner(regex(pattern = r"^[1-5]([0-9][0-9]|xx)$")))]
+    pub success_codes: Vec<String>,
+}
+
+fn default_success_codes() -> Vec<String> {
+    vec!["2xx".into()]
+}
+
+/// HTTP method of an `http` action.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    #[default]
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Head,
+}
+
+/// A request header.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)").message("a header needs exactly one of value or valueFrom"))]
+pub struct HttpHeader {
+    /// Header name.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    pub name: String,
+
+    /// Literal value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub value: Option<String>,
+
+    /// Value read from a Secret in the task's namespace; never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<HeaderValueSource>,
+}
+
+/// Where a header value comes from.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderValueSource {
+    /// A key of a Secret in the task's namespace.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the task's namespace.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A Job per run, named from the run id so a run can never create two Jobs.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobAction {
+    /// The Job to create, as in a CronJob's `jobTemplate` (batch/v1 JobTemplateSpec).
+    #[schemars(schema_with = "schema::preserve_unknown_object")]
+    pub template: JobTemplateSpec,
+}
+
+/// How many finished runs to keep.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// Successful runs kept in `status.recentRuns` (0 to 50).
+    #[serde(default = "default_successful_runs_limit")]
+    #[schemars(range(min = 0, max = 50))]
+    pub successful_runs_limit: u32,
+    /// Failed or missed runs kept in `status.recentRuns` (0 to 50).
+    #[serde(default = "default_failed_runs_limit")]
+    #[schemars(range(min = 0, max = 50))]
+    pub failed_runs_limit: u32,
+}
+
+impl Default for HistorySpec {
+    fn default() -> Self {
+        Self {
+            successful_runs_limit: default_successful_runs_limit(),
+            failed_runs_limit: default_failed_runs_limit(),
+        }
+    }
+}
+
+fn default_successful_runs_limit() -> u32 {
+    3
+}
+
+fn default_failed_runs_limit() -> u32 {
+    1
+}

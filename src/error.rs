@@ -1,0 +1,50 @@
+//! The crate's error type. Variants name the step that failed; `exit_code` tells the user's
+//! mistakes (exit 2) from failures of the environment (exit 1).
+
+use std::path::PathBuf;
+
+/// Errors that reach the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The operator configuration is invalid; the message names the key.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+
+    /// Writing output failed (a closed pipe, a full disk).
+    #[error("cannot write {path}: {source}")]
+    WriteOutput {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Serialising a document (the CRD, the effective configuration) failed.
+    #[error("cannot serialise {what}: {source}")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: serde_yaml::Error,
+    },
+}
+
+impl Error {
+    /// Exit status for the command line: 2 for bad input, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) => 2,
+            Error::WriteOutput { .. } | Error::Serialize { .. } => 1,
+        }
+    }
+
+    /// A short, stable label for metrics and Kubernetes Event reasons.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::WriteOutput { .. } => "write_output",
+            Error::Serialize { .. } => "serialize",
+        }
+    }
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,17 @@
+//! The `chronflow` binary: parse the command line and hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = chronflow::cli::Cli::parse();
+    match cli.run().await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("chronflow: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
