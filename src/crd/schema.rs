@@ -1,6 +1,6 @@
 //! Hand-written schema fragments for fields whose Rust types carry no schema of their own.
 
-use schemars::{json_schema, Schema, SchemaGenerator};
+use schemars::{Schema, SchemaGenerator, json_schema};
 
 /// An object stored as given (embedded Kubernetes templates): validated by the operator and by
 /// the apiserver when the object is created, not at admission of the ChronTask.
@@ -32,4 +32,39 @@ pub fn conditions(_: &mut SchemaGenerator) -> Schema {
             },
         },
     })
+}
+
+/// Adapts a schemars-generated schema to what the apiserver and `kubectl explain` expect:
+/// unsigned integer formats become the signed ones Kubernetes knows (the `minimum: 0` stays),
+/// and doc-comment line breaks inside a paragraph become spaces so `kubectl explain` can wrap.
+pub fn adapt_for_kubernetes(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (key, entry) in map.iter_mut() {
+                match (key.as_str(), &mut *entry) {
+                    ("format", Value::String(format)) if format.starts_with("uint") => {
+                        *format = format.trim_start_matches('u').to_string();
+                    }
+                    ("description", Value::String(text)) => *text = unwrap_paragraphs(text),
+                    _ => adapt_for_kubernetes(entry),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(adapt_for_kubernetes),
+        _ => {}
+    }
+}
+
+fn unwrap_paragraphs(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            paragraph
+                .split('\n')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }

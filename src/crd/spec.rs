@@ -28,15 +28,33 @@ pub const SHORT_DURATION_PATTERN: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]
     status = "ChronTaskStatus",
     derive = "PartialEq",
     doc = "A task that chronflow fires on a schedule (cron with seconds, interval or one-shot) and whose runs it counts in status.",
-    printcolumn(name = "Schedule", type_ = "string", json_path = ".status.schedule", description = "The schedule, as the operator reads it"),
+    printcolumn(
+        name = "Schedule",
+        type_ = "string",
+        json_path = ".status.schedule",
+        description = "The schedule, as the operator reads it"
+    ),
     printcolumn(name = "Paused", type_ = "boolean", json_path = ".spec.paused"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Last Run", type_ = "date", json_path = ".status.lastScheduleTime"),
+    printcolumn(
+        name = "Last Run",
+        type_ = "date",
+        json_path = ".status.lastScheduleTime"
+    ),
     printcolumn(name = "Next Run", type_ = "string", json_path = ".status.nextRunTime"),
     printcolumn(name = "Runs", type_ = "integer", json_path = ".status.totalRuns"),
     printcolumn(name = "Success", type_ = "string", json_path = ".status.successRate"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = "1"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = "1"
+    ),
     selectable = ".status.phase",
     selectable = ".spec.paused"
 )]
@@ -141,7 +159,9 @@ pub struct ScheduleSpec {
 }
 
 /// What to do when a run is due while the previous one is still running.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum ConcurrencyPolicy {
     /// Start the new run beside the old one.
     Allow,
@@ -153,7 +173,9 @@ pub enum ConcurrencyPolicy {
 }
 
 /// What to do with instants missed while the operator was down.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum CatchUpPolicy {
     /// Run none of them; count them as missed.
     Skip,
@@ -198,7 +220,9 @@ fn default_max_delay() -> String {
 }
 
 /// How the delay between attempts grows.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum Backoff {
     /// initialDelay, 2x, 4x, ... up to maxDelay.
     #[default]
@@ -248,7 +272,10 @@ pub struct HttpAction {
 
     /// Status codes that count as success: exact codes (`204`) or classes (`2xx`).
     #[serde(default = "default_success_codes")]
-    #[schemars(length(min = 1, max = 32), inner(regex(pattern = r"^[1-5]([0-9][0-9]|xx)$")))]
+    #[schemars(
+        length(min = 1, max = 32),
+        inner(regex(pattern = r"^[1-5]([0-9][0-9]|xx)$"))
+    )]
     pub success_codes: Vec<String>,
 }
 
@@ -257,7 +284,9 @@ fn default_success_codes() -> Vec<String> {
 }
 
 /// HTTP method of an `http` action.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum HttpMethod {
     Get,
@@ -275,7 +304,10 @@ pub enum HttpMethod {
 #[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)").message("a header needs exactly one of value or valueFrom"))]
 pub struct HttpHeader {
     /// Header name.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    )]
     pub name: String,
 
     /// Literal value.

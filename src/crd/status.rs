@@ -11,7 +11,7 @@ use super::schema;
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ChronTaskStatus {
-    /// Pending, Scheduled, Running, Paused, Completed or Invalid.
+    /// Pending, Scheduled, Running, Failed, Paused, Completed or Invalid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
@@ -90,6 +90,9 @@ pub enum Phase {
     Scheduled,
     /// A run is in flight.
     Running,
+    /// Still scheduled, but the latest run failed; the next success returns it to Scheduled.
+    /// Find such tasks with `kubectl get ct --field-selector status.phase=Failed`.
+    Failed,
     /// `spec.paused` is true.
     Paused,
     /// No run will ever be due again (`at` fired, or past `endAt`).

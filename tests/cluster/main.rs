@@ -1,0 +1,8 @@
+//! Tests against a real kube-apiserver backed by etcd (and a real Redis), started once for
+//! this whole test binary by `support::test_env()`. Each test works in its own namespace.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod crd_admission;
+mod kubectl;

@@ -1,0 +1,172 @@
+//! Test environment shared by every test that needs a cluster: one real etcd + kube-apiserver
+//! and one redis-server per test run (started by `scripts/control-plane`, the same script
+//! `scripts/dev-cluster` uses), the ChronTask CRD installed, a namespace per test.
+//!
+//! The processes are stopped by the script's watchdog as soon as this test process exits,
+//! whether the run passed, failed or was interrupted.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+/// Where the repository is (scripts, CRD, samples).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A generous bound for anything the cluster does; `CHRONFLOW_TEST_TIMEOUT` (seconds) raises it
+/// on slow machines. Tests wait on conditions up to this bound, never for a fixed time.
+pub fn timeout() -> Duration {
+    let secs = std::env::var("CHRONFLOW_TEST_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// The running control plane and Redis of this test run.
+pub struct TestEnv {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// Directory of the cached kubectl, kube-apiserver and etcd.
+    pub bin_dir: PathBuf,
+    pub redis_url: String,
+}
+
+/// Starts the control plane on first use; later calls (from any test thread) share it.
+pub fn test_env() -> &'static TestEnv {
+    static ENV: OnceLock<Result<TestEnv, String>> = OnceLock::new();
+    match ENV.get_or_init(start) {
+        Ok(env) => env,
+        Err(error) => panic!("test environment unavailable: {error}"),
+    }
+}
+
+fn start() -> Result<TestEnv, String> {
+    let bin_dir = match std::env::var_os("CHRONFLOW_TEST_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let out = run(Command::new(repo_root().join("scripts/test-deps")).arg("--bin-dir"))?;
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("control-plane-{}", std::process::id()));
+    run(Command::new(repo_root().join("scripts/control-plane"))
+        .arg("up")
+        .arg(&dir)
+        .arg("--watch-pid")
+        .arg(std::process::id().to_string()))?;
+    let env = TestEnv {
+        kubeconfig: dir.join("kubeconfig"),
+        redis_url: std::fs::read_to_string(dir.join("redis-url"))
+            .map_err(|e| format!("reading redis-url: {e}"))?
+            .trim()
+            .to_string(),
+        bin_dir,
+        dir,
+    };
+    let crd = repo_root().join("crds/chronflow.io_chrontasks.yaml");
+    run(env
+        .kubectl_command()
+        .args(["apply", "--server-side", "-f"])
+        .arg(&crd))?;
+    run(env.kubectl_command().args([
+        "wait",
+        "--for=condition=Established",
+        "crd/chrontasks.chronflow.io",
+        &format!("--timeout={}s", timeout().as_secs()),
+    ]))?;
+    Ok(env)
+}
+
+fn run(command: &mut Command) -> Result<Output, String> {
+    let out = command.output().map_err(|e| format!("{command:?}: {e}"))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{command:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl TestEnv {
+    /// The real kubectl, built for these tests, pointed at this control plane.
+    pub fn kubectl_command(&self) -> Command {
+        let mut command = Command::new(self.bin_dir.join("kubectl"));
+        command.env("KUBECONFIG", &self.kubeconfig);
+        command
+    }
+
+    /// Runs kubectl and returns its output, whatever its exit status.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_command()
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    /// A client with admin rights. Each test makes its own: a client's connections belong to
+    /// the runtime of the test that made it.
+    pub async fn client(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig is readable");
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("kubeconfig is valid");
+        Client::try_from(config).expect("client builds")
+    }
+}
+
+/// A fresh namespace for one test, so tests never see each other's objects.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace is created");
+    name
+}
+
+/// Waits until `check` returns `Some`, polling every 100 ms up to [`timeout`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {:?} waiting for {what}",
+            timeout()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
