@@ -10,6 +10,37 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 
+    /// A configuration key names a feature this version does not have.
+    #[error("config: {key}: {reason}")]
+    Unsupported {
+        key: &'static str,
+        reason: &'static str,
+    },
+
+    /// No cluster could be reached (no in-cluster service account, no usable KUBECONFIG).
+    #[error("cannot connect to Kubernetes: {source}")]
+    ConnectCluster {
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The ChronTask CRD is not installed, or chronflow may not list ChronTasks.
+    #[error(
+        "cannot list ChronTasks (is the CRD installed? kubectl apply -f crds/chronflow.io_chrontasks.yaml): {source}"
+    )]
+    CrdUnavailable {
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The log file cannot be opened.
+    #[error("cannot open the log file: {0}")]
+    Logging(#[source] std::io::Error),
+
+    /// The operator could not start, or a component stopped while running.
+    #[error("{0}")]
+    Startup(String),
+
     /// Writing output failed (a closed pipe, a full disk).
     #[error("cannot write {path}: {source}")]
     WriteOutput {
@@ -31,8 +62,8 @@ impl Error {
     /// Exit status for the command line: 2 for bad input, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) => 2,
-            Error::WriteOutput { .. } | Error::Serialize { .. } => 1,
+            Error::Config(_) | Error::Unsupported { .. } => 2,
+            _ => 1,
         }
     }
 
@@ -40,6 +71,11 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Config(_) => "config",
+            Error::Unsupported { .. } => "unsupported",
+            Error::ConnectCluster { .. } => "connect_cluster",
+            Error::CrdUnavailable { .. } => "crd_unavailable",
+            Error::Logging(_) => "logging",
+            Error::Startup(_) => "startup",
             Error::WriteOutput { .. } => "write_output",
             Error::Serialize { .. } => "serialize",
         }

@@ -3,15 +3,33 @@
 //! Module map (one concern each):
 //! - [`crd`]: the `ChronTask` resource (spec, status, CRD generation).
 //! - [`schedule`]: schedule math (cron, intervals, one-shots, time zones); free of `kube`.
+//! - [`run`]: run identities (`RunId` = `<ns>/<name>@<instant>`) and reports about runs.
+//! - [`engine`]: the timer queue that fires due instants; catch-up after downtime.
+//! - [`dedup`]: claims per run id, so each instant runs once.
+//! - [`executor`]: bounded queue + worker pool, concurrency policies, HTTP action, retries.
+//! - [`controller`]: watches ChronTasks, validates them, feeds the engine (the `kube` side).
+//! - [`status`]: the status writer (coalesced server-side apply) and Events.
+//! - [`operator`]: `chronflow run` wiring, supervision and shutdown order.
+//! - [`telemetry`]: logging setup.
 //! - [`config`]: the operator configuration (YAML file + `SCHEDULER__` environment).
 //! - [`cli`]: the command line (`run`, `next`, `crd`, `check-config`).
 //! - [`error`]: the crate's error type and exit codes.
+//! - [`policy`]: run policies (concurrency, catch-up, backoff) shared by CRD, engine and executor.
 
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod crd;
+pub mod dedup;
+pub mod engine;
 pub mod error;
+pub mod executor;
+pub mod operator;
+pub mod policy;
+pub mod run;
 pub mod schedule;
+pub mod status;
+pub mod telemetry;
 
 pub use crd::ChronTask;
 pub use error::{Error, Result};

@@ -20,6 +20,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the operator: watch ChronTasks (in-cluster, or through KUBECONFIG) and fire them
+    /// until SIGINT/SIGTERM.
+    Run {
+        /// Configuration file (YAML); `SCHEDULER__…` environment variables override it.
+        #[arg(short = 'f', long = "config", env = "CHRONFLOW_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Print the next instants a schedule fires, to check one before applying it.
     Next(next::NextArgs),
     /// Print the ChronTask CustomResourceDefinition as YAML (what `crds/` holds).
@@ -37,6 +44,23 @@ impl Cli {
     /// Runs the chosen command and returns the process exit code.
     pub async fn run(self) -> Result<ExitCode> {
         match self.command {
+            Command::Run { config } => {
+                let config = OperatorConfig::load(config.as_deref())?;
+                let _log = crate::telemetry::init(&config.log).map_err(Error::Logging)?;
+                // Before the kube client is built: it and the HTTP action share one TLS provider.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(|source| Error::ConnectCluster { source })?;
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let on_signal = shutdown.clone();
+                tokio::spawn(async move {
+                    crate::operator::shutdown_signal().await;
+                    on_signal.cancel();
+                });
+                crate::operator::run(config, client, shutdown).await?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Next(args) => Ok(next::run(&args)),
             Command::Crd => {
                 print_stdout(&crate::crd::crd_yaml()?)?;
@@ -44,8 +68,10 @@ impl Cli {
             }
             Command::CheckConfig { file } => {
                 let config = OperatorConfig::load(file.as_deref())?;
-                let yaml = serde_yaml::to_string(&config)
-                    .map_err(|source| Error::Serialize { what: "configuration", source })?;
+                let yaml = serde_yaml::to_string(&config).map_err(|source| Error::Serialize {
+                    what: "configuration",
+                    source,
+                })?;
                 print_stdout(&yaml)?;
                 Ok(ExitCode::SUCCESS)
             }
@@ -57,5 +83,8 @@ fn print_stdout(text: &str) -> Result<()> {
     use std::io::Write;
     std::io::stdout()
         .write_all(text.as_bytes())
-        .map_err(|source| Error::WriteOutput { path: "stdout".into(), source })
+        .map_err(|source| Error::WriteOutput {
+            path: "stdout".into(),
+            source,
+        })
 }

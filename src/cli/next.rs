@@ -1,11 +1,169 @@
-//! `chronflow next`: print the upcoming instants of a schedule (a contract parsed by scripts).
+//! `chronflow next`: print the upcoming instants of a schedule, so users can check one before
+//! applying it. The output is a contract parsed by scripts and tests (PRODUCT.md):
+//! one RFC 3339 instant per line, in the `--tz` zone's offset, fractional seconds only when
+//! needed; an invalid input prints nothing on stdout, one line on stderr naming the field, and
+//! exits with status 2.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-/// Arguments of `chronflow next` (placeholder; filled in with the schedule module).
-#[derive(Debug, clap::Args)]
-pub struct NextArgs {}
+use chrono::{DateTime, SecondsFormat, Utc};
+use chrono_tz::Tz;
 
-pub fn run(_args: &NextArgs) -> ExitCode {
-    ExitCode::SUCCESS
+use crate::schedule::{self, IntervalAnchor, Schedule, ScheduleError};
+
+const AFTER_HELP: &str = "\
+Forms:
+  chronflow next CRON [--tz ZONE] [--after T] [--start T] [--end T] [-n N]
+  chronflow next --interval DURATION --start T [--after T] [--end T] [-n N]
+  chronflow next --at T [--after T]
+
+Prints up to N instants strictly after --after, one per line, in RFC 3339 with the offset of
+--tz. Instants (T) are RFC 3339, e.g. 2026-03-08T03:00:00-04:00 or 2026-12-01T01:00:00Z.
+An invalid input prints one line on stderr naming the field and exits with status 2.
+
+Examples:
+  chronflow next '*/5 * * * * *' --tz Asia/Shanghai -n 3
+  chronflow next '30 2 * * *' --tz America/New_York --after 2026-03-07T12:00:00Z
+  chronflow next --interval 1m30s --start 2026-01-01T00:00:00Z
+  chronflow next --at 2026-12-01T09:00:00+08:00";
+
+/// Exit status for invalid input, the same as clap's usage errors.
+const EXIT_INVALID: u8 = 2;
+
+/// Arguments of `chronflow next`: exactly one of CRON, `--interval`, `--at`.
+#[derive(Debug, clap::Args)]
+#[command(
+    group(clap::ArgGroup::new("schedule").required(true).args(["cron", "interval", "at"])),
+    after_help = AFTER_HELP
+)]
+pub struct NextArgs {
+    /// Cron expression, quoted: 5 fields (minute hour day-of-month month day-of-week), 6 fields
+    /// (seconds first), or a macro (@yearly @annually @monthly @weekly @daily @midnight @hourly).
+    #[arg(value_name = "CRON")]
+    pub cron: Option<String>,
+
+    /// Fixed-rate interval instead of cron (500ms, 10s, 1m30s, 2h, 1d); due at
+    /// START + k * DURATION for k = 0, 1, 2, ... Requires --start.
+    #[arg(long, value_name = "DURATION", requires = "start")]
+    pub interval: Option<String>,
+
+    /// One-shot instant instead of cron: prints it if it is after --after.
+    #[arg(long, value_name = "T")]
+    pub at: Option<String>,
+
+    /// IANA time zone the cron expression is read in (daylight saving handled), and the zone
+    /// whose offset every printed instant carries [default: UTC]
+    #[arg(long, value_name = "ZONE")]
+    pub tz: Option<String>,
+
+    /// Print instants strictly after this one [default: now]
+    #[arg(long, value_name = "T")]
+    pub after: Option<String>,
+
+    /// First instant the schedule may fire (inclusive); the anchor of --interval.
+    #[arg(long, value_name = "T")]
+    pub start: Option<String>,
+
+    /// Last instant the schedule may fire (inclusive); fewer than N lines are printed after it.
+    #[arg(long, value_name = "T")]
+    pub end: Option<String>,
+
+    /// How many instants to print at most.
+    #[arg(short = 'n', long = "count", value_name = "N", default_value_t = 10)]
+    pub count: usize,
+}
+
+/// Runs `chronflow next`: 0 on success (even with fewer than N instants), 2 on invalid input.
+pub fn run(args: &NextArgs) -> ExitCode {
+    match plan(args) {
+        Ok((schedule, tz, after)) => print_instants(&schedule, tz, after, args.count),
+        Err(error) => {
+            // Exactly one line: scripts read it as "field: reason".
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+/// Validates every argument and builds the schedule, the output zone and the `--after` instant.
+fn plan(args: &NextArgs) -> Result<(Schedule, Tz, DateTime<Utc>), ScheduleError> {
+    let tz = match &args.tz {
+        Some(name) => schedule::parse_timezone(name).map_err(|error| on_flag("--tz", error))?,
+        None => Tz::UTC,
+    };
+    let instant = |flag: &str, text: &Option<String>| {
+        text.as_deref()
+            .map(|text| schedule::parse_instant(flag, text))
+            .transpose()
+    };
+    let after = instant("--after", &args.after)?.unwrap_or_else(Utc::now);
+    let start = instant("--start", &args.start)?;
+    let end = instant("--end", &args.end)?;
+    if let (Some(start), Some(end)) = (start, end)
+        && end < start
+    {
+        return Err(ScheduleError {
+            field: "--end".into(),
+            reason: "is before --start".into(),
+        });
+    }
+    let schedule = if let Some(cron) = &args.cron {
+        Schedule::cron(cron, tz)?
+    } else if let Some(every) = &args.interval {
+        let every = schedule::parse_duration(every).map_err(|reason| ScheduleError {
+            field: "--interval".into(),
+            reason,
+        })?;
+        // clap enforces `requires = "start"`; a missing start here is still reported, not a panic.
+        let Some(start) = start else {
+            return Err(ScheduleError {
+                field: "--start".into(),
+                reason: "is required with --interval".into(),
+            });
+        };
+        Schedule::interval(every, IntervalAnchor::Start(start))
+            .map_err(|error| on_flag("--interval", error))?
+    } else if let Some(at) = &args.at {
+        Schedule::at(schedule::parse_instant("--at", at)?)
+    } else {
+        return Err(ScheduleError {
+            field: "schedule".into(),
+            reason: "give a CRON expression, --interval or --at".into(),
+        });
+    };
+    let schedule = schedule
+        .with_bounds(start, end)
+        .map_err(|error| on_flag("--end", error))?;
+    Ok((schedule, tz, after))
+}
+
+/// Reports a schedule error under the command-line flag the user typed.
+fn on_flag(flag: &str, error: ScheduleError) -> ScheduleError {
+    ScheduleError {
+        field: flag.to_string(),
+        reason: error.reason,
+    }
+}
+
+fn print_instants(schedule: &Schedule, tz: Tz, after: DateTime<Utc>, count: usize) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let mut cursor = after;
+    for _ in 0..count {
+        let Some(next) = schedule.next_after(cursor) else {
+            break;
+        };
+        let line = next
+            .with_timezone(&tz)
+            .to_rfc3339_opts(SecondsFormat::AutoSi, false);
+        if writeln!(out, "{line}").is_err() {
+            // A closed pipe (`| head -1`) is the reader's choice, not an error of ours.
+            return ExitCode::SUCCESS;
+        }
+        cursor = next;
+    }
+    match out.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::SUCCESS,
+    }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schema;
 use super::status::ChronTaskStatus;
+use crate::policy::{Backoff, CatchUpPolicy, ConcurrencyPolicy};
 
 /// Duration as users write it: one or more `<integer><unit>` parts, units `d h m s ms`, largest first.
 pub const DURATION_PATTERN: &str = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$";
@@ -16,6 +17,8 @@ pub const SHORT_DURATION_PATTERN: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]
 
 /// A task that chronflow runs on a schedule: cron with seconds, a fixed-rate interval or a
 /// one-shot instant. Status reports its runs, success rate and next run.
+// Several printcolumn(...) entries share `type_ = ...`, which clippy takes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "chronflow.io",
@@ -158,34 +161,6 @@ pub struct ScheduleSpec {
     pub end_at: Option<String>,
 }
 
-/// What to do when a run is due while the previous one is still running.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub enum ConcurrencyPolicy {
-    /// Start the new run beside the old one.
-    Allow,
-    /// Do not start the new run; count it as missed.
-    #[default]
-    Forbid,
-    /// Cancel the old run and start the new one.
-    Replace,
-}
-
-/// What to do with instants missed while the operator was down.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub enum CatchUpPolicy {
-    /// Run none of them; count them as missed.
-    Skip,
-    /// Run the most recent one; count the others as missed.
-    #[default]
-    Latest,
-    /// Run them all, oldest first, at most 100; count the rest as missed.
-    All,
-}
-
 /// Retries of a failed attempt, with backoff between attempts.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -217,20 +192,6 @@ fn default_initial_delay() -> String {
 
 fn default_max_delay() -> String {
     "60s".into()
-}
-
-/// How the delay between attempts grows.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
-pub enum Backoff {
-    /// initialDelay, 2x, 4x, ... up to maxDelay.
-    #[default]
-    Exponential,
-    /// initialDelay every time.
-    Fixed,
-    /// initialDelay, 2x, 3x, ... up to maxDelay.
-    Linear,
 }
 
 /// What a run does. Exactly one of `http` or `job`.

@@ -15,7 +15,8 @@ const UNITS: [(&str, u64); 5] = [
 /// Parses a humane duration. The error says what was expected, for messages such as
 /// `interval: "5x" is not a duration (expected e.g. 500ms, 10s, 1m30s, 2h, 1d)`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let invalid = || format!("{text:?} is not a duration (expected e.g. 500ms, 10s, 1m30s, 2h, 1d)");
+    let invalid =
+        || format!("{text:?} is not a duration (expected e.g. 500ms, 10s, 1m30s, 2h, 1d)");
     let mut rest = text.trim();
     if rest.is_empty() {
         return Err(invalid());
@@ -29,7 +30,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
         let value: u64 = rest[..digits].parse().map_err(|_| invalid())?;
         rest = &rest[digits..];
-        let letters = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_alphabetic()).len();
+        let letters = rest.len()
+            - rest
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .len();
         let unit = &rest[..letters];
         rest = &rest[letters..];
         let position = UNITS[next_unit..]
@@ -78,13 +82,28 @@ mod tests {
             ("0s", 0),
         ];
         for (text, millis) in cases {
-            assert_eq!(parse_duration(text), Ok(Duration::from_millis(millis)), "{text}");
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(millis)),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn rejects_malformed_text() {
-        for text in ["", "5", "s", "5x", "1s1m", "1s1s", "-1s", "1.5s", "1 s", "99999999999999999999d"] {
+        for text in [
+            "",
+            "5",
+            "s",
+            "5x",
+            "1s1m",
+            "1s1s",
+            "-1s",
+            "1.5s",
+            "1 s",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration(text).is_err(), "{text} should be rejected");
         }
     }

@@ -1,6 +1,303 @@
 //! Schedule math: when a task is due. Pure functions of time; no I/O and no `kube`, so the
 //! engine can run the same schedules without a cluster (standalone mode).
+//!
+//! [`Schedule`] is a cron expression read in an IANA time zone, a fixed-rate interval, or a
+//! one-shot instant, with optional inclusive bounds; [`Schedule::next_after`] is the one question
+//! the engine asks. The rules are those of PRODUCT.md "Time semantics", written up for users in
+//! `docs/schedule.md`. Submodules: [`cron`] parses expressions and matches local wall times,
+//! `zone` applies the daylight-saving rule, [`jitter`] spreads runs deterministically, and
+//! [`duration`] reads humane durations.
 
+pub mod cron;
 pub mod duration;
+pub mod jitter;
+mod zone;
 
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono_tz::Tz;
+
+pub use cron::CronExpr;
 pub use duration::{format_duration, parse_duration};
+
+/// The shortest interval accepted. Below it a task would be a busy loop rather than a schedule,
+/// and the operator's timer and status updates could not keep up.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A schedule the user wrote is invalid: which field, and why. Displays as `{field}: {reason}`,
+/// e.g. `minute: 61 is out of range 0-59`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ScheduleError {
+    /// The offending field: a cron field (`second`, `minute`, `hour`, `day-of-month`, `month`,
+    /// `day-of-week`), `cron` for the expression as a whole, or a spec field such as `timezone`,
+    /// `interval`, `endAt`.
+    pub field: String,
+    /// What is wrong, in words the user can act on.
+    pub reason: String,
+}
+
+impl ScheduleError {
+    fn new(field: &str, reason: impl Into<String>) -> ScheduleError {
+        ScheduleError {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where the fixed-rate grid of an interval schedule starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntervalAnchor {
+    /// `startAt` was given: due at `start + k·every` for k = 0, 1, 2, …
+    Start(DateTime<Utc>),
+    /// No `startAt`: due at `created + k·every` for k = 1, 2, … (not at creation itself).
+    Created(DateTime<Utc>),
+}
+
+/// When a task is due. Built by [`Schedule::cron`], [`Schedule::interval`] or [`Schedule::at`],
+/// optionally narrowed by [`Schedule::with_bounds`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    kind: Kind,
+    start_at: Option<DateTime<Utc>>,
+    end_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Kind {
+    Cron {
+        expr: CronExpr,
+        tz: Tz,
+    },
+    Interval {
+        every: Duration,
+        anchor: IntervalAnchor,
+    },
+    At(DateTime<Utc>),
+}
+
+impl Schedule {
+    /// A cron schedule: 5 fields (`m h dom mon dow`), 6 fields (seconds first) or a macro, read
+    /// in local wall time of `tz`. Rejects expressions that can never fire (`0 0 30 2 *`).
+    pub fn cron(expr: &str, tz: Tz) -> Result<Schedule, ScheduleError> {
+        Ok(Schedule::unbounded(Kind::Cron {
+            expr: CronExpr::parse(expr)?,
+            tz,
+        }))
+    }
+
+    /// A fixed-rate schedule: elapsed time, so it ignores daylight saving and never drifts
+    /// however long runs take. `every` must be at least [`MIN_INTERVAL`] (100ms).
+    pub fn interval(every: Duration, anchor: IntervalAnchor) -> Result<Schedule, ScheduleError> {
+        if every.is_zero() {
+            return Err(ScheduleError::new("interval", "must be greater than 0"));
+        }
+        if every < MIN_INTERVAL {
+            let shown = if every.subsec_nanos().is_multiple_of(1_000_000) {
+                format_duration(every)
+            } else {
+                format!("{every:?}")
+            };
+            return Err(ScheduleError::new(
+                "interval",
+                format!(
+                    "{shown} is shorter than the minimum {}",
+                    format_duration(MIN_INTERVAL)
+                ),
+            ));
+        }
+        Ok(Schedule::unbounded(Kind::Interval { every, anchor }))
+    }
+
+    /// A one-shot schedule, due once at `instant`.
+    pub fn at(instant: DateTime<Utc>) -> Schedule {
+        Schedule::unbounded(Kind::At(instant))
+    }
+
+    fn unbounded(kind: Kind) -> Schedule {
+        Schedule {
+            kind,
+            start_at: None,
+            end_at: None,
+        }
+    }
+
+    /// Restricts the schedule to `[start_at, end_at]`; both bounds are inclusive. `end_at`
+    /// before `start_at` is an error on field `endAt`.
+    pub fn with_bounds(
+        self,
+        start_at: Option<DateTime<Utc>>,
+        end_at: Option<DateTime<Utc>>,
+    ) -> Result<Schedule, ScheduleError> {
+        if let (Some(start), Some(end)) = (start_at, end_at)
+            && end < start
+        {
+            return Err(ScheduleError::new(
+                "endAt",
+                format!(
+                    "{} is before startAt {}",
+                    rfc3339_utc(end),
+                    rfc3339_utc(start)
+                ),
+            ));
+        }
+        Ok(Schedule {
+            start_at,
+            end_at,
+            ..self
+        })
+    }
+
+    /// The first instant strictly after `after` at which the task is due, or `None` if it is never
+    /// due again (the `at` instant passed, or past `endAt`): the task is then complete.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // `startAt` is inclusive: asking for "after startAt - 1ns" admits startAt itself.
+        let after = match self.start_at {
+            Some(start) if start > after => start.checked_sub_signed(TimeDelta::nanoseconds(1))?,
+            _ => after,
+        };
+        let next = match &self.kind {
+            Kind::Cron { expr, tz } => zone::next_after(expr, *tz, after)?,
+            Kind::Interval { every, anchor } => next_interval(*every, *anchor, after)?,
+            Kind::At(instant) => Some(*instant).filter(|instant| *instant > after)?,
+        };
+        match self.end_at {
+            Some(end) if next > end => None,
+            _ => Some(next),
+        }
+    }
+
+    /// A short description for status and `kubectl get`: `*/5 * * * * * (Asia/Shanghai)`,
+    /// `every 30s`, `at 2026-12-01T01:00:00Z`.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Cron { expr, tz } => format!("{} ({})", expr.text(), tz.name()),
+            Kind::Interval { every, .. } => format!("every {}", format_duration(*every)),
+            Kind::At(instant) => format!("at {}", rfc3339_utc(*instant)),
+        }
+    }
+}
+
+/// The first point of the grid `anchor + k·every` strictly after `after`. Arithmetic in i128
+/// nanoseconds: exact for any interval and any distance chrono can represent.
+fn next_interval(
+    every: Duration,
+    anchor: IntervalAnchor,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let every = i128::try_from(every.as_nanos()).ok()?;
+    let (origin, first_k) = match anchor {
+        IntervalAnchor::Start(start) => (start, 0),
+        IntervalAnchor::Created(created) => (created, 1),
+    };
+    let first = add_nanos(origin, first_k * every)?;
+    if first > after {
+        return Some(first);
+    }
+    let steps = nanos_between(first, after) / every + 1;
+    add_nanos(first, steps.checked_mul(every)?)
+}
+
+/// `to - from` in nanoseconds.
+fn nanos_between(from: DateTime<Utc>, to: DateTime<Utc>) -> i128 {
+    let seconds = i128::from(to.timestamp()) - i128::from(from.timestamp());
+    let nanos = i128::from(to.timestamp_subsec_nanos()) - i128::from(from.timestamp_subsec_nanos());
+    seconds * 1_000_000_000 + nanos
+}
+
+fn add_nanos(instant: DateTime<Utc>, nanos: i128) -> Option<DateTime<Utc>> {
+    let seconds = i64::try_from(nanos.div_euclid(1_000_000_000)).ok()?;
+    let rest = i64::try_from(nanos.rem_euclid(1_000_000_000)).ok()?;
+    instant
+        .checked_add_signed(TimeDelta::try_seconds(seconds)?)?
+        .checked_add_signed(TimeDelta::nanoseconds(rest))
+}
+
+fn rfc3339_utc(instant: DateTime<Utc>) -> String {
+    instant.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Reads an IANA time zone name (`Europe/Berlin`, `UTC`); the error is on field `timezone`.
+pub fn parse_timezone(name: &str) -> Result<Tz, ScheduleError> {
+    name.parse::<Tz>()
+        .map_err(|_| ScheduleError::new("timezone", format!("{name:?} is not an IANA time zone")))
+}
+
+/// Reads an RFC 3339 instant (`2026-12-01T09:00:00+08:00`); the error names `field`.
+pub fn parse_instant(field: &str, text: &str) -> Result<DateTime<Utc>, ScheduleError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|instant| instant.with_timezone(&Utc))
+        .map_err(|_| {
+            ScheduleError::new(
+                field,
+                format!("{text:?} is not an RFC 3339 instant (e.g. 2026-12-01T09:00:00+08:00)"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        parse_instant("test", text).expect("test instant")
+    }
+
+    #[test]
+    fn describe_is_short_and_names_the_zone() {
+        let shanghai = parse_timezone("Asia/Shanghai").expect("zone");
+        let cron = Schedule::cron("*/5  *  * * * *", shanghai).expect("valid");
+        assert_eq!(cron.describe(), "*/5 * * * * * (Asia/Shanghai)");
+        let every = Schedule::interval(
+            Duration::from_secs(30),
+            IntervalAnchor::Created(utc("2026-01-01T00:00:00Z")),
+        );
+        assert_eq!(every.expect("valid").describe(), "every 30s");
+        assert_eq!(
+            Schedule::at(utc("2026-12-01T09:00:00+08:00")).describe(),
+            "at 2026-12-01T01:00:00Z"
+        );
+        assert_eq!(
+            Schedule::cron("@daily", Tz::UTC).expect("valid").describe(),
+            "@daily (UTC)"
+        );
+    }
+
+    #[test]
+    fn errors_display_field_and_reason() {
+        let error = Schedule::cron("61 * * * *", Tz::UTC).expect_err("invalid");
+        assert_eq!(error.to_string(), "minute: 61 is out of range 0-59");
+        let error = parse_timezone("Mars/Base").expect_err("invalid");
+        assert_eq!(
+            error.to_string(),
+            "timezone: \"Mars/Base\" is not an IANA time zone"
+        );
+        let error = Schedule::interval(
+            Duration::from_millis(50),
+            IntervalAnchor::Created(utc("2026-01-01T00:00:00Z")),
+        );
+        assert_eq!(
+            error.expect_err("too short").to_string(),
+            "interval: 50ms is shorter than the minimum 100ms"
+        );
+    }
+
+    #[test]
+    fn interval_grid_survives_far_instants() {
+        let schedule = Schedule::interval(
+            Duration::from_millis(700),
+            IntervalAnchor::Start(utc("1970-01-01T00:00:00Z")),
+        )
+        .expect("valid");
+        let next = schedule
+            .next_after(utc("9999-12-31T23:59:59Z"))
+            .expect("representable");
+        assert!(next > utc("9999-12-31T23:59:59Z"));
+        assert_eq!(
+            nanos_between(utc("1970-01-01T00:00:00Z"), next) % 700_000_000,
+            0
+        );
+    }
+}

@@ -4,5 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod card;
 mod crd_admission;
 mod kubectl;
+mod operator;

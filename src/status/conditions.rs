@@ -1,0 +1,234 @@
+//! Pure status computations: phase, the Ready condition (with a `lastTransitionTime` that only
+//! moves when the condition changes), success rate, and the bounded list of recent runs.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{HistorySpec, Phase, RunOutcome, RunRecord};
+
+/// The `Ready` condition type.
+pub const READY: &str = "Ready";
+
+/// What the controller last concluded about a task's spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecState {
+    /// Seen, not yet validated.
+    Pending,
+    Valid {
+        paused: Option<String>,
+    },
+    Invalid {
+        reason: String,
+    },
+}
+
+/// Everything the phase depends on.
+pub struct PhaseInputs<'a> {
+    pub spec: &'a SpecState,
+    pub running: bool,
+    pub has_next_run: bool,
+    pub last_outcome: Option<RunOutcome>,
+}
+
+/// Phase, `Ready` status and reason, and the message shown in `status.message`.
+pub fn phase(inputs: &PhaseInputs) -> (Phase, bool, &'static str, Option<String>) {
+    match inputs.spec {
+        SpecState::Pending => (Phase::Pending, false, "Pending", None),
+        SpecState::Invalid { reason } => {
+            (Phase::Invalid, false, "InvalidSpec", Some(reason.clone()))
+        }
+        SpecState::Valid {
+            paused: Some(reason),
+        } => {
+            let message = if reason.is_empty() {
+                "paused".to_string()
+            } else {
+                format!("paused: {reason}")
+            };
+            (Phase::Paused, false, "Paused", Some(message))
+        }
+        SpecState::Valid { paused: None } if inputs.running => {
+            (Phase::Running, true, "Scheduled", None)
+        }
+        SpecState::Valid { paused: None } if !inputs.has_next_run => (
+            Phase::Completed,
+            false,
+            "Completed",
+            Some("no run is due any more".to_string()),
+        ),
+        SpecState::Valid { paused: None } if inputs.last_outcome == Some(RunOutcome::Failed) => (
+            Phase::Failed,
+            true,
+            "Scheduled",
+            Some("the latest run failed".to_string()),
+        ),
+        SpecState::Valid { paused: None } => (Phase::Scheduled, true, "Scheduled", None),
+    }
+}
+
+/// Sets the Ready condition, keeping `lastTransitionTime` when its status did not change.
+pub fn set_ready(
+    conditions: &mut Vec<Condition>,
+    ready: bool,
+    reason: &str,
+    message: Option<&str>,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) {
+    let status = if ready { "True" } else { "False" };
+    let previous = conditions.iter().find(|c| c.type_ == READY);
+    let last_transition_time = match previous {
+        Some(old) if old.status == status => old.last_transition_time.clone(),
+        _ => Time(to_timestamp(now)),
+    };
+    let condition = Condition {
+        type_: READY.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message
+            .unwrap_or(if ready { "scheduled" } else { "" })
+            .to_string(),
+        observed_generation: generation,
+        last_transition_time,
+    };
+    conditions.retain(|c| c.type_ != READY);
+    conditions.push(condition);
+}
+
+fn to_timestamp(t: DateTime<Utc>) -> k8s_openapi::jiff::Timestamp {
+    // Whole seconds: metav1.Time carries no fraction on the wire.
+    k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).unwrap_or_default()
+}
+
+/// successful / (successful + failed) with one decimal, e.g. `98.5%`; none before any run.
+pub fn success_rate(successful: u64, failed: u64) -> Option<String> {
+    let total = successful + failed;
+    (total > 0).then(|| format!("{:.1}%", successful as f64 * 100.0 / total as f64))
+}
+
+/// Adds a run to `recent` (newest first), keeping at most the history limits of successful and
+/// of failed-or-missed runs.
+pub fn push_recent(recent: &mut Vec<RunRecord>, record: RunRecord, history: &HistorySpec) {
+    recent.insert(0, record);
+    let (mut successes, mut failures) = (0, 0);
+    recent.retain(|run| {
+        let (count, limit) = match run.outcome {
+            RunOutcome::Succeeded => (&mut successes, history.successful_runs_limit),
+            RunOutcome::Failed | RunOutcome::Missed => (&mut failures, history.failed_runs_limit),
+        };
+        *count += 1;
+        *count <= limit
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn record(n: i64, outcome: RunOutcome) -> RunRecord {
+        RunRecord {
+            run_id: format!("ns/t@{n}"),
+            scheduled_time: Utc.timestamp_opt(n, 0).unwrap(),
+            start_time: None,
+            finish_time: None,
+            duration: None,
+            outcome,
+            attempts: 1,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn success_rate_has_one_decimal() {
+        assert_eq!(success_rate(0, 0), None);
+        assert_eq!(success_rate(197, 3).as_deref(), Some("98.5%"));
+        assert_eq!(success_rate(1, 2).as_deref(), Some("33.3%"));
+        assert_eq!(success_rate(5, 0).as_deref(), Some("100.0%"));
+    }
+
+    #[test]
+    fn recent_runs_keep_the_newest_within_each_limit() {
+        let history = HistorySpec {
+            successful_runs_limit: 2,
+            failed_runs_limit: 1,
+        };
+        let mut recent = Vec::new();
+        for (n, outcome) in [
+            (1, RunOutcome::Succeeded),
+            (2, RunOutcome::Failed),
+            (3, RunOutcome::Succeeded),
+            (4, RunOutcome::Succeeded),
+            (5, RunOutcome::Missed),
+        ] {
+            push_recent(&mut recent, record(n, outcome), &history);
+        }
+        let ids: Vec<_> = recent.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(ids, ["ns/t@5", "ns/t@4", "ns/t@3"]);
+    }
+
+    #[test]
+    fn ready_transition_time_moves_only_on_change() {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let t1 = t0 + chrono::Duration::seconds(60);
+        let mut conditions = Vec::new();
+        set_ready(&mut conditions, true, "Scheduled", None, Some(1), t0);
+        set_ready(&mut conditions, true, "Scheduled", None, Some(2), t1);
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            conditions[0].last_transition_time.0.as_second(),
+            t0.timestamp()
+        );
+        set_ready(
+            &mut conditions,
+            false,
+            "Paused",
+            Some("paused"),
+            Some(3),
+            t1,
+        );
+        assert_eq!(
+            conditions[0].last_transition_time.0.as_second(),
+            t1.timestamp()
+        );
+        assert_eq!(conditions[0].reason, "Paused");
+    }
+
+    #[test]
+    fn phase_follows_spec_runs_and_outcomes() {
+        let valid = SpecState::Valid { paused: None };
+        let inputs = |spec, running, has_next_run, last_outcome| PhaseInputs {
+            spec,
+            running,
+            has_next_run,
+            last_outcome,
+        };
+        assert_eq!(
+            phase(&inputs(&valid, false, true, None)).0,
+            Phase::Scheduled
+        );
+        assert_eq!(phase(&inputs(&valid, true, true, None)).0, Phase::Running);
+        assert_eq!(
+            phase(&inputs(&valid, false, false, None)).0,
+            Phase::Completed
+        );
+        assert_eq!(
+            phase(&inputs(&valid, false, true, Some(RunOutcome::Failed))).0,
+            Phase::Failed
+        );
+        let paused = SpecState::Valid {
+            paused: Some("db".into()),
+        };
+        assert_eq!(
+            phase(&inputs(&paused, true, true, None)).3.as_deref(),
+            Some("paused: db")
+        );
+        let invalid = SpecState::Invalid {
+            reason: "bad".into(),
+        };
+        assert_eq!(
+            phase(&inputs(&invalid, false, true, None)).0,
+            Phase::Invalid
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! A real HTTP server on loopback that ChronTasks call: it records every request (idempotency
+//! key, scheduled time, attempt, arrival time) and answers as the test configures it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::any;
+use chrono::{DateTime, Utc};
+
+/// One request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub idempotency_key: String,
+    pub scheduled: DateTime<Utc>,
+    pub attempt: u32,
+    pub arrived: DateTime<Utc>,
+    pub authorization: Option<String>,
+}
+
+/// How the receiver answers.
+#[derive(Clone, Copy, Debug)]
+pub struct Behavior {
+    pub status: u16,
+    pub delay: Duration,
+}
+
+impl Default for Behavior {
+    fn default() -> Self {
+        Self {
+            status: 200,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    hits: Mutex<Vec<Hit>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+pub struct Receiver {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start(behavior: Behavior) -> Receiver {
+        let shared = Arc::new(Shared::default());
+        let app = axum::Router::new()
+            .route("/{*path}", any(handle))
+            .with_state((shared.clone(), behavior));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Receiver {
+            addr,
+            shared,
+            _server: server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.shared.hits.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.shared.hits.lock().unwrap().len()
+    }
+
+    /// The most requests that were being answered at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+async fn handle(
+    State((shared, behavior)): State<(Arc<Shared>, Behavior)>,
+    headers: HeaderMap,
+) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let hit = Hit {
+        idempotency_key: header("idempotency-key").unwrap_or_default(),
+        scheduled: header("x-chronflow-scheduled-time")
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.to_utc())
+            .unwrap_or_default(),
+        attempt: header("x-chronflow-attempt")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0),
+        arrived: Utc::now(),
+        authorization: header("authorization"),
+    };
+    shared.hits.lock().unwrap().push(hit);
+    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    // Counts down even when the client gives up and the request is dropped mid-delay.
+    let _guard = InFlight(&shared.in_flight);
+    tokio::time::sleep(behavior.delay).await;
+    StatusCode::from_u16(behavior.status).unwrap()
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
