@@ -58,7 +58,7 @@ async fn apply_get_pause_resume_with_kubectl() {
     let sample =
         std::fs::read_to_string(repo_root().join("e2e/samples/loopback-every-second.yaml"))
             .unwrap();
-    let manifest = sample.replace("http://127.0.0.1:8080/hook", &receiver.url("/hook"));
+    let manifest = sample.replace("http://127.0.0.1:8080/", &receiver.url("/hook"));
     let file = std::env::temp_dir().join(format!("chronflow-card-{ns}.yaml"));
     std::fs::write(&file, manifest).unwrap();
 

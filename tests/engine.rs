@@ -1,0 +1,299 @@
+//! The engine and executor without a cluster (as standalone mode will run them), calling a
+//! real HTTP receiver on loopback: catch-up after downtime, starting deadlines, the bounded
+//! queue, and completion of one-shot tasks.
+
+#[path = "support/receiver.rs"]
+mod receiver;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chronflow::dedup::MemoryDedup;
+use chronflow::engine::{Engine, EngineHandle, EngineTask};
+use chronflow::executor::http::{HeaderValue, Redacted, SecretSource, SuccessCodes};
+use chronflow::executor::{Action, Executor, ExecutorConfig, HttpAction, RetryPolicy, RunSpec};
+use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy};
+use chronflow::run::{Report, TaskKey};
+use chronflow::schedule::{IntervalAnchor, Schedule};
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use receiver::{Behavior, Receiver};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+struct NoSecrets;
+
+impl SecretSource for NoSecrets {
+    fn get<'a>(
+        &'a self,
+        _: &'a str,
+        name: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Redacted, String>> {
+        Box::pin(async move { Err(format!("no Secret {name} here")) })
+    }
+}
+
+struct Core {
+    engine: EngineHandle,
+    reports: mpsc::Receiver<Report>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn start(max_workers: usize, queue_size: usize) -> Core {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (reports_tx, reports) = mpsc::channel(10_000);
+    let config = ExecutorConfig {
+        max_workers,
+        queue_size,
+        log_success: false,
+    };
+    let (executor, executor_task) = Executor::new(
+        config,
+        reports_tx.clone(),
+        reqwest::Client::new(),
+        Arc::new(NoSecrets),
+    );
+    let (_leader_tx, leader) = watch::channel(true);
+    let dedup = Arc::new(MemoryDedup::new(Duration::from_secs(3600)));
+    let (engine, handle) = Engine::new(executor, dedup, leader, reports_tx);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(engine.run(shutdown.clone()));
+    tokio::spawn(executor_task.run(shutdown.clone(), Duration::from_secs(1)));
+    Core {
+        engine: handle,
+        reports,
+        shutdown,
+    }
+}
+
+fn task(
+    name: &str,
+    schedule: Schedule,
+    url: String,
+    catch_up: CatchUpPolicy,
+    deadline: Option<Duration>,
+    catch_up_from: Option<DateTime<Utc>>,
+) -> EngineTask {
+    EngineTask {
+        key: TaskKey::new("test", name),
+        uid: format!("uid-{name}"),
+        schedule,
+        jitter: None,
+        catch_up,
+        catch_up_from,
+        run: Arc::new(RunSpec {
+            action: Action::Http(HttpAction {
+                url: url.parse().unwrap(),
+                method: reqwest::Method::POST,
+                headers: vec![("X-Test".into(), HeaderValue::Literal("1".into()))],
+                body: None,
+                success_codes: SuccessCodes::parse(&[]).unwrap(),
+            }),
+            timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+            concurrency: ConcurrencyPolicy::Allow,
+            starting_deadline: deadline,
+        }),
+    }
+}
+
+/// Collects reports until `done` says enough, within a generous bound.
+async fn collect(
+    reports: &mut mpsc::Receiver<Report>,
+    done: impl Fn(&[Report]) -> bool,
+) -> Vec<Report> {
+    let mut seen = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+        while !done(&seen) {
+            match reports.recv().await {
+                Some(report) => seen.push(report),
+                None => break,
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "timed out; reports so far: {seen:#?}");
+    seen
+}
+
+fn finished(reports: &[Report]) -> usize {
+    reports
+        .iter()
+        .filter(|r| matches!(r, Report::Finished { .. }))
+        .count()
+}
+
+fn missed(reports: &[Report]) -> u64 {
+    reports
+        .iter()
+        .map(|r| {
+            if let Report::Missed { count, .. } = r {
+                *count
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// An every-second interval whose last run was `down` seconds ago.
+fn after_downtime(down: i64) -> (Schedule, DateTime<Utc>) {
+    let last = Utc::now() - chrono::Duration::seconds(down);
+    let schedule = Schedule::interval(Duration::from_secs(1), IntervalAnchor::Start(last)).unwrap();
+    (schedule, last)
+}
+
+#[tokio::test]
+async fn catch_up_latest_runs_the_newest_missed_instant_once() {
+    let receiver = Receiver::start(Behavior::default()).await;
+    let mut core = start(4, 100);
+    let (schedule, last) = after_downtime(10);
+    core.engine
+        .upsert(task(
+            "latest",
+            schedule,
+            receiver.url("/x"),
+            CatchUpPolicy::Latest,
+            None,
+            Some(last),
+        ))
+        .await;
+    let reports = collect(&mut core.reports, |r| finished(r) >= 1 && missed(r) >= 1).await;
+    assert_eq!(
+        missed(&reports),
+        9,
+        "instants 1..=9 s after the last run are missed"
+    );
+    let first = receiver.hits()[0].scheduled;
+    assert!(
+        Utc::now() - first < chrono::Duration::seconds(3),
+        "the run was the newest instant"
+    );
+}
+
+#[tokio::test]
+async fn catch_up_all_runs_every_missed_instant_oldest_first_but_honours_the_deadline() {
+    let receiver = Receiver::start(Behavior::default()).await;
+    let mut core = start(4, 100);
+    let (schedule, last) = after_downtime(8);
+    let deadline = Some(Duration::from_millis(3500));
+    core.engine
+        .upsert(task(
+            "all",
+            schedule,
+            receiver.url("/x"),
+            CatchUpPolicy::All,
+            deadline,
+            Some(last),
+        ))
+        .await;
+    // Instants 1..=8 s after `last` are due at once: those more than 3.5 s late are missed by
+    // the deadline, the rest run.
+    let reports = collect(&mut core.reports, |r| finished(r) + missed(r) as usize >= 8).await;
+    let late: Vec<_> = reports
+        .iter()
+        .filter_map(|r| match r {
+            Report::Missed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        late.iter()
+            .all(|reason| reason.contains("starting deadline")),
+        "{late:?}"
+    );
+    assert!((4..=5).contains(&late.len()), "{late:?}");
+    let scheduled: Vec<_> = receiver.hits().iter().map(|h| h.scheduled).collect();
+    assert!(
+        scheduled.windows(2).all(|w| w[0] < w[1]),
+        "oldest first: {scheduled:?}"
+    );
+}
+
+#[tokio::test]
+async fn catch_up_skip_runs_nothing_of_the_outage() {
+    let receiver = Receiver::start(Behavior::default()).await;
+    let mut core = start(4, 100);
+    let (schedule, last) = after_downtime(6);
+    core.engine
+        .upsert(task(
+            "skip",
+            schedule,
+            receiver.url("/x"),
+            CatchUpPolicy::Skip,
+            None,
+            Some(last),
+        ))
+        .await;
+    let reports = collect(&mut core.reports, |r| missed(r) >= 1 && finished(r) >= 1).await;
+    assert_eq!(missed(&reports), 6);
+    assert!(
+        receiver
+            .hits()
+            .iter()
+            .all(|h| h.scheduled > Utc::now() - chrono::Duration::seconds(3))
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_counts_runs_as_missed() {
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(3),
+    })
+    .await;
+    let mut core = start(1, 1);
+    let (schedule, last) = after_downtime(5);
+    core.engine
+        .upsert(task(
+            "crowded",
+            schedule,
+            receiver.url("/x"),
+            CatchUpPolicy::All,
+            None,
+            Some(last),
+        ))
+        .await;
+    let reports = collect(&mut core.reports, |r| missed(r) >= 1).await;
+    let reason = reports
+        .iter()
+        .find_map(|r| match r {
+            Report::Missed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(reason.contains("queue is full"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_one_shot_runs_once_then_reports_nothing_left() {
+    let receiver = Receiver::start(Behavior::default()).await;
+    let mut core = start(4, 100);
+    let at = Utc::now() + chrono::Duration::milliseconds(500);
+    core.engine
+        .upsert(task(
+            "once",
+            Schedule::at(at),
+            receiver.url("/x"),
+            CatchUpPolicy::Latest,
+            None,
+            None,
+        ))
+        .await;
+    let reports = collect(&mut core.reports, |r| {
+        finished(r) == 1
+            && r.iter()
+                .any(|x| matches!(x, Report::NextRun { next: None, .. }))
+    })
+    .await;
+    assert_eq!(receiver.count(), 1);
+    assert_eq!(receiver.hits()[0].scheduled, at);
+    assert!(matches!(reports[0], Report::NextRun { next: Some(t), .. } if t == at));
+}
