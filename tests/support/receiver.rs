@@ -1,6 +1,8 @@
 //! A real HTTP server on loopback that ChronTasks call: it records every request (idempotency
 //! key, scheduled time, attempt, arrival time) and answers as the test configures it.
 
+#![allow(dead_code)] // each test binary uses a different part of this module
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
