@@ -84,6 +84,18 @@ async fn apply_get_pause_resume_with_kubectl() {
         );
         String::from_utf8(output.stdout).unwrap()
     };
+    let set_paused = |paused: bool| {
+        let patch = format!(r#"{{"spec":{{"paused":{paused}}}}}"#);
+        kubectl(&[
+            "patch",
+            "chrontask",
+            "every-second",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ]);
+    };
     kubectl(&["apply", "-f", file.to_str().unwrap()]);
 
     // `kubectl get chrontasks` shows runs and the success rate within seconds.
@@ -96,15 +108,7 @@ async fn apply_get_pause_resume_with_kubectl() {
     assert_eq!(row[2], "false");
     assert_eq!(row[7], "100.0%");
 
-    kubectl(&[
-        "patch",
-        "chrontask",
-        "every-second",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"paused":true}}"#,
-    ]);
+    set_paused(true);
     eventually("phase Paused", || async {
         let row = columns(&kubectl(&["get", "chrontasks"]), "every-second");
         (row.get(3).map(String::as_str) == Some("Paused")).then_some(())
@@ -120,15 +124,7 @@ async fn apply_get_pause_resume_with_kubectl() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(receiver.count(), quiet, "no calls while paused");
 
-    kubectl(&[
-        "patch",
-        "chrontask",
-        "every-second",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"paused":false}}"#,
-    ]);
+    set_paused(false);
     eventually("calls to resume", || async {
         (receiver.count() >= quiet + 2).then_some(())
     })

@@ -429,25 +429,27 @@ async fn secret_headers_are_sent_and_deleting_a_task_stops_its_calls() {
     assert_quiet(&receiver, Duration::from_secs(3), "after deletion").await;
 }
 
-#[tokio::test]
-async fn forbid_skips_runs_while_one_is_in_flight() {
-    let s = setup("forbid").await;
+/// A task due every second whose runs take 2.5 s, under `policy`.
+async fn outlasting_runs(name: &str, policy: &str) -> (Setup, Receiver, Operator) {
+    let s = setup(&policy.to_lowercase()).await;
     let receiver = Receiver::start(Behavior {
         status: 200,
         delay: Duration::from_millis(2500),
     })
     .await;
-    let _operator = Operator::start(&s.ns).await;
-    create(
-        &s.api,
-        "long",
-        json!({
-            "schedule": {"interval": "1s"},
-            "concurrencyPolicy": "Forbid",
-            "action": {"http": {"url": receiver.url("/long")}}
-        }),
-    )
-    .await;
+    let operator = Operator::start(&s.ns).await;
+    let spec = json!({
+        "schedule": {"interval": "1s"},
+        "concurrencyPolicy": policy,
+        "action": {"http": {"url": receiver.url("/slow")}}
+    });
+    create(&s.api, name, spec).await;
+    (s, receiver, operator)
+}
+
+#[tokio::test]
+async fn forbid_skips_runs_while_one_is_in_flight() {
+    let (s, receiver, _operator) = outlasting_runs("long", "Forbid").await;
     let status = status_where(&s.api, "long", "a finished run and missed ones", |st| {
         st.successful_runs >= 1 && st.missed_runs >= 2
     })
@@ -470,23 +472,7 @@ async fn forbid_skips_runs_while_one_is_in_flight() {
 
 #[tokio::test]
 async fn replace_cancels_the_run_in_flight() {
-    let s = setup("replace").await;
-    let receiver = Receiver::start(Behavior {
-        status: 200,
-        delay: Duration::from_millis(2500),
-    })
-    .await;
-    let _operator = Operator::start(&s.ns).await;
-    create(
-        &s.api,
-        "newest",
-        json!({
-            "schedule": {"interval": "1s"},
-            "concurrencyPolicy": "Replace",
-            "action": {"http": {"url": receiver.url("/newest")}}
-        }),
-    )
-    .await;
+    let (s, receiver, _operator) = outlasting_runs("newest", "Replace").await;
     let status = status_where(&s.api, "newest", "two replaced runs", |st| {
         st.failed_runs >= 2
     })
