@@ -80,14 +80,13 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         .starting_deadline_seconds
         .map(|s| Duration::from_secs(s.max(0) as u64));
 
-    let status = task.status.as_ref();
     let engine = EngineTask {
         key,
         uid: meta.uid.clone().unwrap_or_default(),
         schedule,
         jitter,
         catch_up: spec.catch_up,
-        catch_up_from: status.and_then(|s| s.last_schedule_time).or(Some(created)),
+        catch_up_from: Some(catch_up_from(task, created)),
         run: Arc::new(RunSpec {
             action,
             timeout,
@@ -105,6 +104,25 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         secret_refs,
         history: spec.history.unwrap_or_default(),
     })
+}
+
+/// Where catch-up after downtime starts: the latest scheduled instant, but never before the task
+/// last became schedulable (created, resumed, or fixed after being invalid), so a paused or
+/// invalid period is not replayed even when the operator restarted since.
+fn catch_up_from(task: &ChronTask, created: DateTime<Utc>) -> DateTime<Utc> {
+    let Some(status) = &task.status else {
+        return created;
+    };
+    let ready_since = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::status::conditions::READY && c.status == "True")
+        .and_then(|c| DateTime::from_timestamp(c.last_transition_time.0.as_second(), 0));
+    [Some(created), status.last_schedule_time, ready_since]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(created)
 }
 
 fn schedule(
@@ -296,6 +314,25 @@ mod tests {
         let bad_header = task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
             "url": "http://x.example/", "headers": [{"name": "X", "value": "a\nb"}]}}}));
         assert!(reason(bad_header).starts_with("spec.action.http.headers[0]: "));
+    }
+
+    #[test]
+    fn catch_up_never_reaches_back_before_the_task_became_schedulable() {
+        let mut resumed = http(json!({"cron": "30 2 * * *"}));
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().to_utc();
+        resumed.status = Some(serde_json::from_value(json!({
+            "lastScheduleTime": "2026-03-02T02:30:00Z",
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Scheduled", "message": "",
+                            "lastTransitionTime": "2026-03-04T12:00:00Z"}]
+        })).unwrap());
+        let valid = validate(&resumed, Tz::UTC).unwrap();
+        assert_eq!(valid.engine.catch_up_from, Some(at("2026-03-04T12:00:00Z")));
+        let fresh = validate(&http(json!({"cron": "30 2 * * *"})), Tz::UTC).unwrap();
+        assert_eq!(
+            fresh.engine.catch_up_from,
+            Some(at("2026-01-01T00:00:00Z")),
+            "creation"
+        );
     }
 
     #[test]
