@@ -114,14 +114,10 @@ async fn apply_get_pause_resume_with_kubectl() {
         (row.get(3).map(String::as_str) == Some("Paused")).then_some(())
     })
     .await;
-    let paused_at = receiver.count();
-    tokio::time::sleep(Duration::from_secs(3)).await; // absence is observed over a window
-    assert!(
-        receiver.count() <= paused_at + 1,
-        "at most a run already in flight finishes after the pause"
-    );
+    // Runs start only after the engine has the task; Paused is written after it was paused,
+    // so from here on not a single call may arrive. Absence is observed over a window.
     let quiet = receiver.count();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(receiver.count(), quiet, "no calls while paused");
 
     set_paused(false);
