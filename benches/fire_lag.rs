@@ -3,37 +3,23 @@
 //! scheduled instant → worker start (the engine's precision), and scheduled instant → request
 //! received (what a receiver sees). Run: `cargo bench --bench fire_lag [-- TASKS SECONDS]`.
 
+#[path = "../tests/support/engine_core.rs"]
+mod engine_core;
 #[path = "../tests/support/receiver.rs"]
 mod receiver;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronflow::dedup::MemoryDedup;
-use chronflow::engine::{Engine, EngineTask};
-use chronflow::executor::http::{Redacted, SecretSource, SuccessCodes};
-use chronflow::executor::{Action, Executor, ExecutorConfig, HttpAction, RetryPolicy, RunSpec};
+use chronflow::engine::EngineTask;
+use chronflow::executor::http::SuccessCodes;
+use chronflow::executor::{Action, HttpAction, RetryPolicy, RunSpec};
 use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy};
 use chronflow::run::{Report, TaskKey};
 use chronflow::schedule::{IntervalAnchor, Schedule};
 use chrono::Utc;
-use futures::future::BoxFuture;
+use engine_core::Core;
 use receiver::{Behavior, Receiver};
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-
-struct NoSecrets;
-
-impl SecretSource for NoSecrets {
-    fn get<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a str,
-    ) -> BoxFuture<'a, Result<Redacted, String>> {
-        Box::pin(async { Err("no secrets in this benchmark".to_string()) })
-    }
-}
 
 fn percentiles(label: &str, mut lags_ms: Vec<f64>) {
     lags_ms.sort_by(f64::total_cmp);
@@ -59,28 +45,8 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let receiver = Receiver::start(Behavior::default()).await;
-    let (reports_tx, mut reports) = mpsc::channel(100_000);
-    let config = ExecutorConfig {
-        max_workers: 64,
-        queue_size: 10_000,
-        log_success: false,
-    };
-    let (executor, executor_task) = Executor::new(
-        config,
-        reports_tx.clone(),
-        reqwest::Client::new(),
-        Arc::new(NoSecrets),
-    );
-    let (_leader_tx, leader) = watch::channel(true);
-    let (engine, handle) = Engine::new(
-        executor,
-        Arc::new(MemoryDedup::new(Duration::from_secs(3600))),
-        leader,
-        reports_tx,
-    );
-    let shutdown = CancellationToken::new();
-    tokio::spawn(engine.run(shutdown.clone()));
-    tokio::spawn(executor_task.run(shutdown.clone(), Duration::from_secs(5)));
+    let mut core = Core::start(64, 10_000);
+    let handle = core.engine.clone();
 
     let start = Utc::now() + chrono::Duration::seconds(1);
     let end = start + chrono::Duration::seconds(seconds - 1);
@@ -120,7 +86,7 @@ async fn main() {
     let mut missed = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds as u64 + 30);
     while finished + missed < expected {
-        match tokio::time::timeout_at(deadline, reports.recv()).await {
+        match tokio::time::timeout_at(deadline, core.reports.recv()).await {
             Ok(Some(Report::Started {
                 scheduled, started, ..
             })) => {
@@ -133,7 +99,7 @@ async fn main() {
             Ok(None) | Err(_) => break,
         }
     }
-    shutdown.cancel();
+    drop(core);
     println!(
         "fire_lag: {tasks} tasks due every second for {seconds} s: {finished} runs finished, {missed} missed, {expected} expected"
     );

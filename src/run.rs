@@ -21,6 +21,13 @@ impl TaskKey {
     }
 }
 
+impl TaskKey {
+    /// Whether the task lives in `namespace`; `None` stands for every namespace.
+    pub fn is_in(&self, namespace: Option<&str>) -> bool {
+        namespace.is_none_or(|ns| ns == self.namespace)
+    }
+}
+
 impl fmt::Display for TaskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -111,6 +118,13 @@ impl Report {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn namespace_scope_none_means_every_namespace() {
+        let task = TaskKey::new("shop", "report");
+        assert!(task.is_in(None) && task.is_in(Some("shop")));
+        assert!(!task.is_in(Some("ops")));
+    }
 
     #[test]
     fn run_id_is_namespace_name_and_utc_instant() {

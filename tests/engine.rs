@@ -2,76 +2,24 @@
 //! real HTTP receiver on loopback: catch-up after downtime, starting deadlines, the bounded
 //! queue, and completion of one-shot tasks.
 
+#[path = "support/engine_core.rs"]
+mod engine_core;
 #[path = "support/receiver.rs"]
 mod receiver;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronflow::dedup::MemoryDedup;
-use chronflow::engine::{Engine, EngineHandle, EngineTask};
-use chronflow::executor::http::{HeaderValue, Redacted, SecretSource, SuccessCodes};
-use chronflow::executor::{Action, Executor, ExecutorConfig, HttpAction, RetryPolicy, RunSpec};
+use chronflow::engine::EngineTask;
+use chronflow::executor::http::{HeaderValue, SuccessCodes};
+use chronflow::executor::{Action, HttpAction, RetryPolicy, RunSpec};
 use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy};
 use chronflow::run::{Report, TaskKey};
 use chronflow::schedule::{IntervalAnchor, Schedule};
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
+use engine_core::Core;
 use receiver::{Behavior, Receiver};
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-
-struct NoSecrets;
-
-impl SecretSource for NoSecrets {
-    fn get<'a>(
-        &'a self,
-        _: &'a str,
-        name: &'a str,
-        _: &'a str,
-    ) -> BoxFuture<'a, Result<Redacted, String>> {
-        Box::pin(async move { Err(format!("no Secret {name} here")) })
-    }
-}
-
-struct Core {
-    engine: EngineHandle,
-    reports: mpsc::Receiver<Report>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Core {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-fn start(max_workers: usize, queue_size: usize) -> Core {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (reports_tx, reports) = mpsc::channel(10_000);
-    let config = ExecutorConfig {
-        max_workers,
-        queue_size,
-        log_success: false,
-    };
-    let (executor, executor_task) = Executor::new(
-        config,
-        reports_tx.clone(),
-        reqwest::Client::new(),
-        Arc::new(NoSecrets),
-    );
-    let (_leader_tx, leader) = watch::channel(true);
-    let dedup = Arc::new(MemoryDedup::new(Duration::from_secs(3600)));
-    let (engine, handle) = Engine::new(executor, dedup, leader, reports_tx);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(engine.run(shutdown.clone()));
-    tokio::spawn(executor_task.run(shutdown.clone(), Duration::from_secs(1)));
-    Core {
-        engine: handle,
-        reports,
-        shutdown,
-    }
-}
+use tokio::sync::mpsc;
 
 fn task(
     name: &str,
@@ -153,7 +101,7 @@ fn after_downtime(down: i64) -> (Schedule, DateTime<Utc>) {
 #[tokio::test]
 async fn catch_up_latest_runs_the_newest_missed_instant_once() {
     let receiver = Receiver::start(Behavior::default()).await;
-    let mut core = start(4, 100);
+    let mut core = Core::start(4, 100);
     let (schedule, last) = after_downtime(10);
     core.engine
         .upsert(task(
@@ -181,7 +129,7 @@ async fn catch_up_latest_runs_the_newest_missed_instant_once() {
 #[tokio::test]
 async fn catch_up_all_runs_every_missed_instant_oldest_first_but_honours_the_deadline() {
     let receiver = Receiver::start(Behavior::default()).await;
-    let mut core = start(4, 100);
+    let mut core = Core::start(4, 100);
     let (schedule, last) = after_downtime(8);
     let deadline = Some(Duration::from_millis(3500));
     core.engine
@@ -220,7 +168,7 @@ async fn catch_up_all_runs_every_missed_instant_oldest_first_but_honours_the_dea
 #[tokio::test]
 async fn catch_up_skip_runs_nothing_of_the_outage() {
     let receiver = Receiver::start(Behavior::default()).await;
-    let mut core = start(4, 100);
+    let mut core = Core::start(4, 100);
     let (schedule, last) = after_downtime(6);
     core.engine
         .upsert(task(
@@ -249,7 +197,7 @@ async fn a_full_queue_counts_runs_as_missed() {
         delay: Duration::from_secs(3),
     })
     .await;
-    let mut core = start(1, 1);
+    let mut core = Core::start(1, 1);
     let (schedule, last) = after_downtime(5);
     core.engine
         .upsert(task(
@@ -275,7 +223,7 @@ async fn a_full_queue_counts_runs_as_missed() {
 #[tokio::test]
 async fn a_one_shot_runs_once_then_reports_nothing_left() {
     let receiver = Receiver::start(Behavior::default()).await;
-    let mut core = start(4, 100);
+    let mut core = Core::start(4, 100);
     let at = Utc::now() + chrono::Duration::milliseconds(500);
     core.engine
         .upsert(task(

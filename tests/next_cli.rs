@@ -58,30 +58,18 @@ fn cron_form_with_every_option() {
         "2026-01-01T08:00:10+08:00",
         "2026-01-01T08:00:15+08:00",
     ];
-    assert_prints(
-        &[
+    for count in ["-n", "--count"] {
+        let args = [
             "*/5 * * * * *",
             "--tz",
             "Asia/Shanghai",
             "--after",
             "2026-01-01T00:00:00Z",
-            "-n",
+            count,
             "3",
-        ],
-        &lines,
-    );
-    assert_prints(
-        &[
-            "*/5 * * * * *",
-            "--tz",
-            "Asia/Shanghai",
-            "--after",
-            "2026-01-01T00:00:00Z",
-            "--count",
-            "3",
-        ],
-        &lines,
-    );
+        ];
+        assert_prints(&args, &lines);
+    }
     // --start and --end are inclusive; fewer than N instants is still success.
     assert_prints(
         &[

@@ -200,7 +200,8 @@ async fn forget(ctx: &Context, key: TaskKey) {
 /// After a (re-)list, forgets tasks deleted while the watch was down.
 async fn prune(ctx: &Context, namespace: Option<String>, store: &Store<ChronTask>) {
     let keep: HashSet<TaskKey> = store.state().iter().map(|t| key_of(t)).collect();
-    ctx.engine.retain(namespace, keep).await;
+    ctx.engine.retain(namespace.clone(), keep.clone()).await;
+    let _ = ctx.status.send(Update::Retain { namespace, keep }).await;
 }
 
 /// Reads header values from Secrets with the operator's own permissions.

@@ -12,7 +12,6 @@ use crate::crd::{ChronTask, HistorySpec, HttpMethod};
 use crate::engine::EngineTask;
 use crate::executor::http::{HeaderValue, SuccessCodes};
 use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
-use crate::run::TaskKey;
 use crate::schedule::{IntervalAnchor, Schedule, parse_duration, parse_instant, parse_timezone};
 
 /// A ChronTask that can be scheduled.
@@ -41,10 +40,7 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Invalid {
 /// Validates a ChronTask. `default_timezone` is the operator's `timezone` setting.
 pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Invalid> {
     let meta = &task.metadata;
-    let key = TaskKey::new(
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    );
+    let key = super::key_of(task);
     let created = meta
         .creation_timestamp
         .as_ref()
@@ -241,6 +237,7 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::TaskKey;
     use serde_json::json;
 
     fn task(spec: serde_json::Value) -> ChronTask {

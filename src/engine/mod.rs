@@ -24,7 +24,8 @@ use crate::schedule::{Schedule, jitter};
 #[derive(Clone, Debug)]
 pub struct EngineTask {
     pub key: TaskKey,
-    /// Identity of this incarnation of the task (the object's uid): seeds its jitter.
+    /// Identity of this incarnation of the task (the object's uid): a task deleted and
+    /// re-created under the same name starts a new rhythm.
     pub uid: String,
     pub schedule: Schedule,
     /// Maximum jitter; each instant is delayed by a fixed fraction of it.
@@ -167,11 +168,10 @@ impl Engine {
             }
             Command::Remove(key) => self.remove(&key),
             Command::Retain { namespace, keep } => {
-                let in_scope = |k: &TaskKey| namespace.as_ref().is_none_or(|ns| *ns == k.namespace);
                 let gone: Vec<TaskKey> = self
                     .tasks
                     .keys()
-                    .filter(|k| in_scope(k) && !keep.contains(*k))
+                    .filter(|k| k.is_in(namespace.as_deref()) && !keep.contains(*k))
                     .cloned()
                     .collect();
                 for key in gone {
@@ -331,7 +331,9 @@ fn same_timing(old: &EngineTask, new: &EngineTask) -> bool {
 fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
     match task.jitter {
         Some(max) if !max.is_zero() => {
-            let offset = jitter::offset(&task.uid, instant, max);
+            // Keyed by `<namespace>/<name>`, as docs/schedule.md promises: every replica and
+            // every restart computes the same delay.
+            let offset = jitter::offset(&task.key.to_string(), instant, max);
             instant + chrono::Duration::from_std(offset).unwrap_or_default()
         }
         _ => instant,

@@ -5,7 +5,7 @@
 
 pub mod conditions;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -50,6 +50,11 @@ pub enum Update {
     Invalid { task: TaskKey, reason: String },
     /// The task is gone; drop what is buffered.
     Forget(TaskKey),
+    /// After a re-list: every task of `namespace` (all: `None`) not in `keep` is gone.
+    Retain {
+        namespace: Option<String>,
+        keep: HashSet<TaskKey>,
+    },
 }
 
 /// Event reasons, stable for alerting and `kubectl get events --field-selector reason=...`.
@@ -221,6 +226,10 @@ impl StatusWriter {
             }
             Update::Forget(task) => {
                 self.tasks.remove(&task);
+            }
+            Update::Retain { namespace, keep } => {
+                self.tasks
+                    .retain(|key, _| !key.is_in(namespace.as_deref()) || keep.contains(key));
             }
         }
     }

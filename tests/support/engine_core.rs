@@ -1,0 +1,71 @@
+//! The kube-free core (engine + executor + memory dedup) wired as standalone mode will run it,
+//! for tests and benchmarks that call a loopback receiver without a cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chronflow::dedup::MemoryDedup;
+use chronflow::engine::{Engine, EngineHandle};
+use chronflow::executor::http::{Redacted, SecretSource};
+use chronflow::executor::{Executor, ExecutorConfig};
+use chronflow::run::Report;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// No Secrets outside a cluster: a header that needs one fails its attempt.
+struct NoSecrets;
+
+impl SecretSource for NoSecrets {
+    fn get<'a>(
+        &'a self,
+        _: &'a str,
+        name: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Redacted, String>> {
+        Box::pin(async move { Err(format!("no Secret {name} here")) })
+    }
+}
+
+/// A running core; dropping it stops the engine and the executor.
+pub struct Core {
+    pub engine: EngineHandle,
+    pub reports: mpsc::Receiver<Report>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Core {
+    /// Starts a core that always leads, with the given worker and queue bounds.
+    pub fn start(max_workers: usize, queue_size: usize) -> Core {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (reports_tx, reports) = mpsc::channel(100_000);
+        let config = ExecutorConfig {
+            max_workers,
+            queue_size,
+            log_success: false,
+        };
+        let (executor, executor_task) = Executor::new(
+            config,
+            reports_tx.clone(),
+            reqwest::Client::new(),
+            Arc::new(NoSecrets),
+        );
+        let (_leader_tx, leader) = watch::channel(true); // the receiver keeps the last value
+        let dedup = Arc::new(MemoryDedup::new(Duration::from_secs(3600)));
+        let (engine, handle) = Engine::new(executor, dedup, leader, reports_tx);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(engine.run(shutdown.clone()));
+        tokio::spawn(executor_task.run(shutdown.clone(), Duration::from_secs(1)));
+        Core {
+            engine: handle,
+            reports,
+            shutdown,
+        }
+    }
+}
