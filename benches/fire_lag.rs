@@ -15,7 +15,7 @@ use chronflow::engine::EngineTask;
 use chronflow::executor::http::SuccessCodes;
 use chronflow::executor::{Action, HttpAction, RetryPolicy, RunSpec};
 use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy};
-use chronflow::run::{Report, TaskKey};
+use chronflow::run::{Report, TaskId, TaskKey};
 use chronflow::schedule::{IntervalAnchor, Schedule};
 use chrono::Utc;
 use engine_core::Core;
@@ -63,8 +63,12 @@ async fn main() {
         };
         handle
             .upsert(EngineTask {
-                key: TaskKey::new("bench", format!("task-{n}")),
-                uid: format!("uid-{n}"),
+                id: TaskId::new(
+                    TaskKey::new("bench", format!("task-{n}")),
+                    format!("uid-{n}"),
+                ),
+                generation: 1,
+                paused: None,
                 schedule,
                 jitter: None,
                 catch_up: CatchUpPolicy::Latest,
@@ -74,6 +78,7 @@ async fn main() {
                     timeout: Duration::from_secs(5),
                     retry: RetryPolicy::default(),
                     concurrency: ConcurrencyPolicy::Forbid,
+                    max_concurrent_runs: 1,
                     starting_deadline: None,
                 }),
             })

@@ -4,11 +4,12 @@
 //! - [`crd`]: the `ChronTask` resource (spec, status, CRD generation).
 //! - [`schedule`]: schedule math (cron, intervals, one-shots, time zones); free of `kube`.
 //! - [`run`]: run identities (`RunId` = `<ns>/<name>@<instant>`) and reports about runs.
+//! - [`clock`]: the time source of the run path (system, or tokio's for tests).
 //! - [`engine`]: the timer queue that fires due instants; catch-up after downtime.
 //! - [`dedup`]: claims per run id, so each instant runs once.
 //! - [`executor`]: bounded queue + worker pool, concurrency policies, HTTP action, retries.
 //! - [`controller`]: watches ChronTasks, validates them, feeds the engine (the `kube` side).
-//! - [`status`]: the status writer (coalesced server-side apply) and Events.
+//! - [`status`]: the status index (in memory), its budgeted writer and Events.
 //! - [`operator`]: `chronflow run` wiring, supervision and shutdown order.
 //! - [`telemetry`]: logging setup.
 //! - [`config`]: the operator configuration (YAML file + `SCHEDULER__` environment).
@@ -17,6 +18,7 @@
 //! - [`policy`]: run policies (concurrency, catch-up, backoff) shared by CRD, engine and executor.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod crd;

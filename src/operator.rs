@@ -1,6 +1,8 @@
 //! `chronflow run`: wires the controller, engine, executor and status writer together, runs
 //! them until SIGINT/SIGTERM, then shuts down in order: stop firing, drain runs in flight
-//! within `shutdown.grace_period`, write the last status, exit.
+//! within `shutdown.grace_period`, write the last status (retrying until the grace period
+//! ends), exit. Every long-lived task is supervised: if one ends or panics before shutdown,
+//! everything stops and the process exits non-zero.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,19 +14,23 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::clock::Clock;
 use crate::config::{BackendType, OperatorConfig};
 use crate::controller::{self, Context, KubeSecrets};
 use crate::dedup::MemoryDedup;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineParts};
 use crate::executor::{Executor, ExecutorConfig};
-use crate::status::StatusWriter;
+use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
 
-/// Capacity of the channels to the status writer; it only buffers in memory, so it keeps up.
-const STATUS_CHANNEL: usize = 4096;
+/// How long the memory dedup remembers a task that stopped claiming (deleted tasks).
+const MEMORY_DEDUP_IDLE: Duration = Duration::from_secs(24 * 3600);
 
-/// How long the memory dedup remembers a claimed run.
-const MEMORY_DEDUP_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Status writes per second over all tasks.
+const STATUS_WRITES_PER_SECOND: u32 = 50;
+
+/// The final status flush gets at least this long, even with a short grace period.
+const MIN_FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// Runs the operator until `shutdown` is cancelled (by a signal in `chronflow run`).
 pub async fn run(
@@ -36,14 +42,28 @@ pub async fn run(
     // One TLS provider for the kube client and the HTTP action alike; a second install (tests
     // running several operators in one process) is a no-op.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    Api::<ChronTask>::all(client.clone())
-        .list(&ListParams::default().limit(1))
-        .await
-        .map_err(|source| Error::CrdUnavailable { source })?;
+    let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    // Where the operator will watch, with its own rights: a namespaced install need not list
+    // ChronTasks cluster-wide.
+    for namespace in &namespaces {
+        let api: Api<ChronTask> = match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        api.list(&ListParams::default().limit(1))
+            .await
+            .map_err(|source| Error::CrdUnavailable { source })?;
+    }
 
+    let clock = Clock::System;
+    let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "chronflow".into());
     let (leader_tx, leader) = watch::channel(true); // a single replica always leads
-    let (reports_tx, reports_rx) = mpsc::channel(STATUS_CHANNEL);
-    let (status_tx, status_rx) = mpsc::channel(STATUS_CHANNEL);
+    let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
+    let index = StatusIndex::new(events_tx, clock);
 
     let http = reqwest::Client::builder()
         .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
@@ -57,64 +77,72 @@ pub async fn run(
         queue_size: config.queue_size,
         log_success: config.log.log_task_success,
     };
+    let sink = Arc::new(index.clone());
     let (executor, executor_task) =
-        Executor::new(executor_config, reports_tx.clone(), http, secrets);
-    let dedup = Arc::new(MemoryDedup::new(MEMORY_DEDUP_TTL));
-    let (engine, engine_handle) = Engine::new(executor, dedup, leader.clone(), reports_tx);
+        Executor::new(executor_config, sink.clone(), clock, http, secrets);
+    let (engine, engine_handle) = Engine::new(EngineParts {
+        executor,
+        dedup: Arc::new(MemoryDedup::new(MEMORY_DEDUP_IDLE)),
+        leader: leader.clone(),
+        sink,
+        clock,
+    });
     let writer = StatusWriter::new(
         client.clone(),
-        status_rx,
-        reports_rx,
-        config.status.flush_interval,
-        leader,
-        std::env::var("POD_NAME").ok(),
+        index.clone(),
+        leader.clone(),
+        WriterConfig {
+            flush_interval: config.status.flush_interval,
+            writes_per_second: STATUS_WRITES_PER_SECOND,
+        },
     );
     let context = Arc::new(Context {
-        client,
+        client: client.clone(),
         engine: engine_handle,
-        status: status_tx,
+        status: index,
         default_timezone: config.timezone,
     });
 
-    // Every task is supervised: if one ends before shutdown, all stop and we exit non-zero.
+    // Two supervised groups, stopped in order: first what fires and runs, then what writes.
     let firing = shutdown.child_token();
-    let mut tasks = JoinSet::new();
-    tasks.spawn(engine.run(firing.clone()));
-    tasks.spawn(executor_task.run(firing.clone(), config.shutdown.grace_period));
-    let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
-        vec![None]
-    } else {
-        config.watch_namespaces.iter().cloned().map(Some).collect()
-    };
+    let writing = CancellationToken::new();
+    let mut firing_tasks = JoinSet::new();
+    firing_tasks.spawn(engine.run(firing.clone()));
+    firing_tasks.spawn(executor_task.run(firing.clone(), config.shutdown.grace_period));
     for namespace in namespaces {
-        tasks.spawn(controller::run(context.clone(), namespace, firing.clone()));
+        firing_tasks.spawn(controller::run(context.clone(), namespace, firing.clone()));
     }
-    drop(context); // the controllers hold the only status senders now
-    let status = tokio::spawn(writer.run());
+    drop(context);
+    let mut writing_tasks = JoinSet::new();
+    let final_flush = config.shutdown.grace_period.max(MIN_FINAL_FLUSH);
+    writing_tasks.spawn(writer.run(writing.clone(), final_flush));
+    writing_tasks.spawn(events::publish(client, events_rx, leader, instance, clock));
     info!(
         max_workers = config.max_workers,
         queue_size = config.queue_size,
         "chronflow operator started"
     );
 
+    let ended = |result: Option<std::result::Result<(), tokio::task::JoinError>>| match result {
+        Some(Ok(())) | None => "a component stopped unexpectedly".to_string(),
+        Some(Err(e)) => format!("a component failed: {e}"),
+    };
     let failure = tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,
-        Some(ended) = tasks.join_next() => match ended {
-            // Components end on their own once shutdown has begun.
-            _ if shutdown.is_cancelled() => None,
-            Ok(()) => Some("a component stopped unexpectedly".to_string()),
-            Err(e) => Some(format!("a component failed: {e}")),
-        },
+        result = firing_tasks.join_next() => Some(ended(result)),
+        result = writing_tasks.join_next() => Some(ended(result)),
     };
     match &failure {
         None => info!("shutting down: no new runs; draining runs in flight"),
         Some(reason) => error!(%reason, "shutting down"),
     }
     firing.cancel();
-    while tasks.join_next().await.is_some() {}
+    while firing_tasks.join_next().await.is_some() {}
+    // Every run has reported by now; the writer's final flush writes the last outcomes.
+    writing.cancel();
     drop(leader_tx);
-    let _ = status.await;
+    while writing_tasks.join_next().await.is_some() {}
     info!("chronflow operator stopped");
     match failure {
         Some(reason) => Err(Error::Startup(reason)),

@@ -1,11 +1,12 @@
-//! Runs: identities (`TaskKey`, `RunId`) and the reports that the engine and executor send about
-//! them to whoever records results (the status writer, or standalone history). Free of `kube`.
+//! Runs: identities (`TaskKey`, `TaskId`, `RunId`) and the reports that the engine and executor
+//! send about them to whoever records results (the status index, or standalone history).
+//! Free of `kube`.
 
 use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-/// A task's identity: its namespace and name (the resource name is the unique task name).
+/// A task's name: its namespace and name (the resource name is the unique task name).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskKey {
     pub namespace: String,
@@ -19,9 +20,7 @@ impl TaskKey {
             name: name.into(),
         }
     }
-}
 
-impl TaskKey {
     /// Whether the task lives in `namespace`; `None` stands for every namespace.
     pub fn is_in(&self, namespace: Option<&str>) -> bool {
         namespace.is_none_or(|ns| ns == self.namespace)
@@ -34,27 +33,67 @@ impl fmt::Display for TaskKey {
     }
 }
 
+/// One incarnation of a task: its name and the object's uid. A task deleted and re-created under
+/// the same name is another task; reports about the old one must not touch the new one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TaskId {
+    pub key: TaskKey,
+    pub uid: String,
+}
+
+impl TaskId {
+    pub fn new(key: TaskKey, uid: impl Into<String>) -> Self {
+        Self {
+            key,
+            uid: uid.into(),
+        }
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.key.fmt(f)
+    }
+}
+
 /// `<namespace>/<name>@<scheduled instant in UTC, RFC 3339>`: the same for every replica and
 /// every attempt of one scheduled run, so it is the dedup key and the `Idempotency-Key`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RunId(String);
+pub struct RunId {
+    text: String,
+    task: TaskKey,
+    instant: DateTime<Utc>,
+}
 
 impl RunId {
     pub fn new(task: &TaskKey, scheduled: DateTime<Utc>) -> Self {
-        Self(format!(
-            "{task}@{}",
-            scheduled.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-        ))
+        Self {
+            text: format!(
+                "{task}@{}",
+                scheduled.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            ),
+            task: task.clone(),
+            instant: scheduled,
+        }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    pub fn task(&self) -> &TaskKey {
+        &self.task
+    }
+
+    /// The scheduled instant (before jitter).
+    pub fn instant(&self) -> DateTime<Utc> {
+        self.instant
     }
 }
 
 impl fmt::Display for RunId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
@@ -65,7 +104,8 @@ pub enum Outcome {
     Failed,
 }
 
-/// A run that finished, after all its attempts.
+/// A run that finished, after all its attempts (or cancelled: then it failed, and the message
+/// starts with `cancelled:`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FinishedRun {
     pub run_id: RunId,
@@ -77,26 +117,41 @@ pub struct FinishedRun {
     pub message: Option<String>,
 }
 
-/// What the engine and executor tell the recorder of results, per task.
+/// What the engine knows about a task's schedule. The engine is its only source and reports
+/// every change, in order, so the recorder never has to reconcile two views.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScheduleState {
+    /// Scheduled. `next` is the next instant due, `None` when none ever will be (Completed).
+    /// `since` is when the task last became schedulable (created, resumed, fixed): catch-up
+    /// after an outage never reaches before it.
+    Scheduled {
+        schedule: String,
+        next: Option<DateTime<Utc>>,
+        since: DateTime<Utc>,
+    },
+    /// `spec.paused`; `reason` may be empty.
+    Paused { schedule: String, reason: String },
+    /// The spec cannot run; `reason` names the field.
+    Invalid { reason: String },
+}
+
+/// What the engine and executor tell the recorder of results, per task incarnation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Report {
-    /// The next instant the task is due; `None` when it never will be again (Completed).
-    NextRun {
-        task: TaskKey,
-        next: Option<DateTime<Utc>>,
-    },
+    /// The task's schedule state changed (or its next instant moved).
+    Schedule { task: TaskId, state: ScheduleState },
     /// A run's first attempt started.
     Started {
-        task: TaskKey,
+        task: TaskId,
         run_id: RunId,
         scheduled: DateTime<Utc>,
         started: DateTime<Utc>,
     },
     /// A run finished.
-    Finished { task: TaskKey, run: FinishedRun },
+    Finished { task: TaskId, run: FinishedRun },
     /// `count` due instants were not run; `latest` is the newest of them.
     Missed {
-        task: TaskKey,
+        task: TaskId,
         count: u64,
         latest: DateTime<Utc>,
         reason: String,
@@ -104,13 +159,26 @@ pub enum Report {
 }
 
 impl Report {
-    pub fn task(&self) -> &TaskKey {
+    pub fn task(&self) -> &TaskId {
         match self {
-            Report::NextRun { task, .. }
+            Report::Schedule { task, .. }
             | Report::Started { task, .. }
             | Report::Finished { task, .. }
             | Report::Missed { task, .. } => task,
         }
+    }
+}
+
+/// Where reports go. `record` never blocks and never fails: the firing path must not wait for
+/// whoever keeps the results (the status index records in memory; I/O happens elsewhere).
+pub trait ReportSink: Send + Sync {
+    fn record(&self, report: Report);
+}
+
+/// A sink for tests and tools: every report into an unbounded channel.
+impl ReportSink for tokio::sync::mpsc::UnboundedSender<Report> {
+    fn record(&self, report: Report) {
+        let _ = self.send(report);
     }
 }
 
@@ -130,10 +198,9 @@ mod tests {
     fn run_id_is_namespace_name_and_utc_instant() {
         let task = TaskKey::new("shop", "report");
         let at = Utc.with_ymd_and_hms(2026, 11, 24, 9, 0, 0).unwrap();
-        assert_eq!(
-            RunId::new(&task, at).as_str(),
-            "shop/report@2026-11-24T09:00:00Z"
-        );
+        let id = RunId::new(&task, at);
+        assert_eq!(id.as_str(), "shop/report@2026-11-24T09:00:00Z");
+        assert_eq!((id.task(), id.instant()), (&task, at));
         let half = at + chrono::Duration::milliseconds(500);
         assert_eq!(
             RunId::new(&task, half).as_str(),

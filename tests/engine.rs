@@ -14,7 +14,7 @@ use chronflow::engine::EngineTask;
 use chronflow::executor::http::{HeaderValue, SuccessCodes};
 use chronflow::executor::{Action, HttpAction, RetryPolicy, RunSpec};
 use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy};
-use chronflow::run::{Report, TaskKey};
+use chronflow::run::{Report, ScheduleState, TaskId, TaskKey};
 use chronflow::schedule::{IntervalAnchor, Schedule};
 use chrono::{DateTime, Utc};
 use engine_core::Core;
@@ -30,8 +30,9 @@ fn task(
     catch_up_from: Option<DateTime<Utc>>,
 ) -> EngineTask {
     EngineTask {
-        key: TaskKey::new("test", name),
-        uid: format!("uid-{name}"),
+        id: TaskId::new(TaskKey::new("test", name), format!("uid-{name}")),
+        generation: 1,
+        paused: None,
         schedule,
         jitter: None,
         catch_up,
@@ -47,6 +48,7 @@ fn task(
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             concurrency: ConcurrencyPolicy::Allow,
+            max_concurrent_runs: 10,
             starting_deadline: deadline,
         }),
     }
@@ -54,7 +56,7 @@ fn task(
 
 /// Collects reports until `done` says enough, within a generous bound.
 async fn collect(
-    reports: &mut mpsc::Receiver<Report>,
+    reports: &mut mpsc::UnboundedReceiver<Report>,
     done: impl Fn(&[Report]) -> bool,
 ) -> Vec<Report> {
     let mut seen = Vec::new();
@@ -235,13 +237,18 @@ async fn a_one_shot_runs_once_then_reports_nothing_left() {
             None,
         ))
         .await;
+    let next = |r: &Report| match r {
+        Report::Schedule {
+            state: ScheduleState::Scheduled { next, .. },
+            ..
+        } => Some(*next),
+        _ => None,
+    };
     let reports = collect(&mut core.reports, |r| {
-        finished(r) == 1
-            && r.iter()
-                .any(|x| matches!(x, Report::NextRun { next: None, .. }))
+        finished(r) == 1 && r.iter().any(|x| next(x) == Some(None))
     })
     .await;
     assert_eq!(receiver.count(), 1);
     assert_eq!(receiver.hits()[0].scheduled, at);
-    assert!(matches!(reports[0], Report::NextRun { next: Some(t), .. } if t == at));
+    assert_eq!(next(&reports[0]), Some(Some(at)));
 }

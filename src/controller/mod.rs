@@ -1,6 +1,8 @@
 //! The ChronTask controller: watches ChronTasks, validates each into a `ValidTask`, hands it to
-//! the engine and tells the status writer. Reconcile never waits for a run. Only spec changes
-//! (a new `metadata.generation`) reconcile, so status writes cause no reconcile loop.
+//! the engine and tells the status index. Reconcile never waits for a run. Only spec changes
+//! (a new `metadata.generation`) reconcile, so status writes cause no reconcile loop. Objects
+//! are watched through `DeserializeGuard`: one that cannot be decoded is marked Invalid with
+//! the decode error, and every other task keeps running.
 
 pub mod validate;
 
@@ -11,29 +13,34 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use futures::{StreamExt, TryStreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::DeserializeGuard;
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::mpsc;
+use kube::{Api, Client, Resource};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::ChronTask;
+use crate::crd::ChronTaskStatus;
 use crate::engine::EngineHandle;
 use crate::executor::http::{Redacted, SecretSource};
-use crate::run::TaskKey;
-use crate::status::Update;
+use crate::run::{TaskId, TaskKey};
+use crate::status::{Observed, StatusIndex};
 use validate::{Invalid, validate};
 
 /// How often a task whose Secret is missing is checked again.
 const SECRET_RECHECK: Duration = Duration::from_secs(30);
 
+/// What the controller watches: ChronTasks, decoded or not.
+pub type GuardedTask = DeserializeGuard<ChronTask>;
+
 /// What reconcile needs.
 pub struct Context {
     pub client: Client,
     pub engine: EngineHandle,
-    pub status: mpsc::Sender<Update>,
+    pub status: StatusIndex,
     pub default_timezone: Tz,
 }
 
@@ -56,24 +63,49 @@ impl ReconcileError {
     }
 }
 
-fn key_of(task: &ChronTask) -> TaskKey {
-    TaskKey::new(task.namespace().unwrap_or_default(), task.name_any())
+fn id_of(task: &impl Resource) -> TaskId {
+    let meta = task.meta();
+    TaskId::new(
+        TaskKey::new(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        ),
+        meta.uid.clone().unwrap_or_default(),
+    )
 }
 
-async fn reconcile(task: Arc<ChronTask>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let key = key_of(&task);
-    let send = |update| async { ctx.status.send(update).await.ok() };
-    send(Update::Observed {
-        task: key.clone(),
+async fn reconcile(guarded: Arc<GuardedTask>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let id = id_of(guarded.as_ref());
+    let task = match &guarded.0 {
+        Ok(task) => task,
+        Err(undecodable) => {
+            // The object is not what the schema promised (a field of the wrong type inside an
+            // embedded template, say): report it; its stored status still seeds the counters.
+            let status = stored_status(&ctx.client, &id).await;
+            ctx.status.observe(Observed {
+                task: id.clone(),
+                reference: guarded.object_ref(&()),
+                generation: undecodable.metadata.generation,
+                status,
+                history: Default::default(),
+            });
+            let reason = format!("cannot decode the ChronTask: {}", undecodable.error);
+            warn!(task = %id, %reason, "invalid task");
+            ctx.engine.invalidate(id, reason).await;
+            return Ok(Action::await_change());
+        }
+    };
+    ctx.status.observe(Observed {
+        task: id.clone(),
         reference: task.object_ref(&()),
         generation: task.metadata.generation,
-        status: task.status.clone().map(Box::new),
+        status: task.status.clone(),
         history: task.spec.history.unwrap_or_default(),
-    })
-    .await;
+    });
 
-    let outcome = match validate(&task, ctx.default_timezone) {
-        Ok(valid) => match check_secrets(&ctx.client, &key.namespace, &valid.secret_refs).await? {
+    let outcome = match validate(task, ctx.default_timezone) {
+        Ok(valid) => match check_secrets(&ctx.client, &id.key.namespace, &valid.secret_refs).await?
+        {
             Ok(()) => Ok(valid),
             Err(invalid) => Err((invalid, Action::requeue(SECRET_RECHECK))),
         },
@@ -81,26 +113,25 @@ async fn reconcile(task: Arc<ChronTask>, ctx: Arc<Context>) -> Result<Action, Re
     };
     match outcome {
         Ok(valid) => {
-            match &valid.paused {
-                Some(_) => ctx.engine.pause(key.clone()).await,
-                None => ctx.engine.upsert(valid.engine).await,
-            }
-            info!(task = %key, schedule = %valid.schedule_text, paused = valid.paused.is_some(), "task scheduled");
-            send(Update::Valid {
-                task: key,
-                schedule: valid.schedule_text,
-                paused: valid.paused,
-            })
-            .await;
+            info!(task = %id, schedule = %valid.schedule_text, paused = valid.engine.paused.is_some(), "task scheduled");
+            ctx.engine.upsert(valid.engine).await;
             Ok(Action::await_change())
         }
         Err((Invalid(reason), action)) => {
-            warn!(task = %key, %reason, "invalid task");
-            ctx.engine.remove(key.clone()).await;
-            send(Update::Invalid { task: key, reason }).await;
+            warn!(task = %id, %reason, "invalid task");
+            ctx.engine.invalidate(id, reason).await;
             Ok(action)
         }
     }
+}
+
+/// The status of an object that does not decode as a ChronTask, read on its own.
+async fn stored_status(client: &Client, id: &TaskId) -> Option<ChronTaskStatus> {
+    let gvk = GroupVersionKind::gvk(crate::crd::GROUP, "v1alpha1", "ChronTask");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "chrontasks");
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), &id.key.namespace, &resource);
+    let object = api.get(&id.key.name).await.ok()?;
+    serde_json::from_value(object.data.get("status")?.clone()).ok()
 }
 
 /// `Ok(Err(..))`: a Secret is missing or lacks the key (the task is invalid until it appears);
@@ -145,14 +176,14 @@ fn has_key(secret: &Secret, key: &str) -> bool {
             .is_some_and(|d| d.contains_key(key))
 }
 
-fn error_policy(task: Arc<ChronTask>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    warn!(task = %key_of(&task), %error, label = error.metric_label(), "reconcile failed; retrying");
+fn error_policy(task: Arc<GuardedTask>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    warn!(task = %id_of(task.as_ref()), %error, label = error.metric_label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
 /// Watches ChronTasks in `namespace` (all namespaces when `None`) until `shutdown`.
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
-    let api: Api<ChronTask> = match &namespace {
+    let api: Api<GuardedTask> = match &namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
@@ -171,7 +202,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             let scope = scope.clone();
             async move {
                 match &event {
-                    watcher::Event::Delete(task) => forget(&ctx, key_of(task)).await,
+                    watcher::Event::Delete(task) => forget(&ctx, id_of(task)).await,
                     watcher::Event::InitDone => prune(&ctx, scope, &store).await,
                     _ => {}
                 }
@@ -191,17 +222,21 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         .await;
 }
 
-async fn forget(ctx: &Context, key: TaskKey) {
-    info!(task = %key, "task deleted");
-    ctx.engine.remove(key.clone()).await;
-    let _ = ctx.status.send(Update::Forget(key)).await;
+async fn forget(ctx: &Context, task: TaskId) {
+    info!(%task, "task deleted");
+    ctx.engine.remove(task.clone()).await;
+    ctx.status.forget(&task);
 }
 
 /// After a (re-)list, forgets tasks deleted while the watch was down.
-async fn prune(ctx: &Context, namespace: Option<String>, store: &Store<ChronTask>) {
-    let keep: HashSet<TaskKey> = store.state().iter().map(|t| key_of(t)).collect();
-    ctx.engine.retain(namespace.clone(), keep.clone()).await;
-    let _ = ctx.status.send(Update::Retain { namespace, keep }).await;
+async fn prune(ctx: &Context, namespace: Option<String>, store: &Store<GuardedTask>) {
+    let keep: HashSet<TaskKey> = store
+        .state()
+        .iter()
+        .map(|t| id_of(t.as_ref()).key)
+        .collect();
+    ctx.status.retain(namespace.as_deref(), &keep);
+    ctx.engine.retain(namespace, keep).await;
 }
 
 /// Reads header values from Secrets with the operator's own permissions.

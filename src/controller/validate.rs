@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
-use crate::crd::{ChronTask, HistorySpec, HttpMethod};
+use crate::crd::{ChronTask, HistorySpec, HttpMethod, Phase};
 use crate::engine::EngineTask;
 use crate::executor::http::{HeaderValue, SuccessCodes};
 use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
@@ -18,8 +18,6 @@ use crate::schedule::{IntervalAnchor, Schedule, parse_duration, parse_instant, p
 #[derive(Debug)]
 pub struct ValidTask {
     pub engine: EngineTask,
-    /// `Some(reason)` while `spec.paused` is true (the reason may be empty).
-    pub paused: Option<String>,
     /// The schedule as shown in status and `kubectl get`.
     pub schedule_text: String,
     /// Secrets the action reads: (name, key), checked for readability by the controller.
@@ -40,7 +38,7 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Invalid {
 /// Validates a ChronTask. `default_timezone` is the operator's `timezone` setting.
 pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Invalid> {
     let meta = &task.metadata;
-    let key = super::key_of(task);
+    let id = super::id_of(task);
     let created = meta
         .creation_timestamp
         .as_ref()
@@ -77,48 +75,60 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         .map(|s| Duration::from_secs(s.max(0) as u64));
 
     let engine = EngineTask {
-        key,
-        uid: meta.uid.clone().unwrap_or_default(),
+        id,
+        generation: meta.generation.unwrap_or_default(),
+        catch_up_from: catch_up_from(task, created, &schedule),
         schedule,
         jitter,
         catch_up: spec.catch_up,
-        catch_up_from: Some(catch_up_from(task, created)),
+        paused: spec
+            .paused
+            .then(|| spec.pause_reason.clone().unwrap_or_default()),
         run: Arc::new(RunSpec {
             action,
             timeout,
             retry,
             concurrency: spec.concurrency_policy,
+            max_concurrent_runs: spec.max_concurrent_runs,
             starting_deadline,
         }),
     };
     Ok(ValidTask {
         engine,
-        paused: spec
-            .paused
-            .then(|| spec.pause_reason.clone().unwrap_or_default()),
         schedule_text,
         secret_refs,
         history: spec.history.unwrap_or_default(),
     })
 }
 
-/// Where catch-up after downtime starts: the latest scheduled instant, but never before the task
-/// last became schedulable (created, resumed, or fixed after being invalid), so a paused or
-/// invalid period is not replayed even when the operator restarted since.
-fn catch_up_from(task: &ChronTask, created: DateTime<Utc>) -> DateTime<Utc> {
-    let Some(status) = &task.status else {
-        return created;
+/// Where catch-up after downtime starts when the engine first sees the task (`None`: now).
+/// Never before the task last became schedulable (`status.schedulableSince`), so a paused or
+/// invalid period is not replayed, even across an operator restart.
+fn catch_up_from(
+    task: &ChronTask,
+    created: DateTime<Utc>,
+    schedule: &Schedule,
+) -> Option<DateTime<Utc>> {
+    let status = task.status.as_ref();
+    let from = match status {
+        None => created,
+        Some(status) => match (status.schedulable_since, status.phase) {
+            (Some(since), _) => since.max(created),
+            // Stored while paused or invalid: it became schedulable while chronflow was not
+            // looking, at a moment nobody recorded; replay nothing.
+            (None, Some(Phase::Paused | Phase::Invalid)) => return None,
+            (None, _) => created,
+        },
     };
-    let ready_since = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == crate::status::conditions::READY && c.status == "True")
-        .and_then(|c| DateTime::from_timestamp(c.last_transition_time.0.as_second(), 0));
-    [Some(created), status.last_schedule_time, ready_since]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(created)
+    let from = from.max(status.and_then(|s| s.last_schedule_time).unwrap_or(from));
+    // A one-shot whose instant came at or just before creation ("now", or clock skew) still
+    // runs once; validation rejects one further in the past.
+    match schedule.one_shot() {
+        Some(at) if status.is_none_or(|s| s.last_schedule_time.is_none()) => {
+            Some(from.min(at - chrono::TimeDelta::nanoseconds(1)))
+        }
+        _ => Some(from),
+    }
 }
 
 fn schedule(
@@ -266,11 +276,12 @@ mod tests {
             Tz::UTC,
         )
         .unwrap();
-        assert_eq!(valid.engine.key, TaskKey::new("ns", "t"));
+        assert_eq!(valid.engine.id.key, TaskKey::new("ns", "t"));
+        assert_eq!(valid.engine.id.uid, "u-1");
         assert_eq!(valid.engine.jitter, Some(Duration::from_secs(2)));
         assert_eq!(valid.engine.run.timeout, Duration::from_secs(30));
         assert_eq!(valid.engine.run.retry.max_attempts(), 1);
-        assert_eq!(valid.paused, None);
+        assert_eq!(valid.engine.paused, None);
         assert!(
             valid.schedule_text.contains("*/5 * * * * *"),
             "{}",
@@ -313,22 +324,80 @@ mod tests {
         assert!(reason(bad_header).starts_with("spec.action.http.headers[0]: "));
     }
 
+    fn with_status(mut task: ChronTask, status: serde_json::Value) -> ChronTask {
+        task.status = Some(serde_json::from_value(status).unwrap());
+        task
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
     #[test]
     fn catch_up_never_reaches_back_before_the_task_became_schedulable() {
-        let mut resumed = http(json!({"cron": "30 2 * * *"}));
-        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().to_utc();
-        resumed.status = Some(serde_json::from_value(json!({
-            "lastScheduleTime": "2026-03-02T02:30:00Z",
-            "conditions": [{"type": "Ready", "status": "True", "reason": "Scheduled", "message": "",
-                            "lastTransitionTime": "2026-03-04T12:00:00Z"}]
-        })).unwrap());
-        let valid = validate(&resumed, Tz::UTC).unwrap();
-        assert_eq!(valid.engine.catch_up_from, Some(at("2026-03-04T12:00:00Z")));
+        let anchor = |status| {
+            let task = with_status(http(json!({"cron": "30 2 * * *"})), status);
+            validate(&task, Tz::UTC).unwrap().engine.catch_up_from
+        };
+        // Resumed (or fixed) after its last run: schedulableSince wins.
+        assert_eq!(
+            anchor(
+                json!({"phase": "Scheduled", "lastScheduleTime": "2026-03-02T02:30:00Z",
+                          "schedulableSince": "2026-03-04T12:00:00Z"})
+            ),
+            Some(at("2026-03-04T12:00:00Z"))
+        );
+        // Running all along: from the last scheduled instant.
+        assert_eq!(
+            anchor(
+                json!({"phase": "Scheduled", "lastScheduleTime": "2026-03-05T02:30:00Z",
+                          "schedulableSince": "2026-03-04T12:00:00Z"})
+            ),
+            Some(at("2026-03-05T02:30:00Z"))
+        );
+        // Last seen paused or invalid: resumed or fixed while chronflow was down; from now.
+        for phase in ["Paused", "Invalid"] {
+            let status = json!({"phase": phase, "lastScheduleTime": "2026-03-02T02:30:00Z"});
+            assert_eq!(anchor(status), None, "{phase}");
+        }
         let fresh = validate(&http(json!({"cron": "30 2 * * *"})), Tz::UTC).unwrap();
         assert_eq!(
             fresh.engine.catch_up_from,
             Some(at("2026-01-01T00:00:00Z")),
             "creation"
+        );
+    }
+
+    #[test]
+    fn a_one_shot_at_its_creation_instant_is_still_due() {
+        let created = at("2026-01-01T00:00:00Z");
+        for at_text in [
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:00-00:00",
+            "2025-12-31T23:59:59Z",
+        ] {
+            let valid = validate(&http(json!({"at": at_text})), Tz::UTC).unwrap();
+            let from = valid.engine.catch_up_from.unwrap();
+            assert_eq!(
+                valid.engine.schedule.next_after(from),
+                Some(at(at_text)),
+                "{at_text}: the instant is due once the engine sees the task"
+            );
+            assert!(from < created);
+        }
+        // Once it ran, it never runs again.
+        let ran = with_status(
+            http(json!({"at": "2026-01-01T00:00:00Z"})),
+            json!({"phase": "Completed", "lastScheduleTime": "2026-01-01T00:00:00Z",
+                   "schedulableSince": "2026-01-01T00:00:00Z"}),
+        );
+        let valid = validate(&ran, Tz::UTC).unwrap();
+        assert_eq!(
+            valid
+                .engine
+                .schedule
+                .next_after(valid.engine.catch_up_from.unwrap()),
+            None
         );
     }
 
@@ -340,7 +409,7 @@ mod tests {
                 {"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}}]}}}),
         );
         let valid = validate(&paused, Tz::UTC).unwrap();
-        assert_eq!(valid.paused.as_deref(), Some("migration"));
+        assert_eq!(valid.engine.paused.as_deref(), Some("migration"));
         assert_eq!(valid.secret_refs, [("s".to_string(), "token".to_string())]);
     }
 }

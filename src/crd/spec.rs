@@ -80,6 +80,13 @@ pub struct ChronTaskSpec {
     #[serde(default)]
     pub concurrency_policy: ConcurrencyPolicy,
 
+    /// With `concurrencyPolicy: Allow`, the most runs of this task in flight or waiting for a
+    /// worker at once (1 to 100); a run due beyond it is counted as missed. Whatever this says, one
+    /// task never holds more than half of the operator's workers.
+    #[serde(default = "default_max_concurrent_runs")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_concurrent_runs: u32,
+
     /// A run that cannot start within this many seconds of its scheduled instant is not started
     /// and is counted in `status.missedRuns`. Unset: no deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,6 +113,10 @@ pub struct ChronTaskSpec {
     /// How many finished runs to keep in `status.recentRuns` (and, for Jobs, in the cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistorySpec>,
+}
+
+fn default_max_concurrent_runs() -> u32 {
+    10
 }
 
 fn default_timeout() -> String {

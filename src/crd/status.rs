@@ -27,6 +27,12 @@ pub struct ChronTaskStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_run_time: Option<DateTime<Utc>>,
 
+    /// When the task last became schedulable (created, resumed, or fixed after being invalid).
+    /// After an outage, catch-up never replays an instant before it; unset while the task is
+    /// paused or invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedulable_since: Option<DateTime<Utc>>,
+
     /// The scheduled instant of the latest run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<DateTime<Utc>>,

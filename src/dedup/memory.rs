@@ -1,30 +1,41 @@
-//! In-process dedup: a set of recently claimed run ids, pruned by age so it stays bounded.
+//! In-process dedup: per task, the newest instant claimed. The engine claims a task's instants
+//! in ascending order, so "not newer than the newest claim" is exactly "claimed before", and the
+//! memory used is one entry per task however often it runs.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures::future::{BoxFuture, FutureExt};
 
 use super::{Claim, Dedup, DedupError};
-use crate::run::RunId;
+use crate::run::{RunId, TaskKey};
 
-/// Remembers claims for `ttl`; an instant is never scheduled again after that long.
+/// Remembers, per task, the newest claimed instant; a task unseen for `idle` is forgotten.
 pub struct MemoryDedup {
-    ttl: Duration,
+    idle: Duration,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    claimed: HashSet<RunId>,
-    by_age: VecDeque<(Instant, RunId)>,
+    newest: HashMap<TaskKey, Watermark>,
+    last_prune: Option<Instant>,
+}
+
+struct Watermark {
+    instant: DateTime<Utc>,
+    used: Instant,
 }
 
 impl MemoryDedup {
-    pub fn new(ttl: Duration) -> Self {
+    /// `idle`: how long a task's watermark is kept after its last claim. A task that fires
+    /// less often than that could, after it is forgotten, claim an old instant again; the engine
+    /// never asks for one, so `idle` only bounds memory for deleted tasks.
+    pub fn new(idle: Duration) -> Self {
         Self {
-            ttl,
+            idle,
             state: Mutex::default(),
         }
     }
@@ -34,20 +45,47 @@ impl MemoryDedup {
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        while let Some((at, _)) = state.by_age.front() {
-            if now.duration_since(*at) < self.ttl {
-                break;
+        if state
+            .last_prune
+            .is_none_or(|at| now.duration_since(at) >= self.idle)
+        {
+            let idle = self.idle;
+            state
+                .newest
+                .retain(|_, mark| now.duration_since(mark.used) < idle);
+            state.last_prune = Some(now);
+        }
+        match state.newest.get_mut(run.task()) {
+            Some(mark) if mark.instant >= run.instant() => Claim::Duplicate,
+            Some(mark) => {
+                *mark = Watermark {
+                    instant: run.instant(),
+                    used: now,
+                };
+                Claim::Claimed
             }
-            if let Some((_, old)) = state.by_age.pop_front() {
-                state.claimed.remove(&old);
+            None => {
+                let mark = Watermark {
+                    instant: run.instant(),
+                    used: now,
+                };
+                state.newest.insert(run.task().clone(), mark);
+                Claim::Claimed
             }
         }
-        if state.claimed.insert(run.clone()) {
-            state.by_age.push_back((now, run.clone()));
-            Claim::Claimed
-        } else {
-            Claim::Duplicate
-        }
+    }
+
+    /// Tasks remembered (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .newest
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -61,27 +99,64 @@ impl Dedup for MemoryDedup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::TaskKey;
-    use chrono::{TimeZone, Utc};
+    use chrono::TimeZone;
+
+    fn at(second: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(second)
+    }
 
     #[test]
-    fn second_claim_is_a_duplicate_until_the_ttl_passes() {
-        let dedup = MemoryDedup::new(Duration::from_secs(60));
+    fn an_instant_is_claimed_once_and_older_ones_never_again() {
+        let dedup = MemoryDedup::new(Duration::from_secs(3600));
         let task = TaskKey::new("ns", "t");
-        let run = RunId::new(&task, Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap());
-        let other = RunId::new(&task, Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 1).unwrap());
         let t0 = Instant::now();
-        assert_eq!(dedup.claim_now(&run, t0), Claim::Claimed);
-        assert_eq!(dedup.claim_now(&run, t0), Claim::Duplicate);
-        assert_eq!(dedup.claim_now(&other, t0), Claim::Claimed);
         assert_eq!(
-            dedup.claim_now(&run, t0 + Duration::from_secs(61)),
+            dedup.claim_now(&RunId::new(&task, at(1)), t0),
             Claim::Claimed
         );
         assert_eq!(
-            dedup.state.lock().unwrap().claimed.len(),
-            1,
-            "expired claims are pruned"
+            dedup.claim_now(&RunId::new(&task, at(1)), t0),
+            Claim::Duplicate
         );
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&task, at(2)), t0),
+            Claim::Claimed
+        );
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&task, at(1)), t0),
+            Claim::Duplicate
+        );
+        let other = TaskKey::new("ns", "other");
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&other, at(1)), t0),
+            Claim::Claimed
+        );
+    }
+
+    #[test]
+    fn memory_is_one_entry_per_task_however_many_runs() {
+        // An hour of a 1 s task: 3600 claims, one entry. The set of run ids it replaces held
+        // all 3600 for a day (~257 B each).
+        let dedup = MemoryDedup::new(Duration::from_secs(24 * 3600));
+        let task = TaskKey::new("ns", "every-second");
+        let t0 = Instant::now();
+        for second in 0..3600 {
+            let now = t0 + Duration::from_secs(second as u64);
+            assert_eq!(
+                dedup.claim_now(&RunId::new(&task, at(second)), now),
+                Claim::Claimed
+            );
+        }
+        assert_eq!(dedup.len(), 1);
+    }
+
+    #[test]
+    fn idle_tasks_are_forgotten() {
+        let dedup = MemoryDedup::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        dedup.claim_now(&RunId::new(&TaskKey::new("ns", "gone"), at(0)), t0);
+        let later = t0 + Duration::from_secs(61);
+        dedup.claim_now(&RunId::new(&TaskKey::new("ns", "alive"), at(61)), later);
+        assert_eq!(dedup.len(), 1);
     }
 }

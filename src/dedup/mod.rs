@@ -24,7 +24,7 @@ pub enum Claim {
 #[error("dedup backend unavailable: {0}")]
 pub struct DedupError(pub String);
 
-/// A store of claimed run ids.
+/// A store of claimed run ids. The engine claims a task's instants in ascending order.
 pub trait Dedup: Send + Sync {
     fn claim<'a>(&'a self, run: &'a RunId) -> BoxFuture<'a, Result<Claim, DedupError>>;
 }

@@ -1,7 +1,9 @@
 //! The timing engine: one timer queue of every task's next instant. It sleeps until the
 //! earliest one (never a polling tick), and when an instant is due it claims the run (dedup),
-//! hands it to the executor, and schedules the task's next instant. Free of `kube`: the
-//! controller (or standalone mode) feeds it tasks through an [`EngineHandle`].
+//! hands it to the executor, and schedules the task's next instant. It is the one source of a
+//! task's schedule facts (scheduled with its next instant, paused, invalid, completed) and
+//! reports each change in order. Free of `kube`: the controller (or standalone mode) feeds it
+//! tasks through an [`EngineHandle`].
 
 pub mod catch_up;
 
@@ -14,33 +16,43 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::clock::Clock;
 use crate::dedup::{Claim, Dedup};
-use crate::executor::{Executor, RunRequest, RunSpec};
+use crate::executor::{Executor, Retire, RunRequest, RunSpec};
 use crate::policy::CatchUpPolicy;
-use crate::run::{Report, RunId, TaskKey};
+use crate::run::{Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
 use crate::schedule::{Schedule, jitter};
+
+/// How long a deleted task's uid is remembered, so that a reconcile that was still running when
+/// the delete arrived cannot bring the task back.
+const TOMBSTONE_TTL: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
 /// A validated task, as the engine schedules it.
 #[derive(Clone, Debug)]
 pub struct EngineTask {
-    pub key: TaskKey,
-    /// Identity of this incarnation of the task (the object's uid): a task deleted and
-    /// re-created under the same name starts a new rhythm.
-    pub uid: String,
+    pub id: TaskId,
+    /// `metadata.generation`: a new one means the spec changed.
+    pub generation: i64,
     pub schedule: Schedule,
-    /// Maximum jitter; each instant is delayed by a fixed fraction of it.
+    /// Maximum jitter; each instant is delayed by a fixed fraction of it (shorter than the gap
+    /// between instants: validation guarantees it).
     pub jitter: Option<Duration>,
     pub catch_up: CatchUpPolicy,
     /// When the engine first sees the task, instants after this one that are already due are
-    /// caught up by `catch_up` (the last scheduled instant from status, or the creation time).
+    /// caught up by `catch_up`; `None` means from now.
     pub catch_up_from: Option<DateTime<Utc>>,
+    /// `Some(reason)` while `spec.paused` (the reason may be empty).
+    pub paused: Option<String>,
     pub run: Arc<RunSpec>,
 }
 
 enum Command {
     Upsert(Box<EngineTask>),
-    Pause(TaskKey),
-    Remove(TaskKey),
+    Invalidate {
+        task: TaskId,
+        reason: String,
+    },
+    Remove(TaskId),
     Retain {
         namespace: Option<String>,
         keep: HashSet<TaskKey>,
@@ -54,20 +66,20 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Adds a task or replaces its definition. A changed schedule takes effect from now on:
-    /// the next run is the schedule's next instant, with no burst of past ones.
+    /// Adds a task or replaces its definition (including pausing and resuming it). A changed
+    /// schedule or a resume takes effect from now on: no burst of past instants.
     pub async fn upsert(&self, task: EngineTask) {
         self.send(Command::Upsert(Box::new(task))).await;
     }
 
-    /// Stops firing a task but remembers it, so that resuming continues from then without
-    /// replaying the paused period.
-    pub async fn pause(&self, task: TaskKey) {
-        self.send(Command::Pause(task)).await;
+    /// The task's spec cannot run: stop firing it, cancel its runs (each reported), and report
+    /// it invalid with `reason`.
+    pub async fn invalidate(&self, task: TaskId, reason: String) {
+        self.send(Command::Invalidate { task, reason }).await;
     }
 
-    /// Forgets a task and cancels its runs in flight (deletion, or a spec that became invalid).
-    pub async fn remove(&self, task: TaskKey) {
+    /// Forgets a deleted task and cancels its runs; its uid can never come back.
+    pub async fn remove(&self, task: TaskId) {
         self.send(Command::Remove(task)).await;
     }
 
@@ -83,58 +95,67 @@ impl EngineHandle {
     }
 }
 
+/// What the engine needs besides its tasks.
+pub struct EngineParts {
+    pub executor: Executor,
+    pub dedup: Arc<dyn Dedup>,
+    /// Gates firing: a replica that is not leader keeps its timers but runs nothing.
+    pub leader: watch::Receiver<bool>,
+    pub sink: Arc<dyn ReportSink>,
+    pub clock: Clock,
+}
+
 /// The engine's state; drive it with [`Engine::run`].
 pub struct Engine {
     commands: mpsc::Receiver<Command>,
     tasks: HashMap<TaskKey, Entry>,
     /// (fire time, task): the timer queue, earliest first.
     timers: BTreeSet<(DateTime<Utc>, TaskKey)>,
-    executor: Executor,
-    dedup: Arc<dyn Dedup>,
-    leader: watch::Receiver<bool>,
-    reports: mpsc::Sender<Report>,
+    /// Uids of deleted tasks, with when they were deleted.
+    tombstones: HashMap<String, DateTime<Utc>>,
+    parts: EngineParts,
 }
 
 struct Entry {
-    /// `None` while paused.
-    task: Option<EngineTask>,
-    /// The next scheduled instant (before jitter).
-    next: Option<DateTime<Utc>>,
-    /// When its timer fires (next + jitter).
-    fire_at: Option<DateTime<Utc>>,
+    uid: String,
+    generation: i64,
+    state: State,
+}
+
+enum State {
+    Scheduled {
+        task: Box<EngineTask>,
+        /// The next scheduled instant (before jitter); `None` once the schedule has ended.
+        next: Option<DateTime<Utc>>,
+        /// When its timer fires (next + jitter).
+        fire_at: Option<DateTime<Utc>>,
+        since: DateTime<Utc>,
+    },
+    Paused,
+    Invalid,
 }
 
 impl Engine {
-    /// `leader` gates firing: a replica that is not leader keeps its timers but runs nothing.
-    pub fn new(
-        executor: Executor,
-        dedup: Arc<dyn Dedup>,
-        leader: watch::Receiver<bool>,
-        reports: mpsc::Sender<Report>,
-    ) -> (Engine, EngineHandle) {
+    pub fn new(parts: EngineParts) -> (Engine, EngineHandle) {
         let (tx, rx) = mpsc::channel(1024);
         let engine = Engine {
             commands: rx,
             tasks: HashMap::new(),
             timers: BTreeSet::new(),
-            executor,
-            dedup,
-            leader,
-            reports,
+            tombstones: HashMap::new(),
+            parts,
         };
         (engine, EngineHandle { commands: tx })
     }
 
     /// Runs until `shutdown` or until every handle is dropped.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let clock = self.parts.clock;
         loop {
             let wake = self.timers.first().map(|(at, _)| *at);
             let sleep = async {
                 match wake {
-                    Some(at) => {
-                        let wait = (at - Utc::now()).to_std().unwrap_or_default();
-                        tokio::time::sleep(wait).await;
-                    }
+                    Some(at) => clock.sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -145,28 +166,23 @@ impl Engine {
                     Some(command) => self.apply(command).await,
                     None => break,
                 },
-                _ = sleep => self.fire_due(Utc::now()).await,
+                _ = sleep => self.fire_due(clock.now()).await,
             }
         }
     }
 
     async fn apply(&mut self, command: Command) {
-        let now = Utc::now();
+        let now = self.parts.clock.now();
         match command {
-            Command::Upsert(task) => self.upsert(*task, now).await,
-            Command::Pause(key) => {
-                let entry = self.tasks.entry(key.clone()).or_insert(Entry {
-                    task: None,
-                    next: None,
-                    fire_at: None,
-                });
-                entry.task = None;
-                entry.next = None;
-                if let Some(at) = entry.fire_at.take() {
-                    self.timers.remove(&(at, key));
+            Command::Upsert(task) => self.upsert(*task, now),
+            Command::Invalidate { task, reason } => self.invalidate(task, reason),
+            Command::Remove(task) => {
+                if self.tasks.get(&task.key).is_some_and(|e| e.uid == task.uid) {
+                    self.remove(&task.key, now);
+                } else {
+                    self.bury(&task.uid, now);
                 }
             }
-            Command::Remove(key) => self.remove(&key),
             Command::Retain { namespace, keep } => {
                 let gone: Vec<TaskKey> = self
                     .tasks
@@ -176,57 +192,153 @@ impl Engine {
                     .collect();
                 for key in gone {
                     debug!(task = %key, "task no longer exists");
-                    self.remove(&key);
+                    self.remove(&key, now);
                 }
             }
         }
     }
 
-    fn remove(&mut self, key: &TaskKey) {
-        if let Some(entry) = self.tasks.remove(key)
-            && let Some(at) = entry.fire_at
+    /// Takes a task out of the timer queue and the map.
+    fn take(&mut self, key: &TaskKey) -> Option<Entry> {
+        let entry = self.tasks.remove(key)?;
+        if let State::Scheduled {
+            fire_at: Some(at), ..
+        } = &entry.state
         {
-            self.timers.remove(&(at, key.clone()));
+            self.timers.remove(&(*at, key.clone()));
         }
-        self.executor.cancel_task(key);
+        Some(entry)
     }
 
-    async fn upsert(&mut self, task: EngineTask, now: DateTime<Utc>) {
-        let key = task.key.clone();
-        let next = match self.tasks.get(&key) {
-            // Same schedule: keep the rhythm; only what a run does may have changed.
-            Some(entry)
-                if entry
-                    .task
-                    .as_ref()
-                    .is_some_and(|old| same_timing(old, &task)) =>
-            {
-                entry.next
+    fn remove(&mut self, key: &TaskKey, now: DateTime<Utc>) {
+        if let Some(entry) = self.take(key) {
+            let id = TaskId::new(key.clone(), entry.uid.clone());
+            self.parts.executor.retire(&id, Retire::Deleted);
+            self.bury(&entry.uid, now);
+        }
+    }
+
+    fn bury(&mut self, uid: &str, now: DateTime<Utc>) {
+        self.tombstones.retain(|_, at| now - *at < TOMBSTONE_TTL);
+        self.tombstones.insert(uid.to_string(), now);
+    }
+
+    /// The current entry of `id`, taken out; an entry of another incarnation is retired.
+    fn take_same(&mut self, id: &TaskId) -> Option<Entry> {
+        let entry = self.take(&id.key)?;
+        if entry.uid == id.uid {
+            return Some(entry);
+        }
+        let old = TaskId::new(id.key.clone(), entry.uid.clone());
+        self.parts.executor.retire(&old, Retire::Deleted);
+        None
+    }
+
+    fn upsert(&mut self, task: EngineTask, now: DateTime<Utc>) {
+        if self.tombstones.contains_key(&task.id.uid) {
+            debug!(task = %task.id, "ignoring an update of a deleted task");
+            return;
+        }
+        let id = task.id.clone();
+        let previous = self.take_same(&id);
+        if let Some(old) = &previous
+            && old.generation != task.generation
+        {
+            self.parts.executor.retire(&id, Retire::Edited);
+        }
+        let generation = task.generation;
+        let state = match (previous.map(|e| e.state), task.paused.clone()) {
+            (previous, Some(reason)) => {
+                if matches!(previous, Some(State::Scheduled { .. })) {
+                    self.parts.executor.retire(&id, Retire::Paused);
+                }
+                let schedule = task.schedule.describe();
+                self.report(&id, ScheduleState::Paused { schedule, reason });
+                State::Paused
             }
-            // Edited or resumed: from now on, without replaying anything.
-            Some(_) => task.schedule.next_after(now),
+            // Same timing: keep the rhythm; only what a run does may have changed.
+            (
+                Some(State::Scheduled {
+                    task: old,
+                    next,
+                    since,
+                    ..
+                }),
+                None,
+            ) if same_timing(&old, &task) => self.scheduled(task, next, since),
+            // Edited: from now on, without replaying anything.
+            (Some(State::Scheduled { since, .. }), None) => {
+                let next = task.schedule.next_after(now);
+                self.scheduled(task, next, since)
+            }
+            // Resumed or fixed: schedulable from now on.
+            (Some(State::Paused | State::Invalid), None) => {
+                let next = task.schedule.next_after(now);
+                self.scheduled(task, next, now)
+            }
             // First sight: instants due since `catch_up_from` are caught up when the timer fires.
-            None => match task.catch_up_from {
-                Some(from) => task.schedule.next_after(from),
-                None => task.schedule.next_after(now),
-            },
+            (None, None) => {
+                let from = task.catch_up_from.unwrap_or(now);
+                let next = task.schedule.next_after(from);
+                self.scheduled(task, next, from)
+            }
         };
-        let fire_at = next.map(|t| fire_time(&task, t));
-        let entry = self.tasks.entry(key.clone()).or_insert(Entry {
-            task: None,
-            next: None,
-            fire_at: None,
-        });
-        if let Some(old) = entry.fire_at.take() {
-            self.timers.remove(&(old, key.clone()));
+        self.insert(id, generation, state);
+    }
+
+    /// A scheduled state, reported.
+    fn scheduled(
+        &self,
+        task: EngineTask,
+        next: Option<DateTime<Utc>>,
+        since: DateTime<Utc>,
+    ) -> State {
+        let state = ScheduleState::Scheduled {
+            schedule: task.schedule.describe(),
+            next,
+            since,
+        };
+        self.report(&task.id, state);
+        State::Scheduled {
+            fire_at: next.map(|t| fire_time(&task, t)),
+            task: Box::new(task),
+            next,
+            since,
         }
-        entry.task = Some(task);
-        entry.next = next;
-        entry.fire_at = fire_at;
-        if let Some(at) = fire_at {
-            self.timers.insert((at, key.clone()));
+    }
+
+    fn insert(&mut self, id: TaskId, generation: i64, state: State) {
+        if let State::Scheduled {
+            fire_at: Some(at), ..
+        } = &state
+        {
+            self.timers.insert((*at, id.key.clone()));
         }
-        self.report(Report::NextRun { task: key, next }).await;
+        let entry = Entry {
+            uid: id.uid,
+            generation,
+            state,
+        };
+        self.tasks.insert(id.key, entry);
+    }
+
+    fn invalidate(&mut self, id: TaskId, reason: String) {
+        if self.tombstones.contains_key(&id.uid) {
+            return;
+        }
+        let generation = match self.take_same(&id) {
+            Some(entry) => {
+                if !matches!(entry.state, State::Invalid) {
+                    self.parts
+                        .executor
+                        .retire(&id, Retire::Invalid(reason.clone()));
+                }
+                entry.generation
+            }
+            None => 0,
+        };
+        self.report(&id, ScheduleState::Invalid { reason });
+        self.insert(id, generation, State::Invalid);
     }
 
     /// Fires every timer that is due, earliest first.
@@ -244,87 +356,105 @@ impl Engine {
         let Some(entry) = self.tasks.get_mut(key) else {
             return;
         };
-        entry.fire_at = None;
-        let (Some(task), Some(first)) = (entry.task.clone(), entry.next) else {
+        let State::Scheduled {
+            task,
+            next,
+            fire_at,
+            since,
+        } = &mut entry.state
+        else {
             return;
         };
-        let plan = catch_up::plan(&task.schedule, first, now, task.catch_up);
-        // The plan covers every instant up to now.
-        let next = task.schedule.next_after(now);
-        entry.next = next;
-        entry.fire_at = next.map(|t| fire_time(&task, t));
-        if let Some(at) = entry.fire_at {
+        let Some(first) = *next else {
+            return;
+        };
+        let plan = catch_up::plan(&task.schedule, first, now, task.catch_up, |t| {
+            fire_time(task, t) <= now
+        });
+        *next = plan.next;
+        *fire_at = plan.next.map(|t| fire_time(task, t));
+        if let Some(at) = *fire_at {
             self.timers.insert((at, key.clone()));
         }
+        let (task, since, generation) = (task.clone(), *since, entry.generation);
 
-        if *self.leader.borrow() {
+        if *self.parts.leader.borrow() {
             if plan.missed > 0
                 && let Some(latest) = plan.latest_missed
             {
-                let reason = format!(
-                    "catchUp {:?}: instants due while chronflow could not run them",
-                    task.catch_up
-                );
-                self.report(Report::Missed {
-                    task: key.clone(),
+                let about = if plan.missed_exact { "" } else { "about " };
+                self.parts.sink.record(Report::Missed {
+                    task: task.id.clone(),
                     count: plan.missed,
                     latest,
-                    reason,
-                })
-                .await;
+                    reason: format!(
+                        "{about}{} instants due while chronflow could not run them (catchUp {:?})",
+                        plan.missed, task.catch_up
+                    ),
+                });
             }
+            // A catch-up batch runs one after another, whatever the concurrency policy.
+            let sequential = plan.run.len() > 1;
             for scheduled in plan.run {
-                self.start(&task, scheduled).await;
+                self.start(&task, generation, scheduled, sequential).await;
             }
         }
-        self.report(Report::NextRun {
-            task: key.clone(),
-            next,
-        })
-        .await;
+        let state = ScheduleState::Scheduled {
+            schedule: task.schedule.describe(),
+            next: plan.next,
+            since,
+        };
+        self.report(&task.id, state);
     }
 
-    /// Claims one run and hands it to the executor.
-    async fn start(&self, task: &EngineTask, scheduled: DateTime<Utc>) {
-        let run_id = RunId::new(&task.key, scheduled);
-        let missed = |reason: String| Report::Missed {
-            task: task.key.clone(),
-            count: 1,
-            latest: scheduled,
-            reason,
-        };
-        match self.dedup.claim(&run_id).await {
+    /// Claims one run and hands it to the executor (which reports it if it cannot take it).
+    async fn start(
+        &self,
+        task: &EngineTask,
+        generation: i64,
+        scheduled: DateTime<Utc>,
+        sequential: bool,
+    ) {
+        let run_id = RunId::new(&task.id.key, scheduled);
+        match self.parts.dedup.claim(&run_id).await {
             Ok(Claim::Claimed) => {}
             Ok(Claim::Duplicate) => {
-                debug!(%run_id, "already claimed elsewhere; not running it again");
+                debug!(%run_id, "already claimed; not running it again");
                 return;
             }
             Err(error) => {
                 warn!(%run_id, %error, "cannot claim run");
-                self.report(missed(error.to_string())).await;
+                self.parts.sink.record(Report::Missed {
+                    task: task.id.clone(),
+                    count: 1,
+                    latest: scheduled,
+                    reason: error.to_string(),
+                });
                 return;
             }
         }
-        let request = RunRequest {
-            task: task.key.clone(),
-            run_id: run_id.clone(),
+        self.parts.executor.submit(RunRequest {
+            task: task.id.clone(),
+            generation,
+            run_id,
             scheduled,
+            due: fire_time(task, scheduled),
             spec: task.run.clone(),
-        };
-        if let Err(error) = self.executor.submit(request) {
-            warn!(%run_id, %error, "run not queued");
-            self.report(missed(error.to_string())).await;
-        }
+            sequential,
+        });
     }
 
-    async fn report(&self, report: Report) {
-        let _ = self.reports.send(report).await;
+    fn report(&self, task: &TaskId, state: ScheduleState) {
+        self.parts.sink.record(Report::Schedule {
+            task: task.clone(),
+            state,
+        });
     }
 }
 
 /// Whether two versions of a task fire at the same instants.
 fn same_timing(old: &EngineTask, new: &EngineTask) -> bool {
-    old.schedule == new.schedule && old.jitter == new.jitter && old.uid == new.uid
+    old.schedule == new.schedule && old.jitter == new.jitter
 }
 
 /// When the timer of `instant` fires: the instant plus the task's deterministic jitter.
@@ -333,8 +463,11 @@ fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
         Some(max) if !max.is_zero() => {
             // Keyed by `<namespace>/<name>`, as docs/schedule.md promises: every replica and
             // every restart computes the same delay.
-            let offset = jitter::offset(&task.key.to_string(), instant, max);
-            instant + chrono::Duration::from_std(offset).unwrap_or_default()
+            let offset = jitter::offset(&task.id.key.to_string(), instant, max);
+            chrono::Duration::from_std(offset)
+                .ok()
+                .and_then(|offset| instant.checked_add_signed(offset))
+                .unwrap_or(instant)
         }
         _ => instant,
     }

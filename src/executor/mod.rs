@@ -1,22 +1,26 @@
-//! The executor: a bounded run queue (`queue_size`) drained by a bounded worker pool
-//! (`max_workers`). It applies each task's concurrency policy, runs the action with a timeout
-//! per attempt and retries with backoff, and reports every start and finish. Free of `kube`.
+//! The executor: runs waiting for a worker (at most `queue_size`) and a bounded worker pool
+//! (`max_workers`). Each task's concurrency policy is applied when a run is submitted, before
+//! it takes a worker; workers are shared round-robin between tasks, and no task holds more than
+//! half of them, so one slow task cannot starve the rest. Every run it accepts ends in exactly
+//! one report: finished (succeeded, failed, or cancelled with the reason) or missed. Free of
+//! `kube`.
 
 pub mod http;
 pub mod retry;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::clock::Clock;
 use crate::policy::ConcurrencyPolicy;
-use crate::run::{FinishedRun, Outcome, Report, RunId, TaskKey};
+use crate::run::{FinishedRun, Outcome, Report, ReportSink, RunId, TaskId};
 pub use http::{HttpAction, SecretSource};
 pub use retry::RetryPolicy;
 
@@ -33,17 +37,25 @@ pub struct RunSpec {
     pub timeout: Duration,
     pub retry: RetryPolicy,
     pub concurrency: ConcurrencyPolicy,
-    /// A run that cannot start this long after its instant is missed.
+    /// With `Allow`: how many runs of the task may be in flight or waiting at once.
+    pub max_concurrent_runs: u32,
+    /// A run that cannot start this long after it was due is missed.
     pub starting_deadline: Option<Duration>,
 }
 
 /// One scheduled run handed to the executor.
 #[derive(Clone, Debug)]
 pub struct RunRequest {
-    pub task: TaskKey,
+    pub task: TaskId,
+    /// The spec generation the run was scheduled under.
+    pub generation: i64,
     pub run_id: RunId,
     pub scheduled: DateTime<Utc>,
+    /// When it was due to start: `scheduled` plus jitter. The starting deadline counts from here.
+    pub due: DateTime<Utc>,
     pub spec: Arc<RunSpec>,
+    /// Part of a catch-up batch: waits for the task's previous run, whatever the policy.
+    pub sequential: bool,
 }
 
 /// Sizes of the executor's bounds.
@@ -55,37 +67,47 @@ pub struct ExecutorConfig {
     pub log_success: bool,
 }
 
-/// Why a run was not accepted.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
-    #[error("run queue is full ({0} runs waiting)")]
-    QueueFull(usize),
-    #[error("executor is shutting down")]
-    Closed,
+/// Why a task's runs are withdrawn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Retire {
+    /// The task was deleted (or replaced by a new object of the same name): waiting runs are
+    /// dropped, runs in flight cancelled.
+    Deleted,
+    /// Paused: waiting runs are dropped; runs in flight finish.
+    Paused,
+    /// The spec became invalid: waiting runs are dropped, runs in flight cancelled.
+    Invalid(String),
+    /// The spec changed: runs waiting under the old spec are dropped; runs in flight finish.
+    Edited,
 }
 
-/// Runs in flight, per task: what concurrency policies look at and what deletion cancels.
-type ActiveRuns = Arc<Mutex<HashMap<TaskKey, Vec<ActiveRun>>>>;
-
-struct ActiveRun {
-    run_id: RunId,
-    cancel: Cancel,
-}
-
-/// Why a run in flight was stopped.
+/// Why a run in flight was stopped; it is reported as failed with this in its message.
 #[derive(Clone, Debug)]
 enum CancelReason {
-    /// concurrencyPolicy Replace: a newer run of the task started; this one counts as failed.
     Replaced(RunId),
-    /// The task was deleted: nothing is reported.
-    TaskDeleted,
+    Deleted,
+    Invalid(String),
+    Shutdown,
+}
+
+impl std::fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CancelReason::Replaced(by) => write!(f, "cancelled: replaced by {by}"),
+            CancelReason::Deleted => f.write_str("cancelled: the task was deleted"),
+            CancelReason::Invalid(why) => write!(f, "cancelled: the spec became invalid: {why}"),
+            CancelReason::Shutdown => f.write_str(
+                "cancelled: chronflow shut down and the run outlasted the shutdown grace period",
+            ),
+        }
+    }
 }
 
 /// Cancels a run in flight, remembering why.
 #[derive(Clone, Default)]
 struct Cancel {
     token: CancellationToken,
-    reason: Arc<std::sync::OnceLock<CancelReason>>,
+    reason: Arc<OnceLock<CancelReason>>,
 }
 
 impl Cancel {
@@ -93,102 +115,344 @@ impl Cancel {
         let _ = self.reason.set(reason);
         self.token.cancel();
     }
-
-    fn reason(&self) -> Option<&CancelReason> {
-        self.reason.get()
-    }
 }
 
 /// Handle for submitting runs; cheap to clone.
 #[derive(Clone)]
 pub struct Executor {
-    queue: mpsc::Sender<RunRequest>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the dispatcher: a run was queued or a run finished.
+    changed: Notify,
     queue_size: usize,
-    active: ActiveRuns,
+    /// The most runs one task may have in flight: half the workers, at least one.
+    per_task_workers: usize,
+    sink: Arc<dyn ReportSink>,
+    clock: Clock,
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<TaskId, TaskRuns>,
+    /// Tasks with waiting runs, in turn order.
+    turns: VecDeque<TaskId>,
+    /// Runs waiting, over all tasks.
+    waiting: usize,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct TaskRuns {
+    waiting: VecDeque<RunRequest>,
+    active: Vec<(RunId, Cancel)>,
+    has_turn: bool,
+}
+
+impl TaskRuns {
+    fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.active.is_empty()
+    }
 }
 
 /// The executor's worker side; drive it with [`ExecutorTask::run`].
 pub struct ExecutorTask {
-    queue: mpsc::Receiver<RunRequest>,
+    shared: Arc<Shared>,
     workers: Arc<Semaphore>,
-    active: ActiveRuns,
     context: Arc<WorkerContext>,
 }
 
 struct WorkerContext {
-    reports: mpsc::Sender<Report>,
     http: reqwest::Client,
     secrets: Arc<dyn SecretSource>,
     log_success: bool,
+    sink: Arc<dyn ReportSink>,
+    clock: Clock,
+}
+
+fn missed(run: &RunRequest, reason: String) -> Report {
+    Report::Missed {
+        task: run.task.clone(),
+        count: 1,
+        latest: run.scheduled,
+        reason,
+    }
 }
 
 impl Executor {
     pub fn new(
         config: ExecutorConfig,
-        reports: mpsc::Sender<Report>,
+        sink: Arc<dyn ReportSink>,
+        clock: Clock,
         http: reqwest::Client,
         secrets: Arc<dyn SecretSource>,
     ) -> (Executor, ExecutorTask) {
-        let (queue_tx, queue_rx) = mpsc::channel(config.queue_size.max(1));
-        let active = ActiveRuns::default();
-        let executor = Executor {
-            queue: queue_tx,
-            queue_size: config.queue_size,
-            active: active.clone(),
-        };
+        let max_workers = config.max_workers.max(1);
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            changed: Notify::new(),
+            queue_size: config.queue_size.max(1),
+            per_task_workers: (max_workers / 2).max(1),
+            sink: sink.clone(),
+            clock,
+        });
         let task = ExecutorTask {
-            queue: queue_rx,
-            workers: Arc::new(Semaphore::new(config.max_workers.max(1))),
-            active,
+            shared: shared.clone(),
+            workers: Arc::new(Semaphore::new(max_workers)),
             context: Arc::new(WorkerContext {
-                reports,
                 http,
                 secrets,
                 log_success: config.log_success,
+                sink,
+                clock,
             }),
         };
-        (executor, task)
+        (Executor { shared }, task)
     }
 
-    /// Queues a run without waiting: a full queue is back-pressure the caller must count.
-    pub fn submit(&self, run: RunRequest) -> Result<(), SubmitError> {
-        self.queue.try_send(run).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(self.queue_size),
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
-        })
-    }
-
-    /// Cancels the runs in flight of a task that was deleted; they report nothing.
-    pub fn cancel_task(&self, task: &TaskKey) {
-        let runs = lock(&self.active).remove(task).unwrap_or_default();
-        for run in runs {
-            debug!(run_id = %run.run_id, "cancelling run of deleted task");
-            run.cancel.cancel(CancelReason::TaskDeleted);
+    /// Takes a run without waiting. The task's concurrency policy is applied here, before the
+    /// run takes a worker; a run that cannot be taken is reported as missed, with the reason.
+    pub fn submit(&self, run: RunRequest) {
+        let mut reports = Vec::new();
+        {
+            let mut state = self.shared.lock();
+            if let Err(reason) = self.shared.admit(&mut state, &run, &mut reports) {
+                warn!(run_id = %run.run_id, %reason, "run missed");
+                reports.push(missed(&run, reason));
+            } else {
+                let id = run.task.clone();
+                state.waiting += 1;
+                let runs = state.tasks.entry(id.clone()).or_default();
+                runs.waiting.push_back(run);
+                if !std::mem::replace(&mut runs.has_turn, true) {
+                    state.turns.push_back(id);
+                }
+                self.shared.changed.notify_one();
+            }
         }
+        self.shared.publish(reports);
+    }
+
+    /// Withdraws a task's runs (see [`Retire`]); each one ends in a report.
+    pub fn retire(&self, task: &TaskId, why: Retire) {
+        let mut reports = Vec::new();
+        {
+            let mut state = self.shared.lock();
+            let Some(runs) = state.tasks.get_mut(task) else {
+                return;
+            };
+            let dropped: Vec<RunRequest> = runs.waiting.drain(..).collect();
+            let cancel = match &why {
+                Retire::Deleted => Some(CancelReason::Deleted),
+                Retire::Invalid(reason) => Some(CancelReason::Invalid(reason.clone())),
+                Retire::Paused | Retire::Edited => None,
+            };
+            if let Some(reason) = cancel {
+                for (run_id, handle) in &runs.active {
+                    debug!(%run_id, %reason, "cancelling run in flight");
+                    handle.cancel(reason.clone());
+                }
+            }
+            if runs.is_idle() {
+                state.tasks.remove(task);
+            }
+            state.waiting -= dropped.len();
+            let reason = match &why {
+                Retire::Deleted => "the task was deleted before the run started".to_string(),
+                Retire::Paused => "the task was paused before the run started".to_string(),
+                Retire::Invalid(why) => {
+                    format!("the spec became invalid before the run started: {why}")
+                }
+                Retire::Edited => "the spec changed before the run started".to_string(),
+            };
+            reports.extend(dropped.iter().map(|run| missed(run, reason.clone())));
+        }
+        self.shared.publish(reports);
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reports outside the lock: the sink has a lock of its own.
+    fn publish(&self, reports: Vec<Report>) {
+        for report in reports {
+            self.sink.record(report);
+        }
+    }
+
+    /// The most runs of this task that may be in flight or waiting at once.
+    fn task_limit(&self, spec: &RunSpec) -> usize {
+        match spec.concurrency {
+            ConcurrencyPolicy::Allow => {
+                (spec.max_concurrent_runs.max(1) as usize).min(self.per_task_workers)
+            }
+            ConcurrencyPolicy::Forbid | ConcurrencyPolicy::Replace => 1,
+        }
+    }
+
+    /// Applies the queue bound and the concurrency policy; `Err` is why the run is missed.
+    fn admit(
+        &self,
+        state: &mut State,
+        run: &RunRequest,
+        reports: &mut Vec<Report>,
+    ) -> Result<(), String> {
+        if state.closed {
+            return Err("chronflow is shutting down".into());
+        }
+        if state.waiting >= self.queue_size {
+            return Err(format!(
+                "the run queue is full ({} runs waiting for a worker)",
+                state.waiting
+            ));
+        }
+        let runs = state.tasks.entry(run.task.clone()).or_default();
+        if run.sequential {
+            return Ok(());
+        }
+        let busy = runs.active.len() + runs.waiting.len();
+        match run.spec.concurrency {
+            ConcurrencyPolicy::Forbid if busy > 0 => {
+                let previous = runs
+                    .active
+                    .first()
+                    .map(|(id, _)| id)
+                    .or(runs.waiting.front().map(|r| &r.run_id));
+                let previous = previous.map(ToString::to_string).unwrap_or_default();
+                Err(format!(
+                    "previous run {previous} still active (concurrencyPolicy Forbid)"
+                ))
+            }
+            ConcurrencyPolicy::Replace => {
+                for (old, handle) in &runs.active {
+                    info!(replaced = %old, by = %run.run_id, "replacing run still in flight");
+                    handle.cancel(CancelReason::Replaced(run.run_id.clone()));
+                }
+                let dropped: Vec<RunRequest> = runs.waiting.drain(..).collect();
+                state.waiting -= dropped.len();
+                let reason = format!("replaced by {} before it started", run.run_id);
+                reports.extend(dropped.iter().map(|old| missed(old, reason.clone())));
+                Ok(())
+            }
+            ConcurrencyPolicy::Allow if busy >= self.task_limit(&run.spec) => Err(format!(
+                "{busy} runs of the task already in flight or waiting (the most allowed: {})",
+                self.task_limit(&run.spec)
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next run to start, taking tasks in turn: the task's starting deadline is checked
+    /// and its policy allows a start (a catch-up run waits for the previous one; `Forbid` and
+    /// `Replace` wait for a cancelled run to leave).
+    fn next_run(&self, reports: &mut Vec<Report>) -> Option<(RunRequest, Cancel)> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let state = &mut *state;
+        for _ in 0..state.turns.len() {
+            let id = state.turns.pop_front()?;
+            let Some(runs) = state.tasks.get_mut(&id) else {
+                continue;
+            };
+            while let Some(run) = runs.waiting.front() {
+                let late = (now - run.due).to_std().unwrap_or_default();
+                match run.spec.starting_deadline {
+                    Some(deadline) if late > deadline => {
+                        let reason = format!(
+                            "could not start within the starting deadline ({late:.1?} late)"
+                        );
+                        reports.push(missed(run, reason));
+                        runs.waiting.pop_front();
+                        state.waiting -= 1;
+                    }
+                    _ => break,
+                }
+            }
+            let Some(run) = runs.waiting.front() else {
+                runs.has_turn = false;
+                if runs.is_idle() {
+                    state.tasks.remove(&id);
+                }
+                continue;
+            };
+            let limit = if run.sequential {
+                1
+            } else {
+                self.task_limit(&run.spec)
+            };
+            if runs.active.len() >= limit {
+                state.turns.push_back(id);
+                continue;
+            }
+            let run = runs.waiting.pop_front()?;
+            state.waiting -= 1;
+            let cancel = Cancel::default();
+            runs.active.push((run.run_id.clone(), cancel.clone()));
+            if runs.waiting.is_empty() {
+                runs.has_turn = false;
+            } else {
+                state.turns.push_back(id);
+            }
+            return Some((run, cancel));
+        }
+        None
+    }
+
+    /// A run left the worker pool.
+    fn finished(&self, task: &TaskId, run_id: &RunId) {
+        {
+            let mut state = self.lock();
+            if let Some(runs) = state.tasks.get_mut(task) {
+                runs.active.retain(|(id, _)| id != run_id);
+                if runs.is_idle() {
+                    state.tasks.remove(task);
+                }
+            }
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// Ends a run's stay in the pool however its worker ends, even by a panic: the task's runs in
+/// flight must not keep a finished run (a `Forbid` task would miss every later run), and a run
+/// whose worker panicked is reported as failed.
+struct RunGuard {
+    shared: Arc<Shared>,
+    run: RunRequest,
+    started: DateTime<Utc>,
+    reported: bool,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if !self.reported {
+            error!(run_id = %self.run.run_id, "the run's worker panicked");
+            let finished = self.shared.clock.now();
+            self.shared.sink.record(finished_report(
+                &self.run,
+                self.started,
+                finished,
+                0,
+                Err("internal error: the run's worker panicked (a chronflow bug)".into()),
+            ));
+        }
+        self.shared.finished(&self.run.task, &self.run.run_id);
+    }
 }
 
 impl ExecutorTask {
-    /// Starts queued runs until `shutdown`, then lets runs in flight finish for up to `grace`
-    /// and cancels the rest.
-    pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
+    /// Starts runs until `shutdown`. Then: runs still waiting are reported missed, runs in
+    /// flight may finish within `grace`, and the rest are cancelled and reported.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let mut workers = JoinSet::new();
-        loop {
-            let run = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                Some(Ok(())) = workers.join_next(), if !workers.is_empty() => continue,
-                run = self.queue.recv() => match run {
-                    Some(run) => run,
-                    None => break,
-                },
-            };
-            // FIFO: a run waits here for a free worker, so the oldest due run starts first.
+        'dispatch: loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 permit = self.workers.clone().acquire_owned() => match permit {
@@ -196,114 +460,131 @@ impl ExecutorTask {
                     Err(_) => break,
                 },
             };
-            if let Some(cancel) = self.admit(&run).await {
-                let context = self.context.clone();
-                let active = self.active.clone();
-                let span = info_span!("run", run_id = %run.run_id);
-                workers.spawn(
-                    async move {
-                        execute(&context, &run, &cancel).await;
-                        finish(&active, &run);
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
-            }
+            let (run, cancel) = loop {
+                reap(&mut workers);
+                let mut reports = Vec::new();
+                let next = self.shared.next_run(&mut reports);
+                self.shared.publish(reports);
+                if let Some(next) = next {
+                    break next;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'dispatch,
+                    _ = self.shared.changed.notified() => {}
+                }
+            };
+            let context = self.context.clone();
+            let guard = RunGuard {
+                shared: self.shared.clone(),
+                started: context.clock.now(),
+                run,
+                reported: false,
+            };
+            let span = info_span!("run", run_id = %guard.run.run_id);
+            workers.spawn(
+                async move {
+                    let mut guard = guard;
+                    execute(&context, &mut guard, &cancel).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
         }
-        self.queue.close();
-        if tokio::time::timeout(grace, async {
+        self.stop(workers, grace).await;
+    }
+
+    async fn stop(&self, mut workers: JoinSet<()>, grace: Duration) {
+        let dropped: Vec<RunRequest> = {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            state.waiting = 0;
+            state.turns.clear();
+            let dropped = state
+                .tasks
+                .values_mut()
+                .flat_map(|runs| runs.waiting.drain(..))
+                .collect();
+            state.tasks.retain(|_, runs| !runs.is_idle());
+            dropped
+        };
+        let reason = "chronflow shut down before the run started";
+        self.shared.publish(
+            dropped
+                .iter()
+                .map(|run| missed(run, reason.to_string()))
+                .collect(),
+        );
+        let drained = tokio::time::timeout(grace, async {
             while workers.join_next().await.is_some() {}
         })
-        .await
-        .is_err()
-        {
+        .await;
+        if drained.is_err() {
             warn!(
                 runs = workers.len(),
                 "runs still in flight after the shutdown grace period; cancelling them"
             );
-            workers.shutdown().await;
-        }
-    }
-
-    /// Applies the starting deadline and the task's concurrency policy; returns the run's
-    /// cancel handle when it may start. Decided under one lock, so two runs of a task can
-    /// never both see "nothing active".
-    async fn admit(&self, run: &RunRequest) -> Option<Cancel> {
-        if let Some(deadline) = run.spec.starting_deadline {
-            let late = (Utc::now() - run.scheduled).to_std().unwrap_or_default();
-            if late > deadline {
-                let reason =
-                    format!("could not start within the starting deadline ({late:.1?} late)");
-                self.missed(run, reason).await;
-                return None;
-            }
-        }
-        let forbidden_by = {
-            let mut active = lock(&self.active);
-            let in_flight = active.entry(run.task.clone()).or_default();
-            match run.spec.concurrency {
-                ConcurrencyPolicy::Forbid if !in_flight.is_empty() => {
-                    Some(in_flight[0].run_id.clone())
-                }
-                policy => {
-                    if policy == ConcurrencyPolicy::Replace {
-                        for old in in_flight.drain(..) {
-                            info!(replaced = %old.run_id, by = %run.run_id, "replacing run still in flight");
-                            old.cancel
-                                .cancel(CancelReason::Replaced(run.run_id.clone()));
-                        }
-                    }
-                    let cancel = Cancel::default();
-                    in_flight.push(ActiveRun {
-                        run_id: run.run_id.clone(),
-                        cancel: cancel.clone(),
-                    });
-                    return Some(cancel);
+            for runs in self.shared.lock().tasks.values() {
+                for (_, cancel) in &runs.active {
+                    cancel.cancel(CancelReason::Shutdown);
                 }
             }
-        };
-        if let Some(previous) = forbidden_by {
-            let reason = format!("previous run {previous} still active (concurrencyPolicy Forbid)");
-            self.missed(run, reason).await;
+            // Cancelled runs report and return at once; the bound only guards against a bug.
+            let reported = tokio::time::timeout(Duration::from_secs(2), async {
+                while workers.join_next().await.is_some() {}
+            })
+            .await;
+            if reported.is_err() {
+                workers.shutdown().await;
+            }
         }
-        None
-    }
-
-    async fn missed(&self, run: &RunRequest, reason: String) {
-        warn!(run_id = %run.run_id, %reason, "run missed");
-        let report = Report::Missed {
-            task: run.task.clone(),
-            count: 1,
-            latest: run.scheduled,
-            reason,
-        };
-        let _ = self.context.reports.send(report).await;
     }
 }
 
-/// Removes a finished run from the active set (unless a Replace or a deletion already did).
-fn finish(active: &ActiveRuns, run: &RunRequest) {
-    let mut active = lock(active);
-    if let Some(runs) = active.get_mut(&run.task) {
-        runs.retain(|r| r.run_id != run.run_id);
-        if runs.is_empty() {
-            active.remove(&run.task);
+/// Collects finished workers; a panic was already reported by its [`RunGuard`].
+fn reap(workers: &mut JoinSet<()>) {
+    while let Some(ended) = workers.try_join_next() {
+        if let Err(error) = ended
+            && error.is_panic()
+        {
+            debug!(%error, "a run's worker panicked");
         }
+    }
+}
+
+fn finished_report(
+    run: &RunRequest,
+    started: DateTime<Utc>,
+    finished: DateTime<Utc>,
+    attempts: u32,
+    result: Result<String, String>,
+) -> Report {
+    let (outcome, message) = match result {
+        Ok(message) => (Outcome::Succeeded, message),
+        Err(message) => (Outcome::Failed, message),
+    };
+    Report::Finished {
+        task: run.task.clone(),
+        run: FinishedRun {
+            run_id: run.run_id.clone(),
+            scheduled: run.scheduled,
+            started,
+            finished,
+            outcome,
+            attempts,
+            message: Some(message),
+        },
     }
 }
 
 /// Runs all attempts of one run and reports its start and finish.
-async fn execute(context: &WorkerContext, run: &RunRequest, cancel: &Cancel) {
-    let started = Utc::now();
-    let _ = context
-        .reports
-        .send(Report::Started {
-            task: run.task.clone(),
-            run_id: run.run_id.clone(),
-            scheduled: run.scheduled,
-            started,
-        })
-        .await;
+async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel) {
+    let run = &guard.run;
+    context.sink.record(Report::Started {
+        task: run.task.clone(),
+        run_id: run.run_id.clone(),
+        scheduled: run.scheduled,
+        started: guard.started,
+    });
     let spec = &run.spec;
     let mut attempts = 0;
     let result = loop {
@@ -327,37 +608,24 @@ async fn execute(context: &WorkerContext, run: &RunRequest, cancel: &Cancel) {
             }
         }
     };
-    let result = match cancel.reason() {
+    let result = match cancel.reason.get() {
+        Some(reason) => Err(reason.to_string()),
         None => result,
-        Some(CancelReason::TaskDeleted) => return,
-        Some(CancelReason::Replaced(by)) => Err(format!("cancelled: replaced by {by}")),
     };
-    let finished = Utc::now();
-    let (outcome, message) = match result {
-        Ok(message) => {
-            if context.log_success {
-                info!(attempts, %message, "run succeeded");
-            }
-            (Outcome::Succeeded, message)
-        }
-        Err(message) => {
-            warn!(attempts, %message, "run failed");
-            (Outcome::Failed, message)
-        }
-    };
-    let report = Report::Finished {
-        task: run.task.clone(),
-        run: FinishedRun {
-            run_id: run.run_id.clone(),
-            scheduled: run.scheduled,
-            started,
-            finished,
-            outcome,
-            attempts,
-            message: Some(message),
-        },
-    };
-    let _ = context.reports.send(report).await;
+    match &result {
+        Ok(message) if context.log_success => info!(attempts, %message, "run succeeded"),
+        Ok(_) => {}
+        Err(message) => warn!(attempts, %message, "run failed"),
+    }
+    let finished = context.clock.now();
+    context.sink.record(finished_report(
+        run,
+        guard.started,
+        finished,
+        attempts,
+        result,
+    ));
+    guard.reported = true;
 }
 
 async fn attempt_once(
@@ -368,7 +636,7 @@ async fn attempt_once(
     match &run.spec.action {
         Action::Http(action) => {
             let attempt = http::Attempt {
-                namespace: &run.task.namespace,
+                namespace: &run.task.key.namespace,
                 run_id: &run.run_id,
                 scheduled: run.scheduled,
                 number,

@@ -169,6 +169,14 @@ impl Schedule {
         }
     }
 
+    /// The instant of a one-shot (`at`) schedule.
+    pub fn one_shot(&self) -> Option<DateTime<Utc>> {
+        match self.kind {
+            Kind::At(instant) => Some(instant),
+            _ => None,
+        }
+    }
+
     /// A short description for status and `kubectl get`: `*/5 * * * * * (Asia/Shanghai)`,
     /// `every 30s`, `at 2026-12-01T01:00:00Z`.
     pub fn describe(&self) -> String {

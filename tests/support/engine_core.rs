@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chronflow::clock::Clock;
 use chronflow::dedup::MemoryDedup;
-use chronflow::engine::{Engine, EngineHandle};
+use chronflow::engine::{Engine, EngineHandle, EngineParts};
 use chronflow::executor::http::{Redacted, SecretSource};
 use chronflow::executor::{Executor, ExecutorConfig};
 use chronflow::run::Report;
@@ -30,7 +31,7 @@ impl SecretSource for NoSecrets {
 /// A running core; dropping it stops the engine and the executor.
 pub struct Core {
     pub engine: EngineHandle,
-    pub reports: mpsc::Receiver<Report>,
+    pub reports: mpsc::UnboundedReceiver<Report>,
     shutdown: CancellationToken,
 }
 
@@ -44,7 +45,8 @@ impl Core {
     /// Starts a core that always leads, with the given worker and queue bounds.
     pub fn start(max_workers: usize, queue_size: usize) -> Core {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (reports_tx, reports) = mpsc::channel(100_000);
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let sink = Arc::new(reports_tx);
         let config = ExecutorConfig {
             max_workers,
             queue_size,
@@ -52,13 +54,19 @@ impl Core {
         };
         let (executor, executor_task) = Executor::new(
             config,
-            reports_tx.clone(),
+            sink.clone(),
+            Clock::System,
             reqwest::Client::new(),
             Arc::new(NoSecrets),
         );
         let (_leader_tx, leader) = watch::channel(true); // the receiver keeps the last value
-        let dedup = Arc::new(MemoryDedup::new(Duration::from_secs(3600)));
-        let (engine, handle) = Engine::new(executor, dedup, leader, reports_tx);
+        let (engine, handle) = Engine::new(EngineParts {
+            executor,
+            dedup: Arc::new(MemoryDedup::new(Duration::from_secs(3600))),
+            leader,
+            sink,
+            clock: Clock::System,
+        });
         let shutdown = CancellationToken::new();
         tokio::spawn(engine.run(shutdown.clone()));
         tokio::spawn(executor_task.run(shutdown.clone(), Duration::from_secs(1)));

@@ -1,0 +1,620 @@
+//! The status index: every task's status in memory, updated synchronously by what the
+//! controller observes and what the engine and executor report. Pure: no I/O, so recording a
+//! report never waits and the firing path never stalls on the apiserver. The writer
+//! ([`super::writer`]) takes snapshots of changed tasks under its budget; Events leave through a
+//! bounded queue, rate-limited per task and reason.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::ObjectReference;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::conditions::{self, PhaseInputs, SpecState};
+use super::events::{EventRequest, Severity, reasons};
+use crate::clock::Clock;
+use crate::crd::{ActiveRun, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord};
+use crate::run::{Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
+
+/// At most one Event per task and reason in this window; the ones in between are counted and
+/// summed up in the next.
+pub const EVENT_WINDOW: Duration = Duration::from_secs(60);
+
+/// What reconcile saw of a task.
+#[derive(Debug)]
+pub struct Observed {
+    pub task: TaskId,
+    pub reference: ObjectReference,
+    pub generation: Option<i64>,
+    /// The status stored in the cluster: the first time, it seeds the counters, so they survive
+    /// an operator restart.
+    pub status: Option<ChronTaskStatus>,
+    pub history: HistorySpec,
+}
+
+/// Phase, Ready, reason and message: a change of any is written before counters (urgent).
+type PhaseKey = (Phase, bool, &'static str, Option<String>);
+
+struct TaskState {
+    uid: String,
+    reference: ObjectReference,
+    generation: Option<i64>,
+    history: HistorySpec,
+    /// The engine's latest fact; `None` until it reports.
+    schedule: Option<ScheduleState>,
+    /// The phase and message stored in the cluster when first seen, so that state Events
+    /// (Paused, InvalidSpec) are not sent again after an operator restart.
+    stored_phase: Option<(Phase, Option<String>)>,
+    active: BTreeMap<RunId, ActiveRun>,
+    /// Counters, history and conditions (as last rendered, so lastTransitionTime only moves on
+    /// change).
+    status: ChronTaskStatus,
+    write: WriteState,
+    events: HashMap<&'static str, EventWindow>,
+}
+
+#[derive(Default)]
+struct WriteState {
+    dirty: bool,
+    in_flight: bool,
+    last_write: Option<Instant>,
+    written_phase: Option<PhaseKey>,
+    sending_phase: Option<PhaseKey>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct EventWindow {
+    last_sent: Option<Instant>,
+    suppressed: u32,
+    pending: Option<(Severity, String)>,
+}
+
+/// One status to write.
+pub struct Snapshot {
+    pub task: TaskId,
+    pub status: ChronTaskStatus,
+}
+
+/// How a status write ended.
+#[derive(Debug)]
+pub enum WriteResult {
+    Written,
+    /// The object is gone.
+    Gone,
+    /// The apiserver refused the status (422): not retried until it changes.
+    Rejected(String),
+    /// Retried with backoff.
+    Failed(String),
+}
+
+/// Counts of things the index dropped, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Reports about a task (or an incarnation of it) the index does not know.
+    pub stale_reports: u64,
+    /// Events not queued because the Event queue was full.
+    pub events: u64,
+}
+
+/// The index; share it as a [`StatusIndex`].
+pub struct Index {
+    tasks: HashMap<TaskKey, TaskState>,
+    events: mpsc::Sender<EventRequest>,
+    clock: Clock,
+    dropped: Dropped,
+}
+
+/// The index behind a lock: the controller, engine and executor record into it; the writer
+/// takes snapshots. Never held across an await.
+#[derive(Clone)]
+pub struct StatusIndex(Arc<Mutex<Index>>);
+
+impl StatusIndex {
+    pub fn new(events: mpsc::Sender<EventRequest>, clock: Clock) -> Self {
+        Self(Arc::new(Mutex::new(Index {
+            tasks: HashMap::new(),
+            events,
+            clock,
+            dropped: Dropped::default(),
+        })))
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn observe(&self, observed: Observed) {
+        self.lock().observe(observed);
+    }
+
+    /// The task was deleted.
+    pub fn forget(&self, task: &TaskId) {
+        let mut index = self.lock();
+        if index
+            .tasks
+            .get(&task.key)
+            .is_some_and(|s| s.uid == task.uid)
+        {
+            index.tasks.remove(&task.key);
+        }
+    }
+
+    /// After a re-list: every task of `namespace` (all: `None`) not in `keep` is gone.
+    pub fn retain(&self, namespace: Option<&str>, keep: &HashSet<TaskKey>) {
+        self.lock()
+            .tasks
+            .retain(|key, _| !key.is_in(namespace) || keep.contains(key));
+    }
+}
+
+impl ReportSink for StatusIndex {
+    fn record(&self, report: Report) {
+        self.lock().record(report);
+    }
+}
+
+impl Index {
+    fn observe(&mut self, observed: Observed) {
+        let Observed {
+            task,
+            reference,
+            generation,
+            status,
+            history,
+        } = observed;
+        let fresh = |status: Option<ChronTaskStatus>| {
+            let status = status.unwrap_or_default();
+            TaskState {
+                uid: task.uid.clone(),
+                reference: reference.clone(),
+                generation,
+                history,
+                schedule: None,
+                stored_phase: status.phase.map(|p| (p, status.message.clone())),
+                active: BTreeMap::new(),
+                // Runs in flight and derived fields are recomputed; counters and history stay.
+                status: ChronTaskStatus {
+                    active: Vec::new(),
+                    ..status
+                },
+                write: WriteState {
+                    dirty: true,
+                    ..WriteState::default()
+                },
+                events: HashMap::new(),
+            }
+        };
+        match self.tasks.get_mut(&task.key) {
+            Some(state) if state.uid == task.uid => {
+                state.reference = reference;
+                state.generation = generation;
+                state.history = history;
+                state.write.dirty = true;
+            }
+            // New, or deleted and re-created under the same name while we looked away.
+            Some(_) => {
+                self.tasks.insert(task.key.clone(), fresh(None));
+            }
+            None => {
+                self.tasks.insert(task.key.clone(), fresh(status));
+            }
+        }
+    }
+
+    fn record(&mut self, report: Report) {
+        let id = report.task().clone();
+        let now = Instant::now();
+        let Some(state) = self
+            .tasks
+            .get_mut(&id.key)
+            .filter(|state| state.uid == id.uid)
+        else {
+            debug!(task = %id, "report about a task no longer known");
+            self.dropped.stale_reports += 1;
+            return;
+        };
+        state.write.dirty = true;
+        let mut events: Vec<(&'static str, Severity, String)> = Vec::new();
+        let status = &mut state.status;
+        match report {
+            Report::Schedule { state: fact, .. } => {
+                events.extend(state_event(
+                    state.schedule.as_ref(),
+                    &state.stored_phase,
+                    &fact,
+                ));
+                state.schedule = Some(fact);
+            }
+            Report::Started {
+                run_id,
+                scheduled,
+                started,
+                ..
+            } => {
+                status.last_schedule_time = status.last_schedule_time.max(Some(scheduled));
+                let active = ActiveRun {
+                    run_id: run_id.to_string(),
+                    scheduled_time: scheduled,
+                    start_time: Some(started),
+                    job_name: None,
+                };
+                state.active.insert(run_id, active);
+            }
+            Report::Finished { run, .. } => {
+                state.active.remove(&run.run_id);
+                status.last_schedule_time = status.last_schedule_time.max(Some(run.scheduled));
+                status.total_runs += 1;
+                let outcome = match run.outcome {
+                    Outcome::Succeeded => {
+                        status.successful_runs += 1;
+                        status.last_successful_time = Some(run.finished);
+                        RunOutcome::Succeeded
+                    }
+                    Outcome::Failed => {
+                        status.failed_runs += 1;
+                        status.last_failure_time = Some(run.finished);
+                        RunOutcome::Failed
+                    }
+                };
+                let record = RunRecord {
+                    run_id: run.run_id.to_string(),
+                    scheduled_time: run.scheduled,
+                    start_time: Some(run.started),
+                    finish_time: Some(run.finished),
+                    duration: Some(format_seconds(run.finished - run.started)),
+                    outcome,
+                    attempts: run.attempts,
+                    message: run.message.clone(),
+                };
+                status.last_run = Some(record.clone());
+                conditions::push_recent(&mut status.recent_runs, record, &state.history);
+                if outcome == RunOutcome::Failed {
+                    let message = run.message.unwrap_or_default();
+                    let note = format!(
+                        "run {} failed after {} attempt(s): {message}",
+                        run.run_id, run.attempts
+                    );
+                    events.push((reasons::RUN_FAILED, Severity::Warning, note));
+                }
+            }
+            Report::Missed {
+                count,
+                latest,
+                reason,
+                ..
+            } => {
+                status.missed_runs += count;
+                status.last_schedule_time = status.last_schedule_time.max(Some(latest));
+                let run_id = RunId::new(&id.key, latest).to_string();
+                let message = if count == 1 {
+                    reason
+                } else {
+                    format!("{count} instants missed: {reason}")
+                };
+                let record = RunRecord {
+                    run_id: run_id.clone(),
+                    scheduled_time: latest,
+                    start_time: None,
+                    finish_time: None,
+                    duration: None,
+                    outcome: RunOutcome::Missed,
+                    attempts: 0,
+                    message: Some(message.clone()),
+                };
+                conditions::push_recent(&mut status.recent_runs, record, &state.history);
+                let note = format!("{run_id}: {message}");
+                events.push((reasons::RUN_MISSED, Severity::Warning, note));
+            }
+        }
+        for (reason, severity, note) in events {
+            self.emit(&id.key, reason, severity, note, now);
+        }
+    }
+
+    /// Queues an Event, at most one per task and reason per [`EVENT_WINDOW`]; state Events
+    /// (Paused, Resumed, InvalidSpec) only happen on a change, so they pass unthrottled.
+    fn emit(
+        &mut self,
+        key: &TaskKey,
+        reason: &'static str,
+        severity: Severity,
+        note: String,
+        now: Instant,
+    ) {
+        let Some(state) = self.tasks.get_mut(key) else {
+            return;
+        };
+        let throttled = matches!(reason, reasons::RUN_FAILED | reasons::RUN_MISSED);
+        let window = state.events.entry(reason).or_default();
+        if throttled && window.last_sent.is_some_and(|at| now - at < EVENT_WINDOW) {
+            window.suppressed += 1;
+            window.pending = Some((severity, note));
+            return;
+        }
+        let note = with_suppressed(note, reason, window.suppressed);
+        window.last_sent = Some(now);
+        window.suppressed = 0;
+        window.pending = None;
+        let request = EventRequest {
+            reference: state.reference.clone(),
+            severity,
+            reason,
+            note,
+        };
+        if self.events.try_send(request).is_err() {
+            self.dropped.events += 1;
+        }
+    }
+
+    /// Sends the Events held back by the rate limit whose window has passed.
+    pub fn release_events(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (key, state) in &self.tasks {
+            for (reason, window) in &state.events {
+                if window.pending.is_some()
+                    && window.last_sent.is_none_or(|at| now - at >= EVENT_WINDOW)
+                {
+                    due.push((key.clone(), *reason));
+                }
+            }
+        }
+        for (key, reason) in due {
+            let pending = self
+                .tasks
+                .get_mut(&key)
+                .and_then(|s| s.events.get_mut(reason))
+                .and_then(|w| {
+                    w.suppressed = w.suppressed.saturating_sub(1);
+                    w.pending.take()
+                });
+            if let Some((severity, note)) = pending {
+                self.emit(&key, reason, severity, note, now);
+            }
+        }
+    }
+
+    /// Up to `limit` statuses to write now, urgent ones first (phase or Ready changed), then
+    /// the longest unwritten. A task is written at most once per `min_interval` and never twice
+    /// at once; one whose write failed waits for its backoff.
+    pub fn take(&mut self, limit: usize, min_interval: Duration) -> Vec<Snapshot> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut candidates: Vec<(bool, Option<Instant>, TaskKey)> = self
+            .tasks
+            .iter()
+            .filter(|(_, s)| {
+                let w = &s.write;
+                w.dirty
+                    && !w.in_flight
+                    && w.retry_at.is_none_or(|at| at <= now)
+                    && w.last_write.is_none_or(|at| now - at >= min_interval)
+            })
+            .map(|(key, s)| {
+                let urgent = s.write.written_phase.as_ref() != Some(&phase_key(s));
+                (!urgent, s.write.last_write, key.clone())
+            })
+            .collect();
+        if candidates.len() > limit {
+            candidates.select_nth_unstable(limit - 1);
+            candidates.truncate(limit);
+        }
+        let now_utc = self.clock.now();
+        candidates
+            .into_iter()
+            .filter_map(|(_, _, key)| {
+                let state = self.tasks.get_mut(&key)?;
+                state.write.dirty = false;
+                state.write.in_flight = true;
+                state.write.sending_phase = Some(phase_key(state));
+                Some(Snapshot {
+                    task: TaskId::new(key, state.uid.clone()),
+                    status: render(state, now_utc),
+                })
+            })
+            .collect()
+    }
+
+    /// Records how a write from [`Index::take`] ended. `backoff` is the wait before a failed
+    /// write is retried (doubling per failure up to `max_backoff`).
+    pub fn written(
+        &mut self,
+        task: &TaskId,
+        result: WriteResult,
+        backoff: Duration,
+        max_backoff: Duration,
+    ) {
+        let now = Instant::now();
+        let Some(state) = self.tasks.get_mut(&task.key).filter(|s| s.uid == task.uid) else {
+            return;
+        };
+        let write = &mut state.write;
+        write.in_flight = false;
+        match result {
+            WriteResult::Written => {
+                write.last_write = Some(now);
+                write.written_phase = write.sending_phase.take();
+                write.failures = 0;
+                write.retry_at = None;
+            }
+            WriteResult::Gone => {}
+            WriteResult::Failed(_) => {
+                write.dirty = true;
+                write.failures += 1;
+                let factor = 2u32.saturating_pow(write.failures.saturating_sub(1).min(16));
+                write.retry_at = Some(now + backoff.saturating_mul(factor).min(max_backoff));
+            }
+            WriteResult::Rejected(message) => {
+                warn!(task = %task, %message, "the apiserver rejected the task's status; not retrying until it changes");
+                let note = format!("chronflow cannot write this task's status: {message}");
+                self.emit(
+                    &task.key,
+                    reasons::STATUS_REJECTED,
+                    Severity::Warning,
+                    note,
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Whether any task has a status to write or a write in flight (for the final flush).
+    pub fn pending_writes(&self) -> usize {
+        self.tasks
+            .values()
+            .filter(|s| s.write.dirty || s.write.in_flight)
+            .count()
+    }
+
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
+    }
+
+    /// The status as it would be written now (tests, `/stats`).
+    pub fn status(&mut self, key: &TaskKey) -> Option<ChronTaskStatus> {
+        let now = self.clock.now();
+        self.tasks.get_mut(key).map(|state| render(state, now))
+    }
+}
+
+/// The Event a schedule fact calls for: only on a real change, and not one the stored status
+/// already shows (an operator restart re-reports every task's state).
+fn state_event(
+    previous: Option<&ScheduleState>,
+    stored: &Option<(Phase, Option<String>)>,
+    fact: &ScheduleState,
+) -> Option<(&'static str, Severity, String)> {
+    let was_paused = match previous {
+        Some(state) => matches!(state, ScheduleState::Paused { .. }),
+        None => matches!(stored, Some((Phase::Paused, _))),
+    };
+    match fact {
+        ScheduleState::Paused { reason, .. } => {
+            let message = pause_message(reason);
+            let already = match previous {
+                Some(ScheduleState::Paused { reason: old, .. }) => old == reason,
+                Some(_) => false,
+                None => {
+                    matches!(stored, Some((Phase::Paused, m)) if m.as_deref() == Some(&message))
+                }
+            };
+            (!already).then_some((reasons::PAUSED, Severity::Normal, message))
+        }
+        ScheduleState::Invalid { reason } => {
+            let already = match previous {
+                Some(ScheduleState::Invalid { reason: old }) => old == reason,
+                Some(_) => false,
+                None => matches!(stored, Some((Phase::Invalid, m)) if m.as_deref() == Some(reason)),
+            };
+            (!already).then(|| (reasons::INVALID_SPEC, Severity::Warning, reason.clone()))
+        }
+        ScheduleState::Scheduled { .. } if was_paused => Some((
+            reasons::RESUMED,
+            Severity::Normal,
+            "resumed; the paused period is not replayed".into(),
+        )),
+        ScheduleState::Scheduled { .. } => None,
+    }
+}
+
+fn pause_message(reason: &str) -> String {
+    if reason.is_empty() {
+        "paused".to_string()
+    } else {
+        format!("paused: {reason}")
+    }
+}
+
+fn with_suppressed(note: String, reason: &str, suppressed: u32) -> String {
+    if suppressed == 0 {
+        note
+    } else {
+        format!(
+            "{note} ({suppressed} more {reason} in the last {}s)",
+            EVENT_WINDOW.as_secs()
+        )
+    }
+}
+
+fn spec_state(schedule: Option<&ScheduleState>) -> (SpecState, bool) {
+    match schedule {
+        None => (SpecState::Pending, true),
+        Some(ScheduleState::Scheduled { next, .. }) => {
+            (SpecState::Valid { paused: None }, next.is_some())
+        }
+        Some(ScheduleState::Paused { reason, .. }) => (
+            SpecState::Valid {
+                paused: Some(reason.clone()),
+            },
+            true,
+        ),
+        Some(ScheduleState::Invalid { reason }) => (
+            SpecState::Invalid {
+                reason: reason.clone(),
+            },
+            true,
+        ),
+    }
+}
+
+fn phase_key(state: &TaskState) -> PhaseKey {
+    let (spec, has_next_run) = spec_state(state.schedule.as_ref());
+    conditions::phase(&PhaseInputs {
+        spec: &spec,
+        running: !state.active.is_empty(),
+        has_next_run,
+        last_outcome: state.status.last_run.as_ref().map(|r| r.outcome),
+    })
+}
+
+/// The status to write: what is stored plus what is derived from the task's state.
+fn render(state: &mut TaskState, now: DateTime<Utc>) -> ChronTaskStatus {
+    let (phase, ready, reason, message) = phase_key(state);
+    conditions::set_ready(
+        &mut state.status.conditions,
+        ready,
+        reason,
+        message.as_deref(),
+        state.generation,
+        now,
+    );
+    let mut status = state.status.clone();
+    status.phase = Some(phase);
+    status.message = message;
+    (
+        status.schedule,
+        status.next_run_time,
+        status.schedulable_since,
+    ) = match &state.schedule {
+        Some(ScheduleState::Scheduled {
+            schedule,
+            next,
+            since,
+        }) => (Some(schedule.clone()), *next, Some(*since)),
+        Some(ScheduleState::Paused { schedule, .. }) => (Some(schedule.clone()), None, None),
+        Some(ScheduleState::Invalid { .. }) => (None, None, None),
+        None => (
+            status.schedule,
+            status.next_run_time,
+            status.schedulable_since,
+        ),
+    };
+    status.active = state.active.values().cloned().collect();
+    status.success_rate = conditions::success_rate(status.successful_runs, status.failed_runs);
+    status.observed_generation = state.generation;
+    status
+}
+
+fn format_seconds(duration: chrono::Duration) -> String {
+    format!("{:.3}s", duration.num_milliseconds().max(0) as f64 / 1000.0)
+}

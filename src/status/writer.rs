@@ -1,0 +1,187 @@
+//! The status writer: writes changed tasks from the index to their status subresource with
+//! server-side apply (one field manager, forced), under a global write budget so that many
+//! tasks firing every second cannot flood the apiserver. Urgent changes (phase, Ready) go
+//! first, then the stalest; each task is written at most once per `flush_interval`. Writes run
+//! concurrently with a timeout each and never block whoever records into the index.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::index::{Snapshot, StatusIndex, WriteResult};
+use crate::ChronTask;
+use crate::run::TaskId;
+
+/// Field manager of every status write.
+pub const FIELD_MANAGER: &str = "chronflow";
+
+/// How long one status write may take before it counts as failed and is retried.
+const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Status writes in flight at once.
+const CONCURRENT_PATCHES: usize = 64;
+
+/// How often the writer looks for work (and refills its budget).
+const TICK: Duration = Duration::from_millis(50);
+
+/// The longest wait before retrying a task whose write failed.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The writer's bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterConfig {
+    /// At most one write per task per this interval.
+    pub flush_interval: Duration,
+    /// Status writes per second over all tasks (the budget); bursts up to one second's worth.
+    pub writes_per_second: u32,
+}
+
+/// Drive with [`StatusWriter::run`].
+pub struct StatusWriter {
+    client: Client,
+    index: StatusIndex,
+    leader: watch::Receiver<bool>,
+    config: WriterConfig,
+}
+
+type Write = std::pin::Pin<Box<dyn Future<Output = (TaskId, WriteResult)> + Send>>;
+
+impl StatusWriter {
+    /// `leader` gates writes: a replica that is not leader keeps its index but writes nothing.
+    pub fn new(
+        client: Client,
+        index: StatusIndex,
+        leader: watch::Receiver<bool>,
+        config: WriterConfig,
+    ) -> Self {
+        Self {
+            client,
+            index,
+            leader,
+            config,
+        }
+    }
+
+    /// Writes until `stop`, then makes a final flush of everything still changed, retrying
+    /// failed writes until `final_deadline` has passed since `stop`.
+    pub async fn run(self, stop: CancellationToken, final_deadline: Duration) {
+        let rate = f64::from(self.config.writes_per_second.max(1));
+        let mut tokens = rate;
+        let mut refilled = Instant::now();
+        let mut writes: FuturesUnordered<Write> = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some((task, result)) = writes.next(), if !writes.is_empty() => self.done(&task, result),
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    tokens = (tokens + rate * (now - refilled).as_secs_f64()).min(rate);
+                    refilled = now;
+                    ticks += 1;
+                    if ticks.is_multiple_of(20) {
+                        self.index.lock().release_events();
+                    }
+                    if !*self.leader.borrow() {
+                        continue;
+                    }
+                    let room = CONCURRENT_PATCHES.saturating_sub(writes.len());
+                    let limit = (tokens.floor() as usize).min(room);
+                    let batch = self.index.lock().take(limit, self.config.flush_interval);
+                    tokens -= batch.len() as f64;
+                    writes.extend(batch.into_iter().map(|s| self.write(s)));
+                }
+            }
+        }
+        self.final_flush(writes, final_deadline).await;
+    }
+
+    fn done(&self, task: &TaskId, result: WriteResult) {
+        if let WriteResult::Failed(error) = &result {
+            warn!(%task, %error, "status write failed; retrying");
+        }
+        self.index
+            .lock()
+            .written(task, result, self.config.flush_interval, MAX_BACKOFF);
+    }
+
+    /// Writes everything still changed, with no budget and no per-task interval, retrying
+    /// failures until the deadline: the last runs' outcomes must reach the cluster.
+    async fn final_flush(&self, mut writes: FuturesUnordered<Write>, deadline: Duration) {
+        if !*self.leader.borrow() {
+            return;
+        }
+        let deadline = Instant::now() + deadline;
+        loop {
+            let batch = self.index.lock().take(usize::MAX, Duration::ZERO);
+            writes.extend(batch.into_iter().map(|s| self.write(s)));
+            if writes.is_empty() {
+                if self.index.lock().pending_writes() == 0 {
+                    return;
+                }
+                // Only failed writes are left, waiting for their backoff.
+                if tokio::time::timeout_at(deadline, tokio::time::sleep(TICK))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, writes.next()).await {
+                Ok(Some((task, result))) => self.index.lock().written(&task, result, TICK, TICK),
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        let left = self.index.lock().pending_writes();
+        if left > 0 {
+            warn!(
+                tasks = left,
+                "shutdown: some task statuses could not be written before the deadline"
+            );
+        } else {
+            info!("shutdown: every task status written");
+        }
+    }
+
+    fn write(&self, snapshot: Snapshot) -> Write {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let Snapshot { task, status } = snapshot;
+            let api = Api::<ChronTask>::namespaced(client, &task.key.namespace);
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let patch = json!({
+                "apiVersion": "chronflow.io/v1alpha1",
+                "kind": "ChronTask",
+                "metadata": {"uid": task.uid},
+                "status": status,
+            });
+            let patch = Patch::Apply(&patch);
+            let call = api.patch_status(&task.key.name, &params, &patch);
+            let result = match tokio::time::timeout(PATCH_TIMEOUT, call).await {
+                Ok(Ok(_)) => WriteResult::Written,
+                // Deleted meanwhile (404), or re-created: the uid precondition failed (409).
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => WriteResult::Gone,
+                Ok(Err(kube::Error::Api(e))) if e.code == 422 || e.code == 400 => {
+                    WriteResult::Rejected(e.message)
+                }
+                Ok(Err(error)) => WriteResult::Failed(error.to_string()),
+                Err(_) => {
+                    WriteResult::Failed(format!("no answer within {}s", PATCH_TIMEOUT.as_secs()))
+                }
+            };
+            (task, result)
+        })
+    }
+}
