@@ -618,3 +618,250 @@ fn render(state: &mut TaskState, now: DateTime<Utc>) -> ChronTaskStatus {
 fn format_seconds(duration: chrono::Duration) -> String {
     format!("{:.3}s", duration.num_milliseconds().max(0) as f64 / 1000.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::FinishedRun;
+    use chrono::TimeZone;
+
+    fn t(second: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(second)
+    }
+
+    fn id(name: &str) -> TaskId {
+        TaskId::new(TaskKey::new("ns", name), format!("uid-{name}"))
+    }
+
+    fn index() -> (StatusIndex, mpsc::Receiver<EventRequest>) {
+        let (tx, rx) = mpsc::channel(64);
+        (StatusIndex::new(tx, Clock::tokio_at(t(0))), rx)
+    }
+
+    fn observe(index: &StatusIndex, task: &TaskId, status: Option<ChronTaskStatus>) {
+        index.observe(Observed {
+            task: task.clone(),
+            reference: ObjectReference {
+                name: Some(task.key.name.clone()),
+                namespace: Some(task.key.namespace.clone()),
+                uid: Some(task.uid.clone()),
+                ..Default::default()
+            },
+            generation: Some(1),
+            status,
+            history: HistorySpec::default(),
+        });
+    }
+
+    fn scheduled(next: i64) -> ScheduleState {
+        ScheduleState::Scheduled {
+            schedule: "every 1s".into(),
+            next: Some(t(next)),
+            since: t(0),
+        }
+    }
+
+    fn schedule(index: &StatusIndex, task: &TaskId, state: ScheduleState) {
+        index.record(Report::Schedule {
+            task: task.clone(),
+            state,
+        });
+    }
+
+    fn finished(index: &StatusIndex, task: &TaskId, second: i64, outcome: Outcome) {
+        index.record(Report::Finished {
+            task: task.clone(),
+            run: FinishedRun {
+                run_id: RunId::new(&task.key, t(second)),
+                scheduled: t(second),
+                started: t(second),
+                finished: t(second),
+                outcome,
+                attempts: 1,
+                message: Some("HTTP 503".into()),
+            },
+        });
+    }
+
+    fn events(rx: &mut mpsc::Receiver<EventRequest>) -> Vec<(String, String)> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| (e.reason.to_string(), e.note))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_engines_facts_are_kept_in_order_from_the_first_one() {
+        // The first fact about a new task used to be dropped when it overtook the controller's
+        // update on another channel; now the index is updated in the order things happen.
+        let (index, _events) = index();
+        let task = id("yearly");
+        observe(&index, &task, None);
+        schedule(&index, &task, scheduled(365 * 86_400));
+        let status = index.lock().status(&task.key).unwrap();
+        assert_eq!(status.next_run_time, Some(t(365 * 86_400)));
+        assert_eq!(status.phase, Some(Phase::Scheduled));
+        assert_eq!(status.schedulable_since, Some(t(0)));
+        schedule(
+            &index,
+            &task,
+            ScheduleState::Scheduled {
+                schedule: "at".into(),
+                next: None,
+                since: t(0),
+            },
+        );
+        let status = index.lock().status(&task.key).unwrap();
+        assert_eq!(status.phase, Some(Phase::Completed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_about_another_incarnation_are_dropped() {
+        let (index, _events) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        let old = TaskId::new(task.key.clone(), "uid-deleted");
+        finished(&index, &old, 1, Outcome::Succeeded);
+        assert_eq!(index.lock().status(&task.key).unwrap().total_runs, 0);
+        assert_eq!(index.lock().dropped().stale_reports, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_transition_time_does_not_move_on_every_write() {
+        let (index, _events) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        schedule(&index, &task, scheduled(1));
+        let first = index.lock().take(10, Duration::ZERO).pop().unwrap();
+        index
+            .lock()
+            .written(&task, WriteResult::Written, Duration::ZERO, Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        finished(&index, &task, 1, Outcome::Succeeded);
+        let second = index.lock().take(10, Duration::ZERO).pop().unwrap();
+        let ready = |s: &Snapshot| s.status.conditions[0].last_transition_time.clone();
+        assert_eq!(ready(&first), ready(&second));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_stay_within_the_budget_urgent_first_then_the_stalest() {
+        let (index, _events) = index();
+        let tasks: Vec<TaskId> = (0..10).map(|n| id(&format!("t{n}"))).collect();
+        for task in &tasks {
+            observe(&index, task, None);
+            schedule(&index, task, scheduled(1));
+        }
+        let min_interval = Duration::from_secs(1);
+        let first = index.lock().take(4, min_interval);
+        assert_eq!(first.len(), 4, "the budget caps a batch");
+        for s in &first {
+            index
+                .lock()
+                .written(&s.task, WriteResult::Written, min_interval, min_interval);
+        }
+        // The written four change again, but within the interval they are not written twice.
+        for s in &first {
+            finished(&index, &s.task, 1, Outcome::Succeeded);
+        }
+        let second = index.lock().take(100, min_interval);
+        assert_eq!(second.len(), 6, "only the six never written");
+        for s in &second {
+            index
+                .lock()
+                .written(&s.task, WriteResult::Written, min_interval, min_interval);
+        }
+        tokio::time::advance(min_interval).await;
+        // One task's phase changes (Failed); the others only count a success: it goes first.
+        for task in &tasks[4..] {
+            finished(&index, task, 2, Outcome::Succeeded);
+        }
+        finished(&index, &tasks[9], 3, Outcome::Failed);
+        let third = index.lock().take(1, min_interval);
+        assert_eq!(third[0].task, tasks[9], "the phase change is urgent");
+        assert_eq!(third[0].status.phase, Some(Phase::Failed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_status_is_surfaced_and_not_retried_until_it_changes() {
+        let (index, mut rx) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        schedule(&index, &task, scheduled(1));
+        let batch = index.lock().take(10, Duration::ZERO);
+        assert_eq!(batch.len(), 1);
+        let rejected = WriteResult::Rejected("status.nextRunTime: Invalid value".into());
+        index
+            .lock()
+            .written(&task, rejected, Duration::ZERO, Duration::ZERO);
+        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        let sent = events(&mut rx);
+        assert_eq!(sent[0].0, reasons::STATUS_REJECTED);
+        assert!(sent[0].1.contains("Invalid value"), "{sent:?}");
+        finished(&index, &task, 1, Outcome::Succeeded);
+        assert_eq!(index.lock().take(10, Duration::ZERO).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_is_retried_after_a_backoff() {
+        let (index, _events) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        index.lock().take(10, Duration::ZERO);
+        let failed = WriteResult::Failed("connection reset".into());
+        let backoff = Duration::from_secs(1);
+        index.lock().written(&task, failed, backoff, backoff * 8);
+        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        tokio::time::advance(backoff).await;
+        assert_eq!(index.lock().take(10, Duration::ZERO).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_events_are_rate_limited_and_carry_the_newest_run() {
+        let (index, mut rx) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        for second in 1..=5 {
+            finished(&index, &task, second, Outcome::Failed);
+        }
+        let sent = events(&mut rx);
+        assert_eq!(sent.len(), 1, "one RunFailed per window: {sent:?}");
+        assert!(sent[0].1.contains("ns/t@2026-01-01T00:00:01Z"));
+        tokio::time::advance(EVENT_WINDOW).await;
+        index.lock().release_events();
+        let sent = events(&mut rx);
+        assert_eq!(sent.len(), 1);
+        assert!(
+            sent[0].1.contains("ns/t@2026-01-01T00:00:05Z"),
+            "the newest run: {sent:?}"
+        );
+        assert!(sent[0].1.contains("3 more RunFailed"), "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn state_events_only_on_a_real_change_not_at_each_restart() {
+        let (index, mut rx) = index();
+        let task = id("t");
+        let stored: ChronTaskStatus = serde_json::from_value(serde_json::json!({
+            "phase": "Paused", "message": "paused: migration"
+        }))
+        .unwrap();
+        observe(&index, &task, Some(stored));
+        let paused = ScheduleState::Paused {
+            schedule: "every 1s".into(),
+            reason: "migration".into(),
+        };
+        schedule(&index, &task, paused.clone());
+        schedule(&index, &task, paused);
+        assert!(
+            events(&mut rx).is_empty(),
+            "already paused before the restart"
+        );
+        schedule(&index, &task, scheduled(5));
+        assert_eq!(events(&mut rx)[0].0, reasons::RESUMED);
+        let invalid = ScheduleState::Invalid {
+            reason: "spec.schedule.cron: bad".into(),
+        };
+        schedule(&index, &task, invalid.clone());
+        schedule(&index, &task, invalid);
+        assert_eq!(events(&mut rx).len(), 1, "InvalidSpec once");
+    }
+}

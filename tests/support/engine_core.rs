@@ -42,6 +42,12 @@ impl Drop for Core {
 }
 
 impl Core {
+    /// Stops the engine and the executor (as SIGTERM does), keeping the reports.
+    #[allow(dead_code)] // the benchmark only drops its core
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Starts a core that always leads, with the given worker and queue bounds.
     pub fn start(max_workers: usize, queue_size: usize) -> Core {
         let _ = rustls::crypto::ring::default_provider().install_default();
