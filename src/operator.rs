@@ -48,13 +48,13 @@ pub async fn run(
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
     // Where the operator will watch, with its own rights: a namespaced install need not list
-    // ChronTasks cluster-wide.
+    // ChronTasks cluster-wide. Metadata only: one malformed ChronTask must not stop start-up.
     for namespace in &namespaces {
         let api: Api<ChronTask> = match namespace {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
-        api.list(&ListParams::default().limit(1))
+        api.list_metadata(&ListParams::default().limit(1))
             .await
             .map_err(|source| Error::CrdUnavailable { source })?;
     }

@@ -6,5 +6,6 @@ mod support;
 
 mod card;
 mod crd_admission;
+mod hard_path;
 mod kubectl;
 mod operator;

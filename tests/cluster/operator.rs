@@ -17,20 +17,29 @@ use crate::support::receiver::{Behavior, Receiver};
 use crate::support::{eventually, namespace, test_env};
 
 /// An operator running in this process, watching only its test's namespace.
-struct Operator {
+pub struct Operator {
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<chronflow::Result<()>>>,
 }
 
 impl Operator {
-    async fn start(ns: &str) -> Operator {
+    pub async fn start(ns: &str) -> Operator {
+        Operator::start_with(ns, test_env().client().await, |_| {}).await
+    }
+
+    /// An operator with its own client (through a proxy, as another user) and settings.
+    pub async fn start_with(
+        ns: &str,
+        client: kube::Client,
+        adjust: impl FnOnce(&mut OperatorConfig),
+    ) -> Operator {
         let mut config = OperatorConfig {
             watch_namespaces: vec![ns.to_string()],
             ..Default::default()
         };
         config.status.flush_interval = Duration::from_millis(300);
         config.shutdown.grace_period = Duration::from_secs(5);
-        let client = test_env().client().await;
+        adjust(&mut config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(chronflow::operator::run(config, client, shutdown.clone()));
         Operator {
@@ -40,7 +49,7 @@ impl Operator {
     }
 
     /// SIGTERM-equivalent: stop firing, drain, write the last status, and return its result.
-    async fn stop(mut self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
         let task = self.task.take().unwrap();
         task.await.unwrap().unwrap();
@@ -53,12 +62,12 @@ impl Drop for Operator {
     }
 }
 
-struct Setup {
-    api: Api<ChronTask>,
-    ns: String,
+pub struct Setup {
+    pub api: Api<ChronTask>,
+    pub ns: String,
 }
 
-async fn setup(prefix: &str) -> Setup {
+pub async fn setup(prefix: &str) -> Setup {
     let client = test_env().client().await;
     let ns = namespace(&client, prefix).await;
     Setup {
@@ -77,14 +86,14 @@ fn chrontask(name: &str, spec: Value) -> ChronTask {
     .unwrap()
 }
 
-async fn create(api: &Api<ChronTask>, name: &str, spec: Value) {
+pub async fn create(api: &Api<ChronTask>, name: &str, spec: Value) {
     api.create(&PostParams::default(), &chrontask(name, spec))
         .await
         .unwrap();
 }
 
 /// Waits until the task's status satisfies `check`, and returns that status.
-async fn status_where(
+pub async fn status_where(
     api: &Api<ChronTask>,
     name: &str,
     what: &str,

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod delay_proxy;
 pub mod receiver;
 
 use std::path::{Path, PathBuf};
@@ -123,11 +124,15 @@ impl TestEnv {
     /// A client with admin rights. Each test makes its own: a client's connections belong to
     /// the runtime of the test that made it.
     pub async fn client(&self) -> Client {
+        Client::try_from(self.config().await).expect("client builds")
+    }
+
+    /// The admin client configuration (tests point it elsewhere, e.g. through a proxy).
+    pub async fn config(&self) -> Config {
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig is readable");
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
-            .expect("kubeconfig is valid");
-        Client::try_from(config).expect("client builds")
+            .expect("kubeconfig is valid")
     }
 }
 
