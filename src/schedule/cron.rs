@@ -5,8 +5,9 @@
 //!
 //! Semantics follow Vixie cron (what `cronsim` and Kubernetes `CronJob` users expect), with two
 //! documented readings where Vixie is silent or terse: `N/step` means `N-max/step` (as in
-//! `cronsim` and the `robfig/cron` library behind `CronJob`), and a day-of-week range may end on
-//! Sunday written as `SUN` or `0` (`FRI-SUN` = `5-7`).
+//! `cronsim` and the `robfig/cron` library behind `CronJob`), a day-of-week range may end on
+//! Sunday written as `SUN` or `0` (`FRI-SUN` = `5-7`), and a step longer than the range
+//! matches only its start (`*/15` in month = `1`), as all of those do.
 
 use std::fmt;
 
@@ -355,17 +356,17 @@ fn parse_item(field: &Field, item: &str) -> Result<u64, ScheduleError> {
         .fold(0u64, |set, value| set | 1 << value))
 }
 
+/// A step: any positive integer. A step longer than the field's range is accepted and matches
+/// only the start of the range (`*/15` in month is January), as in Vixie cron, robfig/cron
+/// (what `CronJob` uses), croniter and cronsim, so such schedules migrate unchanged.
 fn parse_step(field: &Field, text: &str) -> Result<u32, ScheduleError> {
-    let width = field.max - field.min + 1;
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(err(field.name, format!("step {text:?} is not a number")));
     }
     match text.parse::<u32>() {
-        Ok(step) if (1..=width).contains(&step) => Ok(step),
-        _ => Err(err(
-            field.name,
-            format!("step {text} is out of range 1-{width}"),
-        )),
+        Ok(0) => Err(err(field.name, "step 0 must be at least 1")),
+        Ok(step) => Ok(step),
+        Err(_) => Err(err(field.name, format!("step {text} is too large"))),
     }
 }
 
@@ -445,6 +446,31 @@ mod tests {
         assert_eq!(parsed.weekdays, bits(&[0, 6]));
         assert_eq!(parsed.day_rule, DayRule::Either);
         assert!(!parsed.is_wall_clock(), "the hour field starts with *");
+    }
+
+    #[test]
+    fn steps_longer_than_the_range_match_its_start() {
+        let parsed = CronExpr::parse("*/90 */100 9-17/24 */40 */15 */20").expect("valid");
+        assert_eq!(parsed.seconds, bits(&[0]));
+        assert_eq!(parsed.minutes, bits(&[0]));
+        assert_eq!(parsed.hours, bits(&[9]));
+        assert_eq!(parsed.days, bits(&[1]));
+        assert_eq!(parsed.months, bits(&[1]));
+        assert_eq!(parsed.weekdays, bits(&[0]));
+        let parsed = CronExpr::parse("5/4294967295 * * * *").expect("the largest u32 step");
+        assert_eq!(parsed.minutes, bits(&[5]));
+        assert_eq!(
+            CronExpr::parse("*/0 * * * *")
+                .expect_err("zero")
+                .to_string(),
+            "minute: step 0 must be at least 1"
+        );
+        assert_eq!(
+            CronExpr::parse("*/4294967296 * * * *")
+                .expect_err("beyond u32")
+                .to_string(),
+            "minute: step 4294967296 is too large"
+        );
     }
 
     #[test]
