@@ -277,6 +277,41 @@ fn invalid_input_exits_2_with_one_line_naming_the_field() {
 }
 
 #[test]
+fn huge_intervals_are_rejected_not_a_panic() {
+    let start = "2026-01-01T00:00:00Z";
+    assert_rejects(
+        &["--interval", "367d", "--start", start],
+        "--interval",
+        "is longer than the maximum 366d",
+    );
+    for huge in [
+        "3000000d",
+        "9999999999d",
+        "99999999999999999999d",
+        "18446744073709551615ms",
+    ] {
+        assert_rejects(
+            &["--interval", huge, "--start", start],
+            "--interval",
+            "is longer than the maximum 366d",
+        );
+    }
+    assert_prints(
+        &[
+            "--interval",
+            "366d",
+            "--start",
+            start,
+            "--after",
+            start,
+            "-n",
+            "1",
+        ],
+        &["2027-01-02T00:00:00+00:00"],
+    );
+}
+
+#[test]
 fn usage_errors_exit_2() {
     for args in [
         &[][..],

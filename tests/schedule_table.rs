@@ -622,7 +622,7 @@ fn invalid_expressions_name_the_field() {
 fn invalid_spec_values_name_the_field() {
     let start = instant("2026-02-01T00:00:00Z");
     let anchor = IntervalAnchor::Created(start);
-    let cases: [(&str, String, &str); 6] = [
+    let cases: [(&str, String, &str); 8] = [
         (
             "unknown zone",
             error_text(parse_timezone("Mars/Base")),
@@ -653,6 +653,19 @@ fn invalid_spec_values_name_the_field() {
         (
             "shortest interval accepted",
             error_text(Schedule::interval(Duration::from_millis(100), anchor).map(|_| ())),
+            "ok",
+        ),
+        (
+            "long interval",
+            error_text(Schedule::interval(
+                Duration::from_secs(366 * 86_400 + 1),
+                anchor,
+            )),
+            "interval: 366d1s is longer than the maximum 366d",
+        ),
+        (
+            "longest interval accepted",
+            error_text(Schedule::interval(Duration::from_secs(366 * 86_400), anchor).map(|_| ())),
             "ok",
         ),
     ];

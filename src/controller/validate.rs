@@ -301,6 +301,10 @@ mod tests {
                 .starts_with("spec.schedule.timezone: ")
         );
         assert!(reason(http(json!({"interval": "0s"}))).starts_with("spec.schedule.interval: "));
+        assert_eq!(
+            reason(http(json!({"interval": "3000000d"}))),
+            "spec.schedule.interval: \"3000000d\" is longer than the maximum 366d"
+        );
         assert!(
             reason(http(json!({"cron": "* * * * *", "jitter": "soon"})))
                 .starts_with("spec.schedule.jitter: ")
