@@ -12,7 +12,10 @@ use crate::crd::{ChronTask, HistorySpec, HttpMethod};
 use crate::engine::EngineTask;
 use crate::executor::http::{HeaderValue, SuccessCodes};
 use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
-use crate::schedule::{IntervalAnchor, Schedule, parse_duration, parse_instant, parse_timezone};
+use crate::schedule::jitter::MAX_JITTER;
+use crate::schedule::{
+    IntervalAnchor, Schedule, format_duration, parse_duration, parse_instant, parse_timezone,
+};
 
 /// A ChronTask that can be scheduled.
 #[derive(Debug)]
@@ -58,6 +61,9 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         .as_deref()
         .map(|j| duration("spec.schedule.jitter", j))
         .transpose()?;
+    if let Some(jitter) = jitter {
+        check_jitter(jitter, &schedule)?;
+    }
     let timeout = duration("spec.timeout", &spec.timeout)?;
     if timeout.is_zero() {
         return Err(invalid("spec.timeout", "must be longer than 0s"));
@@ -100,6 +106,33 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         secret_refs,
         history: spec.history.unwrap_or_default(),
     })
+}
+
+/// A jitter is at most [`MAX_JITTER`] and shorter than the smallest gap between two runs, so a
+/// delayed run always starts before the next one is due.
+fn check_jitter(jitter: Duration, schedule: &Schedule) -> Result<(), Invalid> {
+    let field = "spec.schedule.jitter";
+    if jitter > MAX_JITTER {
+        return Err(invalid(
+            field,
+            format!(
+                "{} is longer than the maximum {}",
+                format_duration(jitter),
+                format_duration(MAX_JITTER)
+            ),
+        ));
+    }
+    match schedule.min_gap() {
+        Some(gap) if jitter >= gap => Err(invalid(
+            field,
+            format!(
+                "{} is not shorter than the smallest gap between runs ({})",
+                format_duration(jitter),
+                format_duration(gap)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Where catch-up after downtime starts: the latest scheduled instant, but never before the task
@@ -315,6 +348,45 @@ mod tests {
         let bad_header = task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
             "url": "http://x.example/", "headers": [{"name": "X", "value": "a\nb"}]}}}));
         assert!(reason(bad_header).starts_with("spec.action.http.headers[0]: "));
+    }
+
+    #[test]
+    fn jitter_is_at_most_an_hour_and_shorter_than_the_gap_between_runs() {
+        assert_eq!(
+            reason(http(json!({"cron": "*/5 * * * * *", "jitter": "10s"}))),
+            "spec.schedule.jitter: 10s is not shorter than the smallest gap between runs (5s)"
+        );
+        assert_eq!(
+            reason(http(json!({"cron": "*/5 * * * * *", "jitter": "5s"}))),
+            "spec.schedule.jitter: 5s is not shorter than the smallest gap between runs (5s)"
+        );
+        assert_eq!(
+            reason(http(json!({"interval": "1m", "jitter": "1m"}))),
+            "spec.schedule.jitter: 1m is not shorter than the smallest gap between runs (1m)"
+        );
+        assert_eq!(
+            reason(http(json!({"cron": "@daily", "jitter": "1h1ms"}))),
+            "spec.schedule.jitter: 1h1ms is longer than the maximum 1h"
+        );
+        assert_eq!(
+            reason(http(
+                json!({"at": "2026-06-01T00:00:00Z", "jitter": "9999999999d"})
+            )),
+            "spec.schedule.jitter: \"9999999999d\" is longer than the maximum 366d"
+        );
+        for (schedule, jitter) in [
+            (json!({"cron": "*/5 * * * * *"}), "4s999ms"),
+            (json!({"cron": "@daily"}), "1h"),
+            (json!({"interval": "1m"}), "59s"),
+            (json!({"at": "2026-06-01T00:00:00Z"}), "1h"),
+            (json!({"cron": "* * * * *"}), "0s"),
+        ] {
+            let mut schedule = schedule;
+            schedule["jitter"] = json!(jitter);
+            let valid = validate(&http(schedule.clone()), Tz::UTC)
+                .unwrap_or_else(|e| panic!("{schedule}: {e}"));
+            assert_eq!(valid.engine.jitter, parse_duration(jitter).ok());
+        }
     }
 
     #[test]

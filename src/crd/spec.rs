@@ -117,6 +117,7 @@ fn default_timeout() -> String {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("[has(self.cron), has(self.interval), has(self.at)].filter(x, x).size() == 1").message("schedule needs exactly one of cron, interval or at"))]
 #[x_kube(validation = Rule::new("!has(self.startAt) || !has(self.endAt) || timestamp(self.endAt) > timestamp(self.startAt)").message("schedule.endAt must be after schedule.startAt"))]
+#[x_kube(validation = Rule::new("!has(self.jitter) || duration(self.jitter) <= duration('1h')").message("schedule.jitter must be at most 1h"))]
 pub struct ScheduleSpec {
     /// Cron expression: 6 fields with seconds first (`*/5 * * * * *`) or classic 5 fields
     /// (`m h dom mon dow`), names (`JAN`, `MON`), ranges, lists, steps, Sunday as 0 or 7,
@@ -145,9 +146,10 @@ pub struct ScheduleSpec {
     pub timezone: Option<String>,
 
     /// Delays each run by up to this long, by an amount fixed per (task, instant), to spread
-    /// load; the run keeps its scheduled instant as its identity.
+    /// load; the run keeps its scheduled instant as its identity. `h m s ms` units, at most
+    /// 1h, and shorter than the smallest gap between two runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub jitter: Option<String>,
 
     /// No run is due before this instant (RFC 3339, inclusive); anchors intervals.

@@ -182,6 +182,24 @@ impl CronExpr {
         self.wall_clock
     }
 
+    /// A lower bound of the distance between two consecutive matching local wall times: the
+    /// smallest distance between two values of the seconds field, counted around the minute
+    /// (`*/7` gives 4s: from :56 to :00); with one second, the same for minutes (× 60s); with
+    /// one minute too, for hours around the day (× 1h); otherwise one day. It reads the
+    /// expression only, so it is a bound, not the exact gap (`@yearly` gives one day).
+    pub fn min_gap(&self) -> std::time::Duration {
+        let seconds = if let Some(gap) = smallest_circular_gap(self.seconds, 60) {
+            gap
+        } else if let Some(gap) = smallest_circular_gap(self.minutes, 60) {
+            gap * 60
+        } else if let Some(gap) = smallest_circular_gap(self.hours, 24) {
+            gap * 3600
+        } else {
+            86_400
+        };
+        std::time::Duration::from_secs(u64::from(seconds))
+    }
+
     /// The expression as written, with runs of whitespace collapsed to one space.
     pub fn text(&self) -> &str {
         &self.text
@@ -282,6 +300,22 @@ impl CronExpr {
             ))
         }
     }
+}
+
+/// The smallest distance between two members of `set` (values `0..period`), counting the wrap
+/// from the largest back to the smallest one period later; `None` with fewer than two members.
+fn smallest_circular_gap(set: u64, period: u32) -> Option<u32> {
+    let values: Vec<u32> = (0..period).filter(|value| has(set, *value)).collect();
+    let (&first, &last) = (values.first()?, values.last()?);
+    if first == last {
+        return None;
+    }
+    let wrap = period - last + first;
+    values
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .chain([wrap])
+        .min()
 }
 
 fn has(set: u64, value: u32) -> bool {

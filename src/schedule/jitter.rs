@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+/// The longest jitter a task may ask for. Jitter spreads load over seconds or minutes; an hour is
+/// already far beyond that, and it keeps every delayed start close to its scheduled instant.
+pub const MAX_JITTER: Duration = Duration::from_secs(3600);
+
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 

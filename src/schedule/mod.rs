@@ -192,6 +192,21 @@ impl Schedule {
         (next <= end).then_some(next)
     }
 
+    /// A lower bound of the time between two consecutive instants, to keep a jitter shorter
+    /// than it: an interval's period; for cron, [`CronExpr::min_gap`] (from the expression's
+    /// fields); `None` for a one-shot, which has no second instant.
+    ///
+    /// For cron the bound is in local wall time. A daylight-saving change can bring two instants
+    /// closer in real time: at a spring forward, `30 1,2 * * *` in New York runs at 01:30 and,
+    /// for the missing 02:30, at 03:00, 30 minutes later, where this says one hour.
+    pub fn min_gap(&self) -> Option<Duration> {
+        match &self.kind {
+            Kind::Cron { expr, .. } => Some(expr.min_gap()),
+            Kind::Interval { every, .. } => Some(*every),
+            Kind::At(_) => None,
+        }
+    }
+
     /// A short description for status and `kubectl get`: `*/5 * * * * * (Asia/Shanghai)`,
     /// `every 30s`, `at 2026-12-01T01:00:00Z`.
     pub fn describe(&self) -> String {
@@ -322,6 +337,72 @@ mod tests {
             nanos_between(utc("1970-01-01T00:00:00Z"), next) % 700_000_000,
             0
         );
+    }
+
+    #[test]
+    fn min_gap_is_a_lower_bound_between_two_instants() {
+        let secs = |n: u64| Some(Duration::from_secs(n));
+        let cron = |expr: &str| Schedule::cron(expr, Tz::UTC).expect(expr).min_gap();
+        let start = IntervalAnchor::Start(utc("2026-01-01T00:00:00Z"));
+        let every = |d: Duration| Schedule::interval(d, start).expect("valid").min_gap();
+        assert_eq!(every(Duration::from_millis(100)), Some(MIN_INTERVAL));
+        assert_eq!(every(Duration::from_secs(90)), secs(90));
+        assert_eq!(Schedule::at(utc("2026-12-01T00:00:00Z")).min_gap(), None);
+        // Seconds with several values: the smallest distance, around the minute too.
+        assert_eq!(cron("*/5 * * * * *"), secs(5));
+        assert_eq!(cron("*/7 * * * * *"), secs(4), "56 to 0 of the next minute");
+        assert_eq!(cron("5-10 * * * * *"), secs(1));
+        assert_eq!(cron("0,50 * * * * *"), secs(10));
+        assert_eq!(cron("0,30 0 0 1 1 *"), secs(30));
+        // One second: minutes decide, then hours, then whole days.
+        assert_eq!(cron("*/15 * * * *"), secs(15 * 60));
+        assert_eq!(cron("10,50 9 * * *"), secs(20 * 60));
+        assert_eq!(cron("0 9,17 * * *"), secs(8 * 3600));
+        assert_eq!(cron("0 */5 * * *"), secs(4 * 3600), "20:00 to 00:00");
+        assert_eq!(cron("@hourly"), secs(3600));
+        assert_eq!(cron("30 2 * * *"), secs(86_400));
+        assert_eq!(
+            cron("@yearly"),
+            secs(86_400),
+            "a lower bound, not the exact gap"
+        );
+        // Bounds do not change the rhythm.
+        let bounded = Schedule::cron("*/5 * * * * *", Tz::UTC)
+            .and_then(|s| s.with_bounds(Some(utc("2026-01-01T00:00:00Z")), None))
+            .expect("valid");
+        assert_eq!(bounded.min_gap(), secs(5));
+    }
+
+    #[test]
+    fn min_gap_holds_on_a_brute_force_scan() {
+        // Outside daylight-saving changes the bound is never beaten: scan two days in UTC.
+        for expr in [
+            "*/7 * * * * *",
+            "0,50 */3 * * * *",
+            "13 5,55 * * * *",
+            "0 */5 * * *",
+            "0 9,17 * * MON-FRI",
+            "0 22,1 * * *",
+        ] {
+            let schedule = Schedule::cron(expr, Tz::UTC).expect(expr);
+            let gap = schedule.min_gap().expect("cron has a gap");
+            let mut previous = schedule
+                .next_after(utc("2026-01-01T00:00:00Z"))
+                .expect("due");
+            let end = utc("2026-01-03T00:00:00Z");
+            let mut smallest = None::<TimeDelta>;
+            while previous < end {
+                let next = schedule.next_after(previous).expect("due");
+                let step = next - previous;
+                smallest = Some(smallest.map_or(step, |s| s.min(step)));
+                previous = next;
+            }
+            let smallest = smallest
+                .expect("several instants")
+                .to_std()
+                .expect("positive");
+            assert!(gap <= smallest, "{expr}: bound {gap:?} above {smallest:?}");
+        }
     }
 
     #[test]

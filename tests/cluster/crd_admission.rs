@@ -108,6 +108,16 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "spec.schedule.at in body must be of type date-time",
         ),
         (
+            "jitter-above-an-hour",
+            json!({"spec": {"schedule": {"jitter": "1h1s"}}}),
+            "schedule.jitter must be at most 1h",
+        ),
+        (
+            "jitter-in-days",
+            json!({"spec": {"schedule": {"jitter": "1d"}}}),
+            "spec.schedule.jitter in body should match",
+        ),
+        (
             "no-action-kind",
             json!({"spec": {"action": {"http": null}}}),
             "action needs exactly one of http or job",
