@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
+use crate::crd::spec::MAX_STARTING_DEADLINE_SECONDS;
 use crate::crd::{ChronTask, HistorySpec, HttpMethod};
 use crate::engine::EngineTask;
 use crate::executor::http::{HeaderValue, SuccessCodes};
@@ -16,6 +17,9 @@ use crate::schedule::jitter::MAX_JITTER;
 use crate::schedule::{
     IntervalAnchor, Schedule, format_duration, parse_duration, parse_instant, parse_timezone,
 };
+
+/// The longest `spec.timeout` (per attempt) and retry delay.
+const MAX_DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// A ChronTask that can be scheduled.
 #[derive(Debug)]
@@ -64,7 +68,18 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
     if let Some(jitter) = jitter {
         check_jitter(jitter, &schedule)?;
     }
-    let timeout = duration("spec.timeout", &spec.timeout)?;
+    // The same bounds as the CRD's CEL rules, for objects stored before them.
+    let at_most = |field: &str, text: &str, why: &str| {
+        let value = duration(field, text)?;
+        if value > MAX_DAY {
+            return Err(invalid(
+                field,
+                format!("{text:?} is longer than the maximum 24h{why}"),
+            ));
+        }
+        Ok(value)
+    };
+    let timeout = at_most("spec.timeout", &spec.timeout, " (it limits each attempt)")?;
     if timeout.is_zero() {
         return Err(invalid("spec.timeout", "must be longer than 0s"));
     }
@@ -73,14 +88,22 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         Some(retry) => RetryPolicy {
             max_retries: retry.max_retries,
             backoff: retry.backoff,
-            initial_delay: duration("spec.retry.initialDelay", &retry.initial_delay)?,
-            max_delay: duration("spec.retry.maxDelay", &retry.max_delay)?,
+            initial_delay: at_most("spec.retry.initialDelay", &retry.initial_delay, "")?,
+            max_delay: at_most("spec.retry.maxDelay", &retry.max_delay, "")?,
         },
     };
     let (action, secret_refs) = action(task)?;
-    let starting_deadline = spec
-        .starting_deadline_seconds
-        .map(|s| Duration::from_secs(s.max(0) as u64));
+    let starting_deadline = match spec.starting_deadline_seconds {
+        Some(seconds) if seconds > MAX_STARTING_DEADLINE_SECONDS => {
+            return Err(invalid(
+                "spec.startingDeadlineSeconds",
+                format!(
+                    "{seconds} is more than the maximum {MAX_STARTING_DEADLINE_SECONDS} (366 days)"
+                ),
+            ));
+        }
+        seconds => seconds.map(|s| Duration::from_secs(s.max(0) as u64)),
+    };
 
     let engine = EngineTask {
         key,
@@ -387,6 +410,58 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{schedule}: {e}"));
             assert_eq!(valid.engine.jitter, parse_duration(jitter).ok());
         }
+    }
+
+    #[test]
+    fn timeouts_retry_delays_and_deadlines_are_bounded() {
+        let with = |extra: serde_json::Value| {
+            let mut spec = json!({"schedule": {"cron": "@daily"},
+                "action": {"http": {"url": "http://127.0.0.1:9/x"}}});
+            for (key, value) in extra.as_object().unwrap() {
+                spec[key] = value.clone();
+            }
+            task(spec)
+        };
+        assert_eq!(
+            reason(with(json!({"timeout": "24h1ms"}))),
+            "spec.timeout: \"24h1ms\" is longer than the maximum 24h (it limits each attempt)"
+        );
+        assert_eq!(
+            reason(with(json!({"timeout": "2d"}))),
+            "spec.timeout: \"2d\" is longer than the maximum 24h (it limits each attempt)"
+        );
+        assert_eq!(
+            reason(with(
+                json!({"retry": {"maxRetries": 1, "initialDelay": "1s", "maxDelay": "25h"}})
+            )),
+            "spec.retry.maxDelay: \"25h\" is longer than the maximum 24h"
+        );
+        assert_eq!(
+            reason(with(
+                json!({"retry": {"maxRetries": 1, "initialDelay": "30h", "maxDelay": "1h"}})
+            )),
+            "spec.retry.initialDelay: \"30h\" is longer than the maximum 24h"
+        );
+        assert_eq!(
+            reason(with(json!({"startingDeadlineSeconds": 31_622_401}))),
+            "spec.startingDeadlineSeconds: 31622401 is more than the maximum 31622400 (366 days)"
+        );
+        let longest = with(
+            json!({"timeout": "24h", "startingDeadlineSeconds": 31_622_400,
+            "retry": {"maxRetries": 10, "initialDelay": "24h", "maxDelay": "24h"}}),
+        );
+        let valid = validate(&longest, Tz::UTC).unwrap();
+        assert_eq!(valid.engine.run.timeout, Duration::from_secs(86_400));
+        assert_eq!(
+            valid.engine.run.retry.max_delay,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            valid.engine.run.starting_deadline,
+            Some(Duration::from_secs(31_622_400))
+        );
+        // A day written in days, as objects stored before the pattern excluded them.
+        assert!(validate(&with(json!({"timeout": "1d"})), Tz::UTC).is_ok());
     }
 
     #[test]

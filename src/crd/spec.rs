@@ -15,6 +15,9 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([
 /// Durations that CEL's `duration()` can also read (no days), so rules can compare them.
 pub const SHORT_DURATION_PATTERN: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$";
 
+/// The largest `startingDeadlineSeconds`: 366 days.
+pub const MAX_STARTING_DEADLINE_SECONDS: i64 = 366 * 86_400;
+
 /// A task that chronflow runs on a schedule: cron with seconds, a fixed-rate interval or a
 /// one-shot instant. Status reports its runs, success rate and next run.
 // Several printcolumn(...) entries share `type_ = ...`, which clippy takes for a repeated attribute.
@@ -81,9 +84,9 @@ pub struct ChronTaskSpec {
     pub concurrency_policy: ConcurrencyPolicy,
 
     /// A run that cannot start within this many seconds of its scheduled instant is not started
-    /// and is counted in `status.missedRuns`. Unset: no deadline.
+    /// and is counted in `status.missedRuns`. Unset: no deadline. At most 31622400 (366 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_STARTING_DEADLINE_SECONDS))]
     pub starting_deadline_seconds: Option<i64>,
 
     /// What to do with instants missed while the operator was down: `Skip` them, run the
@@ -91,9 +94,10 @@ pub struct ChronTaskSpec {
     #[serde(default)]
     pub catch_up: CatchUpPolicy,
 
-    /// Time limit of each attempt, e.g. `30s`, `2m`.
+    /// Time limit of each attempt, e.g. `30s`, `2m` (`h m s ms` units, at most 24h).
     #[serde(default = "default_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('24h')").message("timeout must be at most 24h (it limits each attempt)"))]
+    #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub timeout: String,
 
     /// Retries of a failed attempt. Default: no retry.
@@ -182,8 +186,9 @@ pub struct RetrySpec {
     #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub initial_delay: String,
 
-    /// Upper bound of any delay (`h m s ms` units).
+    /// Upper bound of any delay (`h m s ms` units, at most 24h).
     #[serde(default = "default_max_delay")]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('24h')").message("retry.maxDelay must be at most 24h"))]
     #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub max_delay: String,
 }

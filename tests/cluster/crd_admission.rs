@@ -154,6 +154,26 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "spec.retry.initialDelay in body should match",
         ),
         (
+            "retry-max-delay-above-a-day",
+            json!({"spec": {"retry": {"maxDelay": "24h1s"}}}),
+            "retry.maxDelay must be at most 24h",
+        ),
+        (
+            "timeout-above-a-day",
+            json!({"spec": {"timeout": "25h"}}),
+            "timeout must be at most 24h (it limits each attempt)",
+        ),
+        (
+            "timeout-in-days",
+            json!({"spec": {"timeout": "2d"}}),
+            "spec.timeout in body should match",
+        ),
+        (
+            "deadline-above-a-year",
+            json!({"spec": {"startingDeadlineSeconds": 31_622_401}}),
+            "spec.startingDeadlineSeconds in body should be less than or equal to 31622400",
+        ),
+        (
             "unknown-concurrency-policy",
             json!({"spec": {"concurrencyPolicy": "Sometimes"}}),
             "Unsupported value: \"Sometimes\"",
