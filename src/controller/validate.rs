@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use chrono_tz::Tz;
 
 use crate::crd::spec::MAX_STARTING_DEADLINE_SECONDS;
@@ -17,6 +17,10 @@ use crate::schedule::jitter::MAX_JITTER;
 use crate::schedule::{
     IntervalAnchor, Schedule, format_duration, parse_duration, parse_instant, parse_timezone,
 };
+
+/// How long before its creation an `at` instant may be: one written as "now" by a client whose
+/// clock runs a little ahead is still run. Earlier than that, nothing would ever run.
+const AT_BEFORE_CREATION: TimeDelta = TimeDelta::minutes(1);
 
 /// The longest `spec.timeout` (per attempt) and retry delay.
 const MAX_DAY: Duration = Duration::from_secs(24 * 3600);
@@ -207,7 +211,24 @@ fn schedule(
             };
             Schedule::interval(every, anchor).map_err(|e| invalid(&field("interval"), e.reason))?
         }
-        (None, None, Some(_)) => Schedule::at(instant("at", &spec.at)?.unwrap_or(created)),
+        (None, None, Some(_)) => {
+            let at = instant("at", &spec.at)?.unwrap_or(created);
+            let earliest = created
+                .checked_sub_signed(AT_BEFORE_CREATION)
+                .unwrap_or(created);
+            if at < earliest {
+                let show = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+                return Err(invalid(
+                    &field("at"),
+                    format!(
+                        "{} is before the task was created (creationTimestamp {}), so nothing would run",
+                        show(at),
+                        show(created)
+                    ),
+                ));
+            }
+            Schedule::at(at)
+        }
         _ => {
             return Err(invalid(
                 "spec.schedule",
@@ -409,6 +430,32 @@ mod tests {
             let valid = validate(&http(schedule.clone()), Tz::UTC)
                 .unwrap_or_else(|e| panic!("{schedule}: {e}"));
             assert_eq!(valid.engine.jitter, parse_duration(jitter).ok());
+        }
+    }
+
+    #[test]
+    fn an_at_instant_before_creation_is_invalid_as_it_would_never_run() {
+        // The task was created at 2026-01-01T00:00:00Z.
+        assert_eq!(
+            reason(http(json!({"at": "2025-12-31T23:58:59Z"}))),
+            "spec.schedule.at: 2025-12-31T23:58:59Z is before the task was created \
+             (creationTimestamp 2026-01-01T00:00:00Z), so nothing would run"
+        );
+        assert!(
+            reason(http(json!({"at": "2020-01-01T08:00:00+08:00"}))).starts_with(
+                "spec.schedule.at: 2020-01-01T00:00:00Z is before the task was created"
+            )
+        );
+        // Within a minute before creation (clock skew, "now"): valid, the engine runs it.
+        for at in [
+            "2025-12-31T23:59:00Z",
+            "2025-12-31T23:59:30.5Z",
+            "2026-01-01T00:00:00Z",
+            "2026-06-01T00:00:00Z",
+        ] {
+            let valid =
+                validate(&http(json!({"at": at})), Tz::UTC).unwrap_or_else(|e| panic!("{at}: {e}"));
+            assert!(valid.schedule_text.starts_with("at "), "{at}");
         }
     }
 
