@@ -11,12 +11,17 @@ use chrono_tz::Tz;
 use crate::crd::spec::MAX_STARTING_DEADLINE_SECONDS;
 use crate::crd::{ChronTask, HistorySpec, HttpMethod};
 use crate::engine::EngineTask;
-use crate::executor::http::{HeaderValue, SuccessCodes};
+use crate::executor::http::{HeaderValue, SuccessCodes, is_reserved_header};
 use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
 use crate::schedule::jitter::MAX_JITTER;
 use crate::schedule::{
     IntervalAnchor, Schedule, format_duration, parse_duration, parse_instant, parse_timezone,
 };
+
+/// Why a header name is refused; the CRD's CEL rule says the same.
+const RESERVED_REASON: &str = "is a reserved header name: chronflow sets Idempotency-Key, \
+     X-Chronflow-Scheduled-Time and X-Chronflow-Attempt, and the HTTP client sets Host, \
+     Content-Length, Transfer-Encoding and Connection";
 
 /// How long before its creation an `at` instant may be: one written as "now" by a client whose
 /// clock runs a little ahead is still run. Earlier than that, nothing would ever run.
@@ -265,6 +270,12 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
                         format!("{:?} is not a valid header name", header.name),
                     )
                 })?;
+                if is_reserved_header(&header.name) {
+                    return Err(invalid(
+                        &field,
+                        format!("{:?} {RESERVED_REASON}", header.name),
+                    ));
+                }
                 let value = match (&header.value, &header.value_from) {
                     (Some(value), None) => {
                         reqwest::header::HeaderValue::from_str(value).map_err(|_| {
@@ -509,6 +520,39 @@ mod tests {
         );
         // A day written in days, as objects stored before the pattern excluded them.
         assert!(validate(&with(json!({"timeout": "1d"})), Tz::UTC).is_ok());
+    }
+
+    #[test]
+    fn reserved_header_names_are_refused_in_any_case() {
+        let with_header = |name: &str| {
+            task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
+                "url": "http://x.example/", "headers": [
+                    {"name": "X-Ok", "value": "1"},
+                    {"name": name, "value": "x"}]}}}))
+        };
+        for name in [
+            "Idempotency-Key",
+            "idempotency-key",
+            "X-CHRONFLOW-SCHEDULED-TIME",
+            "X-Chronflow-Attempt",
+            "host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Connection",
+        ] {
+            assert_eq!(
+                reason(with_header(name)),
+                format!("spec.action.http.headers[1]: {name:?} {RESERVED_REASON}"),
+            );
+        }
+        for name in [
+            "X-Idempotency-Key",
+            "Authorization",
+            "User-Agent",
+            "Hostname",
+        ] {
+            assert!(validate(&with_header(name), Tz::UTC).is_ok(), "{name}");
+        }
     }
 
     #[test]

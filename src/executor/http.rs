@@ -16,6 +16,26 @@ pub const SCHEDULED_TIME: &str = "X-Chronflow-Scheduled-Time";
 /// Header carrying the attempt number, from 1.
 pub const ATTEMPT: &str = "X-Chronflow-Attempt";
 
+/// Header names a task may not set (compared without case): chronflow sets the first three on
+/// every request, and the HTTP client derives the others from the URL and body or owns them for
+/// the connection. The CRD's CEL rule on header names lists the same (tests/crd.rs checks).
+pub const RESERVED_HEADERS: [&str; 7] = [
+    IDEMPOTENCY_KEY,
+    SCHEDULED_TIME,
+    ATTEMPT,
+    "Host",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+];
+
+/// Whether a header name is one of [`RESERVED_HEADERS`], in any case.
+pub fn is_reserved_header(name: &str) -> bool {
+    RESERVED_HEADERS
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(name))
+}
+
 /// A validated HTTP action.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpAction {

@@ -139,6 +139,17 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "a header needs exactly one of value or valueFrom",
         ),
         (
+            "reserved-header",
+            json!({"spec": {"action": {"http": {"headers": [
+            {"name": "X-Team", "value": "ops"}, {"name": "Idempotency-KEY", "value": "mine"}]}}}}),
+            "header name is reserved",
+        ),
+        (
+            "reserved-header-host",
+            json!({"spec": {"action": {"http": {"headers": [{"name": "host", "value": "x"}]}}}}),
+            "spec.action.http.headers[0].name: Invalid value",
+        ),
+        (
             "too-many-retries",
             json!({"spec": {"retry": {"maxRetries": 11}}}),
             "spec.retry.maxRetries in body should be less than or equal to 10",
