@@ -100,3 +100,18 @@ fn reserved_header_rule_lists_every_reserved_header() {
         "{rule}"
     );
 }
+
+#[test]
+fn a_failed_write_to_stdout_exits_1() {
+    let full = std::fs::File::create("/dev/full").expect("/dev/full exists on Linux");
+    let output = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .arg("crd")
+        .stdout(full)
+        .output()
+        .expect("chronflow crd runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "chronflow: cannot write stdout: No space left on device (os error 28)\n"
+    );
+}
