@@ -503,10 +503,10 @@ proptest! {
         }
         for every in parsed.into_iter().chain([raw]) {
             for anchor in [IntervalAnchor::Start(anchor), IntervalAnchor::Created(anchor)] {
-                if let Ok(schedule) = Schedule::interval(every, anchor) {
-                    if let Some(next) = schedule.next_after(after) {
-                        prop_assert!(next > after);
-                    }
+                if let Ok(schedule) = Schedule::interval(every, anchor)
+                    && let Some(next) = schedule.next_after(after)
+                {
+                    prop_assert!(next > after);
                 }
             }
             let offset = jitter::offset("ns/task", after, every);
