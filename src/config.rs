@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! config: unknown key "redis.max_conection" in /etc/chronflow.yaml (expected one of: url, host, port, db, password, max_connections)
-//! config: max_workers: expected an integer >= 1, got 0 (from SCHEDULER__MAX_WORKERS)
+//! config: max_workers: expected an integer from 1 to 10000, got 0 (from SCHEDULER__MAX_WORKERS)
 //! ```
 //!
 //! The key tree is the serialised [`OperatorConfig::default`]: it drives the unknown-key
@@ -30,6 +30,19 @@ pub const ENV_PREFIX: &str = "SCHEDULER__";
 
 /// Separator of nested keys in an environment variable name: `SCHEDULER__REDIS__PORT`.
 const ENV_NESTING: &str = "__";
+
+/// Largest `max_workers`: far more concurrent runs than one operator should make, and far below
+/// what tokio's semaphore accepts (`usize::MAX >> 3` permits; more panics at start-up).
+pub const MAX_WORKERS: usize = 10_000;
+
+/// Largest `queue_size`: a million waiting runs, far below tokio's channel limits.
+pub const MAX_QUEUE_SIZE: usize = 1_000_000;
+
+/// Largest `redis.max_connections`.
+pub const MAX_REDIS_CONNECTIONS: u32 = 10_000;
+
+/// Longest `status.flush_interval` and `shutdown.grace_period`.
+pub const MAX_PERIOD: Duration = Duration::from_secs(3600);
 
 /// What secrets are printed as by `chronflow check-config`.
 pub const REDACTED: &str = "<redacted>";
@@ -495,13 +508,30 @@ impl OperatorConfig {
         let mut problems = Vec::new();
         let check = |ok: bool, key: &str, got: String| (!ok).then(|| sources.expected(key, &got));
 
+        // Features this version lacks: refused here, so `check-config` and `run` agree.
+        if self.backend_type == BackendType::Redis {
+            problems.push(format!(
+                "backend_type: redis (HA dedup) is not available in this version; use memory \
+                 with one replica ({})",
+                sources.origin("backend_type")
+            ));
+        }
+        if self.leader_election.enabled {
+            problems.push(format!(
+                "leader_election.enabled: leader election is not available in this version; \
+                 run one replica ({})",
+                sources.origin("leader_election.enabled")
+            ));
+        }
+
+        // Upper bounds keep every size within what tokio's semaphore and channels accept.
         problems.extend(check(
-            self.max_workers >= 1,
+            (1..=MAX_WORKERS).contains(&self.max_workers),
             "max_workers",
             self.max_workers.to_string(),
         ));
         problems.extend(check(
-            self.queue_size >= 1,
+            (1..=MAX_QUEUE_SIZE).contains(&self.queue_size),
             "queue_size",
             self.queue_size.to_string(),
         ));
@@ -533,7 +563,7 @@ impl OperatorConfig {
         ));
         problems.extend(check(redis.port >= 1, "redis.port", redis.port.to_string()));
         problems.extend(check(
-            redis.max_connections >= 1,
+            (1..=MAX_REDIS_CONNECTIONS).contains(&redis.max_connections),
             "redis.max_connections",
             redis.max_connections.to_string(),
         ));
@@ -582,10 +612,16 @@ impl OperatorConfig {
             ));
         }
 
+        let flush = self.status.flush_interval;
         problems.extend(check(
-            !self.status.flush_interval.is_zero(),
+            !flush.is_zero() && flush <= MAX_PERIOD,
             "status.flush_interval",
-            format_duration(self.status.flush_interval),
+            format_duration(flush),
+        ));
+        problems.extend(check(
+            self.shutdown.grace_period <= MAX_PERIOD,
+            "shutdown.grace_period",
+            format_duration(self.shutdown.grace_period),
         ));
         problems
     }
@@ -994,7 +1030,8 @@ fn leaf(key: &str) -> Option<Leaf> {
     const DURATION: &str = "a duration such as 500ms, 10s, 1m30s, 2h or 1d";
     let (expect, kind) = match key {
         "backend_type" => ("one of memory or redis", Plain),
-        "max_workers" | "queue_size" | "redis.max_connections" => ("an integer >= 1", Plain),
+        "max_workers" | "redis.max_connections" => ("an integer from 1 to 10000", Plain),
+        "queue_size" => ("an integer from 1 to 1000000", Plain),
         "timezone" => ("an IANA time zone name such as UTC or Europe/Paris", Plain),
         "watch_namespaces" => ("a list of namespace names", Plain),
         "watch_namespaces[]" | "leader_election.lease_namespace" => (
@@ -1011,11 +1048,14 @@ fn leaf(key: &str) -> Option<Leaf> {
             "a Kubernetes object name (lowercase letters, digits, '-' and '.')",
             Plain,
         ),
-        "leader_election.lease_duration"
-        | "leader_election.renew_deadline"
-        | "shutdown.grace_period" => (DURATION, Duration),
-        "leader_election.retry_period" | "status.flush_interval" => (
+        "leader_election.lease_duration" | "leader_election.renew_deadline" => (DURATION, Duration),
+        "shutdown.grace_period" => ("a duration of at most 1h, such as 10s, 25s or 1m", Duration),
+        "leader_election.retry_period" => (
             "a duration greater than 0 such as 500ms, 1s or 2s",
+            Duration,
+        ),
+        "status.flush_interval" => (
+            "a duration greater than 0 and at most 1h, such as 500ms, 1s or 2s",
             Duration,
         ),
         "log.format" => ("one of json, pretty, compact or off", Plain),
@@ -1265,16 +1305,16 @@ mod tests {
     fn file_values_override_defaults_and_the_rest_stays_default() {
         let config = ok(
             Some(
-                "backend_type: redis\nmax_workers: 4\ntimezone: Europe/Paris\n\
+                "backend_type: memory\nmax_workers: 4\ntimezone: Europe/Paris\n\
                  watch_namespaces: [team-a, team-b]\n\
                  redis:\n  host: redis.svc\n  password: \"123456\"\n\
-                 leader_election:\n  enabled: true\n  lease_duration: 1m30s\n  renew_deadline: 1m\n  retry_period: 500ms\n\
+                 leader_election:\n  enabled: false\n  lease_duration: 1m30s\n  renew_deadline: 1m\n  retry_period: 500ms\n\
                  log:\n  format: json\n  level: chronflow=debug,kube=warn\n  file: /var/log/chronflow.log\n  rotation: hourly\n\
                  metrics:\n  bind: \"[::]:9090\"\n",
             ),
             &[],
         );
-        assert_eq!(config.backend_type, BackendType::Redis);
+        assert_eq!(config.backend_type, BackendType::Memory);
         assert_eq!(config.max_workers, 4);
         assert_eq!(config.queue_size, 1000);
         assert_eq!(config.timezone, chrono_tz::Europe::Paris);
@@ -1285,7 +1325,7 @@ mod tests {
             config.redis.password.as_ref().map(Secret::expose),
             Some("123456")
         );
-        assert!(config.leader_election.enabled);
+        assert!(!config.leader_election.enabled);
         assert_eq!(
             config.leader_election.lease_duration,
             Duration::from_secs(90)
@@ -1351,7 +1391,7 @@ mod tests {
                 ("SCHEDULER__MAX_WORKERS", "7"),
                 ("SCHEDULER__REDIS__MAX_CONNECTIONS", "20"),
                 ("SCHEDULER__LOG__FORMAT", "json"),
-                ("SCHEDULER__LEADER_ELECTION__ENABLED", "true"),
+                ("SCHEDULER__LOG__LOG_TASK_SUCCESS", "false"),
                 ("SCHEDULER__STATUS__FLUSH_INTERVAL", "250ms"),
                 ("PATH", "/usr/bin"),
                 ("SCHEDULER_MAX_WORKERS", "ignored: single underscore"),
@@ -1361,7 +1401,7 @@ mod tests {
         assert_eq!(config.redis.host, "from-file");
         assert_eq!(config.redis.max_connections, 20);
         assert_eq!(config.log.format, LogFormat::Json);
-        assert!(config.leader_election.enabled);
+        assert!(!config.log.log_task_success);
         assert_eq!(config.status.flush_interval, Duration::from_millis(250));
     }
 
@@ -1548,15 +1588,15 @@ mod tests {
         let cases = [
             (
                 "max_workers: many\n",
-                "max_workers: expected an integer >= 1, got \"many\" (in FILE)",
+                "max_workers: expected an integer from 1 to 10000, got \"many\" (in FILE)",
             ),
             (
                 "queue_size: -1\n",
-                "queue_size: expected an integer >= 1, got -1 (in FILE)",
+                "queue_size: expected an integer from 1 to 1000000, got -1 (in FILE)",
             ),
             (
                 "max_workers: 1.5\n",
-                "max_workers: expected an integer >= 1, got 1.5 (in FILE)",
+                "max_workers: expected an integer from 1 to 10000, got 1.5 (in FILE)",
             ),
             (
                 "backend_type: etcd\n",
@@ -1612,7 +1652,7 @@ mod tests {
             ),
             (
                 "max_workers:\n",
-                "max_workers: expected an integer >= 1, got null (in FILE)",
+                "max_workers: expected an integer from 1 to 10000, got null (in FILE)",
             ),
         ];
         for (yaml, message) in cases {
@@ -1624,7 +1664,7 @@ mod tests {
     fn wrong_types_from_the_environment_name_the_variable() {
         assert_eq!(
             env_err(&[("SCHEDULER__MAX_WORKERS", "ten")]),
-            "config: max_workers: expected an integer >= 1, got \"ten\" (from SCHEDULER__MAX_WORKERS)"
+            "config: max_workers: expected an integer from 1 to 10000, got \"ten\" (from SCHEDULER__MAX_WORKERS)"
         );
         assert_eq!(
             env_err(&[("SCHEDULER__REDIS__PORT", "")]),
@@ -1632,11 +1672,11 @@ mod tests {
         );
         assert_eq!(
             env_err(&[("SCHEDULER__QUEUE_SIZE", "[1]")]),
-            "config: queue_size: expected an integer >= 1, got \"[1]\" (from SCHEDULER__QUEUE_SIZE)"
+            "config: queue_size: expected an integer from 1 to 1000000, got \"[1]\" (from SCHEDULER__QUEUE_SIZE)"
         );
         assert_eq!(
             env_err(&[("SCHEDULER__SHUTDOWN__GRACE_PERIOD", "30")]),
-            "config: shutdown.grace_period: expected a duration such as 500ms, 10s, 1m30s, 2h or 1d, \
+            "config: shutdown.grace_period: expected a duration of at most 1h, such as 10s, 25s or 1m, \
              got \"30\" (add a unit: 30s) (from SCHEDULER__SHUTDOWN__GRACE_PERIOD)"
         );
         assert!(
@@ -1652,15 +1692,15 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 "max_workers: 0",
-                "max_workers: expected an integer >= 1, got 0 (in FILE)",
+                "max_workers: expected an integer from 1 to 10000, got 0 (in FILE)",
             ),
             (
                 "queue_size: 0",
-                "queue_size: expected an integer >= 1, got 0 (in FILE)",
+                "queue_size: expected an integer from 1 to 1000000, got 0 (in FILE)",
             ),
             (
                 "redis:\n  max_connections: 0",
-                "redis.max_connections: expected an integer >= 1, got 0 (in FILE)",
+                "redis.max_connections: expected an integer from 1 to 10000, got 0 (in FILE)",
             ),
             (
                 "redis:\n  port: 0",
@@ -1727,8 +1767,40 @@ mod tests {
                 "log.file: expected null or a file path, got \"\" (in FILE)",
             ),
             (
+                "backend_type: redis",
+                "backend_type: redis (HA dedup) is not available in this version; use memory with one replica (in FILE)",
+            ),
+            (
+                "leader_election:\n  enabled: true",
+                "leader_election.enabled: leader election is not available in this version; run one replica (in FILE)",
+            ),
+            (
+                "max_workers: 10001",
+                "max_workers: expected an integer from 1 to 10000, got 10001 (in FILE)",
+            ),
+            (
+                "max_workers: 18446744073709551615",
+                "max_workers: expected an integer from 1 to 10000, got 18446744073709551615 (in FILE)",
+            ),
+            (
+                "queue_size: 1000001",
+                "queue_size: expected an integer from 1 to 1000000, got 1000001 (in FILE)",
+            ),
+            (
+                "redis:\n  max_connections: 4294967295",
+                "redis.max_connections: expected an integer from 1 to 10000, got 4294967295 (in FILE)",
+            ),
+            (
+                "status:\n  flush_interval: 1h1ms",
+                "status.flush_interval: expected a duration greater than 0 and at most 1h, such as 500ms, 1s or 2s, got 1h1ms (in FILE)",
+            ),
+            (
+                "shutdown:\n  grace_period: 1h1s",
+                "shutdown.grace_period: expected a duration of at most 1h, such as 10s, 25s or 1m, got 1h1s (in FILE)",
+            ),
+            (
                 "status:\n  flush_interval: 0s",
-                "status.flush_interval: expected a duration greater than 0 such as 500ms, 1s or 2s, got 0s (in FILE)",
+                "status.flush_interval: expected a duration greater than 0 and at most 1h, such as 500ms, 1s or 2s, got 0s (in FILE)",
             ),
         ];
         for (yaml, message) in cases {
@@ -1759,7 +1831,7 @@ mod tests {
     fn semantic_errors_from_the_environment_name_the_variable() {
         assert_eq!(
             env_err(&[("SCHEDULER__MAX_WORKERS", "0")]),
-            "config: max_workers: expected an integer >= 1, got 0 (from SCHEDULER__MAX_WORKERS)"
+            "config: max_workers: expected an integer from 1 to 10000, got 0 (from SCHEDULER__MAX_WORKERS)"
         );
         assert_eq!(
             err(
@@ -1777,8 +1849,8 @@ mod tests {
         let error = err(Some("max_workers: 0\n"), &[("SCHEDULER__QUEUE_SIZE", "0")]);
         assert_eq!(
             error,
-            "config: max_workers: expected an integer >= 1, got 0 (in FILE)\n\
-             config: queue_size: expected an integer >= 1, got 0 (from SCHEDULER__QUEUE_SIZE)"
+            "config: max_workers: expected an integer from 1 to 10000, got 0 (in FILE)\n\
+             config: queue_size: expected an integer from 1 to 1000000, got 0 (from SCHEDULER__QUEUE_SIZE)"
         );
     }
 

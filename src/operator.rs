@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::clock::Clock;
-use crate::config::{BackendType, OperatorConfig};
+use crate::config::OperatorConfig;
 use crate::controller::{self, Context, KubeSecrets};
 use crate::dedup::MemoryDedup;
 use crate::engine::{Engine, EngineParts};
@@ -38,7 +38,6 @@ pub async fn run(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    refuse_unsupported(&config)?;
     // One TLS provider for the kube client and the HTTP action alike; a second install (tests
     // running several operators in one process) is a no-op.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -148,23 +147,6 @@ pub async fn run(
         Some(reason) => Err(Error::Startup(reason)),
         None => Ok(()),
     }
-}
-
-/// Keys whose feature is not in this version stop the operator with the key's name.
-fn refuse_unsupported(config: &OperatorConfig) -> Result<()> {
-    if config.backend_type == BackendType::Redis {
-        return Err(Error::Unsupported {
-            key: "backend_type",
-            reason: "redis (HA dedup) is not available in this version; use memory with one replica",
-        });
-    }
-    if config.leader_election.enabled {
-        return Err(Error::Unsupported {
-            key: "leader_election.enabled",
-            reason: "leader election is not available in this version; run one replica",
-        });
-    }
-    Ok(())
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -178,7 +178,7 @@ fn bad_value_from_the_environment_exits_2_naming_key_and_variable() {
     let error = fails(&[], &[("SCHEDULER__MAX_WORKERS", "0")]);
     assert_eq!(
         error.trim_end(),
-        "chronflow: config: max_workers: expected an integer >= 1, got 0 (from SCHEDULER__MAX_WORKERS)"
+        "chronflow: config: max_workers: expected an integer from 1 to 10000, got 0 (from SCHEDULER__MAX_WORKERS)"
     );
 
     let error = fails(
@@ -293,4 +293,96 @@ fn secrets_are_redacted_in_the_printed_configuration() {
         config["redis"]["url"],
         Value::from("rediss://chronflow:<redacted>@redis.example:6380/1")
     );
+}
+
+/// `chronflow run ARGS` with the given variables and none inherited; it must stop at the
+/// configuration, before looking for a cluster (no KUBECONFIG is given anyway).
+fn run_fails(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chronflow"));
+    command.current_dir(repo()).arg("run").args(args);
+    for (name, _) in std::env::vars_os() {
+        let text = name.to_string_lossy().to_ascii_uppercase();
+        if text.starts_with("SCHEDULER__") || text == "CHRONFLOW_CONFIG" {
+            command.env_remove(&name);
+        }
+    }
+    command
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .envs(env.iter().copied());
+    let output = command.output().expect("run chronflow run");
+    assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
+    stderr(&output)
+}
+
+#[test]
+fn sizes_and_periods_too_large_for_the_runtime_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        "max_workers: 18446744073709551615\nqueue_size: 1000001\n\
+         redis:\n  max_connections: 10001\n\
+         status:\n  flush_interval: 1h1ms\nshutdown:\n  grace_period: 2h\n",
+    );
+    let file = path.display().to_string();
+    let error = fails(&["-f", path_arg(&path)], &[]);
+    // One line per problem; the first carries the program name.
+    let lines: Vec<&str> = error.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "chronflow: config: max_workers: expected an integer from 1 to 10000, got 18446744073709551615 (in {file})"
+            ),
+            format!(
+                "config: queue_size: expected an integer from 1 to 1000000, got 1000001 (in {file})"
+            ),
+            format!(
+                "config: redis.max_connections: expected an integer from 1 to 10000, got 10001 (in {file})"
+            ),
+            format!(
+                "config: status.flush_interval: expected a duration greater than 0 and at most 1h, such as 500ms, 1s or 2s, got 1h1ms (in {file})"
+            ),
+            format!(
+                "config: shutdown.grace_period: expected a duration of at most 1h, such as 10s, 25s or 1m, got 2h (in {file})"
+            ),
+        ]
+    );
+    // `run` reads the configuration the same way and stops before starting anything.
+    assert_eq!(run_fails(&["-f", path_arg(&path)], &[]), error);
+
+    let error = fails(&[], &[("SCHEDULER__QUEUE_SIZE", "18446744073709551615")]);
+    assert_eq!(
+        error.trim_end(),
+        "chronflow: config: queue_size: expected an integer from 1 to 1000000, \
+         got 18446744073709551615 (from SCHEDULER__QUEUE_SIZE)"
+    );
+
+    let edges = write(
+        &dir,
+        "max_workers: 10000\nqueue_size: 1000000\nredis:\n  max_connections: 10000\n\
+         status:\n  flush_interval: 1h\nshutdown:\n  grace_period: 1h\n",
+    );
+    let printed: Value = serde_yaml::from_str(&ok(&["-f", path_arg(&edges)], &[])).unwrap();
+    assert_eq!(printed["max_workers"], Value::from(10000));
+    assert_eq!(printed["queue_size"], Value::from(1_000_000));
+    assert_eq!(printed["status"]["flush_interval"], Value::from("1h"));
+}
+
+#[test]
+fn features_this_version_lacks_exit_2_in_check_config_and_run_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "backend_type: redis\n");
+    let expected = format!(
+        "chronflow: config: backend_type: redis (HA dedup) is not available in this version; \
+         use memory with one replica (in {})\n",
+        path.display()
+    );
+    assert_eq!(fails(&["-f", path_arg(&path)], &[]), expected);
+    assert_eq!(run_fails(&["-f", path_arg(&path)], &[]), expected);
+
+    let env = [("SCHEDULER__LEADER_ELECTION__ENABLED", "true")];
+    let expected = "chronflow: config: leader_election.enabled: leader election is not available \
+                    in this version; run one replica (from SCHEDULER__LEADER_ELECTION__ENABLED)\n";
+    assert_eq!(fails(&[], &env), expected);
+    assert_eq!(run_fails(&[], &env), expected);
 }

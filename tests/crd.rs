@@ -75,3 +75,43 @@ fn every_sample_reads_as_a_chrontask() {
     }
     assert!(count >= 5, "expected at least 5 samples, found {count}");
 }
+
+#[test]
+fn reserved_header_rule_lists_every_reserved_header() {
+    let crd = serde_json::to_value(chronflow::crd::crd()).unwrap();
+    let name = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["action"]["properties"]["http"]["properties"]["headers"]["items"]["properties"]["name"];
+    let rules = name["x-kubernetes-validations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no CEL rule on header names: {name}"));
+    let rule = rules
+        .iter()
+        .filter_map(|rule| rule["rule"].as_str())
+        .find(|rule| rule.contains("lowerAscii()"))
+        .expect("a rule comparing the lower-cased name");
+    for reserved in chronflow::executor::http::RESERVED_HEADERS {
+        let quoted = format!("'{}'", reserved.to_ascii_lowercase());
+        assert!(rule.contains(&quoted), "{rule} lacks {quoted}");
+    }
+    let listed = rule.matches('\'').count() / 2;
+    assert_eq!(
+        listed,
+        chronflow::executor::http::RESERVED_HEADERS.len(),
+        "{rule}"
+    );
+}
+
+#[test]
+fn a_failed_write_to_stdout_exits_1() {
+    let full = std::fs::File::create("/dev/full").expect("/dev/full exists on Linux");
+    let output = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .arg("crd")
+        .stdout(full)
+        .output()
+        .expect("chronflow crd runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "chronflow: cannot write stdout: No space left on device (os error 28)\n"
+    );
+}

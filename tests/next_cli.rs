@@ -277,6 +277,41 @@ fn invalid_input_exits_2_with_one_line_naming_the_field() {
 }
 
 #[test]
+fn huge_intervals_are_rejected_not_a_panic() {
+    let start = "2026-01-01T00:00:00Z";
+    assert_rejects(
+        &["--interval", "367d", "--start", start],
+        "--interval",
+        "is longer than the maximum 366d",
+    );
+    for huge in [
+        "3000000d",
+        "9999999999d",
+        "99999999999999999999d",
+        "18446744073709551615ms",
+    ] {
+        assert_rejects(
+            &["--interval", huge, "--start", start],
+            "--interval",
+            "is longer than the maximum 366d",
+        );
+    }
+    assert_prints(
+        &[
+            "--interval",
+            "366d",
+            "--start",
+            start,
+            "--after",
+            start,
+            "-n",
+            "1",
+        ],
+        &["2027-01-02T00:00:00+00:00"],
+    );
+}
+
+#[test]
 fn usage_errors_exit_2() {
     for args in [
         &[][..],
@@ -288,4 +323,62 @@ fn usage_errors_exit_2() {
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         assert_eq!(stdout(&output), "", "{args:?}");
     }
+}
+
+#[test]
+fn a_failed_write_to_stdout_exits_1_with_one_line() {
+    let full = std::fs::File::create("/dev/full").expect("/dev/full exists on Linux");
+    let output = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .args(["next", "@hourly", "-n", "3"])
+        .stdout(full)
+        .output()
+        .expect("the chronflow binary runs");
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "stderr {message:?}");
+    assert_eq!(
+        message,
+        "error: cannot write stdout: No space left on device (os error 28)\n"
+    );
+}
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    use std::io::BufRead;
+    // Far more output than a pipe buffers, so the write after the reader leaves is refused.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .args(["next", "* * * * * *", "-n", "1000000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the chronflow binary runs");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut first)
+        .expect("one line");
+    assert!(first.ends_with("+00:00\n"), "{first:?}");
+    // The reader is dropped here: the pipe is closed, as `| head -1` does.
+    let output = child.wait_with_output().expect("it ends");
+    assert_eq!(output.status.code(), Some(0), "{:?}", stderr(&output));
+    assert_eq!(stderr(&output), "");
+}
+
+#[test]
+fn a_cron_expression_starting_with_a_hyphen_is_read_as_the_expression() {
+    assert_rejects(&["-5 * * * *"], "minute", "missing a value in \"-5\"");
+    assert_rejects(
+        &["-n", "3", "-5 * * * *"],
+        "minute",
+        "missing a value in \"-5\"",
+    );
+    assert_rejects(&["--", "-5 * * * *"], "minute", "missing a value in \"-5\"");
+    assert_rejects(
+        &["-1-5 * * * *", "--tz", "UTC"],
+        "minute",
+        "missing a value in \"-1-5\"",
+    );
+    // Options still work around the expression.
+    assert_prints(
+        &["-n", "1", "0 0 * * *", "--after", "2026-01-01T00:00:00Z"],
+        &["2026-01-02T00:00:00+00:00"],
+    );
 }

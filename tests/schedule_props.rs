@@ -11,7 +11,9 @@
 
 use std::collections::BTreeSet;
 
-use chronflow::schedule::Schedule;
+use std::time::Duration;
+
+use chronflow::schedule::{IntervalAnchor, Schedule, jitter, parse_duration};
 use chrono::{DateTime, Datelike, NaiveDateTime, TimeDelta, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use proptest::prelude::*;
@@ -447,6 +449,70 @@ proptest! {
                 let known = ["cron", "second", "minute", "hour", "day-of-month", "month", "day-of-week"];
                 prop_assert!(known.contains(&error.field.as_str()), "{:?}: unexpected field in {}", text, error);
                 prop_assert!(!error.reason.is_empty());
+            }
+        }
+    }
+}
+
+/// Any instant chrono can represent, to the nanosecond.
+fn any_instant() -> impl Strategy<Value = DateTime<Utc>> {
+    let (min, max) = (
+        DateTime::<Utc>::MIN_UTC.timestamp(),
+        DateTime::<Utc>::MAX_UTC.timestamp(),
+    );
+    prop_oneof![
+        (min..=max, 0u32..1_000_000_000),
+        // Near the ends of chrono's range, where unchecked arithmetic would overflow.
+        (min..=min + 400 * 86_400, 0u32..1_000_000_000),
+        (max - 400 * 86_400..=max, 0u32..1_000_000_000),
+        // Near the last RFC 3339 instant.
+        (
+            253_402_300_799i64 - 400 * 86_400..=253_402_300_799 + 400 * 86_400,
+            0u32..1_000_000_000
+        ),
+    ]
+    .prop_map(|(seconds, nanos)| {
+        DateTime::from_timestamp(seconds, nanos).unwrap_or(DateTime::<Utc>::MAX_UTC)
+    })
+}
+
+proptest! {
+    #![proptest_config(config(3000))]
+
+    /// Every path from a duration the user wrote to a date is checked arithmetic: however large
+    /// the duration (as text or already parsed) and however far the instants, parsing, interval
+    /// schedules and jitter give a value or an error, never a panic.
+    #[test]
+    fn user_durations_never_panic_on_the_way_to_a_date(
+        text in prop_oneof![
+            "[0-9]{1,22}(d|h|m|s|ms)",
+            "([0-9]{1,20}d)?([0-9]{1,20}h)?([0-9]{1,20}m)?([0-9]{1,20}s)?([0-9]{1,20}ms)?",
+        ],
+        raw in prop_oneof![
+            any::<u64>().prop_map(Duration::from_nanos),
+            any::<u64>().prop_map(Duration::from_millis),
+            any::<u64>().prop_map(Duration::from_secs),
+            Just(Duration::MAX),
+        ],
+        anchor in any_instant(),
+        after in any_instant(),
+    ) {
+        let parsed = parse_duration(&text).ok();
+        if let Some(parsed) = parsed {
+            prop_assert!(parsed <= Duration::from_secs(366 * 86_400), "{text:?} parsed to {parsed:?}");
+        }
+        for every in parsed.into_iter().chain([raw]) {
+            for anchor in [IntervalAnchor::Start(anchor), IntervalAnchor::Created(anchor)] {
+                if let Ok(schedule) = Schedule::interval(every, anchor)
+                    && let Some(next) = schedule.next_after(after)
+                {
+                    prop_assert!(next > after);
+                }
+            }
+            let offset = jitter::offset("ns/task", after, every);
+            prop_assert!(offset <= every);
+            if let Some(start) = jitter::delayed("ns/task", after, every) {
+                prop_assert!(start >= after);
             }
         }
     }

@@ -448,6 +448,59 @@ const HAND: &[CronCase] = &[
     },
     // --- Pacific/Apia skipped 2011-12-30 entirely (-10 -> +14): noon of the missing day moves to
     // the first instant after it, midnight of the 31st.
+    // --- steps longer than the field's range, as Vixie cron, robfig/cron (CronJob), croniter
+    // and cronsim read them: only the start of the range matches.
+    CronCase {
+        name: "step-longer-than-months-is-january",
+        expr: "0 0 1 */15 *",
+        tz: "UTC",
+        after: "2025-12-31T00:00:00Z",
+        expected: &[
+            "2026-01-01T00:00:00+00:00",
+            "2027-01-01T00:00:00+00:00",
+            "2028-01-01T00:00:00+00:00",
+        ],
+    },
+    CronCase {
+        // 2026-01-01 is a Thursday; */20 over 0-7 is 0 alone: Sunday.
+        name: "step-longer-than-weekdays-is-sunday",
+        expr: "0 0 * * */20",
+        tz: "UTC",
+        after: "2026-01-01T00:00:00Z",
+        expected: &[
+            "2026-01-04T00:00:00+00:00",
+            "2026-01-11T00:00:00+00:00",
+            "2026-01-18T00:00:00+00:00",
+        ],
+    },
+    CronCase {
+        name: "step-longer-than-minutes-is-minute-0",
+        expr: "*/100 * * * *",
+        tz: "UTC",
+        after: "2026-01-01T00:00:00Z",
+        expected: &["2026-01-01T01:00:00+00:00", "2026-01-01T02:00:00+00:00"],
+    },
+    CronCase {
+        name: "value-with-long-step-is-the-value",
+        expr: "5/100 * * * *",
+        tz: "UTC",
+        after: "2026-01-01T00:00:00Z",
+        expected: &["2026-01-01T00:05:00+00:00", "2026-01-01T01:05:00+00:00"],
+    },
+    CronCase {
+        name: "range-with-long-step-is-its-start",
+        expr: "0 9-17/24 * * *",
+        tz: "UTC",
+        after: "2026-01-01T00:00:00Z",
+        expected: &["2026-01-01T09:00:00+00:00", "2026-01-02T09:00:00+00:00"],
+    },
+    CronCase {
+        name: "6f-step-longer-than-seconds",
+        expr: "*/90 * * * * *",
+        tz: "UTC",
+        after: "2026-01-01T00:00:00Z",
+        expected: &["2026-01-01T00:01:00+00:00", "2026-01-01T00:02:00+00:00"],
+    },
     CronCase {
         name: "apia-skipped-day-6f",
         expr: "0 0 12 * * *",
@@ -502,9 +555,14 @@ const INVALID: &[(&str, &str)] = &[
     ("@daily *", "cron: macro @daily takes no fields"),
     ("1,,2 * * * *", "minute: empty item in list \"1,,2\""),
     ("0 0 1, * *", "day-of-month: empty item in list \"1,\""),
-    ("*/0 * * * *", "minute: step 0 is out of range 1-60"),
+    ("*/0 * * * *", "minute: step 0 must be at least 1"),
+    ("0 0 * 1-6/0 *", "month: step 0 must be at least 1"),
     ("*/x * * * *", "minute: step \"x\" is not a number"),
-    ("0 0 * */13 *", "month: step 13 is out of range 1-12"),
+    ("*/-1 * * * *", "minute: step \"-1\" is not a number"),
+    (
+        "*/99999999999 * * * *",
+        "minute: step 99999999999 is too large",
+    ),
     ("1/2/3 * * * *", "minute: step \"2/3\" is not a number"),
     (
         "0 22-2 * * *",
@@ -564,7 +622,7 @@ fn invalid_expressions_name_the_field() {
 fn invalid_spec_values_name_the_field() {
     let start = instant("2026-02-01T00:00:00Z");
     let anchor = IntervalAnchor::Created(start);
-    let cases: [(&str, String, &str); 6] = [
+    let cases: [(&str, String, &str); 8] = [
         (
             "unknown zone",
             error_text(parse_timezone("Mars/Base")),
@@ -595,6 +653,19 @@ fn invalid_spec_values_name_the_field() {
         (
             "shortest interval accepted",
             error_text(Schedule::interval(Duration::from_millis(100), anchor).map(|_| ())),
+            "ok",
+        ),
+        (
+            "long interval",
+            error_text(Schedule::interval(
+                Duration::from_secs(366 * 86_400 + 1),
+                anchor,
+            )),
+            "interval: 366d1s is longer than the maximum 366d",
+        ),
+        (
+            "longest interval accepted",
+            error_text(Schedule::interval(Duration::from_secs(366 * 86_400), anchor).map(|_| ())),
             "ok",
         ),
     ];

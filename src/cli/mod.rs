@@ -79,12 +79,17 @@ impl Cli {
     }
 }
 
+/// Writes `text` to standard output and flushes, so a full disk is an error (exit 1). A reader
+/// that closed the pipe early (`| head`) is not: it has what it wanted.
 fn print_stdout(text: &str) -> Result<()> {
     use std::io::Write;
-    std::io::stdout()
-        .write_all(text.as_bytes())
-        .map_err(|source| Error::WriteOutput {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(source) => Err(Error::WriteOutput {
             path: "stdout".into(),
             source,
-        })
+        }),
+    }
 }

@@ -2,7 +2,8 @@
 //! applying it. The output is a contract parsed by scripts and tests (PRODUCT.md):
 //! one RFC 3339 instant per line, in the `--tz` zone's offset, fractional seconds only when
 //! needed; an invalid input prints nothing on stdout, one line on stderr naming the field, and
-//! exits with status 2.
+//! exits with status 2. Output that cannot be written (a full disk) is one line on stderr and
+//! status 1; a reader closing the pipe early (`| head -1`) ends the command quietly with 0.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -40,7 +41,9 @@ const EXIT_INVALID: u8 = 2;
 pub struct NextArgs {
     /// Cron expression, quoted: 5 fields (minute hour day-of-month month day-of-week), 6 fields
     /// (seconds first), or a macro (@yearly @annually @monthly @weekly @daily @midnight @hourly).
-    #[arg(value_name = "CRON")]
+    // An expression starting with `-` (`-5 * * * *`) is the expression, so its error is ours
+    // (one line naming the field), not clap's "unexpected argument".
+    #[arg(value_name = "CRON", allow_hyphen_values = true)]
     pub cron: Option<String>,
 
     /// Fixed-rate interval instead of cron (500ms, 10s, 1m30s, 2h, 1d); due at
@@ -74,16 +77,36 @@ pub struct NextArgs {
     pub count: usize,
 }
 
-/// Runs `chronflow next`: 0 on success (even with fewer than N instants), 2 on invalid input.
+/// Exit status when standard output cannot be written (a full disk), as for other failures of
+/// the environment.
+const EXIT_OUTPUT: u8 = 1;
+
+/// Runs `chronflow next`: 0 on success (even with fewer than N instants, or when the reader
+/// closes the pipe early, as `| head -1` does), 2 on invalid input, 1 when standard output
+/// cannot be written.
 pub fn run(args: &NextArgs) -> ExitCode {
     match plan(args) {
-        Ok((schedule, tz, after)) => print_instants(&schedule, tz, after, args.count),
+        Ok((schedule, tz, after)) => match print_instants(&schedule, tz, after, args.count) {
+            Ok(()) => ExitCode::SUCCESS,
+            // The reader left (`| head -1`): it has what it wanted; not an error of ours.
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(error) => {
+                report(&format!("cannot write stdout: {error}"));
+                ExitCode::from(EXIT_OUTPUT)
+            }
+        },
         Err(error) => {
             // Exactly one line: scripts read it as "field: reason".
-            eprintln!("error: {error}");
+            report(&error.to_string());
             ExitCode::from(EXIT_INVALID)
         }
     }
+}
+
+/// One line on standard error. If even that fails there is no one left to tell (`eprintln!`
+/// would panic instead).
+fn report(message: &str) {
+    let _ = writeln!(std::io::stderr(), "error: {message}");
 }
 
 /// Validates every argument and builds the schedule, the output zone and the `--after` instant.
@@ -146,8 +169,14 @@ fn on_flag(flag: &str, error: ScheduleError) -> ScheduleError {
     }
 }
 
-fn print_instants(schedule: &Schedule, tz: Tz, after: DateTime<Utc>, count: usize) -> ExitCode {
-    let mut out = std::io::stdout().lock();
+/// Writes up to `count` instants, one per line, and flushes: every write error is returned.
+fn print_instants(
+    schedule: &Schedule,
+    tz: Tz,
+    after: DateTime<Utc>,
+    count: usize,
+) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut cursor = after;
     for _ in 0..count {
         let Some(next) = schedule.next_after(cursor) else {
@@ -156,14 +185,8 @@ fn print_instants(schedule: &Schedule, tz: Tz, after: DateTime<Utc>, count: usiz
         let line = next
             .with_timezone(&tz)
             .to_rfc3339_opts(SecondsFormat::AutoSi, false);
-        if writeln!(out, "{line}").is_err() {
-            // A closed pipe (`| head -1`) is the reader's choice, not an error of ours.
-            return ExitCode::SUCCESS;
-        }
+        writeln!(out, "{line}")?;
         cursor = next;
     }
-    match out.flush() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::SUCCESS,
-    }
+    out.flush()
 }

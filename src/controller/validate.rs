@@ -5,14 +5,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use chrono_tz::Tz;
 
+use crate::crd::spec::MAX_STARTING_DEADLINE_SECONDS;
 use crate::crd::{ChronTask, HistorySpec, HttpMethod, Phase};
 use crate::engine::EngineTask;
-use crate::executor::http::{HeaderValue, SuccessCodes};
+use crate::executor::http::{HeaderValue, SuccessCodes, is_reserved_header};
 use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
-use crate::schedule::{IntervalAnchor, Schedule, parse_duration, parse_instant, parse_timezone};
+use crate::schedule::jitter::MAX_JITTER;
+use crate::schedule::{
+    IntervalAnchor, Schedule, format_duration, parse_duration, parse_instant, parse_timezone,
+};
+
+/// Why a header name is refused; the CRD's CEL rule says the same.
+const RESERVED_REASON: &str = "is a reserved header name: chronflow sets Idempotency-Key, \
+     X-Chronflow-Scheduled-Time and X-Chronflow-Attempt, and the HTTP client sets Host, \
+     Content-Length, Transfer-Encoding and Connection";
+
+/// How long before its creation an `at` instant may be: one written as "now" by a client whose
+/// clock runs a little ahead is still run. Earlier than that, nothing would ever run.
+const AT_BEFORE_CREATION: TimeDelta = TimeDelta::minutes(1);
+
+/// The longest `spec.timeout` (per attempt) and retry delay.
+const MAX_DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// A ChronTask that can be scheduled.
 #[derive(Debug)]
@@ -56,7 +72,21 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         .as_deref()
         .map(|j| duration("spec.schedule.jitter", j))
         .transpose()?;
-    let timeout = duration("spec.timeout", &spec.timeout)?;
+    if let Some(jitter) = jitter {
+        check_jitter(jitter, &schedule)?;
+    }
+    // The same bounds as the CRD's CEL rules, for objects stored before them.
+    let at_most = |field: &str, text: &str, why: &str| {
+        let value = duration(field, text)?;
+        if value > MAX_DAY {
+            return Err(invalid(
+                field,
+                format!("{text:?} is longer than the maximum 24h{why}"),
+            ));
+        }
+        Ok(value)
+    };
+    let timeout = at_most("spec.timeout", &spec.timeout, " (it limits each attempt)")?;
     if timeout.is_zero() {
         return Err(invalid("spec.timeout", "must be longer than 0s"));
     }
@@ -65,14 +95,22 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         Some(retry) => RetryPolicy {
             max_retries: retry.max_retries,
             backoff: retry.backoff,
-            initial_delay: duration("spec.retry.initialDelay", &retry.initial_delay)?,
-            max_delay: duration("spec.retry.maxDelay", &retry.max_delay)?,
+            initial_delay: at_most("spec.retry.initialDelay", &retry.initial_delay, "")?,
+            max_delay: at_most("spec.retry.maxDelay", &retry.max_delay, "")?,
         },
     };
     let (action, secret_refs) = action(task)?;
-    let starting_deadline = spec
-        .starting_deadline_seconds
-        .map(|s| Duration::from_secs(s.max(0) as u64));
+    let starting_deadline = match spec.starting_deadline_seconds {
+        Some(seconds) if seconds > MAX_STARTING_DEADLINE_SECONDS => {
+            return Err(invalid(
+                "spec.startingDeadlineSeconds",
+                format!(
+                    "{seconds} is more than the maximum {MAX_STARTING_DEADLINE_SECONDS} (366 days)"
+                ),
+            ));
+        }
+        seconds => seconds.map(|s| Duration::from_secs(s.max(0) as u64)),
+    };
 
     let engine = EngineTask {
         id,
@@ -99,6 +137,33 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         secret_refs,
         history: spec.history.unwrap_or_default(),
     })
+}
+
+/// A jitter is at most [`MAX_JITTER`] and shorter than the smallest gap between two runs, so a
+/// delayed run always starts before the next one is due.
+fn check_jitter(jitter: Duration, schedule: &Schedule) -> Result<(), Invalid> {
+    let field = "spec.schedule.jitter";
+    if jitter > MAX_JITTER {
+        return Err(invalid(
+            field,
+            format!(
+                "{} is longer than the maximum {}",
+                format_duration(jitter),
+                format_duration(MAX_JITTER)
+            ),
+        ));
+    }
+    match schedule.min_gap() {
+        Some(gap) if jitter >= gap => Err(invalid(
+            field,
+            format!(
+                "{} is not shorter than the smallest gap between runs ({})",
+                format_duration(jitter),
+                format_duration(gap)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Where catch-up after downtime starts when the engine first sees the task (`None`: now).
@@ -161,7 +226,24 @@ fn schedule(
             };
             Schedule::interval(every, anchor).map_err(|e| invalid(&field("interval"), e.reason))?
         }
-        (None, None, Some(_)) => Schedule::at(instant("at", &spec.at)?.unwrap_or(created)),
+        (None, None, Some(_)) => {
+            let at = instant("at", &spec.at)?.unwrap_or(created);
+            let earliest = created
+                .checked_sub_signed(AT_BEFORE_CREATION)
+                .unwrap_or(created);
+            if at < earliest {
+                let show = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+                return Err(invalid(
+                    &field("at"),
+                    format!(
+                        "{} is before the task was created (creationTimestamp {}), so nothing would run",
+                        show(at),
+                        show(created)
+                    ),
+                ));
+            }
+            Schedule::at(at)
+        }
         _ => {
             return Err(invalid(
                 "spec.schedule",
@@ -198,6 +280,12 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
                         format!("{:?} is not a valid header name", header.name),
                     )
                 })?;
+                if is_reserved_header(&header.name) {
+                    return Err(invalid(
+                        &field,
+                        format!("{:?} {RESERVED_REASON}", header.name),
+                    ));
+                }
                 let value = match (&header.value, &header.value_from) {
                     (Some(value), None) => {
                         reqwest::header::HeaderValue::from_str(value).map_err(|_| {
@@ -312,6 +400,10 @@ mod tests {
                 .starts_with("spec.schedule.timezone: ")
         );
         assert!(reason(http(json!({"interval": "0s"}))).starts_with("spec.schedule.interval: "));
+        assert_eq!(
+            reason(http(json!({"interval": "3000000d"}))),
+            "spec.schedule.interval: \"3000000d\" is longer than the maximum 366d"
+        );
         assert!(
             reason(http(json!({"cron": "* * * * *", "jitter": "soon"})))
                 .starts_with("spec.schedule.jitter: ")
@@ -331,6 +423,156 @@ mod tests {
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    #[test]
+    fn jitter_is_at_most_an_hour_and_shorter_than_the_gap_between_runs() {
+        assert_eq!(
+            reason(http(json!({"cron": "*/5 * * * * *", "jitter": "10s"}))),
+            "spec.schedule.jitter: 10s is not shorter than the smallest gap between runs (5s)"
+        );
+        assert_eq!(
+            reason(http(json!({"cron": "*/5 * * * * *", "jitter": "5s"}))),
+            "spec.schedule.jitter: 5s is not shorter than the smallest gap between runs (5s)"
+        );
+        assert_eq!(
+            reason(http(json!({"interval": "1m", "jitter": "1m"}))),
+            "spec.schedule.jitter: 1m is not shorter than the smallest gap between runs (1m)"
+        );
+        assert_eq!(
+            reason(http(json!({"cron": "@daily", "jitter": "1h1ms"}))),
+            "spec.schedule.jitter: 1h1ms is longer than the maximum 1h"
+        );
+        assert_eq!(
+            reason(http(
+                json!({"at": "2026-06-01T00:00:00Z", "jitter": "9999999999d"})
+            )),
+            "spec.schedule.jitter: \"9999999999d\" is longer than the maximum 366d"
+        );
+        for (schedule, jitter) in [
+            (json!({"cron": "*/5 * * * * *"}), "4s999ms"),
+            (json!({"cron": "@daily"}), "1h"),
+            (json!({"interval": "1m"}), "59s"),
+            (json!({"at": "2026-06-01T00:00:00Z"}), "1h"),
+            (json!({"cron": "* * * * *"}), "0s"),
+        ] {
+            let mut schedule = schedule;
+            schedule["jitter"] = json!(jitter);
+            let valid = validate(&http(schedule.clone()), Tz::UTC)
+                .unwrap_or_else(|e| panic!("{schedule}: {e}"));
+            assert_eq!(valid.engine.jitter, parse_duration(jitter).ok());
+        }
+    }
+
+    #[test]
+    fn an_at_instant_before_creation_is_invalid_as_it_would_never_run() {
+        // The task was created at 2026-01-01T00:00:00Z.
+        assert_eq!(
+            reason(http(json!({"at": "2025-12-31T23:58:59Z"}))),
+            "spec.schedule.at: 2025-12-31T23:58:59Z is before the task was created \
+             (creationTimestamp 2026-01-01T00:00:00Z), so nothing would run"
+        );
+        assert!(
+            reason(http(json!({"at": "2020-01-01T08:00:00+08:00"}))).starts_with(
+                "spec.schedule.at: 2020-01-01T00:00:00Z is before the task was created"
+            )
+        );
+        // Within a minute before creation (clock skew, "now"): valid, the engine runs it.
+        for at in [
+            "2025-12-31T23:59:00Z",
+            "2025-12-31T23:59:30.5Z",
+            "2026-01-01T00:00:00Z",
+            "2026-06-01T00:00:00Z",
+        ] {
+            let valid =
+                validate(&http(json!({"at": at})), Tz::UTC).unwrap_or_else(|e| panic!("{at}: {e}"));
+            assert!(valid.schedule_text.starts_with("at "), "{at}");
+        }
+    }
+
+    #[test]
+    fn timeouts_retry_delays_and_deadlines_are_bounded() {
+        let with = |extra: serde_json::Value| {
+            let mut spec = json!({"schedule": {"cron": "@daily"},
+                "action": {"http": {"url": "http://127.0.0.1:9/x"}}});
+            for (key, value) in extra.as_object().unwrap() {
+                spec[key] = value.clone();
+            }
+            task(spec)
+        };
+        assert_eq!(
+            reason(with(json!({"timeout": "24h1ms"}))),
+            "spec.timeout: \"24h1ms\" is longer than the maximum 24h (it limits each attempt)"
+        );
+        assert_eq!(
+            reason(with(json!({"timeout": "2d"}))),
+            "spec.timeout: \"2d\" is longer than the maximum 24h (it limits each attempt)"
+        );
+        assert_eq!(
+            reason(with(
+                json!({"retry": {"maxRetries": 1, "initialDelay": "1s", "maxDelay": "25h"}})
+            )),
+            "spec.retry.maxDelay: \"25h\" is longer than the maximum 24h"
+        );
+        assert_eq!(
+            reason(with(
+                json!({"retry": {"maxRetries": 1, "initialDelay": "30h", "maxDelay": "1h"}})
+            )),
+            "spec.retry.initialDelay: \"30h\" is longer than the maximum 24h"
+        );
+        assert_eq!(
+            reason(with(json!({"startingDeadlineSeconds": 31_622_401}))),
+            "spec.startingDeadlineSeconds: 31622401 is more than the maximum 31622400 (366 days)"
+        );
+        let longest = with(
+            json!({"timeout": "24h", "startingDeadlineSeconds": 31_622_400,
+            "retry": {"maxRetries": 10, "initialDelay": "24h", "maxDelay": "24h"}}),
+        );
+        let valid = validate(&longest, Tz::UTC).unwrap();
+        assert_eq!(valid.engine.run.timeout, Duration::from_secs(86_400));
+        assert_eq!(
+            valid.engine.run.retry.max_delay,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            valid.engine.run.starting_deadline,
+            Some(Duration::from_secs(31_622_400))
+        );
+        // A day written in days, as objects stored before the pattern excluded them.
+        assert!(validate(&with(json!({"timeout": "1d"})), Tz::UTC).is_ok());
+    }
+
+    #[test]
+    fn reserved_header_names_are_refused_in_any_case() {
+        let with_header = |name: &str| {
+            task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
+                "url": "http://x.example/", "headers": [
+                    {"name": "X-Ok", "value": "1"},
+                    {"name": name, "value": "x"}]}}}))
+        };
+        for name in [
+            "Idempotency-Key",
+            "idempotency-key",
+            "X-CHRONFLOW-SCHEDULED-TIME",
+            "X-Chronflow-Attempt",
+            "host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Connection",
+        ] {
+            assert_eq!(
+                reason(with_header(name)),
+                format!("spec.action.http.headers[1]: {name:?} {RESERVED_REASON}"),
+            );
+        }
+        for name in [
+            "X-Idempotency-Key",
+            "Authorization",
+            "User-Agent",
+            "Hostname",
+        ] {
+            assert!(validate(&with_header(name), Tz::UTC).is_ok(), "{name}");
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([
 /// Durations that CEL's `duration()` can also read (no days), so rules can compare them.
 pub const SHORT_DURATION_PATTERN: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$";
 
+/// The largest `startingDeadlineSeconds`: 366 days.
+pub const MAX_STARTING_DEADLINE_SECONDS: i64 = 366 * 86_400;
+
 /// A task that chronflow runs on a schedule: cron with seconds, a fixed-rate interval or a
 /// one-shot instant. Status reports its runs, success rate and next run.
 // Several printcolumn(...) entries share `type_ = ...`, which clippy takes for a repeated attribute.
@@ -88,9 +91,9 @@ pub struct ChronTaskSpec {
     pub max_concurrent_runs: u32,
 
     /// A run that cannot start within this many seconds of its scheduled instant is not started
-    /// and is counted in `status.missedRuns`. Unset: no deadline.
+    /// and is counted in `status.missedRuns`. Unset: no deadline. At most 31622400 (366 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_STARTING_DEADLINE_SECONDS))]
     pub starting_deadline_seconds: Option<i64>,
 
     /// What to do with instants missed while the operator was down: `Skip` them, run the
@@ -98,9 +101,10 @@ pub struct ChronTaskSpec {
     #[serde(default)]
     pub catch_up: CatchUpPolicy,
 
-    /// Time limit of each attempt, e.g. `30s`, `2m`.
+    /// Time limit of each attempt, e.g. `30s`, `2m` (`h m s ms` units, at most 24h).
     #[serde(default = "default_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('24h')").message("timeout must be at most 24h (it limits each attempt)"))]
+    #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub timeout: String,
 
     /// Retries of a failed attempt. Default: no retry.
@@ -128,6 +132,7 @@ fn default_timeout() -> String {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("[has(self.cron), has(self.interval), has(self.at)].filter(x, x).size() == 1").message("schedule needs exactly one of cron, interval or at"))]
 #[x_kube(validation = Rule::new("!has(self.startAt) || !has(self.endAt) || timestamp(self.endAt) > timestamp(self.startAt)").message("schedule.endAt must be after schedule.startAt"))]
+#[x_kube(validation = Rule::new("!has(self.jitter) || duration(self.jitter) <= duration('1h')").message("schedule.jitter must be at most 1h"))]
 pub struct ScheduleSpec {
     /// Cron expression: 6 fields with seconds first (`*/5 * * * * *`) or classic 5 fields
     /// (`m h dom mon dow`), names (`JAN`, `MON`), ranges, lists, steps, Sunday as 0 or 7,
@@ -156,9 +161,10 @@ pub struct ScheduleSpec {
     pub timezone: Option<String>,
 
     /// Delays each run by up to this long, by an amount fixed per (task, instant), to spread
-    /// load; the run keeps its scheduled instant as its identity.
+    /// load; the run keeps its scheduled instant as its identity. `h m s ms` units, at most
+    /// 1h, and shorter than the smallest gap between two runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub jitter: Option<String>,
 
     /// No run is due before this instant (RFC 3339, inclusive); anchors intervals.
@@ -191,8 +197,9 @@ pub struct RetrySpec {
     #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub initial_delay: String,
 
-    /// Upper bound of any delay (`h m s ms` units).
+    /// Upper bound of any delay (`h m s ms` units, at most 24h).
     #[serde(default = "default_max_delay")]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('24h')").message("retry.maxDelay must be at most 24h"))]
     #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub max_delay: String,
 }
@@ -275,7 +282,10 @@ pub enum HttpMethod {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)").message("a header needs exactly one of value or valueFrom"))]
 pub struct HttpHeader {
-    /// Header name.
+    /// Header name. Reserved (in any case): `Idempotency-Key`, `X-Chronflow-Scheduled-Time`,
+    /// `X-Chronflow-Attempt` (chronflow sets them), `Host`, `Content-Length`,
+    /// `Transfer-Encoding`, `Connection` (the HTTP client sets them).
+    #[x_kube(validation = Rule::new("!(self.lowerAscii() in ['idempotency-key', 'x-chronflow-scheduled-time', 'x-chronflow-attempt', 'host', 'content-length', 'transfer-encoding', 'connection'])").message("header name is reserved: chronflow sets Idempotency-Key, X-Chronflow-Scheduled-Time and X-Chronflow-Attempt, and the HTTP client sets Host, Content-Length, Transfer-Encoding and Connection"))]
     #[schemars(
         length(min = 1, max = 256),
         regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

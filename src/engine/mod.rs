@@ -457,17 +457,14 @@ fn same_timing(old: &EngineTask, new: &EngineTask) -> bool {
     old.schedule == new.schedule && old.jitter == new.jitter
 }
 
-/// When the timer of `instant` fires: the instant plus the task's deterministic jitter.
+/// When the timer of `instant` fires: the instant plus the task's deterministic jitter (the
+/// instant itself should the sum not be representable).
 fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
     match task.jitter {
+        // Keyed by `<namespace>/<name>`, as docs/schedule.md promises: every replica and every
+        // restart computes the same delay.
         Some(max) if !max.is_zero() => {
-            // Keyed by `<namespace>/<name>`, as docs/schedule.md promises: every replica and
-            // every restart computes the same delay.
-            let offset = jitter::offset(&task.id.key.to_string(), instant, max);
-            chrono::Duration::from_std(offset)
-                .ok()
-                .and_then(|offset| instant.checked_add_signed(offset))
-                .unwrap_or(instant)
+            jitter::delayed(&task.id.key.to_string(), instant, max).unwrap_or(instant)
         }
         _ => instant,
     }

@@ -16,6 +16,26 @@ pub const SCHEDULED_TIME: &str = "X-Chronflow-Scheduled-Time";
 /// Header carrying the attempt number, from 1.
 pub const ATTEMPT: &str = "X-Chronflow-Attempt";
 
+/// Header names a task may not set (compared without case): chronflow sets the first three on
+/// every request, and the HTTP client derives the others from the URL and body or owns them for
+/// the connection. The CRD's CEL rule on header names lists the same (tests/crd.rs checks).
+pub const RESERVED_HEADERS: [&str; 7] = [
+    IDEMPOTENCY_KEY,
+    SCHEDULED_TIME,
+    ATTEMPT,
+    "Host",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+];
+
+/// Whether a header name is one of [`RESERVED_HEADERS`], in any case.
+pub fn is_reserved_header(name: &str) -> bool {
+    RESERVED_HEADERS
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(name))
+}
+
 /// A validated HTTP action.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpAction {
@@ -30,7 +50,8 @@ pub struct HttpAction {
 #[derive(Clone, Debug, PartialEq)]
 pub enum HeaderValue {
     Literal(String),
-    /// Read at each attempt, so rotated secrets take effect; never logged.
+    /// Read at each attempt, so rotated secrets take effect; never logged. One trailing line
+    /// break (`\n` or `\r\n`, as `kubectl create secret --from-file` keeps it) is dropped.
     Secret {
         name: String,
         key: String,
@@ -130,17 +151,30 @@ pub async fn attempt(
         )
         .header(ATTEMPT, attempt.number);
     for (name, value) in &action.headers {
-        let value = match value {
-            HeaderValue::Literal(text) => text.clone(),
+        let header_name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header {name:?} is not a valid header name"))?;
+        let header_value = match value {
+            HeaderValue::Literal(text) => reqwest::header::HeaderValue::from_bytes(text.as_bytes())
+                .map_err(|_| format!("header {name}: the value {CANNOT_CARRY}"))?,
             HeaderValue::Secret { name: secret, key } => {
-                secrets
+                let value = secrets
                     .get(attempt.namespace, secret, key)
                     .await
-                    .map_err(|e| format!("header {name}: {e}"))?
-                    .0
+                    .map_err(|e| format!("header {name}: {e}"))?;
+                // Never the value in the message: only where it came from.
+                let mut header_value = reqwest::header::HeaderValue::from_bytes(
+                    without_line_end(&value.0).as_bytes(),
+                )
+                .map_err(|_| {
+                    format!(
+                        "header {name}: the value from Secret {secret} key {key:?} {CANNOT_CARRY}"
+                    )
+                })?;
+                header_value.set_sensitive(true);
+                header_value
             }
         };
-        request = request.header(name, value);
+        request = request.header(header_name, header_value);
     }
     if let Some(body) = &action.body {
         request = request.body(body.clone());
@@ -152,6 +186,19 @@ pub async fn attempt(
     } else {
         Err(format!("HTTP {status}"))
     }
+}
+
+/// Completes "the value … " when a header value has bytes HTTP cannot carry.
+const CANNOT_CARRY: &str = "contains a newline or another character a header cannot carry";
+
+/// A Secret value without one trailing line break (`\n` or `\r\n`): files made with `echo` or an
+/// editor end with one, and `kubectl create secret --from-file` keeps it, while a header value
+/// cannot carry it. Any other line break or control character is still an error.
+fn without_line_end(value: &str) -> &str {
+    value
+        .strip_suffix("\r\n")
+        .or_else(|| value.strip_suffix('\n'))
+        .unwrap_or(value)
 }
 
 /// reqwest's Display shows only the outermost error ("error sending request"); the cause
@@ -184,5 +231,141 @@ mod tests {
     #[test]
     fn redacted_values_do_not_leak_through_debug() {
         assert_eq!(format!("{:?}", Redacted("s3cr3t".into())), "<redacted>");
+    }
+
+    use std::collections::HashMap;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use crate::run::TaskKey;
+
+    /// Secrets from a map: (name, key) → value.
+    struct FakeSecrets(HashMap<(&'static str, &'static str), &'static str>);
+
+    impl SecretSource for FakeSecrets {
+        fn get<'a>(
+            &'a self,
+            _namespace: &'a str,
+            name: &'a str,
+            key: &'a str,
+        ) -> BoxFuture<'a, Result<Redacted, String>> {
+            let value = self.0.get(&(name, key)).map(|v| Redacted(v.to_string()));
+            Box::pin(
+                async move { value.ok_or_else(|| format!("Secret {name} has no key {key:?}")) },
+            )
+        }
+    }
+
+    /// A loopback HTTP server that answers one request with 204 and yields its head.
+    async fn serve_once() -> (reqwest::Url, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let served = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = socket.read(&mut buffer).await.unwrap();
+                if read == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buffer[..read]);
+            }
+            socket
+                .write_all(
+                    b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (url.parse().unwrap(), served)
+    }
+
+    async fn send(
+        url: reqwest::Url,
+        header: (&str, HeaderValue),
+        secret: &'static str,
+    ) -> Result<String, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let secrets: Arc<dyn SecretSource> =
+            Arc::new(FakeSecrets(HashMap::from([(("s", "token"), secret)])));
+        let action = HttpAction {
+            url,
+            method: reqwest::Method::POST,
+            headers: vec![(header.0.to_string(), header.1)],
+            body: None,
+            success_codes: SuccessCodes::parse(&[]).unwrap(),
+        };
+        let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
+        let client = reqwest::Client::new();
+        let one = Attempt {
+            namespace: "ns",
+            run_id: &run_id,
+            scheduled,
+            number: 1,
+        };
+        attempt(&client, &secrets, &action, one).await
+    }
+
+    fn from_secret() -> HeaderValue {
+        HeaderValue::Secret {
+            name: "s".into(),
+            key: "token".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn secret_values_lose_trailing_line_breaks() {
+        for secret in ["Bearer s3cr3t\n", "Bearer s3cr3t\r\n", "Bearer s3cr3t"] {
+            let (url, served) = serve_once().await;
+            let result = send(url, ("Authorization", from_secret()), secret).await;
+            assert_eq!(result, Ok("HTTP 204".to_string()), "{secret:?}");
+            let head = served.await.unwrap().to_ascii_lowercase();
+            assert!(
+                head.contains("\r\nauthorization: bearer s3cr3t\r\n"),
+                "{secret:?}: {head}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_header_values_name_the_header_and_never_show_the_secret() {
+        // Port 9 (discard) is closed on loopback: a request sent would fail differently.
+        let nowhere: reqwest::Url = "http://127.0.0.1:9/hook".parse().unwrap();
+        for secret in [
+            "s3cr3t\nX-Injected: 1",
+            "s3cr3t\n\n",
+            "s3\0cr3t",
+            "\ns3cr3t",
+            "s3cr3t\x7f",
+        ] {
+            let error = send(nowhere.clone(), ("Authorization", from_secret()), secret)
+                .await
+                .expect_err(secret);
+            assert_eq!(
+                error,
+                "header Authorization: the value from Secret s key \"token\" contains a newline \
+                 or another character a header cannot carry",
+                "{secret:?}"
+            );
+            assert!(!error.contains("s3"), "{error}");
+        }
+        let error = send(
+            nowhere,
+            (
+                "X-Team",
+                HeaderValue::Literal("ops\r\nX-Injected: 1".into()),
+            ),
+            "",
+        )
+        .await
+        .expect_err("a bad literal");
+        assert_eq!(
+            error,
+            "header X-Team: the value contains a newline or another character a header cannot carry"
+        );
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! Semantics follow Vixie cron (what `cronsim` and Kubernetes `CronJob` users expect), with two
 //! documented readings where Vixie is silent or terse: `N/step` means `N-max/step` (as in
-//! `cronsim` and the `robfig/cron` library behind `CronJob`), and a day-of-week range may end on
-//! Sunday written as `SUN` or `0` (`FRI-SUN` = `5-7`).
+//! `cronsim` and the `robfig/cron` library behind `CronJob`), a day-of-week range may end on
+//! Sunday written as `SUN` or `0` (`FRI-SUN` = `5-7`), and a step longer than the range
+//! matches only its start (`*/15` in month = `1`), as all of those do.
 
 use std::fmt;
 
@@ -181,6 +182,24 @@ impl CronExpr {
         self.wall_clock
     }
 
+    /// A lower bound of the distance between two consecutive matching local wall times: the
+    /// smallest distance between two values of the seconds field, counted around the minute
+    /// (`*/7` gives 4s: from :56 to :00); with one second, the same for minutes (× 60s); with
+    /// one minute too, for hours around the day (× 1h); otherwise one day. It reads the
+    /// expression only, so it is a bound, not the exact gap (`@yearly` gives one day).
+    pub fn min_gap(&self) -> std::time::Duration {
+        let seconds = if let Some(gap) = smallest_circular_gap(self.seconds, 60) {
+            gap
+        } else if let Some(gap) = smallest_circular_gap(self.minutes, 60) {
+            gap * 60
+        } else if let Some(gap) = smallest_circular_gap(self.hours, 24) {
+            gap * 3600
+        } else {
+            86_400
+        };
+        std::time::Duration::from_secs(u64::from(seconds))
+    }
+
     /// The expression as written, with runs of whitespace collapsed to one space.
     pub fn text(&self) -> &str {
         &self.text
@@ -283,6 +302,22 @@ impl CronExpr {
     }
 }
 
+/// The smallest distance between two members of `set` (values `0..period`), counting the wrap
+/// from the largest back to the smallest one period later; `None` with fewer than two members.
+fn smallest_circular_gap(set: u64, period: u32) -> Option<u32> {
+    let values: Vec<u32> = (0..period).filter(|value| has(set, *value)).collect();
+    let (&first, &last) = (values.first()?, values.last()?);
+    if first == last {
+        return None;
+    }
+    let wrap = period - last + first;
+    values
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .chain([wrap])
+        .min()
+}
+
 fn has(set: u64, value: u32) -> bool {
     value < 64 && set >> value & 1 == 1
 }
@@ -355,17 +390,17 @@ fn parse_item(field: &Field, item: &str) -> Result<u64, ScheduleError> {
         .fold(0u64, |set, value| set | 1 << value))
 }
 
+/// A step: any positive integer. A step longer than the field's range is accepted and matches
+/// only the start of the range (`*/15` in month is January), as in Vixie cron, robfig/cron
+/// (what `CronJob` uses), croniter and cronsim, so such schedules migrate unchanged.
 fn parse_step(field: &Field, text: &str) -> Result<u32, ScheduleError> {
-    let width = field.max - field.min + 1;
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(err(field.name, format!("step {text:?} is not a number")));
     }
     match text.parse::<u32>() {
-        Ok(step) if (1..=width).contains(&step) => Ok(step),
-        _ => Err(err(
-            field.name,
-            format!("step {text} is out of range 1-{width}"),
-        )),
+        Ok(0) => Err(err(field.name, "step 0 must be at least 1")),
+        Ok(step) => Ok(step),
+        Err(_) => Err(err(field.name, format!("step {text} is too large"))),
     }
 }
 
@@ -445,6 +480,31 @@ mod tests {
         assert_eq!(parsed.weekdays, bits(&[0, 6]));
         assert_eq!(parsed.day_rule, DayRule::Either);
         assert!(!parsed.is_wall_clock(), "the hour field starts with *");
+    }
+
+    #[test]
+    fn steps_longer_than_the_range_match_its_start() {
+        let parsed = CronExpr::parse("*/90 */100 9-17/24 */40 */15 */20").expect("valid");
+        assert_eq!(parsed.seconds, bits(&[0]));
+        assert_eq!(parsed.minutes, bits(&[0]));
+        assert_eq!(parsed.hours, bits(&[9]));
+        assert_eq!(parsed.days, bits(&[1]));
+        assert_eq!(parsed.months, bits(&[1]));
+        assert_eq!(parsed.weekdays, bits(&[0]));
+        let parsed = CronExpr::parse("5/4294967295 * * * *").expect("the largest u32 step");
+        assert_eq!(parsed.minutes, bits(&[5]));
+        assert_eq!(
+            CronExpr::parse("*/0 * * * *")
+                .expect_err("zero")
+                .to_string(),
+            "minute: step 0 must be at least 1"
+        );
+        assert_eq!(
+            CronExpr::parse("*/4294967296 * * * *")
+                .expect_err("beyond u32")
+                .to_string(),
+            "minute: step 4294967296 is too large"
+        );
     }
 
     #[test]

@@ -12,23 +12,37 @@ const UNITS: [(&str, u64); 5] = [
     ("ms", 1),
 ];
 
+/// The longest duration [`parse_duration`] accepts: 366 days. Every duration chronflow reads
+/// (an interval, a jitter, a timeout, a retry delay, a configuration period) is far below it, and
+/// so is any sum with an instant of the RFC 3339 years, so no date arithmetic can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
 /// Parses a humane duration. The error says what was expected, for messages such as
-/// `interval: "5x" is not a duration (expected e.g. 500ms, 10s, 1m30s, 2h, 1d)`.
+/// `interval: "5x" is not a duration (expected e.g. 500ms, 10s, 1m30s, 2h, 1d)`, or that it is
+/// longer than [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid =
         || format!("{text:?} is not a duration (expected e.g. 500ms, 10s, 1m30s, 2h, 1d)");
+    let too_long = || {
+        format!(
+            "{text:?} is longer than the maximum {}",
+            format_duration(MAX_DURATION)
+        )
+    };
     let mut rest = text.trim();
     if rest.is_empty() {
         return Err(invalid());
     }
-    let mut total: u64 = 0;
+    // Checked all the way, in u128: a long string of digits is "too long", not a panic.
+    let mut total: u128 = 0;
+    let mut too_many_digits = false;
     let mut next_unit = 0; // index into UNITS: parts must come largest first, once each
     while !rest.is_empty() {
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         if digits == 0 {
             return Err(invalid());
         }
-        let value: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        let value = rest[..digits].parse::<u64>().ok();
         rest = &rest[digits..];
         let letters = rest.len()
             - rest
@@ -42,12 +56,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .ok_or_else(invalid)?;
         let millis = UNITS[next_unit + position].1;
         next_unit += position + 1;
-        total = value
-            .checked_mul(millis)
-            .and_then(|part| total.checked_add(part))
-            .ok_or_else(|| format!("{text:?} is too long a duration"))?;
+        match value {
+            Some(value) => total += u128::from(value) * u128::from(millis),
+            None => too_many_digits = true,
+        }
     }
-    Ok(Duration::from_millis(total))
+    if too_many_digits || total > MAX_DURATION.as_millis() {
+        return Err(too_long());
+    }
+    Ok(Duration::from_millis(total as u64))
 }
 
 /// Formats a duration the way [`parse_duration`] reads it, largest units first: `1m30s`, `500ms`, `0s`.
@@ -92,19 +109,33 @@ mod tests {
 
     #[test]
     fn rejects_malformed_text() {
-        for text in [
-            "",
-            "5",
-            "s",
-            "5x",
-            "1s1m",
-            "1s1s",
-            "-1s",
-            "1.5s",
-            "1 s",
-            "99999999999999999999d",
-        ] {
+        for text in ["", "5", "s", "5x", "1s1m", "1s1s", "-1s", "1.5s", "1 s"] {
             assert!(parse_duration(text).is_err(), "{text} should be rejected");
+        }
+    }
+
+    #[test]
+    fn rejects_durations_longer_than_the_maximum_instead_of_overflowing() {
+        assert_eq!(MAX_DURATION, Duration::from_secs(366 * 86_400));
+        for text in ["366d", "8784h", "365d23h59m59s999ms"] {
+            assert!(parse_duration(text).is_ok(), "{text} is at most 366d");
+        }
+        for text in [
+            "366d1ms",
+            "367d",
+            "8785h",
+            "3000000d",
+            "9999999999d",
+            "99999999999999999999d",
+            "18446744073709551615ms",
+            "213503982334601d",
+            "1d99999999999999999999h",
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Err(format!("{text:?} is longer than the maximum 366d")),
+                "{text}"
+            );
         }
     }
 

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+/// The longest jitter a task may ask for. Jitter spreads load over seconds or minutes; an hour is
+/// already far beyond that, and it keeps every delayed start close to its scheduled instant.
+pub const MAX_JITTER: Duration = Duration::from_secs(3600);
+
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
@@ -32,6 +36,14 @@ pub fn offset(task_key: &str, instant: DateTime<Utc>, max: Duration) -> Duration
     } else {
         Duration::from_nanos(scale(hash, max.as_nanos()))
     }
+}
+
+/// When run `(task_key, instant)` starts: `instant` delayed by its [`offset`], in checked
+/// arithmetic. `None` only when that is past what chrono can represent (never for an instant of
+/// a schedule and a validated jitter, which is at most an hour); never a panic.
+pub fn delayed(task_key: &str, instant: DateTime<Utc>, max: Duration) -> Option<DateTime<Utc>> {
+    let offset = chrono::TimeDelta::from_std(offset(task_key, instant, max)).ok()?;
+    instant.checked_add_signed(offset)
 }
 
 /// Maps a uniform 64-bit hash onto `[0, bound)` by multiply-and-shift (no modulo bias worth
@@ -115,6 +127,25 @@ mod tests {
             buckets.iter().all(|count| (850..=1150).contains(count)),
             "{buckets:?}"
         );
+    }
+
+    #[test]
+    fn delayed_adds_the_offset_and_never_overflows() {
+        let instant = at("2026-11-24T09:00:00Z");
+        let max = Duration::from_secs(2);
+        assert_eq!(
+            delayed("shop/report", instant, max),
+            Some(instant + chrono::TimeDelta::milliseconds(PINNED[0] as i64))
+        );
+        assert_eq!(delayed("t", instant, Duration::ZERO), Some(instant));
+        let last = DateTime::<Utc>::MAX_UTC;
+        assert_eq!(delayed("t", last, Duration::ZERO), Some(last));
+        for max in [Duration::from_secs(3600), Duration::MAX] {
+            if let Some(start) = delayed("t", last, max) {
+                assert_eq!(start, last, "only a zero offset fits");
+            }
+            assert!(delayed("t", instant, max).is_none_or(|start| start >= instant));
+        }
     }
 
     #[test]

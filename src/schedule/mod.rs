@@ -25,6 +25,17 @@ pub use duration::{format_duration, parse_duration};
 /// and the operator's timer and status updates could not keep up.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The longest interval accepted: a year, leap day included. Longer ones are a typo or a misuse
+/// (`at` says "once"), and would put instants past what RFC 3339 and Kubernetes can store.
+pub const MAX_INTERVAL: Duration = duration::MAX_DURATION;
+
+/// The last instant RFC 3339 (four-digit years) and so Kubernetes can hold: nothing is due after
+/// 9999-12-31T23:59:59Z, so `status.nextRunTime` is always writable.
+pub const LAST_INSTANT: DateTime<Utc> = match DateTime::from_timestamp(253_402_300_799, 0) {
+    Some(instant) => instant,
+    None => DateTime::<Utc>::MAX_UTC,
+};
+
 /// A schedule the user wrote is invalid: which field, and why. Displays as `{field}: {reason}`,
 /// e.g. `minute: 61 is out of range 0-59`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -89,7 +100,8 @@ impl Schedule {
     }
 
     /// A fixed-rate schedule: elapsed time, so it ignores daylight saving and never drifts
-    /// however long runs take. `every` must be at least [`MIN_INTERVAL`] (100ms).
+    /// however long runs take. `every` must be at least [`MIN_INTERVAL`] (100ms) and at most
+    /// [`MAX_INTERVAL`] (366d).
     pub fn interval(every: Duration, anchor: IntervalAnchor) -> Result<Schedule, ScheduleError> {
         if every.is_zero() {
             return Err(ScheduleError::new("interval", "must be greater than 0"));
@@ -105,6 +117,16 @@ impl Schedule {
                 format!(
                     "{shown} is shorter than the minimum {}",
                     format_duration(MIN_INTERVAL)
+                ),
+            ));
+        }
+        if every > MAX_INTERVAL {
+            return Err(ScheduleError::new(
+                "interval",
+                format!(
+                    "{} is longer than the maximum {}",
+                    format_duration(every),
+                    format_duration(MAX_INTERVAL)
                 ),
             ));
         }
@@ -151,7 +173,8 @@ impl Schedule {
     }
 
     /// The first instant strictly after `after` at which the task is due, or `None` if it is never
-    /// due again (the `at` instant passed, or past `endAt`): the task is then complete.
+    /// due again (the `at` instant passed, or past `endAt` or [`LAST_INSTANT`]): the task is then
+    /// complete. Checked arithmetic throughout: any `after` chrono can represent, no panic.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // `startAt` is inclusive: asking for "after startAt - 1ns" admits startAt itself.
         let after = match self.start_at {
@@ -163,9 +186,24 @@ impl Schedule {
             Kind::Interval { every, anchor } => next_interval(*every, *anchor, after)?,
             Kind::At(instant) => Some(*instant).filter(|instant| *instant > after)?,
         };
-        match self.end_at {
-            Some(end) if next > end => None,
-            _ => Some(next),
+        let end = self
+            .end_at
+            .map_or(LAST_INSTANT, |end| end.min(LAST_INSTANT));
+        (next <= end).then_some(next)
+    }
+
+    /// A lower bound of the time between two consecutive instants, to keep a jitter shorter
+    /// than it: an interval's period; for cron, [`CronExpr::min_gap`] (from the expression's
+    /// fields); `None` for a one-shot, which has no second instant.
+    ///
+    /// For cron the bound is in local wall time. A daylight-saving change can bring two instants
+    /// closer in real time: at a spring forward, `30 1,2 * * *` in New York runs at 01:30 and,
+    /// for the missing 02:30, at 03:00, 30 minutes later, where this says one hour.
+    pub fn min_gap(&self) -> Option<Duration> {
+        match &self.kind {
+            Kind::Cron { expr, .. } => Some(expr.min_gap()),
+            Kind::Interval { every, .. } => Some(*every),
+            Kind::At(_) => None,
         }
     }
 
@@ -300,12 +338,123 @@ mod tests {
         )
         .expect("valid");
         let next = schedule
-            .next_after(utc("9999-12-31T23:59:59Z"))
+            .next_after(utc("9999-12-31T23:59:58Z"))
             .expect("representable");
-        assert!(next > utc("9999-12-31T23:59:59Z"));
+        assert!(next > utc("9999-12-31T23:59:58Z"));
         assert_eq!(
             nanos_between(utc("1970-01-01T00:00:00Z"), next) % 700_000_000,
             0
         );
+    }
+
+    #[test]
+    fn min_gap_is_a_lower_bound_between_two_instants() {
+        let secs = |n: u64| Some(Duration::from_secs(n));
+        let cron = |expr: &str| Schedule::cron(expr, Tz::UTC).expect(expr).min_gap();
+        let start = IntervalAnchor::Start(utc("2026-01-01T00:00:00Z"));
+        let every = |d: Duration| Schedule::interval(d, start).expect("valid").min_gap();
+        assert_eq!(every(Duration::from_millis(100)), Some(MIN_INTERVAL));
+        assert_eq!(every(Duration::from_secs(90)), secs(90));
+        assert_eq!(Schedule::at(utc("2026-12-01T00:00:00Z")).min_gap(), None);
+        // Seconds with several values: the smallest distance, around the minute too.
+        assert_eq!(cron("*/5 * * * * *"), secs(5));
+        assert_eq!(cron("*/7 * * * * *"), secs(4), "56 to 0 of the next minute");
+        assert_eq!(cron("5-10 * * * * *"), secs(1));
+        assert_eq!(cron("0,50 * * * * *"), secs(10));
+        assert_eq!(cron("0,30 0 0 1 1 *"), secs(30));
+        // One second: minutes decide, then hours, then whole days.
+        assert_eq!(cron("*/15 * * * *"), secs(15 * 60));
+        assert_eq!(cron("10,50 9 * * *"), secs(20 * 60));
+        assert_eq!(cron("0 9,17 * * *"), secs(8 * 3600));
+        assert_eq!(cron("0 */5 * * *"), secs(4 * 3600), "20:00 to 00:00");
+        assert_eq!(cron("@hourly"), secs(3600));
+        assert_eq!(cron("30 2 * * *"), secs(86_400));
+        assert_eq!(
+            cron("@yearly"),
+            secs(86_400),
+            "a lower bound, not the exact gap"
+        );
+        // Bounds do not change the rhythm.
+        let bounded = Schedule::cron("*/5 * * * * *", Tz::UTC)
+            .and_then(|s| s.with_bounds(Some(utc("2026-01-01T00:00:00Z")), None))
+            .expect("valid");
+        assert_eq!(bounded.min_gap(), secs(5));
+    }
+
+    #[test]
+    fn min_gap_holds_on_a_brute_force_scan() {
+        // Outside daylight-saving changes the bound is never beaten: scan two days in UTC.
+        for expr in [
+            "*/7 * * * * *",
+            "0,50 */3 * * * *",
+            "13 5,55 * * * *",
+            "0 */5 * * *",
+            "0 9,17 * * MON-FRI",
+            "0 22,1 * * *",
+        ] {
+            let schedule = Schedule::cron(expr, Tz::UTC).expect(expr);
+            let gap = schedule.min_gap().expect("cron has a gap");
+            let mut previous = schedule
+                .next_after(utc("2026-01-01T00:00:00Z"))
+                .expect("due");
+            let end = utc("2026-01-03T00:00:00Z");
+            let mut smallest = None::<TimeDelta>;
+            while previous < end {
+                let next = schedule.next_after(previous).expect("due");
+                let step = next - previous;
+                smallest = Some(smallest.map_or(step, |s| s.min(step)));
+                previous = next;
+            }
+            let smallest = smallest
+                .expect("several instants")
+                .to_std()
+                .expect("positive");
+            assert!(gap <= smallest, "{expr}: bound {gap:?} above {smallest:?}");
+        }
+    }
+
+    #[test]
+    fn interval_arithmetic_is_checked_at_every_extreme() {
+        let (min, max) = (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC);
+        let everies = [
+            Duration::from_nanos(1),
+            MIN_INTERVAL,
+            MAX_INTERVAL,
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ];
+        for every in everies {
+            for anchor in [min, max, utc("2026-01-01T00:00:00Z")] {
+                for kind in [
+                    IntervalAnchor::Start(anchor),
+                    IntervalAnchor::Created(anchor),
+                ] {
+                    for after in [min, max, utc("2026-01-01T00:00:00Z")] {
+                        if let Some(next) = next_interval(every, kind, after) {
+                            assert!(next > after, "{every:?} {kind:?} {after}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_is_due_after_the_last_rfc3339_instant() {
+        // Year 10000 cannot be written in RFC 3339, and Kubernetes refuses it in status.
+        let every = Duration::from_secs(366 * 86_400);
+        let start = utc("9999-06-01T00:00:00Z");
+        let interval = Schedule::interval(every, IntervalAnchor::Start(start)).expect("valid");
+        assert_eq!(interval.next_after(start), None);
+        let leap = Schedule::cron("0 0 29 2 *", Tz::UTC).expect("valid");
+        assert_eq!(leap.next_after(utc("9999-03-01T00:00:00Z")), None);
+        assert_eq!(
+            Schedule::cron("* * * * * *", Tz::UTC)
+                .expect("valid")
+                .next_after(utc("9999-12-31T23:59:58Z")),
+            Some(LAST_INSTANT)
+        );
+        let huge = Schedule::interval(Duration::from_secs(u64::MAX), IntervalAnchor::Start(start));
+        assert!(huge.is_err(), "an interval beyond the maximum is refused");
     }
 }

@@ -101,9 +101,14 @@ fn to_timestamp(t: DateTime<Utc>) -> k8s_openapi::jiff::Timestamp {
 }
 
 /// successful / (successful + failed) with one decimal, e.g. `98.5%`; none before any run.
+/// Rounded down, in integers (no float error), so `100.0%` means no failure at all and 1999
+/// of 2000 shows `99.9%`.
 pub fn success_rate(successful: u64, failed: u64) -> Option<String> {
-    let total = successful + failed;
-    (total > 0).then(|| format!("{:.1}%", successful as f64 * 100.0 / total as f64))
+    let total = u128::from(successful) + u128::from(failed);
+    (total > 0).then(|| {
+        let per_mille = u128::from(successful) * 1000 / total;
+        format!("{}.{}%", per_mille / 10, per_mille % 10)
+    })
 }
 
 /// Adds a run to `recent` (newest first), keeping at most the history limits of successful and
@@ -145,6 +150,21 @@ mod tests {
         assert_eq!(success_rate(197, 3).as_deref(), Some("98.5%"));
         assert_eq!(success_rate(1, 2).as_deref(), Some("33.3%"));
         assert_eq!(success_rate(5, 0).as_deref(), Some("100.0%"));
+    }
+
+    #[test]
+    fn success_rate_rounds_down_so_100_means_no_failure() {
+        assert_eq!(success_rate(1999, 1).as_deref(), Some("99.9%"));
+        assert_eq!(success_rate(999_999, 1).as_deref(), Some("99.9%"));
+        assert_eq!(success_rate(2, 1).as_deref(), Some("66.6%"));
+        assert_eq!(success_rate(1, 1999).as_deref(), Some("0.0%"));
+        assert_eq!(success_rate(0, 7).as_deref(), Some("0.0%"));
+        assert_eq!(success_rate(u64::MAX, 1).as_deref(), Some("99.9%"));
+        assert_eq!(success_rate(u64::MAX, 0).as_deref(), Some("100.0%"));
+        assert_eq!(success_rate(u64::MAX, u64::MAX).as_deref(), Some("50.0%"));
+        // Exact decimals stay exact: no float error.
+        assert_eq!(success_rate(7, 3).as_deref(), Some("70.0%"));
+        assert_eq!(success_rate(29, 971).as_deref(), Some("2.9%"));
     }
 
     #[test]

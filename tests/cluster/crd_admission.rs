@@ -108,6 +108,16 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "spec.schedule.at in body must be of type date-time",
         ),
         (
+            "jitter-above-an-hour",
+            json!({"spec": {"schedule": {"jitter": "1h1s"}}}),
+            "schedule.jitter must be at most 1h",
+        ),
+        (
+            "jitter-in-days",
+            json!({"spec": {"schedule": {"jitter": "1d"}}}),
+            "spec.schedule.jitter in body should match",
+        ),
+        (
             "no-action-kind",
             json!({"spec": {"action": {"http": null}}}),
             "action needs exactly one of http or job",
@@ -129,6 +139,17 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "a header needs exactly one of value or valueFrom",
         ),
         (
+            "reserved-header",
+            json!({"spec": {"action": {"http": {"headers": [
+            {"name": "X-Team", "value": "ops"}, {"name": "Idempotency-KEY", "value": "mine"}]}}}}),
+            "header name is reserved",
+        ),
+        (
+            "reserved-header-host",
+            json!({"spec": {"action": {"http": {"headers": [{"name": "host", "value": "x"}]}}}}),
+            "spec.action.http.headers[0].name: Invalid value",
+        ),
+        (
             "too-many-retries",
             json!({"spec": {"retry": {"maxRetries": 11}}}),
             "spec.retry.maxRetries in body should be less than or equal to 10",
@@ -142,6 +163,26 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "retry-delay-in-days",
             json!({"spec": {"retry": {"initialDelay": "1d"}}}),
             "spec.retry.initialDelay in body should match",
+        ),
+        (
+            "retry-max-delay-above-a-day",
+            json!({"spec": {"retry": {"maxDelay": "24h1s"}}}),
+            "retry.maxDelay must be at most 24h",
+        ),
+        (
+            "timeout-above-a-day",
+            json!({"spec": {"timeout": "25h"}}),
+            "timeout must be at most 24h (it limits each attempt)",
+        ),
+        (
+            "timeout-in-days",
+            json!({"spec": {"timeout": "2d"}}),
+            "spec.timeout in body should match",
+        ),
+        (
+            "deadline-above-a-year",
+            json!({"spec": {"startingDeadlineSeconds": 31_622_401}}),
+            "spec.startingDeadlineSeconds in body should be less than or equal to 31622400",
         ),
         (
             "unknown-concurrency-policy",
