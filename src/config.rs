@@ -261,12 +261,15 @@ pub struct StatusConfig {
     /// At most one status patch per task per interval.
     #[serde(with = "duration_serde")]
     pub flush_interval: Duration,
+    /// Status writes per second over all tasks: the apiserver's budget.
+    pub max_writes_per_second: u32,
 }
 
 impl Default for StatusConfig {
     fn default() -> Self {
         Self {
             flush_interval: Duration::from_secs(1),
+            max_writes_per_second: 50,
         }
     }
 }
@@ -617,6 +620,12 @@ impl OperatorConfig {
             !flush.is_zero() && flush <= MAX_PERIOD,
             "status.flush_interval",
             format_duration(flush),
+        ));
+        let writes = self.status.max_writes_per_second;
+        problems.extend(check(
+            (1..=10_000).contains(&writes),
+            "status.max_writes_per_second",
+            writes.to_string(),
         ));
         problems.extend(check(
             self.shutdown.grace_period <= MAX_PERIOD,
@@ -1030,7 +1039,9 @@ fn leaf(key: &str) -> Option<Leaf> {
     const DURATION: &str = "a duration such as 500ms, 10s, 1m30s, 2h or 1d";
     let (expect, kind) = match key {
         "backend_type" => ("one of memory or redis", Plain),
-        "max_workers" | "redis.max_connections" => ("an integer from 1 to 10000", Plain),
+        "max_workers" | "redis.max_connections" | "status.max_writes_per_second" => {
+            ("an integer from 1 to 10000", Plain)
+        }
         "queue_size" => ("an integer from 1 to 1000000", Plain),
         "timezone" => ("an IANA time zone name such as UTC or Europe/Paris", Plain),
         "watch_namespaces" => ("a list of namespace names", Plain),
@@ -1292,7 +1303,7 @@ mod tests {
         }
         let mut leaves = Vec::new();
         walk(&schema(), "", &mut leaves);
-        assert_eq!(leaves.len(), 25, "{leaves:?}");
+        assert_eq!(leaves.len(), 26, "{leaves:?}");
         for key in leaves {
             assert!(leaf(&key).is_some(), "no message entry for {key}");
         }
@@ -1705,6 +1716,10 @@ mod tests {
             (
                 "redis:\n  port: 0",
                 "redis.port: expected a port number from 1 to 65535, got 0 (in FILE)",
+            ),
+            (
+                "status:\n  max_writes_per_second: 0",
+                "status.max_writes_per_second: expected an integer from 1 to 10000, got 0 (in FILE)",
             ),
             (
                 "redis:\n  host: ''",

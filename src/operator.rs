@@ -26,9 +26,6 @@ use crate::{ChronTask, Error, Result};
 /// How long the memory dedup remembers a task that stopped claiming (deleted tasks).
 const MEMORY_DEDUP_IDLE: Duration = Duration::from_secs(24 * 3600);
 
-/// Status writes per second over all tasks.
-const STATUS_WRITES_PER_SECOND: u32 = 50;
-
 /// The final status flush gets at least this long, even with a short grace period.
 const MIN_FINAL_FLUSH: Duration = Duration::from_secs(2);
 
@@ -92,7 +89,7 @@ pub async fn run(
         leader.clone(),
         WriterConfig {
             flush_interval: config.status.flush_interval,
-            writes_per_second: STATUS_WRITES_PER_SECOND,
+            writes_per_second: config.status.max_writes_per_second,
         },
     );
     let context = Arc::new(Context {
