@@ -645,3 +645,94 @@ async fn attempt_once(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::TaskKey;
+    use chrono::TimeZone;
+
+    struct NoSecrets;
+
+    impl SecretSource for NoSecrets {
+        fn get<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<http::Redacted, String>> {
+            Box::pin(async { Err("none".to_string()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_panics_reports_a_failure_and_frees_its_task() {
+        let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let config = ExecutorConfig {
+            max_workers: 2,
+            queue_size: 10,
+            log_success: false,
+        };
+        let clock = Clock::System;
+        let (executor, _task) = Executor::new(
+            config,
+            Arc::new(tx),
+            clock,
+            reqwest::Client::new(),
+            Arc::new(NoSecrets),
+        );
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
+        let run = RunRequest {
+            task: task.clone(),
+            generation: 1,
+            run_id: RunId::new(&task.key, at),
+            scheduled: at,
+            due: at,
+            spec: Arc::new(RunSpec {
+                action: Action::Http(HttpAction {
+                    url: "http://127.0.0.1:9/".parse().unwrap(),
+                    method: reqwest::Method::POST,
+                    headers: Vec::new(),
+                    body: None,
+                    success_codes: http::SuccessCodes::parse(&[]).unwrap(),
+                }),
+                timeout: Duration::from_secs(1),
+                retry: RetryPolicy::default(),
+                concurrency: ConcurrencyPolicy::Forbid,
+                max_concurrent_runs: 1,
+                starting_deadline: None,
+            }),
+            sequential: false,
+        };
+        executor.submit(run);
+        let mut dropped = Vec::new();
+        let (run, _cancel) = executor.shared.next_run(&mut dropped).unwrap();
+        let guard = RunGuard {
+            shared: executor.shared.clone(),
+            run: run.clone(),
+            started: at,
+            reported: false,
+        };
+        let worker = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a bug in an action");
+        });
+        assert!(worker.await.unwrap_err().is_panic());
+        match reports.recv().await {
+            Some(Report::Finished { run, .. }) => {
+                assert_eq!(run.outcome, Outcome::Failed);
+                assert!(run.message.unwrap().contains("panicked"));
+            }
+            other => panic!("expected a failed run, got {other:?}"),
+        }
+        assert!(executor.shared.lock().tasks.is_empty(), "the task is free");
+        let mut next = run;
+        next.run_id = RunId::new(&task.key, at + chrono::Duration::seconds(1));
+        executor.submit(next);
+        assert!(
+            executor.shared.next_run(&mut dropped).is_some(),
+            "a Forbid task's next run can start"
+        );
+    }
+}
