@@ -8,4 +8,6 @@ mod card;
 mod crd_admission;
 mod hard_path;
 mod kubectl;
+mod lifecycle;
+mod load;
 mod operator;

@@ -1,0 +1,297 @@
+//! Lifecycle races against the real apiserver: many new tasks at once, one-shots at their
+//! creation instant, pause or invalid periods spanning an operator restart, a namespaced
+//! install, and a final status flush through an apiserver that is briefly unreachable.
+//! Self-contained (it starts operators with `chronflow::operator::run`), so it also runs
+//! against older commits to show what they got wrong.
+
+use std::time::Duration;
+
+use chronflow::ChronTask;
+use chronflow::config::OperatorConfig;
+use chronflow::crd::{ChronTaskStatus, Phase};
+use futures::StreamExt;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::delay_proxy::DelayProxy;
+use crate::support::receiver::{Behavior, Receiver};
+use crate::support::{eventually, namespace, test_env};
+
+struct Running {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<chronflow::Result<()>>,
+}
+
+impl Running {
+    async fn start(ns: &str, client: Client, grace: Duration) -> Running {
+        let mut config = OperatorConfig {
+            watch_namespaces: vec![ns.to_string()],
+            ..Default::default()
+        };
+        config.status.flush_interval = Duration::from_millis(300);
+        config.shutdown.grace_period = grace;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(chronflow::operator::run(config, client, shutdown.clone()));
+        Running { shutdown, task }
+    }
+
+    async fn stop(self) -> chronflow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+fn chrontask(name: &str, spec: Value) -> ChronTask {
+    serde_json::from_value(json!({
+        "apiVersion": "chronflow.io/v1alpha1",
+        "kind": "ChronTask",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+async fn status_of(api: &Api<ChronTask>, name: &str) -> ChronTaskStatus {
+    api.get(name).await.unwrap().status.unwrap_or_default()
+}
+
+async fn wait_status(
+    api: &Api<ChronTask>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&ChronTaskStatus) -> bool,
+) -> ChronTaskStatus {
+    eventually(what, || async {
+        api.get(name).await.ok()?.status.filter(|s| check(s))
+    })
+    .await
+}
+
+async fn set_paused(api: &Api<ChronTask>, name: &str, paused: bool) {
+    let patch = Patch::Merge(json!({"spec": {"paused": paused}}));
+    api.patch(name, &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn every_new_task_shows_its_next_run_and_one_shots_due_at_creation_run_once() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "many-new").await;
+    let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
+    let receiver = Receiver::start(Behavior::default()).await;
+    let _operator = Running::start(&ns, client.clone(), Duration::from_secs(5)).await;
+    // Created while the operator runs: the engine's first fact about each must not be lost.
+    let now = chrono::Utc::now();
+    futures::stream::iter(0..50)
+        .map(|n| {
+            let api = api.clone();
+            let url = receiver.url(&format!("/once-{n}"));
+            async move {
+                let yearly = json!({"schedule": {"cron": "0 0 0 1 1 *"},
+                                    "action": {"http": {"url": "http://127.0.0.1:9/"}}});
+                let once = json!({"schedule": {"at": now.to_rfc3339()},
+                                  "action": {"http": {"url": url}}});
+                let params = PostParams::default();
+                api.create(&params, &chrontask(&format!("yearly-{n}"), yearly))
+                    .await
+                    .unwrap();
+                api.create(&params, &chrontask(&format!("once-{n}"), once))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+    for n in 0..50 {
+        wait_status(&api, &format!("yearly-{n}"), "a next run time", |s| {
+            s.phase == Some(Phase::Scheduled) && s.next_run_time.is_some()
+        })
+        .await;
+        let once = wait_status(&api, &format!("once-{n}"), "Completed", |s| {
+            s.phase == Some(Phase::Completed) && s.active.is_empty()
+        })
+        .await;
+        assert_eq!(once.successful_runs, 1, "once-{n}: {once:?}");
+    }
+    assert_eq!(receiver.count(), 50, "each one-shot ran exactly once");
+}
+
+#[tokio::test]
+async fn a_pause_or_invalid_period_spanning_a_restart_is_never_replayed() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "no-replay").await;
+    let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
+    let receiver = Receiver::start(Behavior::default()).await;
+    let params = PostParams::default();
+    let every_second =
+        |url: String| json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": url}}});
+    api.create(
+        &params,
+        &chrontask("paused", every_second(receiver.url("/paused"))),
+    )
+    .await
+    .unwrap();
+    let mut broken = every_second(receiver.url("/fixed"));
+    broken["schedule"] = json!({"cron": "61 * * * * *"});
+    api.create(&params, &chrontask("fixed", broken))
+        .await
+        .unwrap();
+
+    let operator = Running::start(&ns, client.clone(), Duration::from_secs(5)).await;
+    wait_status(&api, "paused", "2 runs", |s| s.successful_runs >= 2).await;
+    wait_status(&api, "fixed", "Invalid", |s| {
+        s.phase == Some(Phase::Invalid)
+    })
+    .await;
+    set_paused(&api, "paused", true).await;
+    wait_status(&api, "paused", "Paused", |s| {
+        s.phase == Some(Phase::Paused) && s.active.is_empty()
+    })
+    .await;
+    operator.stop().await.unwrap();
+    let paused_at = chrono::Utc::now();
+
+    // While chronflow is down, the pause and the invalid spec last a few seconds, then end.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    set_paused(&api, "paused", false).await;
+    let fix = Patch::Merge(json!({"spec": {"schedule": {"cron": "* * * * * *"}}}));
+    api.patch("fixed", &PatchParams::default(), &fix)
+        .await
+        .unwrap();
+    let resumed_at = chrono::Utc::now();
+
+    let _operator = Running::start(&ns, client.clone(), Duration::from_secs(5)).await;
+    for name in ["paused", "fixed"] {
+        let status = wait_status(&api, name, "a run after the restart", |s| {
+            s.last_run
+                .as_ref()
+                .is_some_and(|r| r.scheduled_time > resumed_at)
+        })
+        .await;
+        assert_eq!(status.missed_runs, 0, "{name}: {:?}", status.recent_runs);
+    }
+    let replayed: Vec<_> = receiver
+        .hits()
+        .into_iter()
+        .filter(|h| h.scheduled > paused_at && h.scheduled < resumed_at)
+        .collect();
+    assert!(
+        replayed.is_empty(),
+        "instants from the paused or invalid period ran: {replayed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_namespaced_install_starts_without_cluster_wide_rights() {
+    let admin = test_env().client().await;
+    let ns = namespace(&admin, "namespaced").await;
+    let user = format!("chronflow-{ns}");
+    let rule = |resources: &[&str], verbs: &[&str], group: &str| PolicyRule {
+        api_groups: Some(vec![group.to_string()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    };
+    let meta = ObjectMeta {
+        name: Some("chronflow".into()),
+        namespace: Some(ns.clone()),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(vec![
+            rule(&["chrontasks"], &["get", "list", "watch"], "chronflow.io"),
+            rule(&["chrontasks/status"], &["patch"], "chronflow.io"),
+            rule(&["events"], &["create"], "events.k8s.io"),
+        ]),
+    };
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: "chronflow".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: user.clone(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            ..Default::default()
+        }]),
+    };
+    let params = PostParams::default();
+    Api::<Role>::namespaced(admin.clone(), &ns)
+        .create(&params, &role)
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+        .create(&params, &binding)
+        .await
+        .unwrap();
+    let receiver = Receiver::start(Behavior::default()).await;
+    let api: Api<ChronTask> = Api::namespaced(admin.clone(), &ns);
+    let spec =
+        json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": receiver.url("/x")}}});
+    api.create(&params, &chrontask("tick", spec)).await.unwrap();
+
+    let mut config = test_env().config().await;
+    config.auth_info.impersonate = Some(user);
+    let operator = Running::start(
+        &ns,
+        Client::try_from(config).unwrap(),
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_status(
+        &api,
+        "tick",
+        "runs counted by the namespaced operator",
+        |s| s.successful_runs >= 2,
+    )
+    .await;
+    operator.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_final_flush_retries_until_the_apiserver_answers() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "final-flush").await;
+    let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
+    let receiver = Receiver::start(Behavior::default()).await;
+    let spec =
+        json!({"schedule": {"interval": "500ms"}, "action": {"http": {"url": receiver.url("/x")}}});
+    api.create(&PostParams::default(), &chrontask("tick", spec))
+        .await
+        .unwrap();
+    let config = test_env().config().await;
+    let upstream = format!("127.0.0.1:{}", config.cluster_url.port_u16().unwrap());
+    let proxy = DelayProxy::start(upstream.parse().unwrap(), Duration::ZERO).await;
+    let mut through = config;
+    through.cluster_url = format!("https://{}", proxy.addr).parse().unwrap();
+    let operator = Running::start(
+        &ns,
+        Client::try_from(through).unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_status(&api, "tick", "runs", |s| s.successful_runs >= 3).await;
+
+    // The apiserver stops answering in time (writes time out after 10 s) just as chronflow
+    // shuts down, and comes back a little later: the last outcomes still reach status.
+    proxy.set_delay(Duration::from_secs(15));
+    let stopping = tokio::spawn(operator.stop());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set_delay(Duration::ZERO);
+    stopping.await.unwrap().unwrap();
+    let status = status_of(&api, "tick").await;
+    assert_eq!(
+        status.total_runs as usize,
+        receiver.count(),
+        "status counts every run the receiver saw"
+    );
+}
