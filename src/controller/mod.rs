@@ -266,3 +266,229 @@ impl SecretSource for KubeSecrets {
         })
     }
 }
+
+/// Reconcile against a scripted apiserver (kube's `tower-test` mock): each test answers the
+/// calls it expects, in order; the engine and the status index are the real ones.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::dedup::MemoryDedup;
+    use crate::engine::{Engine, EngineParts};
+    use crate::executor::{Executor, ExecutorConfig};
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+    use tokio::sync::{mpsc, watch};
+
+    type ApiHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    struct Harness {
+        ctx: Arc<Context>,
+        api: ApiHandle,
+        stop: CancellationToken,
+        _events: mpsc::Receiver<crate::status::events::EventRequest>,
+        _leader: watch::Sender<bool>,
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    fn harness() -> Harness {
+        let (service, api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (events_tx, events) = mpsc::channel(16);
+        let clock = Clock::System;
+        let index = StatusIndex::new(events_tx, clock);
+        let sink = Arc::new(index.clone());
+        let config = ExecutorConfig {
+            max_workers: 1,
+            queue_size: 1,
+            log_success: false,
+        };
+        let secrets = Arc::new(KubeSecrets {
+            client: client.clone(),
+        });
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::new();
+        let (executor, _) = Executor::new(config, sink.clone(), clock, http, secrets);
+        let (leader_tx, leader) = watch::channel(true);
+        let (engine, handle) = Engine::new(EngineParts {
+            executor,
+            dedup: Arc::new(MemoryDedup::new(Duration::from_secs(60))),
+            leader,
+            sink,
+            clock,
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(engine.run(stop.clone()));
+        let ctx = Arc::new(Context {
+            client,
+            engine: handle,
+            status: index,
+            default_timezone: Tz::UTC,
+        });
+        Harness {
+            ctx,
+            api,
+            stop,
+            _events: events,
+            _leader: leader_tx,
+        }
+    }
+
+    fn task(spec: serde_json::Value) -> Arc<GuardedTask> {
+        let task: ChronTask = serde_json::from_value(json!({
+            "apiVersion": "chronflow.io/v1alpha1",
+            "kind": "ChronTask",
+            "metadata": {"name": "t", "namespace": "ns", "uid": "u-1", "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": spec,
+        }))
+        .unwrap();
+        Arc::new(DeserializeGuard(Ok(task)))
+    }
+
+    fn with_secret_header() -> Arc<GuardedTask> {
+        task(json!({"schedule": {"cron": "@hourly"}, "action": {"http": {
+            "url": "http://127.0.0.1:9/", "headers": [
+                {"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}}]}}}))
+    }
+
+    /// Answers the next call, after checking its method and path.
+    async fn answer(
+        api: &mut ApiHandle,
+        method: &str,
+        path: &str,
+        code: u16,
+        body: serde_json::Value,
+    ) {
+        let (request, respond) = tokio::time::timeout(Duration::from_secs(1), api.next_request())
+            .await
+            .expect("the expected call within 1 s")
+            .expect("the client is alive");
+        assert_eq!(
+            (request.method().as_str(), request.uri().path()),
+            (method, path)
+        );
+        let body = Body::from(serde_json::to_vec(&body).unwrap());
+        respond.send_response(Response::builder().status(code).body(body).unwrap());
+    }
+
+    /// The task's status once the engine's fact reached the index.
+    async fn status_when(
+        ctx: &Context,
+        check: impl Fn(&crate::crd::ChronTaskStatus) -> bool,
+    ) -> crate::crd::ChronTaskStatus {
+        let key = TaskKey::new("ns", "t");
+        for _ in 0..100 {
+            if let Some(status) = ctx.status.lock().status(&key).filter(|s| check(s)) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("status never matched: {:?}", ctx.status.lock().status(&key));
+    }
+
+    fn not_found() -> serde_json::Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "message": "secrets \"s\" not found", "reason": "NotFound", "code": 404})
+    }
+
+    #[tokio::test]
+    async fn a_valid_task_is_scheduled_without_calling_the_apiserver() {
+        let h = harness();
+        let spec = json!({"schedule": {"cron": "@yearly"}, "action": {"http": {"url": "http://127.0.0.1:9/"}}});
+        let action = reconcile(task(spec), h.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let status = status_when(&h.ctx, |s| s.phase == Some(crate::crd::Phase::Scheduled)).await;
+        assert!(status.next_run_time.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_missing_secret_makes_the_task_invalid_until_it_appears() {
+        let mut h = harness();
+        let pending = tokio::spawn(reconcile(with_secret_header(), h.ctx.clone()));
+        answer(
+            &mut h.api,
+            "GET",
+            "/api/v1/namespaces/ns/secrets/s",
+            404,
+            not_found(),
+        )
+        .await;
+        let action = pending.await.unwrap().unwrap();
+        assert_eq!(
+            action,
+            Action::requeue(SECRET_RECHECK),
+            "checked again later"
+        );
+        let status = status_when(&h.ctx, |s| s.phase == Some(crate::crd::Phase::Invalid)).await;
+        assert_eq!(
+            status.message.as_deref(),
+            Some("Secret s not found in namespace ns")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_apiserver_error_reading_a_secret_is_retried_not_invalid() {
+        let mut h = harness();
+        let pending = tokio::spawn(reconcile(with_secret_header(), h.ctx.clone()));
+        let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                             "message": "etcdserver: request timed out", "code": 500});
+        answer(
+            &mut h.api,
+            "GET",
+            "/api/v1/namespaces/ns/secrets/s",
+            500,
+            failure,
+        )
+        .await;
+        let error = pending.await.unwrap().unwrap_err();
+        assert_eq!(error.metric_label(), "read_secret");
+        let status = h
+            .ctx
+            .status
+            .lock()
+            .status(&TaskKey::new("ns", "t"))
+            .unwrap();
+        assert_eq!(
+            status.phase,
+            Some(crate::crd::Phase::Pending),
+            "not Invalid"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_task_is_invalid_and_keeps_its_counters() {
+        let mut h = harness();
+        let metadata = serde_json::from_value(json!({
+            "name": "t", "namespace": "ns", "uid": "u-1", "generation": 2}))
+        .unwrap();
+        let guarded = Arc::new(DeserializeGuard(Err(
+            kube::core::error_boundary::InvalidObject {
+                error: "invalid type: string \"x\", expected i32".into(),
+                metadata,
+            },
+        )));
+        let pending = tokio::spawn(reconcile(guarded, h.ctx.clone()));
+        let stored = json!({"apiVersion": "chronflow.io/v1alpha1", "kind": "ChronTask",
+            "metadata": {"name": "t", "namespace": "ns", "uid": "u-1"},
+            "spec": {"action": {"job": {"template": {"spec": {"parallelism": "x"}}}}},
+            "status": {"totalRuns": 7, "successfulRuns": 7, "phase": "Scheduled"}});
+        let path = "/apis/chronflow.io/v1alpha1/namespaces/ns/chrontasks/t";
+        answer(&mut h.api, "GET", path, 200, stored).await;
+        assert_eq!(pending.await.unwrap().unwrap(), Action::await_change());
+        let status = status_when(&h.ctx, |s| s.phase == Some(crate::crd::Phase::Invalid)).await;
+        assert_eq!(status.total_runs, 7, "the counters survive");
+        assert!(
+            status
+                .message
+                .unwrap()
+                .contains("cannot decode the ChronTask")
+        );
+    }
+}

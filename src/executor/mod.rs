@@ -673,6 +673,7 @@ mod tests {
             queue_size: 10,
             log_success: false,
         };
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let clock = Clock::System;
         let (executor, _task) = Executor::new(
             config,
