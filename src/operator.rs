@@ -119,6 +119,29 @@ pub async fn run(
         "chronflow operator started"
     );
 
+    let stages = Stages {
+        firing: (firing, firing_tasks),
+        writing: (writing, writing_tasks),
+    };
+    let result = supervise(shutdown, stages).await;
+    drop(leader_tx); // a single replica leads until everything has stopped
+    info!("chronflow operator stopped");
+    result
+}
+
+/// The long-lived tasks in the order they stop: first what fires and runs, then what writes.
+struct Stages {
+    firing: (CancellationToken, JoinSet<()>),
+    writing: (CancellationToken, JoinSet<()>),
+}
+
+/// Runs until `shutdown`, or until any task ends or panics on its own (then the result is an
+/// error naming why). Either way the stages stop in order, each waited for completely.
+async fn supervise(shutdown: CancellationToken, stages: Stages) -> Result<()> {
+    let Stages {
+        firing: (firing, mut firing_tasks),
+        writing: (writing, mut writing_tasks),
+    } = stages;
     let ended = |result: Option<std::result::Result<(), tokio::task::JoinError>>| match result {
         Some(Ok(())) | None => "a component stopped unexpectedly".to_string(),
         Some(Err(e)) => format!("a component failed: {e}"),
@@ -137,9 +160,7 @@ pub async fn run(
     while firing_tasks.join_next().await.is_some() {}
     // Every run has reported by now; the writer's final flush writes the last outcomes.
     writing.cancel();
-    drop(leader_tx);
     while writing_tasks.join_next().await.is_some() {}
-    info!("chronflow operator stopped");
     match failure {
         Some(reason) => Err(Error::Startup(reason)),
         None => Ok(()),
@@ -159,5 +180,71 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A component that runs until its stage is stopped, then records that it stopped.
+    async fn until_stopped(
+        stop: CancellationToken,
+        name: &'static str,
+        log: Arc<Mutex<Vec<&'static str>>>,
+    ) {
+        stop.cancelled().await;
+        log.lock().unwrap().push(name);
+    }
+
+    fn stages(log: &Arc<Mutex<Vec<&'static str>>>) -> (Stages, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let (firing, writing) = (shutdown.child_token(), CancellationToken::new());
+        let mut firing_tasks = JoinSet::new();
+        firing_tasks.spawn(until_stopped(firing.clone(), "engine", log.clone()));
+        let mut writing_tasks = JoinSet::new();
+        writing_tasks.spawn(until_stopped(writing.clone(), "writer", log.clone()));
+        let stages = Stages {
+            firing: (firing, firing_tasks),
+            writing: (writing, writing_tasks),
+        };
+        (stages, shutdown)
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_firing_first_then_writing_and_succeeds() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stages, shutdown) = stages(&log);
+        shutdown.cancel();
+        supervise(shutdown, stages).await.unwrap();
+        assert_eq!(*log.lock().unwrap(), ["engine", "writer"]);
+    }
+
+    #[tokio::test]
+    async fn a_component_that_stops_on_its_own_stops_everything_with_an_error() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (mut stages, shutdown) = stages(&log);
+        stages.writing.1.spawn(async {}); // e.g. the status writer returning early
+        let error = supervise(shutdown, stages).await.unwrap_err();
+        assert_eq!(error.to_string(), "a component stopped unexpectedly");
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["engine", "writer"],
+            "the rest stopped in order"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_component_that_panics_stops_everything_with_an_error() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (mut stages, shutdown) = stages(&log);
+        stages
+            .firing
+            .1
+            .spawn(async { panic!("a bug in the engine") });
+        let error = supervise(shutdown, stages).await.unwrap_err();
+        assert!(error.to_string().contains("panicked"), "{error}");
+        assert_eq!(*log.lock().unwrap(), ["engine", "writer"]);
     }
 }
