@@ -469,3 +469,150 @@ fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
         _ => instant,
     }
 }
+
+/// The engine on tokio's paused time: a day of instants in milliseconds, exactly on time.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::MemoryDedup;
+    use crate::executor::http::{Redacted, SecretSource, SuccessCodes};
+    use crate::executor::{Action, ExecutorConfig, HttpAction, RetryPolicy};
+    use crate::policy::ConcurrencyPolicy;
+    use crate::schedule::IntervalAnchor;
+    use chrono::TimeZone;
+    use futures::future::BoxFuture;
+
+    struct NoSecrets;
+
+    impl SecretSource for NoSecrets {
+        fn get<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<Redacted, String>> {
+            Box::pin(async { Err("none".to_string()) })
+        }
+    }
+
+    fn t(hours: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(hours)
+    }
+
+    /// An engine and executor on a clock at `t(0)` that follows tokio's paused time. Runs call
+    /// a closed port on loopback: they fail at once, which is all these tests need.
+    fn start() -> (
+        EngineHandle,
+        mpsc::UnboundedReceiver<Report>,
+        CancellationToken,
+    ) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let clock = Clock::tokio_at(t(0));
+        let (tx, reports) = mpsc::unbounded_channel();
+        let sink: Arc<dyn ReportSink> = Arc::new(tx);
+        let config = ExecutorConfig {
+            max_workers: 4,
+            queue_size: 100,
+            log_success: false,
+        };
+        let http = reqwest::Client::new();
+        let (executor, executor_task) =
+            Executor::new(config, sink.clone(), clock, http, Arc::new(NoSecrets));
+        let (leader_tx, leader) = watch::channel(true);
+        std::mem::forget(leader_tx); // leads for the whole test
+        let (engine, handle) = Engine::new(EngineParts {
+            executor,
+            dedup: Arc::new(MemoryDedup::new(Duration::from_secs(3600))),
+            leader,
+            sink,
+            clock,
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(engine.run(stop.clone()));
+        tokio::spawn(executor_task.run(stop.clone(), Duration::from_secs(1)));
+        (handle, reports, stop)
+    }
+
+    /// Every hour on the hour, on a grid that started long ago.
+    fn hourly(catch_up_from: Option<DateTime<Utc>>) -> EngineTask {
+        EngineTask {
+            id: TaskId::new(TaskKey::new("ns", "hourly"), "uid"),
+            generation: 1,
+            schedule: Schedule::interval(
+                Duration::from_secs(3600),
+                IntervalAnchor::Start(t(-10_000)),
+            )
+            .unwrap(),
+            jitter: None,
+            catch_up: CatchUpPolicy::Latest,
+            catch_up_from,
+            paused: None,
+            run: Arc::new(RunSpec {
+                action: Action::Http(HttpAction {
+                    url: "http://127.0.0.1:1/".parse().unwrap(),
+                    method: reqwest::Method::POST,
+                    headers: Vec::new(),
+                    body: None,
+                    success_codes: SuccessCodes::parse(&[]).unwrap(),
+                }),
+                timeout: Duration::from_secs(5),
+                retry: RetryPolicy::default(),
+                concurrency: ConcurrencyPolicy::Forbid,
+                max_concurrent_runs: 1,
+                starting_deadline: None,
+            }),
+        }
+    }
+
+    async fn starts(
+        reports: &mut mpsc::UnboundedReceiver<Report>,
+        count: usize,
+    ) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            if let Some(Report::Started {
+                scheduled, started, ..
+            }) = reports.recv().await
+            {
+                seen.push((scheduled, started));
+            }
+        }
+        seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_day_of_hourly_runs_starts_each_exactly_on_its_instant() {
+        let (engine, mut reports, stop) = start();
+        engine.upsert(hourly(None)).await;
+        let seen = starts(&mut reports, 24).await;
+        for (n, (scheduled, started)) in seen.into_iter().enumerate() {
+            assert_eq!(scheduled, t(n as i64 + 1));
+            assert_eq!(started, scheduled, "no lag by the injected clock");
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_long_outage_the_newest_instant_runs_at_once() {
+        let (engine, mut reports, stop) = start();
+        // Last run 30 days ago (720 instants), by a clock that reads t(0) now.
+        engine.upsert(hourly(Some(t(-720)))).await;
+        let (mut started, mut missed) = (None, None);
+        while started.is_none() || missed.is_none() {
+            match reports.recv().await {
+                Some(Report::Started {
+                    scheduled,
+                    started: at,
+                    ..
+                }) => started = Some((scheduled, at)),
+                Some(Report::Missed { count, reason, .. }) => missed = Some((count, reason)),
+                Some(_) => {}
+                None => panic!("the engine stopped"),
+            }
+        }
+        assert_eq!(started, Some((t(0), t(0))), "the newest instant, at once");
+        let missed = missed.unwrap();
+        assert_eq!(missed.0, 719, "{}", missed.1);
+        stop.cancel();
+    }
+}

@@ -665,31 +665,36 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_worker_that_panics_reports_a_failure_and_frees_its_task() {
-        let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    fn executor() -> (Executor, tokio::sync::mpsc::UnboundedReceiver<Report>) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
         let config = ExecutorConfig {
             max_workers: 2,
             queue_size: 10,
             log_success: false,
         };
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let clock = Clock::System;
         let (executor, _task) = Executor::new(
             config,
             Arc::new(tx),
-            clock,
+            Clock::System,
             reqwest::Client::new(),
             Arc::new(NoSecrets),
         );
-        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        (executor, reports)
+    }
+
+    fn request(
+        scheduled: DateTime<Utc>,
+        due: DateTime<Utc>,
+        starting_deadline: Option<Duration>,
+    ) -> RunRequest {
         let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
-        let run = RunRequest {
-            task: task.clone(),
+        RunRequest {
+            run_id: RunId::new(&task.key, scheduled),
+            task,
             generation: 1,
-            run_id: RunId::new(&task.key, at),
-            scheduled: at,
-            due: at,
+            scheduled,
+            due,
             spec: Arc::new(RunSpec {
                 action: Action::Http(HttpAction {
                     url: "http://127.0.0.1:9/".parse().unwrap(),
@@ -702,10 +707,45 @@ mod tests {
                 retry: RetryPolicy::default(),
                 concurrency: ConcurrencyPolicy::Forbid,
                 max_concurrent_runs: 1,
-                starting_deadline: None,
+                starting_deadline,
             }),
             sequential: false,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn the_starting_deadline_counts_from_the_jittered_start() {
+        let (executor, _reports) = executor();
+        let now = Utc::now();
+        let deadline = Some(Duration::from_secs(1));
+        // Scheduled 10 s ago with a 10 s jitter: due now, so within its 1 s deadline.
+        executor.submit(request(now - chrono::Duration::seconds(10), now, deadline));
+        let mut missed = Vec::new();
+        assert!(
+            executor.shared.next_run(&mut missed).is_some(),
+            "{missed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_run_past_its_starting_deadline_is_missed_not_started() {
+        let (executor, _reports) = executor();
+        let due = Utc::now() - chrono::Duration::seconds(5);
+        executor.submit(request(due, due, Some(Duration::from_secs(1))));
+        let mut missed = Vec::new();
+        assert!(executor.shared.next_run(&mut missed).is_none());
+        assert!(
+            matches!(&missed[..], [Report::Missed { reason, .. }] if reason.contains("starting deadline")),
+            "{missed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_panics_reports_a_failure_and_frees_its_task() {
+        let (executor, mut reports) = executor();
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
+        let run = request(at, at, None);
         executor.submit(run);
         let mut dropped = Vec::new();
         let (run, _cancel) = executor.shared.next_run(&mut dropped).unwrap();
