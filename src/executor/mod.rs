@@ -255,7 +255,11 @@ impl Executor {
                     handle.cancel(reason.clone());
                 }
             }
-            if runs.is_idle() {
+            if !dropped.is_empty() {
+                runs.has_turn = false;
+                state.turns.retain(|id| id != task);
+            }
+            if state.tasks.get(task).is_some_and(TaskRuns::is_idle) {
                 state.tasks.remove(task);
             }
             state.waiting -= dropped.len();
