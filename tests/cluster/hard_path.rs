@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use chronflow::ChronTask;
 use chronflow::crd::Phase;
+use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
-use kube::{Api, Client};
 use serde_json::json;
 
 use crate::operator::{Operator, create, setup, status_where};
@@ -54,25 +54,13 @@ async fn a_task_that_cannot_be_decoded_is_invalid_and_the_others_run() {
     assert!(message.contains("cannot decode the ChronTask"), "{message}");
 }
 
-/// A client of the test cluster whose every call goes through `proxy`.
-async fn client_through(proxy: &DelayProxy) -> Client {
-    let mut config = test_env().config().await;
-    config.cluster_url = format!("https://{}", proxy.addr).parse().unwrap();
-    Client::try_from(config).unwrap()
-}
-
 #[tokio::test]
 async fn a_slow_apiserver_never_delays_or_loses_a_run() {
     const TASKS: usize = 300;
     const SECONDS: i64 = 30;
     let s = setup("slow-apiserver").await;
     let receiver = Receiver::start(Behavior::default()).await;
-    let config = test_env().config().await;
-    let upstream = format!(
-        "127.0.0.1:{}",
-        config.cluster_url.port_u16().expect("a port")
-    );
-    let proxy = DelayProxy::start(upstream.parse().unwrap(), Duration::from_millis(500)).await;
+    let (proxy, slow_client) = DelayProxy::in_front_of_apiserver(Duration::from_millis(500)).await;
 
     // Every task is due each second from a common start, for SECONDS instants.
     let start = chrono::Utc::now() + chrono::Duration::seconds(25);
@@ -90,7 +78,7 @@ async fn a_slow_apiserver_never_delays_or_loses_a_run() {
         )
         .await;
     }
-    let operator = Operator::start_with(&s.ns, client_through(&proxy).await, |_| {}).await;
+    let operator = Operator::start_with(&s.ns, slow_client, |_| {}).await;
     let expected = TASKS * SECONDS as usize;
     eventually("every instant reaches the receiver", || async {
         (receiver.count() >= expected).then_some(())

@@ -1,80 +1,28 @@
 //! Lifecycle races against the real apiserver: many new tasks at once, one-shots at their
 //! creation instant, pause or invalid periods spanning an operator restart, a namespaced
 //! install, and a final status flush through an apiserver that is briefly unreachable.
-//! Self-contained (it starts operators with `chronflow::operator::run`), so it also runs
-//! against older commits to show what they got wrong.
 
 use std::time::Duration;
 
 use chronflow::ChronTask;
-use chronflow::config::OperatorConfig;
-use chronflow::crd::{ChronTaskStatus, Phase};
+use chronflow::crd::Phase;
 use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
+use serde_json::json;
 
+use crate::operator::{Operator, chrontask, patch_spec, status_where};
 use crate::support::delay_proxy::DelayProxy;
 use crate::support::receiver::{Behavior, Receiver};
-use crate::support::{eventually, namespace, test_env};
+use crate::support::{namespace, test_env};
 
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<chronflow::Result<()>>,
-}
-
-impl Running {
-    async fn start(ns: &str, client: Client, grace: Duration) -> Running {
-        let mut config = OperatorConfig {
-            watch_namespaces: vec![ns.to_string()],
-            ..Default::default()
-        };
-        config.status.flush_interval = Duration::from_millis(300);
-        config.shutdown.grace_period = grace;
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chronflow::operator::run(config, client, shutdown.clone()));
-        Running { shutdown, task }
-    }
-
-    async fn stop(self) -> chronflow::Result<()> {
-        self.shutdown.cancel();
-        self.task.await.unwrap()
-    }
-}
-
-fn chrontask(name: &str, spec: Value) -> ChronTask {
-    serde_json::from_value(json!({
-        "apiVersion": "chronflow.io/v1alpha1",
-        "kind": "ChronTask",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .unwrap()
-}
-
-async fn status_of(api: &Api<ChronTask>, name: &str) -> ChronTaskStatus {
-    api.get(name).await.unwrap().status.unwrap_or_default()
-}
-
-async fn wait_status(
-    api: &Api<ChronTask>,
-    name: &str,
-    what: &str,
-    check: impl Fn(&ChronTaskStatus) -> bool,
-) -> ChronTaskStatus {
-    eventually(what, || async {
-        api.get(name).await.ok()?.status.filter(|s| check(s))
-    })
-    .await
+async fn start(ns: &str, client: Client, grace: Duration) -> Operator {
+    Operator::start_with(ns, client, |config| config.shutdown.grace_period = grace).await
 }
 
 async fn set_paused(api: &Api<ChronTask>, name: &str, paused: bool) {
-    let patch = Patch::Merge(json!({"spec": {"paused": paused}}));
-    api.patch(name, &PatchParams::default(), &patch)
-        .await
-        .unwrap();
+    patch_spec(api, name, json!({"paused": paused})).await;
 }
 
 #[tokio::test]
@@ -83,7 +31,7 @@ async fn every_new_task_shows_its_next_run_and_one_shots_due_at_creation_run_onc
     let ns = namespace(&client, "many-new").await;
     let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
     let receiver = Receiver::start(Behavior::default()).await;
-    let _operator = Running::start(&ns, client.clone(), Duration::from_secs(5)).await;
+    let _operator = start(&ns, client.clone(), Duration::from_secs(5)).await;
     // Created while the operator runs: the engine's first fact about each must not be lost.
     let now = chrono::Utc::now();
     futures::stream::iter(0..50)
@@ -108,11 +56,11 @@ async fn every_new_task_shows_its_next_run_and_one_shots_due_at_creation_run_onc
         .collect::<Vec<()>>()
         .await;
     for n in 0..50 {
-        wait_status(&api, &format!("yearly-{n}"), "a next run time", |s| {
+        status_where(&api, &format!("yearly-{n}"), "a next run time", |s| {
             s.phase == Some(Phase::Scheduled) && s.next_run_time.is_some()
         })
         .await;
-        let once = wait_status(&api, &format!("once-{n}"), "Completed", |s| {
+        let once = status_where(&api, &format!("once-{n}"), "Completed", |s| {
             s.phase == Some(Phase::Completed) && s.active.is_empty()
         })
         .await;
@@ -142,18 +90,18 @@ async fn a_pause_or_invalid_period_spanning_a_restart_is_never_replayed() {
         .await
         .unwrap();
 
-    let operator = Running::start(&ns, client.clone(), Duration::from_secs(5)).await;
-    wait_status(&api, "paused", "2 runs", |s| s.successful_runs >= 2).await;
-    wait_status(&api, "fixed", "Invalid", |s| {
+    let operator = start(&ns, client.clone(), Duration::from_secs(5)).await;
+    status_where(&api, "paused", "2 runs", |s| s.successful_runs >= 2).await;
+    status_where(&api, "fixed", "Invalid", |s| {
         s.phase == Some(Phase::Invalid)
     })
     .await;
     set_paused(&api, "paused", true).await;
-    wait_status(&api, "paused", "Paused", |s| {
+    status_where(&api, "paused", "Paused", |s| {
         s.phase == Some(Phase::Paused) && s.active.is_empty()
     })
     .await;
-    operator.stop().await.unwrap();
+    operator.stop().await;
     let paused_at = chrono::Utc::now();
 
     // While chronflow is down, the pause and the invalid spec last a few seconds, then end.
@@ -165,9 +113,9 @@ async fn a_pause_or_invalid_period_spanning_a_restart_is_never_replayed() {
         .unwrap();
     let resumed_at = chrono::Utc::now();
 
-    let _operator = Running::start(&ns, client.clone(), Duration::from_secs(5)).await;
+    let _operator = start(&ns, client.clone(), Duration::from_secs(5)).await;
     for name in ["paused", "fixed"] {
-        let status = wait_status(&api, name, "a run after the restart", |s| {
+        let status = status_where(&api, name, "a run after the restart", |s| {
             s.last_run
                 .as_ref()
                 .is_some_and(|r| r.scheduled_time > resumed_at)
@@ -241,20 +189,20 @@ async fn a_namespaced_install_starts_without_cluster_wide_rights() {
 
     let mut config = test_env().config().await;
     config.auth_info.impersonate = Some(user);
-    let operator = Running::start(
+    let operator = start(
         &ns,
         Client::try_from(config).unwrap(),
         Duration::from_secs(5),
     )
     .await;
-    wait_status(
+    status_where(
         &api,
         "tick",
         "runs counted by the namespaced operator",
         |s| s.successful_runs >= 2,
     )
     .await;
-    operator.stop().await.unwrap();
+    operator.stop().await;
 }
 
 #[tokio::test]
@@ -268,18 +216,9 @@ async fn the_final_flush_retries_until_the_apiserver_answers() {
     api.create(&PostParams::default(), &chrontask("tick", spec))
         .await
         .unwrap();
-    let config = test_env().config().await;
-    let upstream = format!("127.0.0.1:{}", config.cluster_url.port_u16().unwrap());
-    let proxy = DelayProxy::start(upstream.parse().unwrap(), Duration::ZERO).await;
-    let mut through = config;
-    through.cluster_url = format!("https://{}", proxy.addr).parse().unwrap();
-    let operator = Running::start(
-        &ns,
-        Client::try_from(through).unwrap(),
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_status(&api, "tick", "runs", |s| s.successful_runs >= 3).await;
+    let (proxy, through) = DelayProxy::in_front_of_apiserver(Duration::ZERO).await;
+    let operator = start(&ns, through, Duration::from_secs(30)).await;
+    status_where(&api, "tick", "runs", |s| s.successful_runs >= 3).await;
 
     // The apiserver stops answering in time (writes time out after 10 s) just as chronflow
     // shuts down, and comes back a little later: the last outcomes still reach status.
@@ -287,8 +226,8 @@ async fn the_final_flush_retries_until_the_apiserver_answers() {
     let stopping = tokio::spawn(operator.stop());
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.set_delay(Duration::ZERO);
-    stopping.await.unwrap().unwrap();
-    let status = status_of(&api, "tick").await;
+    stopping.await.unwrap();
+    let status = api.get("tick").await.unwrap().status.unwrap_or_default();
     assert_eq!(
         status.total_runs as usize,
         receiver.count(),

@@ -1,11 +1,14 @@
 //! Load on the real apiserver: many tasks due every second, the operator, apiserver and etcd
 //! sharing this machine. Not part of the suite (it takes about a minute and all the CPU); run it
-//! to reproduce the figures in the closing notes and docs/operations.md:
+//! to reproduce the figures in the README and the closing notes:
 //!
 //! ```sh
 //! CHRONFLOW_TEST_BIN_DIR=$(scripts/test-deps --bin-dir) cargo test --release --test cluster \
-//!     load:: -- --ignored --nocapture        # CHRONFLOW_LOAD_TASKS=1000 CHRONFLOW_LOAD_SECONDS=45
+//!     load:: -- --ignored --nocapture
 //! ```
+//!
+//! Settings (environment): `CHRONFLOW_LOAD_TASKS` (1000), `CHRONFLOW_LOAD_SECONDS` (45), and the
+//! operator's `CHRONFLOW_LOAD_WORKERS` (64) and `CHRONFLOW_LOAD_QUEUE` (10000).
 //!
 //! It prints how many instants ran, how late they started, which seconds saw no run, what
 //! status says, and how many status writes a second the apiserver received. It uses only
@@ -89,8 +92,8 @@ async fn many_tasks_every_second() {
 
     let mut config = OperatorConfig {
         watch_namespaces: vec![ns.clone()],
-        max_workers: 64,
-        queue_size: 10_000,
+        max_workers: setting("CHRONFLOW_LOAD_WORKERS", 64) as usize,
+        queue_size: setting("CHRONFLOW_LOAD_QUEUE", 10_000) as usize,
         ..Default::default()
     };
     config.log.log_task_success = false;
@@ -135,7 +138,11 @@ async fn many_tasks_every_second() {
         successful += status.successful_runs;
         missed += status.missed_runs;
     }
-    println!("load: {tasks} tasks x 1 s for {seconds} s = {expected} instants");
+    println!(
+        "load: {tasks} tasks x 1 s for {seconds} s = {expected} instants ({} workers, queue {})",
+        setting("CHRONFLOW_LOAD_WORKERS", 64),
+        setting("CHRONFLOW_LOAD_QUEUE", 10_000)
+    );
     println!(
         "load: received {} ({repeated} run ids more than once); status: {successful} succeeded, {missed} missed",
         hits.len()

@@ -48,7 +48,7 @@ impl Operator {
         }
     }
 
-    /// SIGTERM-equivalent: stop firing, drain, write the last status, and return its result.
+    /// SIGTERM-equivalent: stop firing, drain, write the last status; it must succeed.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         let task = self.task.take().unwrap();
@@ -76,7 +76,7 @@ pub async fn setup(prefix: &str) -> Setup {
     }
 }
 
-fn chrontask(name: &str, spec: Value) -> ChronTask {
+pub fn chrontask(name: &str, spec: Value) -> ChronTask {
     serde_json::from_value(json!({
         "apiVersion": "chronflow.io/v1alpha1",
         "kind": "ChronTask",
@@ -106,7 +106,7 @@ pub async fn status_where(
     .await
 }
 
-async fn patch_spec(api: &Api<ChronTask>, name: &str, spec: Value) {
+pub async fn patch_spec(api: &Api<ChronTask>, name: &str, spec: Value) {
     api.patch(
         name,
         &PatchParams::default(),

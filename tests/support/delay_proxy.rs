@@ -40,6 +40,19 @@ impl DelayProxy {
         }
     }
 
+    /// A proxy in front of the test run's apiserver, and a client whose calls go through it.
+    pub async fn in_front_of_apiserver(delay: Duration) -> (DelayProxy, kube::Client) {
+        let mut config = super::test_env().config().await;
+        let port = config
+            .cluster_url
+            .port_u16()
+            .expect("the apiserver URL has a port");
+        let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+        let proxy = DelayProxy::start(upstream, delay).await;
+        config.cluster_url = format!("https://{}", proxy.addr).parse().unwrap();
+        (proxy, kube::Client::try_from(config).expect("a client"))
+    }
+
     pub fn set_delay(&self, delay: Duration) {
         self.delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
