@@ -10,13 +10,6 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 
-    /// A configuration key names a feature this version does not have.
-    #[error("config: {key}: {reason}")]
-    Unsupported {
-        key: &'static str,
-        reason: &'static str,
-    },
-
     /// No cluster could be reached (no in-cluster service account, no usable KUBECONFIG).
     #[error("cannot connect to Kubernetes: {source}")]
     ConnectCluster {
@@ -62,7 +55,7 @@ impl Error {
     /// Exit status for the command line: 2 for bad input, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Unsupported { .. } => 2,
+            Error::Config(_) => 2,
             _ => 1,
         }
     }
@@ -71,7 +64,6 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Config(_) => "config",
-            Error::Unsupported { .. } => "unsupported",
             Error::ConnectCluster { .. } => "connect_cluster",
             Error::CrdUnavailable { .. } => "crd_unavailable",
             Error::Logging(_) => "logging",

@@ -1,5 +1,6 @@
 //! The `chronflow` binary: parse the command line and hand over to the library.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,7 +11,8 @@ async fn main() -> ExitCode {
     match cli.run().await {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("chronflow: {error}");
+            // Not eprintln!: it panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "chronflow: {error}");
             ExitCode::from(error.exit_code())
         }
     }
