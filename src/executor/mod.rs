@@ -745,6 +745,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_task_recreated_under_the_same_name_inherits_nothing() {
+        let (executor, _reports) = executor();
+        let now = Utc::now();
+        let old = request(now, now, None);
+        executor.submit(old.clone());
+        let mut missed = Vec::new();
+        assert!(executor.shared.next_run(&mut missed).is_some(), "in flight");
+        let mut queued = request(now + chrono::Duration::seconds(1), now, None);
+        queued.run_id = RunId::new(&old.task.key, queued.scheduled);
+        // The old object is deleted while one of its runs is in flight; a new one of the same
+        // name (another uid) is due at once. Forbid looks at its own runs only.
+        executor.retire(&old.task, Retire::Deleted);
+        let mut new = queued;
+        new.task.uid = "uid-2".into();
+        executor.submit(new);
+        let (started, _) = executor.shared.next_run(&mut missed).expect("not blocked");
+        assert_eq!(started.task.uid, "uid-2");
+        assert!(missed.is_empty(), "{missed:?}");
+    }
+
+    #[tokio::test]
     async fn a_worker_that_panics_reports_a_failure_and_frees_its_task() {
         let (executor, mut reports) = executor();
         let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
