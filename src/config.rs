@@ -244,12 +244,15 @@ pub enum LogRotation {
 pub struct MetricsConfig {
     /// Socket address to listen on.
     pub bind: SocketAddr,
+    /// Whether run and miss counts carry each task's namespace and name.
+    pub per_task: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            per_task: true,
         }
     }
 }
@@ -1054,7 +1057,9 @@ fn leaf(key: &str) -> Option<Leaf> {
         "redis.port" => ("a port number from 1 to 65535", Plain),
         "redis.db" => ("a database index (an integer >= 0)", Plain),
         "redis.password" => ("null or a quoted string", Secret),
-        "leader_election.enabled" | "log.log_task_success" => ("true or false", Plain),
+        "leader_election.enabled" | "log.log_task_success" | "metrics.per_task" => {
+            ("true or false", Plain)
+        }
         "leader_election.lease_name" => (
             "a Kubernetes object name (lowercase letters, digits, '-' and '.')",
             Plain,
@@ -1303,7 +1308,7 @@ mod tests {
         }
         let mut leaves = Vec::new();
         walk(&schema(), "", &mut leaves);
-        assert_eq!(leaves.len(), 26, "{leaves:?}");
+        assert_eq!(leaves.len(), 27, "{leaves:?}");
         for key in leaves {
             assert!(leaf(&key).is_some(), "no message entry for {key}");
         }
@@ -1528,7 +1533,10 @@ mod tests {
             lines[2].starts_with("config: unknown key \"metrics.port\""),
             "{error}"
         );
-        assert!(lines[2].ends_with("(expected one of: bind)"), "{error}");
+        assert!(
+            lines[2].ends_with("(expected one of: bind, per_task)"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1540,7 +1548,7 @@ mod tests {
     fn sections_must_be_mappings() {
         assert_eq!(
             file_err("metrics: 8080\n"),
-            "config: metrics: expected a mapping with keys bind, got 8080 (in FILE)"
+            "config: metrics: expected a mapping with keys bind, per_task, got 8080 (in FILE)"
         );
         assert_eq!(
             file_err("- a\n"),
@@ -1570,7 +1578,7 @@ mod tests {
         assert_eq!(
             env_err(&[("SCHEDULER__METRICS", "x")]),
             "config: variable SCHEDULER__METRICS names the section \"metrics\", not a key \
-             (expected SCHEDULER__METRICS__ followed by one of: BIND)"
+             (expected SCHEDULER__METRICS__ followed by one of: BIND, PER_TASK)"
         );
         assert!(
             env_err(&[("SCHEDULER__", "x")]).starts_with("config: unknown variable SCHEDULER__: ")

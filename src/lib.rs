@@ -10,6 +10,8 @@
 //! - [`executor`]: bounded queue + worker pool, concurrency policies, HTTP action, retries.
 //! - [`controller`]: watches ChronTasks, validates them, feeds the engine (the `kube` side).
 //! - [`status`]: the status index (in memory), its budgeted writer and Events.
+//! - [`metrics`]: Prometheus metrics (runs, start lag, queue, workers, status writes).
+//! - [`server`]: `/metrics`, `/stats`, `/healthz`, `/readyz`.
 //! - [`operator`]: `chronflow run` wiring, supervision and shutdown order.
 //! - [`telemetry`]: logging setup.
 //! - [`config`]: the operator configuration (YAML file + `SCHEDULER__` environment).
@@ -26,10 +28,12 @@ pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod metrics;
 pub mod operator;
 pub mod policy;
 pub mod run;
 pub mod schedule;
+pub mod server;
 pub mod status;
 pub mod telemetry;
 

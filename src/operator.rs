@@ -20,6 +20,9 @@ use crate::controller::{self, Context, KubeSecrets};
 use crate::dedup::MemoryDedup;
 use crate::engine::{Engine, EngineParts};
 use crate::executor::{Executor, ExecutorConfig};
+use crate::metrics::{CountedClaims, Live, Metrics, Recording};
+use crate::run::ReportSink;
+use crate::server::{self, Endpoint, Health};
 use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
 
@@ -43,6 +46,14 @@ pub async fn run(
     } else {
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
+    // A bad metrics.bind stops start-up, naming the key.
+    let listener = server::bind(config.metrics.bind).await.map_err(|e| {
+        Error::Startup(format!(
+            "config: metrics.bind: cannot listen on {}: {e}",
+            config.metrics.bind
+        ))
+    })?;
+    let health = Arc::new(Health::new(namespaces.len()));
     // Where the operator will watch, with its own rights: a namespaced install need not list
     // ChronTasks cluster-wide. Metadata only: one malformed ChronTask must not stop start-up.
     for namespace in &namespaces {
@@ -54,6 +65,7 @@ pub async fn run(
             .await
             .map_err(|source| Error::CrdUnavailable { source })?;
     }
+    health.crd_served();
 
     let clock = Clock::System;
     let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "chronflow".into());
@@ -73,12 +85,32 @@ pub async fn run(
         queue_size: config.queue_size,
         log_success: config.log.log_task_success,
     };
-    let sink = Arc::new(index.clone());
+    let metrics = Arc::new(Metrics::new(config.metrics.per_task));
+    let sink: Arc<dyn ReportSink> = Arc::new(Recording {
+        metrics: metrics.clone(),
+        inner: Arc::new(index.clone()),
+    });
     let (executor, executor_task) =
         Executor::new(executor_config, sink.clone(), clock, http, secrets);
+    metrics.watch(Live {
+        executor: executor.gauge(),
+        status: index.clone(),
+        leader: leader.clone(),
+    });
+    let endpoint = Endpoint {
+        metrics: metrics.clone(),
+        status: index.clone(),
+        executor: executor.gauge(),
+        health: health.clone(),
+        leader: leader.clone(),
+    };
+    let dedup = Arc::new(CountedClaims {
+        metrics: metrics.clone(),
+        inner: Arc::new(MemoryDedup::new(MEMORY_DEDUP_IDLE)),
+    });
     let (engine, engine_handle) = Engine::new(EngineParts {
         executor,
-        dedup: Arc::new(MemoryDedup::new(MEMORY_DEDUP_IDLE)),
+        dedup,
         leader: leader.clone(),
         sink,
         clock,
@@ -97,6 +129,8 @@ pub async fn run(
         engine: engine_handle,
         status: index,
         default_timezone: config.timezone,
+        metrics,
+        health: health.clone(),
     });
 
     // Two supervised groups, stopped in order: first what fires and runs, then what writes.
@@ -112,7 +146,9 @@ pub async fn run(
     let mut writing_tasks = JoinSet::new();
     let final_flush = config.shutdown.grace_period.max(MIN_FINAL_FLUSH);
     writing_tasks.spawn(writer.run(writing.clone(), final_flush));
-    writing_tasks.spawn(events::publish(client, events_rx, leader, instance, clock));
+    let publisher = events::publish(client, events_rx, leader, instance, clock, writing.clone());
+    writing_tasks.spawn(publisher);
+    writing_tasks.spawn(server::serve(listener, endpoint, writing.clone()));
     info!(
         max_workers = config.max_workers,
         queue_size = config.queue_size,
@@ -123,7 +159,7 @@ pub async fn run(
         firing: (firing, firing_tasks),
         writing: (writing, writing_tasks),
     };
-    let result = supervise(shutdown, stages).await;
+    let result = supervise(shutdown, stages, || health.stopping()).await;
     drop(leader_tx); // a single replica leads until everything has stopped
     info!("chronflow operator stopped");
     result
@@ -137,7 +173,11 @@ struct Stages {
 
 /// Runs until `shutdown`, or until any task ends or panics on its own (then the result is an
 /// error naming why). Either way the stages stop in order, each waited for completely.
-async fn supervise(shutdown: CancellationToken, stages: Stages) -> Result<()> {
+async fn supervise(
+    shutdown: CancellationToken,
+    stages: Stages,
+    on_stop: impl FnOnce(),
+) -> Result<()> {
     let Stages {
         firing: (firing, mut firing_tasks),
         writing: (writing, mut writing_tasks),
@@ -152,6 +192,7 @@ async fn supervise(shutdown: CancellationToken, stages: Stages) -> Result<()> {
         result = firing_tasks.join_next() => Some(ended(result)),
         result = writing_tasks.join_next() => Some(ended(result)),
     };
+    on_stop();
     match &failure {
         None => info!("shutting down: no new runs; draining runs in flight"),
         Some(reason) => error!(%reason, "shutting down"),
@@ -217,7 +258,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (stages, shutdown) = stages(&log);
         shutdown.cancel();
-        supervise(shutdown, stages).await.unwrap();
+        supervise(shutdown, stages, || {}).await.unwrap();
         assert_eq!(*log.lock().unwrap(), ["engine", "writer"]);
     }
 
@@ -226,7 +267,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (mut stages, shutdown) = stages(&log);
         stages.writing.1.spawn(async {}); // e.g. the status writer returning early
-        let error = supervise(shutdown, stages).await.unwrap_err();
+        let error = supervise(shutdown, stages, || {}).await.unwrap_err();
         assert_eq!(error.to_string(), "a component stopped unexpectedly");
         assert_eq!(
             *log.lock().unwrap(),
@@ -243,7 +284,7 @@ mod tests {
             .firing
             .1
             .spawn(async { panic!("a bug in the engine") });
-        let error = supervise(shutdown, stages).await.unwrap_err();
+        let error = supervise(shutdown, stages, || {}).await.unwrap_err();
         assert!(error.to_string().contains("panicked"), "{error}");
         assert_eq!(*log.lock().unwrap(), ["engine", "writer"]);
     }

@@ -145,6 +145,8 @@ pub enum Report {
         task: TaskId,
         run_id: RunId,
         scheduled: DateTime<Utc>,
+        /// When it was due to start (scheduled plus jitter): the start lag counts from here.
+        due: DateTime<Utc>,
         started: DateTime<Utc>,
     },
     /// A run finished.
@@ -154,8 +156,43 @@ pub enum Report {
         task: TaskId,
         count: u64,
         latest: DateTime<Utc>,
+        kind: MissKind,
         reason: String,
     },
+}
+
+/// Why instants were not run, in a few stable words (metric labels); the report's `reason`
+/// says it for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MissKind {
+    /// Due while chronflow could not run them (`catchUp`).
+    CatchUp,
+    /// Could not start within `startingDeadlineSeconds`.
+    Deadline,
+    /// The run queue was full.
+    QueueFull,
+    /// The concurrency policy said no (`Forbid`, `maxConcurrentRuns`) or a newer run replaced it.
+    Concurrency,
+    /// Withdrawn before it started: the task was paused, edited, made invalid or deleted.
+    Withdrawn,
+    /// chronflow was shutting down.
+    Shutdown,
+    /// The dedup backend could not answer.
+    Claim,
+}
+
+impl MissKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            MissKind::CatchUp => "catch_up",
+            MissKind::Deadline => "deadline",
+            MissKind::QueueFull => "queue_full",
+            MissKind::Concurrency => "concurrency",
+            MissKind::Withdrawn => "withdrawn",
+            MissKind::Shutdown => "shutdown",
+            MissKind::Claim => "claim",
+        }
+    }
 }
 
 impl Report {

@@ -26,7 +26,9 @@ use crate::ChronTask;
 use crate::crd::ChronTaskStatus;
 use crate::engine::EngineHandle;
 use crate::executor::http::{Redacted, SecretSource};
+use crate::metrics::Metrics;
 use crate::run::{TaskId, TaskKey};
+use crate::server::Health;
 use crate::status::{Observed, StatusIndex};
 use validate::{Invalid, validate};
 
@@ -42,6 +44,8 @@ pub struct Context {
     pub engine: EngineHandle,
     pub status: StatusIndex,
     pub default_timezone: Tz,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
 }
 
 /// Failures that are worth retrying (the cluster did not answer); invalid specs are not errors.
@@ -176,7 +180,8 @@ fn has_key(secret: &Secret, key: &str) -> bool {
             .is_some_and(|d| d.contains_key(key))
 }
 
-fn error_policy(task: Arc<GuardedTask>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+fn error_policy(task: Arc<GuardedTask>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile.error(error.metric_label());
     warn!(task = %id_of(task.as_ref()), %error, label = error.metric_label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -191,6 +196,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     let events_ctx = ctx.clone();
     let events_store = store.clone();
     let scope = namespace.clone();
+    let first_sync = Arc::new(std::sync::atomic::AtomicBool::new(true));
     // Deletions are handled here, from the watch events themselves: a generation filter would
     // hide them (a deleted object keeps its generation).
     let applied = watcher(api, watcher::Config::default())
@@ -200,10 +206,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             let ctx = events_ctx.clone();
             let store = events_store.clone();
             let scope = scope.clone();
+            let first_sync = first_sync.clone();
             async move {
                 match &event {
                     watcher::Event::Delete(task) => forget(&ctx, id_of(task)).await,
-                    watcher::Event::InitDone => prune(&ctx, scope, &store).await,
+                    watcher::Event::InitDone => {
+                        prune(&ctx, scope, &store).await;
+                        if first_sync.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            ctx.health.synced();
+                        }
+                    }
                     _ => {}
                 }
                 Ok(event)
@@ -330,6 +342,8 @@ mod tests {
             engine: handle,
             status: index,
             default_timezone: Tz::UTC,
+            metrics: Arc::new(Metrics::new(true)),
+            health: Arc::new(Health::new(1)),
         });
         Harness {
             ctx,

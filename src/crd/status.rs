@@ -88,7 +88,9 @@ pub struct ChronTaskStatus {
 }
 
 /// Lifecycle phase of a ChronTask.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
 pub enum Phase {
     /// Accepted, not yet scheduled.
     Pending,

@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::dedup::{Claim, Dedup};
 use crate::executor::{Executor, Retire, RunRequest, RunSpec};
 use crate::policy::CatchUpPolicy;
-use crate::run::{Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
+use crate::run::{MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
 use crate::schedule::{Schedule, jitter};
 
 /// How long a deleted task's uid is remembered, so that a reconcile that was still running when
@@ -387,6 +387,7 @@ impl Engine {
                     task: task.id.clone(),
                     count: plan.missed,
                     latest,
+                    kind: MissKind::CatchUp,
                     reason: format!(
                         "{about}{} instants due while chronflow could not run them (catchUp {:?})",
                         plan.missed, task.catch_up
@@ -428,6 +429,7 @@ impl Engine {
                     task: task.id.clone(),
                     count: 1,
                     latest: scheduled,
+                    kind: MissKind::Claim,
                     reason: error.to_string(),
                 });
                 return;

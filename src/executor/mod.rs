@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::clock::Clock;
 use crate::policy::ConcurrencyPolicy;
-use crate::run::{FinishedRun, Outcome, Report, ReportSink, RunId, TaskId};
+use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink, RunId, TaskId};
 pub use http::{HttpAction, SecretSource};
 pub use retry::RetryPolicy;
 
@@ -65,6 +65,27 @@ pub struct ExecutorConfig {
     pub queue_size: usize,
     /// Whether successful runs are logged at info level (`log.log_task_success`).
     pub log_success: bool,
+}
+
+/// Reads the load of an executor that may be gone.
+#[derive(Clone)]
+pub struct LoadGauge(std::sync::Weak<Shared>);
+
+impl LoadGauge {
+    pub fn load(&self) -> Option<Load> {
+        self.0.upgrade().map(|shared| shared.load())
+    }
+}
+
+/// A snapshot of the executor's bounds and use (for `/metrics` and `/stats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    /// Runs waiting for a worker.
+    pub waiting: usize,
+    pub queue_size: usize,
+    /// Workers running a run.
+    pub busy_workers: usize,
+    pub max_workers: usize,
 }
 
 /// Why a task's runs are withdrawn.
@@ -130,6 +151,7 @@ struct Shared {
     queue_size: usize,
     /// The most runs one task may have in flight: half the workers, at least one.
     per_task_workers: usize,
+    max_workers: usize,
     sink: Arc<dyn ReportSink>,
     clock: Clock,
 }
@@ -172,11 +194,12 @@ struct WorkerContext {
     clock: Clock,
 }
 
-fn missed(run: &RunRequest, reason: String) -> Report {
+fn missed(run: &RunRequest, kind: MissKind, reason: String) -> Report {
     Report::Missed {
         task: run.task.clone(),
         count: 1,
         latest: run.scheduled,
+        kind,
         reason,
     }
 }
@@ -195,6 +218,7 @@ impl Executor {
             changed: Notify::new(),
             queue_size: config.queue_size.max(1),
             per_task_workers: (max_workers / 2).max(1),
+            max_workers,
             sink: sink.clone(),
             clock,
         });
@@ -218,9 +242,9 @@ impl Executor {
         let mut reports = Vec::new();
         {
             let mut state = self.shared.lock();
-            if let Err(reason) = self.shared.admit(&mut state, &run, &mut reports) {
+            if let Err((kind, reason)) = self.shared.admit(&mut state, &run, &mut reports) {
                 warn!(run_id = %run.run_id, %reason, "run missed");
-                reports.push(missed(&run, reason));
+                reports.push(missed(&run, kind, reason));
             } else {
                 let id = run.task.clone();
                 state.waiting += 1;
@@ -233,6 +257,17 @@ impl Executor {
             }
         }
         self.shared.publish(reports);
+    }
+
+    /// A handle that reads [`Executor::load`] without keeping the executor alive (what metrics
+    /// hold: the executor's report sink may hold the metrics).
+    pub fn gauge(&self) -> LoadGauge {
+        LoadGauge(Arc::downgrade(&self.shared))
+    }
+
+    /// How busy the executor is now.
+    pub fn load(&self) -> Load {
+        self.shared.load()
     }
 
     /// Withdraws a task's runs (see [`Retire`]); each one ends in a report.
@@ -271,13 +306,27 @@ impl Executor {
                 }
                 Retire::Edited => "the spec changed before the run started".to_string(),
             };
-            reports.extend(dropped.iter().map(|run| missed(run, reason.clone())));
+            reports.extend(
+                dropped
+                    .iter()
+                    .map(|run| missed(run, MissKind::Withdrawn, reason.clone())),
+            );
         }
         self.shared.publish(reports);
     }
 }
 
 impl Shared {
+    fn load(&self) -> Load {
+        let state = self.lock();
+        Load {
+            waiting: state.waiting,
+            queue_size: self.queue_size,
+            busy_workers: state.tasks.values().map(|runs| runs.active.len()).sum(),
+            max_workers: self.max_workers,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
@@ -307,15 +356,16 @@ impl Shared {
         state: &mut State,
         run: &RunRequest,
         reports: &mut Vec<Report>,
-    ) -> Result<(), String> {
+    ) -> Result<(), (MissKind, String)> {
         if state.closed {
-            return Err("chronflow is shutting down".into());
+            return Err((MissKind::Shutdown, "chronflow is shutting down".into()));
         }
         if state.waiting >= self.queue_size {
-            return Err(format!(
+            let reason = format!(
                 "the run queue is full ({} runs waiting for a worker)",
                 state.waiting
-            ));
+            );
+            return Err((MissKind::QueueFull, reason));
         }
         let runs = state.tasks.entry(run.task.clone()).or_default();
         if run.sequential {
@@ -330,9 +380,9 @@ impl Shared {
                     .map(|(id, _)| id)
                     .or(runs.waiting.front().map(|r| &r.run_id));
                 let previous = previous.map(ToString::to_string).unwrap_or_default();
-                Err(format!(
-                    "previous run {previous} still active (concurrencyPolicy Forbid)"
-                ))
+                let reason =
+                    format!("previous run {previous} still active (concurrencyPolicy Forbid)");
+                Err((MissKind::Concurrency, reason))
             }
             ConcurrencyPolicy::Replace => {
                 for (old, handle) in &runs.active {
@@ -342,13 +392,20 @@ impl Shared {
                 let dropped: Vec<RunRequest> = runs.waiting.drain(..).collect();
                 state.waiting -= dropped.len();
                 let reason = format!("replaced by {} before it started", run.run_id);
-                reports.extend(dropped.iter().map(|old| missed(old, reason.clone())));
+                reports.extend(
+                    dropped
+                        .iter()
+                        .map(|old| missed(old, MissKind::Concurrency, reason.clone())),
+                );
                 Ok(())
             }
-            ConcurrencyPolicy::Allow if busy >= self.task_limit(&run.spec) => Err(format!(
-                "{busy} runs of the task already in flight or waiting (the most allowed: {})",
-                self.task_limit(&run.spec)
-            )),
+            ConcurrencyPolicy::Allow if busy >= self.task_limit(&run.spec) => {
+                let reason = format!(
+                    "{busy} runs of the task already in flight or waiting (the most allowed: {})",
+                    self.task_limit(&run.spec)
+                );
+                Err((MissKind::Concurrency, reason))
+            }
             _ => Ok(()),
         }
     }
@@ -372,7 +429,7 @@ impl Shared {
                         let reason = format!(
                             "could not start within the starting deadline ({late:.1?} late)"
                         );
-                        reports.push(missed(run, reason));
+                        reports.push(missed(run, MissKind::Deadline, reason));
                         runs.waiting.pop_front();
                         state.waiting -= 1;
                     }
@@ -515,7 +572,7 @@ impl ExecutorTask {
         self.shared.publish(
             dropped
                 .iter()
-                .map(|run| missed(run, reason.to_string()))
+                .map(|run| missed(run, MissKind::Shutdown, reason.to_string()))
                 .collect(),
         );
         let drained = tokio::time::timeout(grace, async {
@@ -587,6 +644,7 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
         task: run.task.clone(),
         run_id: run.run_id.clone(),
         scheduled: run.scheduled,
+        due: run.due,
         started: guard.started,
     });
     let spec = &run.spec;

@@ -11,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::clock::Clock;
@@ -49,24 +50,32 @@ pub struct EventRequest {
 /// Events created at once: a slow apiserver must not turn the queue into a backlog.
 const CONCURRENT_EVENTS: usize = 16;
 
-/// Publishes queued Events while this replica leads, until the queue closes.
+/// Publishes queued Events while this replica leads, until `stop`; then what is already
+/// queued (the last runs' failures) still goes out.
 pub async fn publish(
     client: Client,
     mut queue: mpsc::Receiver<EventRequest>,
     leader: watch::Receiver<bool>,
     instance: String,
     clock: Clock,
+    stop: CancellationToken,
 ) {
-    futures::stream::poll_fn(|cx| queue.poll_recv(cx))
-        .for_each_concurrent(CONCURRENT_EVENTS, |request| {
-            let (client, instance) = (client.clone(), instance.clone());
-            let leading = *leader.borrow();
-            async move {
-                if leading {
-                    create(client, request, instance, clock.now()).await;
-                }
+    let send = |request: EventRequest| {
+        let (client, instance) = (client.clone(), instance.clone());
+        let leading = *leader.borrow();
+        async move {
+            if leading {
+                create(client, request, instance, clock.now()).await;
             }
-        })
+        }
+    };
+    futures::stream::poll_fn(|cx| queue.poll_recv(cx))
+        .take_until(stop.cancelled())
+        .for_each_concurrent(CONCURRENT_EVENTS, send)
+        .await;
+    let queued: Vec<EventRequest> = std::iter::from_fn(|| queue.try_recv().ok()).collect();
+    futures::stream::iter(queued)
+        .for_each_concurrent(CONCURRENT_EVENTS, send)
         .await;
 }
 

@@ -93,13 +93,18 @@ pub enum WriteResult {
     Failed(String),
 }
 
-/// Counts of things the index dropped, for logs and metrics.
+/// What the index has counted since it started, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Dropped {
+pub struct Counts {
     /// Reports about a task (or an incarnation of it) the index does not know.
     pub stale_reports: u64,
     /// Events not queued because the Event queue was full.
-    pub events: u64,
+    pub events_dropped: u64,
+    /// Status writes by how they ended.
+    pub written: u64,
+    pub failed: u64,
+    pub rejected: u64,
+    pub gone: u64,
 }
 
 /// The index; share it as a [`StatusIndex`].
@@ -107,7 +112,7 @@ pub struct Index {
     tasks: HashMap<TaskKey, TaskState>,
     events: mpsc::Sender<EventRequest>,
     clock: Clock,
-    dropped: Dropped,
+    counts: Counts,
 }
 
 /// The index behind a lock: the controller, engine and executor record into it; the writer
@@ -121,7 +126,7 @@ impl StatusIndex {
             tasks: HashMap::new(),
             events,
             clock,
-            dropped: Dropped::default(),
+            counts: Counts::default(),
         })))
     }
 
@@ -218,7 +223,7 @@ impl Index {
             .filter(|state| state.uid == id.uid)
         else {
             debug!(task = %id, "report about a task no longer known");
-            self.dropped.stale_reports += 1;
+            self.counts.stale_reports += 1;
             return;
         };
         state.write.dirty = true;
@@ -350,7 +355,7 @@ impl Index {
             note,
         };
         if self.events.try_send(request).is_err() {
-            self.dropped.events += 1;
+            self.counts.events_dropped += 1;
         }
     }
 
@@ -440,21 +445,25 @@ impl Index {
         };
         let write = &mut state.write;
         write.in_flight = false;
+        let counts = &mut self.counts;
         match result {
             WriteResult::Written => {
+                counts.written += 1;
                 write.last_write = Some(now);
                 write.written_phase = write.sending_phase.take();
                 write.failures = 0;
                 write.retry_at = None;
             }
-            WriteResult::Gone => {}
+            WriteResult::Gone => counts.gone += 1,
             WriteResult::Failed(_) => {
+                counts.failed += 1;
                 write.dirty = true;
                 write.failures += 1;
                 let factor = 2u32.saturating_pow(write.failures.saturating_sub(1).min(16));
                 write.retry_at = Some(now + backoff.saturating_mul(factor).min(max_backoff));
             }
             WriteResult::Rejected(message) => {
+                counts.rejected += 1;
                 warn!(task = %task, %message, "the apiserver rejected the task's status; not retrying until it changes");
                 let note = format!("chronflow cannot write this task's status: {message}");
                 self.emit(
@@ -476,8 +485,17 @@ impl Index {
             .count()
     }
 
-    pub fn dropped(&self) -> Dropped {
-        self.dropped
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// How many tasks are in each phase now (for `/stats`).
+    pub fn phases(&self) -> BTreeMap<Phase, usize> {
+        let mut phases = BTreeMap::new();
+        for state in self.tasks.values() {
+            *phases.entry(phase_key(state).0).or_default() += 1;
+        }
+        phases
     }
 
     /// The status as it would be written now (tests, `/stats`).
@@ -722,7 +740,7 @@ mod tests {
         let old = TaskId::new(task.key.clone(), "uid-deleted");
         finished(&index, &old, 1, Outcome::Succeeded);
         assert_eq!(index.lock().status(&task.key).unwrap().total_runs, 0);
-        assert_eq!(index.lock().dropped().stale_reports, 1);
+        assert_eq!(index.lock().counts().stale_reports, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -97,6 +97,7 @@ async fn many_tasks_every_second() {
         ..Default::default()
     };
     config.log.log_task_success = false;
+    config.metrics.bind = "127.0.0.1:0".parse().unwrap();
     let shutdown = CancellationToken::new();
     let operator = tokio::spawn(chronflow::operator::run(
         config,

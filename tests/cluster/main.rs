@@ -10,4 +10,5 @@ mod hard_path;
 mod kubectl;
 mod lifecycle;
 mod load;
+mod observability;
 mod operator;

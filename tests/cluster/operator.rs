@@ -39,6 +39,8 @@ impl Operator {
         };
         config.status.flush_interval = Duration::from_millis(300);
         config.shutdown.grace_period = Duration::from_secs(5);
+        // Many operators share this process: each listens on a port of its own.
+        config.metrics.bind = "127.0.0.1:0".parse().unwrap();
         adjust(&mut config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(chronflow::operator::run(config, client, shutdown.clone()));

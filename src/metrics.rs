@@ -1,0 +1,374 @@
+//! Prometheus metrics with prometheus-client, served as OpenMetrics on `/metrics`: one registry
+//! (prefix `chronflow`), a struct per concern with `register()`. Runs are counted from the
+//! reports the engine and executor send ([`Recording`] sits in front of the status index, so
+//! the two can never disagree); bounds and backlogs are read when scraped ([`Live`]).
+//!
+//! Cardinality: only `runs` and `missed_runs` carry per-task labels (`namespace`, `task`), one
+//! series per task and outcome or reason; `metrics.per_task: false` leaves them empty for very
+//! large installations. Every other label has a fixed, small set of values.
+
+use std::sync::{Arc, OnceLock};
+
+use futures::future::BoxFuture;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
+
+use crate::dedup::{Claim, Dedup, DedupError};
+use crate::executor::LoadGauge;
+use crate::run::{Outcome, Report, ReportSink, RunId, TaskId};
+use crate::status::StatusIndex;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    namespace: String,
+    task: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MissLabels {
+    namespace: String,
+    task: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    live: Arc<OnceLock<Live>>,
+    pub runs: RunMetrics,
+    pub claims: ClaimMetrics,
+    pub reconcile: ReconcileMetrics,
+}
+
+impl Metrics {
+    /// `per_task`: whether run and miss counts carry the task's namespace and name.
+    pub fn new(per_task: bool) -> Self {
+        let mut registry = Registry::with_prefix("chronflow");
+        let runs = RunMetrics::register(&mut registry, per_task);
+        let claims = ClaimMetrics::register(&mut registry);
+        let reconcile = ReconcileMetrics::register(&mut registry);
+        let live = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(LiveSlot(live.clone())));
+        Self {
+            registry,
+            live,
+            runs,
+            claims,
+            reconcile,
+        }
+    }
+
+    /// Adds the metrics read at scrape time (once the executor and index exist; the first call
+    /// wins).
+    pub fn watch(&self, live: Live) {
+        let _ = self.live.set(live);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Runs, their duration, start lag, retries and misses.
+pub struct RunMetrics {
+    per_task: bool,
+    runs: Family<RunLabels, Counter>,
+    missed: Family<MissLabels, Counter>,
+    duration: Histogram,
+    start_lag: Histogram,
+    retries: Counter,
+}
+
+impl RunMetrics {
+    fn register(registry: &mut Registry, per_task: bool) -> Self {
+        let metrics = Self {
+            per_task,
+            runs: Family::default(),
+            missed: Family::default(),
+            // 1 ms to about 9 h.
+            duration: Histogram::new(exponential_buckets(0.001, 4.0, 13)),
+            // 1 ms to about 65 s.
+            start_lag: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            retries: Counter::default(),
+        };
+        registry.register(
+            "runs",
+            "Finished runs by outcome (succeeded, failed)",
+            metrics.runs.clone(),
+        );
+        registry.register(
+            "missed_runs",
+            "Due instants not run, by reason (catch_up, deadline, queue_full, concurrency, withdrawn, shutdown, claim)",
+            metrics.missed.clone(),
+        );
+        registry.register_with_unit(
+            "run_duration",
+            "From a run's first attempt to its end",
+            Unit::Seconds,
+            metrics.duration.clone(),
+        );
+        registry.register_with_unit(
+            "start_lag",
+            "From when a run was due (scheduled instant plus jitter) to its start",
+            Unit::Seconds,
+            metrics.start_lag.clone(),
+        );
+        registry.register(
+            "retries",
+            "Attempts after the first",
+            metrics.retries.clone(),
+        );
+        metrics
+    }
+
+    fn task_labels(&self, task: &TaskId) -> (String, String) {
+        if self.per_task {
+            (task.key.namespace.clone(), task.key.name.clone())
+        } else {
+            (String::new(), String::new())
+        }
+    }
+
+    fn observe(&self, report: &Report) {
+        match report {
+            Report::Started { due, started, .. } => {
+                let lag = (*started - *due).num_microseconds().unwrap_or(0).max(0);
+                self.start_lag.observe(lag as f64 / 1e6);
+            }
+            Report::Finished { task, run } => {
+                let (namespace, task) = self.task_labels(task);
+                let outcome = match run.outcome {
+                    Outcome::Succeeded => "succeeded",
+                    Outcome::Failed => "failed",
+                };
+                self.runs
+                    .get_or_create(&RunLabels {
+                        namespace,
+                        task,
+                        outcome,
+                    })
+                    .inc();
+                let took = (run.finished - run.started).num_microseconds().unwrap_or(0);
+                self.duration.observe(took.max(0) as f64 / 1e6);
+                self.retries
+                    .inc_by(u64::from(run.attempts.saturating_sub(1)));
+            }
+            Report::Missed {
+                task, count, kind, ..
+            } => {
+                let (namespace, task) = self.task_labels(task);
+                let labels = MissLabels {
+                    namespace,
+                    task,
+                    reason: kind.label(),
+                };
+                self.missed.get_or_create(&labels).inc_by(*count);
+            }
+            Report::Schedule { .. } => {}
+        }
+    }
+}
+
+/// Claims of runs: claimed, duplicate (someone had it), error (the backend did not answer).
+pub struct ClaimMetrics {
+    claims: Family<ResultLabel, Counter>,
+}
+
+impl ClaimMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let claims = Family::default();
+        registry.register("claims", "Run claims by result", claims.clone());
+        Self { claims }
+    }
+}
+
+/// Reconcile failures worth retrying, by reason.
+pub struct ReconcileMetrics {
+    errors: Family<ReasonLabel, Counter>,
+}
+
+impl ReconcileMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let errors = Family::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconcile failures by reason",
+            errors.clone(),
+        );
+        Self { errors }
+    }
+
+    pub fn error(&self, reason: &'static str) {
+        self.errors.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+/// A [`ReportSink`] that counts each report, then hands it on.
+pub struct Recording {
+    pub metrics: Arc<Metrics>,
+    pub inner: Arc<dyn ReportSink>,
+}
+
+impl ReportSink for Recording {
+    fn record(&self, report: Report) {
+        self.metrics.runs.observe(&report);
+        self.inner.record(report);
+    }
+}
+
+/// A [`Dedup`] that counts each claim's result.
+pub struct CountedClaims {
+    pub metrics: Arc<Metrics>,
+    pub inner: Arc<dyn Dedup>,
+}
+
+impl Dedup for CountedClaims {
+    fn claim<'a>(&'a self, run: &'a RunId) -> BoxFuture<'a, Result<Claim, DedupError>> {
+        Box::pin(async move {
+            let result = self.inner.claim(run).await;
+            let label = match &result {
+                Ok(Claim::Claimed) => "claimed",
+                Ok(Claim::Duplicate) => "duplicate",
+                Err(_) => "error",
+            };
+            let labels = ResultLabel { result: label };
+            self.metrics.claims.claims.get_or_create(&labels).inc();
+            result
+        })
+    }
+}
+
+/// What is read when scraped: the executor's queue and workers, the status writer's backlog
+/// and results, leadership.
+pub struct Live {
+    pub executor: LoadGauge,
+    pub status: StatusIndex,
+    pub leader: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+/// Where [`Live`] goes once it exists: the registry is built before the executor it reads.
+#[derive(Debug)]
+struct LiveSlot(Arc<OnceLock<Live>>);
+
+impl Collector for LiveSlot {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        match self.0.get() {
+            Some(live) => live.encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+impl Collector for Live {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(load) = self.executor.load() else {
+            return Ok(());
+        };
+        let (counts, backlog) = {
+            let index = self.status.lock();
+            (index.counts(), index.pending_writes())
+        };
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        gauge(
+            &mut encoder,
+            "queue_depth",
+            "Runs waiting for a worker",
+            as_i64(load.waiting),
+        )?;
+        gauge(
+            &mut encoder,
+            "queue_capacity",
+            "queue_size: the most runs that may wait",
+            as_i64(load.queue_size),
+        )?;
+        gauge(
+            &mut encoder,
+            "workers_busy",
+            "Workers running a run",
+            as_i64(load.busy_workers),
+        )?;
+        gauge(
+            &mut encoder,
+            "workers",
+            "max_workers: the size of the worker pool",
+            as_i64(load.max_workers),
+        )?;
+        gauge(
+            &mut encoder,
+            "leader",
+            "1 while this replica leads (fires and writes status)",
+            i64::from(*self.leader.borrow()),
+        )?;
+        gauge(
+            &mut encoder,
+            "status_write_backlog",
+            "Tasks whose status changed and is not written yet",
+            as_i64(backlog),
+        )?;
+        let writes = [
+            ("written", counts.written),
+            ("failed", counts.failed),
+            ("rejected", counts.rejected),
+            ("gone", counts.gone),
+        ];
+        let family = ConstCounter::new(0u64);
+        let mut metric = encoder.encode_descriptor(
+            "status_writes",
+            "Status writes by result (written, failed and retried, rejected by the apiserver, gone)",
+            None,
+            family.metric_type(),
+        )?;
+        for (result, count) in writes {
+            let labels = ResultLabel { result };
+            ConstCounter::new(count).encode(metric.encode_family(&labels)?)?;
+        }
+        let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64| {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+        };
+        counter(
+            &mut encoder,
+            "events_dropped",
+            "Events not sent because their queue was full",
+            counts.events_dropped,
+        )?;
+        counter(
+            &mut encoder,
+            "stale_reports",
+            "Reports about tasks already deleted or re-created",
+            counts.stale_reports,
+        )
+    }
+}

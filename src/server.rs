@@ -1,0 +1,171 @@
+//! The operator's HTTP endpoint (`metrics.bind`): `/metrics` (OpenMetrics), `/stats` (JSON, the
+//! Python library's `get_stats()`), `/healthz` (alive) and `/readyz` (able to do the job).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::LoadGauge;
+use crate::metrics::Metrics;
+use crate::status::StatusIndex;
+
+/// What readiness waits for: the ChronTask CRD served, the first watch sync of every watched
+/// namespace, and every supervised component alive. (The configuration is loaded before the
+/// server exists.)
+#[derive(Debug, Default)]
+pub struct Health {
+    crd_served: AtomicBool,
+    namespaces: AtomicUsize,
+    synced: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+impl Health {
+    pub fn new(namespaces: usize) -> Self {
+        Self {
+            namespaces: AtomicUsize::new(namespaces),
+            ..Self::default()
+        }
+    }
+
+    pub fn crd_served(&self) {
+        self.crd_served.store(true, Ordering::SeqCst);
+    }
+
+    /// One watched namespace finished its first list (call once per namespace).
+    pub fn synced(&self) {
+        self.synced.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Shutting down, or a component died: no longer able to do the job.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready, else what is missing.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.stopping.load(Ordering::SeqCst) {
+            Err("stopping")
+        } else if !self.crd_served.load(Ordering::SeqCst) {
+            Err("waiting for the ChronTask CRD")
+        } else if self.synced.load(Ordering::SeqCst) < self.namespaces.load(Ordering::SeqCst) {
+            Err("waiting for the first sync of the ChronTask watch")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub metrics: Arc<Metrics>,
+    pub status: StatusIndex,
+    pub executor: LoadGauge,
+    pub health: Arc<Health>,
+    pub leader: watch::Receiver<bool>,
+}
+
+pub fn router(endpoint: Endpoint) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(endpoint)
+}
+
+/// Serves until `stop`; the listener is bound by the caller, so a bad `metrics.bind` stops
+/// start-up.
+pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint, stop: CancellationToken) {
+    let app = router(endpoint);
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!(%error, "the metrics endpoint stopped");
+    }
+}
+
+/// Binds `metrics.bind`.
+pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await
+}
+
+async fn metrics(State(endpoint): State<Endpoint>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        endpoint.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn stats(State(endpoint): State<Endpoint>) -> Response {
+    let Some(load) = endpoint.executor.load() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopped").into_response();
+    };
+    let (tasks, phases) = {
+        let index = endpoint.status.lock();
+        let phases = index.phases();
+        (phases.values().sum::<usize>(), phases)
+    };
+    let phases: serde_json::Map<String, serde_json::Value> = phases
+        .into_iter()
+        .map(|(phase, count)| (format!("{phase:?}"), json!(count)))
+        .collect();
+    let body = json!({
+        "running": endpoint.health.ready().is_ok(),
+        "total_tasks": tasks,
+        "queue_size": load.waiting,
+        "queue_capacity": load.queue_size,
+        "active_workers": load.busy_workers,
+        "max_workers": load.max_workers,
+        "leader": *endpoint.leader.borrow(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "tasks_by_phase": phases,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(endpoint): State<Endpoint>) -> Response {
+    match endpoint.health.ready() {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_with_the_crd_served_every_namespace_synced_and_not_stopping() {
+        let health = Health::new(2);
+        assert_eq!(health.ready(), Err("waiting for the ChronTask CRD"));
+        health.crd_served();
+        health.synced();
+        assert_eq!(
+            health.ready(),
+            Err("waiting for the first sync of the ChronTask watch"),
+            "one namespace of two"
+        );
+        health.synced();
+        assert_eq!(health.ready(), Ok(()));
+        health.stopping();
+        assert_eq!(health.ready(), Err("stopping"));
+    }
+}
