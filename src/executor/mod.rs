@@ -662,7 +662,7 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
             Err(message) if attempts >= spec.retry.max_attempts() => break Err(message),
             Err(message) => {
                 let delay = spec.retry.delay(attempts);
-                debug!(attempt = attempts, %message, ?delay, "attempt failed; retrying");
+                debug!(attempt = attempts, error = %message, ?delay, "attempt failed; retrying");
                 tokio::select! {
                     _ = cancel.token.cancelled() => break Err(message),
                     _ = tokio::time::sleep(delay) => {}
@@ -675,9 +675,10 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
         None => result,
     };
     match &result {
-        Ok(message) if context.log_success => info!(attempts, %message, "run succeeded"),
+        // Not `message`: that is the event's own field, and JSON logs would carry it twice.
+        Ok(result) if context.log_success => info!(attempts, %result, "run succeeded"),
         Ok(_) => {}
-        Err(message) => warn!(attempts, %message, "run failed"),
+        Err(error) => warn!(attempts, %error, "run failed"),
     }
     let finished = context.clock.now();
     context.sink.record(finished_report(

@@ -464,7 +464,7 @@ impl Index {
             }
             WriteResult::Rejected(message) => {
                 counts.rejected += 1;
-                warn!(task = %task, %message, "the apiserver rejected the task's status; not retrying until it changes");
+                warn!(task = %task, error = %message, "the apiserver rejected the task's status; not retrying until it changes");
                 let note = format!("chronflow cannot write this task's status: {message}");
                 self.emit(
                     &task.key,

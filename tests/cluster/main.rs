@@ -10,5 +10,6 @@ mod hard_path;
 mod kubectl;
 mod lifecycle;
 mod load;
+mod logging;
 mod observability;
 mod operator;
