@@ -54,18 +54,6 @@ pub async fn run(
         ))
     })?;
     let health = Arc::new(Health::new(namespaces.len()));
-    // Where the operator will watch, with its own rights: a namespaced install need not list
-    // ChronTasks cluster-wide. Metadata only: one malformed ChronTask must not stop start-up.
-    for namespace in &namespaces {
-        let api: Api<ChronTask> = match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        api.list_metadata(&ListParams::default().limit(1))
-            .await
-            .map_err(|source| Error::CrdUnavailable { source })?;
-    }
-    health.crd_served();
 
     let clock = Clock::System;
     let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "chronflow".into());
@@ -104,6 +92,17 @@ pub async fn run(
         health: health.clone(),
         leader: leader.clone(),
     };
+    // The endpoint serves from here on: /healthz answers while the CRD check below waits.
+    let writing = CancellationToken::new();
+    let mut writing_tasks = JoinSet::new();
+    writing_tasks.spawn(server::serve(listener, endpoint, writing.clone()));
+    if let Err(error) = check_crd(&client, &namespaces).await {
+        writing.cancel();
+        while writing_tasks.join_next().await.is_some() {}
+        return Err(error);
+    }
+    health.crd_served();
+
     let dedup = Arc::new(CountedClaims {
         metrics: metrics.clone(),
         inner: Arc::new(MemoryDedup::new(MEMORY_DEDUP_IDLE)),
@@ -135,7 +134,6 @@ pub async fn run(
 
     // Two supervised groups, stopped in order: first what fires and runs, then what writes.
     let firing = shutdown.child_token();
-    let writing = CancellationToken::new();
     let mut firing_tasks = JoinSet::new();
     firing_tasks.spawn(engine.run(firing.clone()));
     firing_tasks.spawn(executor_task.run(firing.clone(), config.shutdown.grace_period));
@@ -143,12 +141,10 @@ pub async fn run(
         firing_tasks.spawn(controller::run(context.clone(), namespace, firing.clone()));
     }
     drop(context);
-    let mut writing_tasks = JoinSet::new();
     let final_flush = config.shutdown.grace_period.max(MIN_FINAL_FLUSH);
     writing_tasks.spawn(writer.run(writing.clone(), final_flush));
     let publisher = events::publish(client, events_rx, leader, instance, clock, writing.clone());
     writing_tasks.spawn(publisher);
-    writing_tasks.spawn(server::serve(listener, endpoint, writing.clone()));
     info!(
         max_workers = config.max_workers,
         queue_size = config.queue_size,
@@ -163,6 +159,22 @@ pub async fn run(
     drop(leader_tx); // a single replica leads until everything has stopped
     info!("chronflow operator stopped");
     result
+}
+
+/// Checks that ChronTasks can be listed where the operator will watch, with its own rights: a
+/// namespaced install need not list them cluster-wide. Metadata only: one malformed ChronTask
+/// must not stop start-up.
+async fn check_crd(client: &Client, namespaces: &[Option<String>]) -> Result<()> {
+    for namespace in namespaces {
+        let api: Api<ChronTask> = match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        api.list_metadata(&ListParams::default().limit(1))
+            .await
+            .map_err(|source| Error::CrdUnavailable { source })?;
+    }
+    Ok(())
 }
 
 /// The long-lived tasks in the order they stop: first what fires and runs, then what writes.

@@ -234,3 +234,30 @@ async fn the_final_flush_retries_until_the_apiserver_answers() {
         "status counts every run the receiver saw"
     );
 }
+
+#[tokio::test]
+async fn without_rights_to_list_chrontasks_start_up_stops_with_a_clear_error() {
+    let admin = test_env().client().await;
+    let ns = namespace(&admin, "no-rights").await;
+    let mut config = test_env().config().await;
+    config.auth_info.impersonate = Some(format!("nobody-{ns}"));
+    let mut settings = chronflow::config::OperatorConfig {
+        watch_namespaces: vec![ns],
+        ..Default::default()
+    };
+    settings.metrics.bind = "127.0.0.1:0".parse().unwrap();
+    let run = chronflow::operator::run(
+        settings,
+        Client::try_from(config).unwrap(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let error = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("start-up gives up at once")
+        .unwrap_err();
+    assert!(
+        error.to_string().starts_with("cannot list ChronTasks"),
+        "{error}"
+    );
+    assert_eq!(error.exit_code(), 1);
+}
