@@ -58,7 +58,7 @@ async fn apply_get_pause_resume_with_kubectl() {
     let sample =
         std::fs::read_to_string(repo_root().join("e2e/samples/loopback-every-second.yaml"))
             .unwrap();
-    let manifest = sample.replace("http://127.0.0.1:8080/", &receiver.url("/hook"));
+    let manifest = sample.replace("http://127.0.0.1:8081/", &receiver.url("/hook"));
     let file = std::env::temp_dir().join(format!("chronflow-card-{ns}.yaml"));
     std::fs::write(&file, manifest).unwrap();
 
@@ -69,6 +69,7 @@ async fn apply_get_pause_resume_with_kubectl() {
             .env("SCHEDULER__WATCH_NAMESPACES", &ns)
             .env("SCHEDULER__STATUS__FLUSH_INTERVAL", "300ms")
             .env("SCHEDULER__LOG__FORMAT", "json")
+            .env("SCHEDULER__METRICS__BIND", "127.0.0.1:0")
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
