@@ -26,6 +26,10 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// `RUST_LOG` is not a tracing filter.
+    #[error("RUST_LOG: {0}")]
+    LogFilter(String),
+
     /// The log file cannot be opened.
     #[error("cannot open the log file: {0}")]
     Logging(#[source] std::io::Error),
@@ -55,7 +59,7 @@ impl Error {
     /// Exit status for the command line: 2 for bad input, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) => 2,
+            Error::Config(_) | Error::LogFilter(_) => 2,
             _ => 1,
         }
     }
@@ -66,6 +70,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::ConnectCluster { .. } => "connect_cluster",
             Error::CrdUnavailable { .. } => "crd_unavailable",
+            Error::LogFilter(_) => "log_filter",
             Error::Logging(_) => "logging",
             Error::Startup(_) => "startup",
             Error::WriteOutput { .. } => "write_output",

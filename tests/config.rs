@@ -386,3 +386,18 @@ fn features_this_version_lacks_exit_2_in_check_config_and_run_alike() {
     assert_eq!(fails(&[], &env), expected);
     assert_eq!(run_fails(&[], &env), expected);
 }
+
+#[test]
+fn a_bad_rust_log_stops_run_naming_the_variable() {
+    // Before any cluster is contacted: the filter is read right after the configuration.
+    let output = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .arg("run")
+        .env("RUST_LOG", "chronflow=loudest")
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.starts_with("chronflow: RUST_LOG: "), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+}

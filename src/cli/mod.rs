@@ -46,7 +46,7 @@ impl Cli {
         match self.command {
             Command::Run { config } => {
                 let config = OperatorConfig::load(config.as_deref())?;
-                let _log = crate::telemetry::init(&config.log).map_err(Error::Logging)?;
+                let _log = crate::telemetry::init(&config.log)?;
                 // Before the kube client is built: it and the HTTP action share one TLS provider.
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let client = kube::Client::try_default()

@@ -18,21 +18,29 @@ const SECRET_VALUE: &str = "s3cr3t-token-value";
 
 /// `chronflow run` as a process, watching `ns`, with `log` settings.
 fn run_binary(ns: &str, log: &str, dir: &tempfile::TempDir) -> Child {
+    run_binary_with(ns, log, dir, None)
+}
+
+/// [`run_binary`] with `RUST_LOG` set (or unset).
+fn run_binary_with(ns: &str, log: &str, dir: &tempfile::TempDir, rust_log: Option<&str>) -> Child {
     let config = dir.path().join("chronflow.yaml");
     let yaml = format!(
         "watch_namespaces: [{ns}]\nmetrics:\n  bind: 127.0.0.1:0\nstatus:\n  flush_interval: 300ms\n\
          shutdown:\n  grace_period: 2s\nlog:\n{log}"
     );
     std::fs::write(&config, yaml).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_chronflow"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chronflow"));
+    command
         .args(["run", "-f"])
         .arg(&config)
         .env("KUBECONFIG", &test_env().kubeconfig)
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("chronflow runs")
+        .stderr(Stdio::piped());
+    if let Some(filter) = rust_log {
+        command.env("RUST_LOG", filter);
+    }
+    command.spawn().expect("chronflow runs")
 }
 
 /// SIGTERM, then everything it printed; it must exit 0.
@@ -179,4 +187,20 @@ async fn a_log_file_receives_the_lines() {
             .all(|l| serde_json::from_str::<Value>(l).is_ok())
     );
     assert!(text.contains("run succeeded"));
+}
+
+#[tokio::test]
+async fn rust_log_replaces_log_level() {
+    let s = setup("log-rust-log").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let spec =
+        json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": receiver.url("/x")}}});
+    create(&s.api, "tick", spec).await;
+    let dir = tempfile::tempdir().unwrap();
+    // log.level says warn; RUST_LOG asks for info, so successes show.
+    let log = "  format: compact\n  level: warn\n";
+    let child = run_binary_with(&s.ns, log, &dir, Some("chronflow=info"));
+    status_where(&s.api, "tick", "2 runs", |st| st.successful_runs >= 2).await;
+    let out = stop(child);
+    assert!(out.contains("run succeeded"), "{out}");
 }
