@@ -477,25 +477,10 @@ fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
 mod tests {
     use super::*;
     use crate::dedup::MemoryDedup;
-    use crate::executor::http::{Redacted, SecretSource, SuccessCodes};
-    use crate::executor::{Action, ExecutorConfig, HttpAction, RetryPolicy};
-    use crate::policy::ConcurrencyPolicy;
+    use crate::executor::ExecutorConfig;
+    use crate::executor::fixtures::{NoSecrets, http_spec};
     use crate::schedule::IntervalAnchor;
     use chrono::TimeZone;
-    use futures::future::BoxFuture;
-
-    struct NoSecrets;
-
-    impl SecretSource for NoSecrets {
-        fn get<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: &'a str,
-        ) -> BoxFuture<'a, Result<Redacted, String>> {
-            Box::pin(async { Err("none".to_string()) })
-        }
-    }
 
     fn t(hours: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(hours)
@@ -549,20 +534,11 @@ mod tests {
             catch_up: CatchUpPolicy::Latest,
             catch_up_from,
             paused: None,
-            run: Arc::new(RunSpec {
-                action: Action::Http(HttpAction {
-                    url: "http://127.0.0.1:1/".parse().unwrap(),
-                    method: reqwest::Method::POST,
-                    headers: Vec::new(),
-                    body: None,
-                    success_codes: SuccessCodes::parse(&[]).unwrap(),
-                }),
-                timeout: Duration::from_secs(5),
-                retry: RetryPolicy::default(),
-                concurrency: ConcurrencyPolicy::Forbid,
-                max_concurrent_runs: 1,
-                starting_deadline: None,
-            }),
+            run: Arc::new(http_spec(
+                "http://127.0.0.1:1/",
+                Duration::from_secs(5),
+                None,
+            )),
         }
     }
 

@@ -709,13 +709,13 @@ async fn attempt_once(
     }
 }
 
+/// Shared by the engine's and the executor's unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use crate::run::TaskKey;
-    use chrono::TimeZone;
 
-    struct NoSecrets;
+    /// No Secrets outside a cluster: a header that needs one fails its attempt.
+    pub struct NoSecrets;
 
     impl SecretSource for NoSecrets {
         fn get<'a>(
@@ -727,6 +727,32 @@ mod tests {
             Box::pin(async { Err("none".to_string()) })
         }
     }
+
+    /// A `Forbid` POST to `url` with no retry.
+    pub fn http_spec(url: &str, timeout: Duration, starting_deadline: Option<Duration>) -> RunSpec {
+        RunSpec {
+            action: Action::Http(HttpAction {
+                url: url.parse().unwrap(),
+                method: reqwest::Method::POST,
+                headers: Vec::new(),
+                body: None,
+                success_codes: http::SuccessCodes::parse(&[]).unwrap(),
+            }),
+            timeout,
+            retry: RetryPolicy::default(),
+            concurrency: ConcurrencyPolicy::Forbid,
+            max_concurrent_runs: 1,
+            starting_deadline,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{NoSecrets, http_spec};
+    use super::*;
+    use crate::run::TaskKey;
+    use chrono::TimeZone;
 
     fn executor() -> (Executor, tokio::sync::mpsc::UnboundedReceiver<Report>) {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -758,20 +784,11 @@ mod tests {
             generation: 1,
             scheduled,
             due,
-            spec: Arc::new(RunSpec {
-                action: Action::Http(HttpAction {
-                    url: "http://127.0.0.1:9/".parse().unwrap(),
-                    method: reqwest::Method::POST,
-                    headers: Vec::new(),
-                    body: None,
-                    success_codes: http::SuccessCodes::parse(&[]).unwrap(),
-                }),
-                timeout: Duration::from_secs(1),
-                retry: RetryPolicy::default(),
-                concurrency: ConcurrencyPolicy::Forbid,
-                max_concurrent_runs: 1,
+            spec: Arc::new(http_spec(
+                "http://127.0.0.1:9/",
+                Duration::from_secs(1),
                 starting_deadline,
-            }),
+            )),
             sequential: false,
         }
     }
