@@ -424,6 +424,7 @@ async fn runs_waiting_for_a_worker_are_dropped_and_counted_when_their_task_pause
     tokio::time::sleep(Duration::from_millis(300)).await; // let one instant come due
     let mut paused = waiting;
     paused.paused = Some("maintenance".into());
+    paused.generation += 1; // as `kubectl patch` does: the reason must still say "paused"
     core.engine.upsert(paused).await;
     let reports = collect(&mut core.reports, |r| {
         missed_reasons(r)

@@ -241,17 +241,18 @@ impl Engine {
         }
         let id = task.id.clone();
         let previous = self.take_same(&id);
-        if let Some(old) = &previous
-            && old.generation != task.generation
-        {
-            self.parts.executor.retire(&id, Retire::Edited);
+        if let Some(old) = &previous {
+            // Runs still waiting for a worker were made for the old spec or the old state.
+            let pausing = task.paused.is_some() && matches!(old.state, State::Scheduled { .. });
+            if pausing {
+                self.parts.executor.retire(&id, Retire::Paused);
+            } else if old.generation != task.generation {
+                self.parts.executor.retire(&id, Retire::Edited);
+            }
         }
         let generation = task.generation;
         let state = match (previous.map(|e| e.state), task.paused.clone()) {
-            (previous, Some(reason)) => {
-                if matches!(previous, Some(State::Scheduled { .. })) {
-                    self.parts.executor.retire(&id, Retire::Paused);
-                }
+            (_, Some(reason)) => {
                 let schedule = task.schedule.describe();
                 self.report(&id, ScheduleState::Paused { schedule, reason });
                 State::Paused

@@ -204,11 +204,9 @@ impl Index {
                 state.history = history;
                 state.write.dirty = true;
             }
-            // New, or deleted and re-created under the same name while we looked away.
-            Some(_) => {
-                self.tasks.insert(task.key.clone(), fresh(None));
-            }
-            None => {
+            // New, or deleted and re-created under the same name while we looked away: nothing
+            // of the old one carries over.
+            _ => {
                 self.tasks.insert(task.key.clone(), fresh(status));
             }
         }
