@@ -130,6 +130,7 @@ pub async fn run(
         default_timezone: config.timezone,
         metrics,
         health: health.clone(),
+        failures: Default::default(),
     });
 
     // Two supervised groups, stopped in order: first what fires and runs, then what writes.

@@ -35,6 +35,11 @@ use validate::{Invalid, validate};
 /// How often a task whose Secret is missing is checked again.
 const SECRET_RECHECK: Duration = Duration::from_secs(30);
 
+/// Retry of a failed reconcile: this long after the first failure, doubling per failure of the
+/// same object up to [`MAX_RETRY`], so a broken dependency is not hammered.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
 /// What the controller watches: ChronTasks, decoded or not.
 pub type GuardedTask = DeserializeGuard<ChronTask>;
 
@@ -46,6 +51,28 @@ pub struct Context {
     pub default_timezone: Tz,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Consecutive failed reconciles per object uid, for the retry backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Context {
+    /// The wait before retrying `uid`, one failure more.
+    fn retry_after_failure(&self, uid: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let count = failures.entry(uid.to_string()).or_default();
+        *count = count.saturating_add(1);
+        FIRST_RETRY
+            .saturating_mul(2u32.saturating_pow((*count - 1).min(16)))
+            .min(MAX_RETRY)
+    }
+
+    /// A reconcile of `uid` got through: its next failure starts the backoff afresh.
+    fn succeeded(&self, uid: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
 }
 
 /// Failures that are worth retrying (the cluster did not answer); invalid specs are not errors.
@@ -80,6 +107,18 @@ fn id_of(task: &impl Resource) -> TaskId {
 
 async fn reconcile(guarded: Arc<GuardedTask>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let id = id_of(guarded.as_ref());
+    let result = reconcile_task(&guarded, &ctx, id.clone()).await;
+    if result.is_ok() {
+        ctx.succeeded(&id.uid);
+    }
+    result
+}
+
+async fn reconcile_task(
+    guarded: &GuardedTask,
+    ctx: &Context,
+    id: TaskId,
+) -> Result<Action, ReconcileError> {
     let task = match &guarded.0 {
         Ok(task) => task,
         Err(undecodable) => {
@@ -182,8 +221,10 @@ fn has_key(secret: &Secret, key: &str) -> bool {
 
 fn error_policy(task: Arc<GuardedTask>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile.error(error.metric_label());
-    warn!(task = %id_of(task.as_ref()), %error, label = error.metric_label(), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let id = id_of(task.as_ref());
+    let wait = ctx.retry_after_failure(&id.uid);
+    warn!(task = %id, %error, label = error.metric_label(), retry_in = ?wait, "reconcile failed; retrying");
+    Action::requeue(wait)
 }
 
 /// Watches ChronTasks in `namespace` (all namespaces when `None`) until `shutdown`.
@@ -344,6 +385,7 @@ mod tests {
             default_timezone: Tz::UTC,
             metrics: Arc::new(Metrics::new(true)),
             health: Arc::new(Health::new(1)),
+            failures: Default::default(),
         });
         Harness {
             ctx,
@@ -473,6 +515,36 @@ mod tests {
             status.phase,
             Some(crate::crd::Phase::Pending),
             "not Invalid"
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_reconciles_back_off_per_object_and_reset_on_success() {
+        let mut h = harness();
+        let waits: Vec<u64> = (0..8)
+            .map(|_| h.ctx.retry_after_failure("u-1").as_secs())
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(h.ctx.retry_after_failure("u-2").as_secs(), 5, "per object");
+        h.ctx.succeeded("u-1");
+        assert_eq!(h.ctx.retry_after_failure("u-1").as_secs(), 5, "afresh");
+        let task = with_secret_header();
+        let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                             "message": "etcdserver: request timed out", "code": 500});
+        let pending = tokio::spawn(reconcile(task.clone(), h.ctx.clone()));
+        answer(
+            &mut h.api,
+            "GET",
+            "/api/v1/namespaces/ns/secrets/s",
+            500,
+            failure,
+        )
+        .await;
+        let error = pending.await.unwrap().unwrap_err();
+        // u-1 failed once already: the error policy doubles the wait.
+        assert_eq!(
+            error_policy(task, &error, h.ctx.clone()),
+            Action::requeue(Duration::from_secs(10))
         );
     }
 
