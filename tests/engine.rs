@@ -283,6 +283,15 @@ fn missed_reasons(reports: &[Report]) -> Vec<String> {
         .collect()
 }
 
+/// Whether the engine fired an instant of task `name`: after the fact it reports when the task
+/// is added, a second one follows each firing.
+fn fired(reports: &[Report], name: &str) -> bool {
+    let facts = reports.iter().filter(|r| {
+        matches!(r, Report::Schedule { task, state: ScheduleState::Scheduled { .. } } if task.key.name == name)
+    });
+    facts.count() >= 2
+}
+
 fn started(reports: &[Report], name: &str) -> usize {
     reports
         .iter()
@@ -416,12 +425,8 @@ async fn runs_waiting_for_a_worker_are_dropped_and_counted_when_their_task_pause
         ConcurrencyPolicy::Forbid,
     );
     core.engine.upsert(waiting.clone()).await;
-    // Its first run is due and waits: the only worker is busy.
-    collect(&mut core.reports, |r| {
-        r.iter().any(|x| matches!(x, Report::Schedule { task, state: ScheduleState::Scheduled { .. } } if task.key.name == "waiting"))
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // let one instant come due
+    // Its first instant fired and its run waits: the only worker is busy.
+    collect(&mut core.reports, |r| fired(r, "waiting")).await;
     let mut paused = waiting;
     paused.paused = Some("maintenance".into());
     paused.generation += 1; // as `kubectl patch` does: the reason must still say "paused"
@@ -462,7 +467,7 @@ async fn shutdown_reports_runs_waiting_and_runs_aborted_after_the_grace_period()
         ConcurrencyPolicy::Forbid,
     );
     core.engine.upsert(waiting).await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // a run of it is waiting
+    collect(&mut core.reports, |r| fired(r, "waiting")).await; // a run of it is waiting
     core.stop();
     let reports = collect(&mut core.reports, |r| finished(r) >= 1 && missed(r) >= 1).await;
     assert!(

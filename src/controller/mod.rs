@@ -449,6 +449,11 @@ mod tests {
         panic!("status never matched: {:?}", ctx.status.lock().status(&key));
     }
 
+    fn server_error() -> serde_json::Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "message": "etcdserver: request timed out", "code": 500})
+    }
+
     fn not_found() -> serde_json::Value {
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                "message": "secrets \"s\" not found", "reason": "NotFound", "code": 404})
@@ -493,8 +498,7 @@ mod tests {
     async fn an_apiserver_error_reading_a_secret_is_retried_not_invalid() {
         let mut h = harness();
         let pending = tokio::spawn(reconcile(with_secret_header(), h.ctx.clone()));
-        let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                             "message": "etcdserver: request timed out", "code": 500});
+        let failure = server_error();
         answer(
             &mut h.api,
             "GET",
@@ -529,8 +533,7 @@ mod tests {
         h.ctx.succeeded("u-1");
         assert_eq!(h.ctx.retry_after_failure("u-1").as_secs(), 5, "afresh");
         let task = with_secret_header();
-        let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                             "message": "etcdserver: request timed out", "code": 500});
+        let failure = server_error();
         let pending = tokio::spawn(reconcile(task.clone(), h.ctx.clone()));
         answer(
             &mut h.api,

@@ -111,12 +111,15 @@ async fn many_tasks_every_second() {
     let window = Duration::from_secs(seconds as u64);
     tokio::time::sleep(window).await;
     let writes_after = status_writes(&client).await;
-    // Stragglers: runs of the last instants still on their way.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Stragglers: runs of the last instants may still be on their way (missed ones never come).
+    let expected = tasks * seconds as usize;
+    let settle = tokio::time::Instant::now() + Duration::from_secs(10);
+    while receiver.count() < expected && tokio::time::Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     shutdown.cancel();
     operator.await.unwrap().unwrap();
 
-    let expected = tasks * seconds as usize;
     let hits = receiver.hits();
     let mut lags: Vec<i64> = hits
         .iter()
