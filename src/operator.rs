@@ -47,12 +47,14 @@ pub async fn run(
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
     // A bad metrics.bind stops start-up, naming the key.
-    let listener = server::bind(config.metrics.bind).await.map_err(|e| {
-        Error::Startup(format!(
-            "config: metrics.bind: cannot listen on {}: {e}",
-            config.metrics.bind
-        ))
-    })?;
+    let listener = tokio::net::TcpListener::bind(config.metrics.bind)
+        .await
+        .map_err(|e| {
+            Error::Startup(format!(
+                "config: metrics.bind: cannot listen on {}: {e}",
+                config.metrics.bind
+            ))
+        })?;
     let health = Arc::new(Health::new(namespaces.len()));
 
     let clock = Clock::System;

@@ -1,7 +1,6 @@
 //! The operator's HTTP endpoint (`metrics.bind`): `/metrics` (OpenMetrics), `/stats` (JSON, the
 //! Python library's `get_stats()`), `/healthz` (alive) and `/readyz` (able to do the job).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -94,11 +93,6 @@ pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint, stop: 
     {
         tracing::error!(%error, "the metrics endpoint stopped");
     }
-}
-
-/// Binds `metrics.bind`.
-pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(address).await
 }
 
 async fn metrics(State(endpoint): State<Endpoint>) -> Response {

@@ -14,7 +14,7 @@ use chrono_tz::Tz;
 use futures::{StreamExt, TryStreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::DeserializeGuard;
-use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
@@ -170,8 +170,7 @@ async fn reconcile_task(
 
 /// The status of an object that does not decode as a ChronTask, read on its own.
 async fn stored_status(client: &Client, id: &TaskId) -> Option<ChronTaskStatus> {
-    let gvk = GroupVersionKind::gvk(crate::crd::GROUP, "v1alpha1", "ChronTask");
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "chrontasks");
+    let resource = ApiResource::erase::<ChronTask>(&());
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), &id.key.namespace, &resource);
     let object = api.get(&id.key.name).await.ok()?;
     serde_json::from_value(object.data.get("status")?.clone()).ok()
@@ -494,20 +493,21 @@ mod tests {
         );
     }
 
+    /// Reconciles `task` while the apiserver fails to read its Secret.
+    async fn reconcile_failing_secret_read(
+        h: &mut Harness,
+        task: Arc<GuardedTask>,
+    ) -> ReconcileError {
+        let pending = tokio::spawn(reconcile(task, h.ctx.clone()));
+        let path = "/api/v1/namespaces/ns/secrets/s";
+        answer(&mut h.api, "GET", path, 500, server_error()).await;
+        pending.await.unwrap().unwrap_err()
+    }
+
     #[tokio::test]
     async fn an_apiserver_error_reading_a_secret_is_retried_not_invalid() {
         let mut h = harness();
-        let pending = tokio::spawn(reconcile(with_secret_header(), h.ctx.clone()));
-        let failure = server_error();
-        answer(
-            &mut h.api,
-            "GET",
-            "/api/v1/namespaces/ns/secrets/s",
-            500,
-            failure,
-        )
-        .await;
-        let error = pending.await.unwrap().unwrap_err();
+        let error = reconcile_failing_secret_read(&mut h, with_secret_header()).await;
         assert_eq!(error.metric_label(), "read_secret");
         let status = h
             .ctx
@@ -533,17 +533,7 @@ mod tests {
         h.ctx.succeeded("u-1");
         assert_eq!(h.ctx.retry_after_failure("u-1").as_secs(), 5, "afresh");
         let task = with_secret_header();
-        let failure = server_error();
-        let pending = tokio::spawn(reconcile(task.clone(), h.ctx.clone()));
-        answer(
-            &mut h.api,
-            "GET",
-            "/api/v1/namespaces/ns/secrets/s",
-            500,
-            failure,
-        )
-        .await;
-        let error = pending.await.unwrap().unwrap_err();
+        let error = reconcile_failing_secret_read(&mut h, task.clone()).await;
         // u-1 failed once already: the error policy doubles the wait.
         assert_eq!(
             error_policy(task, &error, h.ctx.clone()),

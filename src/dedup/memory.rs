@@ -55,37 +55,27 @@ impl MemoryDedup {
                 .retain(|_, mark| now.duration_since(mark.used) < idle);
             state.last_prune = Some(now);
         }
+        let mark = Watermark {
+            instant: run.instant(),
+            used: now,
+        };
         match state.newest.get_mut(run.task()) {
-            Some(mark) if mark.instant >= run.instant() => Claim::Duplicate,
-            Some(mark) => {
-                *mark = Watermark {
-                    instant: run.instant(),
-                    used: now,
-                };
+            Some(newest) if newest.instant >= run.instant() => Claim::Duplicate,
+            Some(newest) => {
+                *newest = mark;
                 Claim::Claimed
             }
             None => {
-                let mark = Watermark {
-                    instant: run.instant(),
-                    used: now,
-                };
                 state.newest.insert(run.task().clone(), mark);
                 Claim::Claimed
             }
         }
     }
 
-    /// Tasks remembered (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .newest
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Tasks remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.state.lock().unwrap().newest.len()
     }
 }
 

@@ -259,15 +259,10 @@ impl Executor {
         self.shared.publish(reports);
     }
 
-    /// A handle that reads [`Executor::load`] without keeping the executor alive (what metrics
+    /// A handle that reads how busy the executor is without keeping it alive (what metrics
     /// hold: the executor's report sink may hold the metrics).
     pub fn gauge(&self) -> LoadGauge {
         LoadGauge(Arc::downgrade(&self.shared))
-    }
-
-    /// How busy the executor is now.
-    pub fn load(&self) -> Load {
-        self.shared.load()
     }
 
     /// Withdraws a task's runs (see [`Retire`]); each one ends in a report.

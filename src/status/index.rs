@@ -393,7 +393,7 @@ impl Index {
             return Vec::new();
         }
         let now = Instant::now();
-        let mut candidates: Vec<(bool, Option<Instant>, TaskKey)> = self
+        let mut candidates: Vec<(bool, Option<Instant>, &TaskKey)> = self
             .tasks
             .iter()
             .filter(|(_, s)| {
@@ -405,17 +405,22 @@ impl Index {
             })
             .map(|(key, s)| {
                 let urgent = s.write.written_phase.as_ref() != Some(&phase_key(s));
-                (!urgent, s.write.last_write, key.clone())
+                (!urgent, s.write.last_write, key)
             })
             .collect();
         if candidates.len() > limit {
             candidates.select_nth_unstable(limit - 1);
             candidates.truncate(limit);
         }
-        let now_utc = self.clock.now();
-        candidates
+        // Only the chosen keys are copied: the index may hold tens of thousands of tasks.
+        let chosen: Vec<TaskKey> = candidates
             .into_iter()
-            .filter_map(|(_, _, key)| {
+            .map(|(_, _, key)| key.clone())
+            .collect();
+        let now_utc = self.clock.now();
+        chosen
+            .into_iter()
+            .filter_map(|key| {
                 let state = self.tasks.get_mut(&key)?;
                 state.write.dirty = false;
                 state.write.in_flight = true;
