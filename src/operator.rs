@@ -44,7 +44,11 @@ pub async fn run(
     let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
         vec![None]
     } else {
-        config.watch_namespaces.iter().cloned().map(Some).collect()
+        config
+            .watch_namespaces
+            .iter()
+            .map(|ns| Some(ns.to_string()))
+            .collect()
     };
     // A bad metrics.bind stops start-up, naming the key.
     let listener = tokio::net::TcpListener::bind(config.metrics.bind)

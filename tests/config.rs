@@ -145,14 +145,11 @@ fn bad_key_in_a_file_exits_2_naming_the_key_path_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(&dir, "max_workers: 4\nredis:\n  max_conection: 20\n");
     let error = fails(&["-f", path_arg(&path)], &[]);
-    assert!(error.contains("\"redis.max_conection\""), "{error}");
-    assert!(error.contains(&path.display().to_string()), "{error}");
-    assert!(error.contains("max_connections"), "{error}");
     assert_eq!(
         error.trim_end(),
         format!(
-            "chronflow: config: unknown key \"redis.max_conection\" in {} \
-             (expected one of: url, host, port, db, password, max_connections)",
+            "chronflow: config: redis.max_conection: unknown key \
+             (expected one of: url, host, port, db, password, max_connections) (in {})",
             path.display()
         )
     );
@@ -192,11 +189,12 @@ fn bad_value_from_the_environment_exits_2_naming_key_and_variable() {
 #[test]
 fn unknown_variable_exits_2_naming_it() {
     let error = fails(&[], &[("SCHEDULER__REDIS__MAX_CONECTION", "20")]);
-    assert!(
-        error.contains("unknown variable SCHEDULER__REDIS__MAX_CONECTION"),
-        "{error}"
+    assert_eq!(
+        error.trim_end(),
+        "chronflow: config: redis.max_conection: unknown key \
+         (expected one of: url, host, port, db, password, max_connections) \
+         (from SCHEDULER__REDIS__MAX_CONECTION)"
     );
-    assert!(error.contains("MAX_CONNECTIONS"), "{error}");
 }
 
 #[test]
@@ -234,7 +232,7 @@ fn file_from_chronflow_config_variable_is_checked() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(
-        stderr(&output).contains("unknown key \"bogus\""),
+        stderr(&output).contains("bogus: unknown key"),
         "{}",
         stderr(&output)
     );
@@ -253,7 +251,7 @@ fn effective_configuration_reflects_file_and_environment() {
             ("SCHEDULER__MAX_WORKERS", "12"),
             ("SCHEDULER__REDIS__MAX_CONNECTIONS", "20"),
             ("scheduler__log__format", "json"),
-            ("SCHEDULER__WATCH_NAMESPACES", "team-a,team-b"),
+            ("SCHEDULER__WATCH_NAMESPACES", "[team-a, team-b]"),
             ("SCHEDULER__LEADER_ELECTION__LEASE_DURATION", "1m30s"),
         ],
     );
@@ -317,38 +315,36 @@ fn run_fails(args: &[&str], env: &[(&str, &str)]) -> String {
 #[test]
 fn sizes_and_periods_too_large_for_the_runtime_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        &dir,
-        "max_workers: 18446744073709551615\nqueue_size: 1000001\n\
-         redis:\n  max_connections: 10001\n\
-         status:\n  flush_interval: 1h1ms\nshutdown:\n  grace_period: 2h\n",
-    );
-    let file = path.display().to_string();
-    let error = fails(&["-f", path_arg(&path)], &[]);
-    // One line per problem; the first carries the program name.
-    let lines: Vec<&str> = error.lines().collect();
-    assert_eq!(
-        lines,
-        [
-            format!(
-                "chronflow: config: max_workers: expected an integer from 1 to 10000, got 18446744073709551615 (in {file})"
-            ),
-            format!(
-                "config: queue_size: expected an integer from 1 to 1000000, got 1000001 (in {file})"
-            ),
-            format!(
-                "config: redis.max_connections: expected an integer from 1 to 10000, got 10001 (in {file})"
-            ),
-            format!(
-                "config: status.flush_interval: expected a duration greater than 0 and at most 1h, such as 500ms, 1s or 2s, got 1h1ms (in {file})"
-            ),
-            format!(
-                "config: shutdown.grace_period: expected a duration of at most 1h, such as 10s, 25s or 1m, got 2h (in {file})"
-            ),
-        ]
-    );
-    // `run` reads the configuration the same way and stops before starting anything.
-    assert_eq!(run_fails(&["-f", path_arg(&path)], &[]), error);
+    let cases = [
+        (
+            "max_workers: 18446744073709551615\n",
+            "max_workers: expected an integer from 1 to 10000, got 18446744073709551615",
+        ),
+        (
+            "queue_size: 1000001\n",
+            "queue_size: expected an integer from 1 to 1000000, got 1000001",
+        ),
+        (
+            "redis:\n  max_connections: 10001\n",
+            "redis.max_connections: expected an integer from 1 to 10000, got 10001",
+        ),
+        (
+            "status:\n  flush_interval: 1h1ms\n",
+            "status.flush_interval: expected a duration greater than 0 and at most 1h, got 1h1ms",
+        ),
+        (
+            "shutdown:\n  grace_period: 2h\n",
+            "shutdown.grace_period: expected a duration of at most 1h, got 2h",
+        ),
+    ];
+    for (yaml, message) in cases {
+        let path = write(&dir, yaml);
+        let error = fails(&["-f", path_arg(&path)], &[]);
+        let expected = format!("chronflow: config: {message} (in {})\n", path.display());
+        assert_eq!(error, expected);
+        // `run` reads the configuration the same way and stops before starting anything.
+        assert_eq!(run_fails(&["-f", path_arg(&path)], &[]), expected);
+    }
 
     let error = fails(&[], &[("SCHEDULER__QUEUE_SIZE", "18446744073709551615")]);
     assert_eq!(

@@ -242,7 +242,9 @@ async fn without_rights_to_list_chrontasks_start_up_stops_with_a_clear_error() {
     let mut config = test_env().config().await;
     config.auth_info.impersonate = Some(format!("nobody-{ns}"));
     let mut settings = chronflow::config::OperatorConfig {
-        watch_namespaces: vec![ns],
+        watch_namespaces: vec![
+            chronflow::config::Namespace::new(ns).expect("test namespaces are valid"),
+        ],
         ..Default::default()
     };
     settings.metrics.bind = "127.0.0.1:0".parse().unwrap();

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chronflow::ChronTask;
-use chronflow::config::OperatorConfig;
+use chronflow::config::{Namespace, OperatorConfig};
 use futures::StreamExt;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
@@ -91,7 +91,7 @@ async fn many_tasks_every_second() {
         .await;
 
     let mut config = OperatorConfig {
-        watch_namespaces: vec![ns.clone()],
+        watch_namespaces: vec![Namespace::new(ns.clone()).expect("test namespaces are valid")],
         max_workers: setting("CHRONFLOW_LOAD_WORKERS", 64) as usize,
         queue_size: setting("CHRONFLOW_LOAD_QUEUE", 10_000) as usize,
         ..Default::default()

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chronflow::ChronTask;
-use chronflow::config::OperatorConfig;
+use chronflow::config::{Namespace, OperatorConfig};
 use chronflow::crd::{ChronTaskStatus, Phase, RunOutcome};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -34,7 +34,7 @@ impl Operator {
         adjust: impl FnOnce(&mut OperatorConfig),
     ) -> Operator {
         let mut config = OperatorConfig {
-            watch_namespaces: vec![ns.to_string()],
+            watch_namespaces: vec![Namespace::new(ns).expect("test namespaces are valid")],
             ..Default::default()
         };
         config.status.flush_interval = Duration::from_millis(300);
