@@ -7,6 +7,7 @@
 //! - [`clock`]: the time source of the run path (system, or tokio's for tests).
 //! - [`engine`]: the timer queue that fires due instants; catch-up after downtime.
 //! - [`dedup`]: claims per run id, so each instant runs once.
+//! - [`leader`]: Lease leader election; leadership is a term with a fencing epoch.
 //! - [`executor`]: bounded queue + worker pool, concurrency policies, HTTP action, retries.
 //! - [`controller`]: watches ChronTasks, validates them, feeds the engine (the `kube` side).
 //! - [`status`]: the status index (in memory), its budgeted writer and Events.
@@ -28,6 +29,7 @@ pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod policy;

@@ -8,6 +8,7 @@ mod card;
 mod crd_admission;
 mod hard_path;
 mod kubectl;
+mod leader;
 mod lifecycle;
 mod load;
 mod logging;
