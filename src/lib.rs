@@ -8,6 +8,7 @@
 //! - [`engine`]: the timer queue that fires due instants; catch-up after downtime.
 //! - [`dedup`]: claims per run id, so each instant runs once.
 //! - [`leader`]: Lease leader election; leadership is a term with a fencing epoch.
+//! - [`ledger`]: the run ledger in Redis: claims, steps and counts, fenced by epoch.
 //! - [`executor`]: bounded queue + worker pool, concurrency policies, HTTP action, retries.
 //! - [`controller`]: watches ChronTasks, validates them, feeds the engine (the `kube` side).
 //! - [`status`]: the status index (in memory), its budgeted writer and Events.
@@ -30,6 +31,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod leader;
+pub mod ledger;
 pub mod metrics;
 pub mod operator;
 pub mod policy;

@@ -9,6 +9,7 @@ mod crd_admission;
 mod hard_path;
 mod kubectl;
 mod leader;
+mod ledger;
 mod lifecycle;
 mod load;
 mod logging;
