@@ -58,6 +58,7 @@ pub struct OperatorConfig {
     #[serde(with = "timezone_serde")]
     pub timezone: Tz,
     /// Namespaces whose ChronTasks are watched; empty means every namespace.
+    #[serde(deserialize_with = "namespace_list")]
     pub watch_namespaces: Vec<Namespace>,
     /// Redis connection, used when `backend_type` is `redis`.
     #[serde(deserialize_with = "section")]
@@ -137,6 +138,38 @@ pub struct RedisConfig {
     /// Connection pool size.
     #[serde(deserialize_with = "within::<_, _, 1, 10_000>")]
     pub max_connections: u32,
+    /// How long one ledger operation may take, waiting for a connection included.
+    #[serde(with = "duration_serde")]
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    /// `url`, else the URL that `host`, `port`, `db` and `password` make.
+    pub fn connection_url(&self) -> String {
+        if let Some(url) = &self.url {
+            return url.expose().to_string();
+        }
+        let password = self.password.as_ref().map_or(String::new(), |password| {
+            // Percent-encoded: a password may hold `@`, `/` or `:`.
+            let encoded: String = password
+                .expose()
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        char::from(b).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!(":{encoded}@")
+        });
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host) // an IPv6 address
+        } else {
+            self.host.clone()
+        };
+        format!("redis://{password}{host}:{}/{}", self.port, self.db)
+    }
 }
 
 /// Lease-based leader election. Requires `retry_period < renew_deadline < lease_duration`.
@@ -417,6 +450,34 @@ where
     }
 }
 
+/// A list, or comma-separated text (`team-a,team-b`: the environment's short form).
+fn namespace_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Namespace>, D::Error> {
+    struct List;
+    impl<'de> Visitor<'de> for List {
+        type Value = Vec<Namespace>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of namespace names")
+        }
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            let names = text
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty());
+            names
+                .map(|name| Namespace::new(name).map_err(E::custom))
+                .collect()
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = seq.next_element()? {
+                names.push(name);
+            }
+            Ok(names)
+        }
+    }
+    deserializer.deserialize_any(List)
+}
+
 /// A section: a mapping, or null (every key commented out) for the defaults.
 fn section<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
@@ -575,21 +636,6 @@ impl OperatorConfig {
             figment,
             found: Vec::new(),
         };
-        // Features this version lacks: refused here, so `check-config` and `run` agree.
-        let redis =
-            "redis (HA dedup) is not available in this version; use memory with one replica";
-        problems.refuse(
-            self.backend_type == BackendType::Redis,
-            "backend_type",
-            redis,
-        );
-        let leader = "leader election is not available in this version; run one replica";
-        problems.refuse(
-            self.leader_election.enabled,
-            "leader_election.enabled",
-            leader,
-        );
-
         for (index, name) in self.watch_namespaces.iter().enumerate() {
             let twice = self.watch_namespaces[..index].contains(name);
             let key = format!("watch_namespaces[{index}]");
@@ -790,7 +836,6 @@ fn plain_expected(expected: &str) -> String {
         "u32" => "an integer from 0 to 4294967295".to_string(),
         "u64" | "usize" => "an integer >= 0".to_string(),
         "a boolean" => "true or false".to_string(),
-        "a sequence" => "a list such as [a, b]".to_string(),
         other if other.starts_with("struct ") => "a mapping of keys".to_string(),
         other => other.to_string(),
     }
@@ -1017,18 +1062,17 @@ mod tests {
     }
 
     #[test]
-    fn environment_lists_are_flow_lists() {
-        let config = ok(None, &[("SCHEDULER__WATCH_NAMESPACES", " [a, \"b\"] ")]);
-        let namespaces: Vec<&str> = config.watch_namespaces.iter().map(|ns| &**ns).collect();
-        assert_eq!(namespaces, ["a", "b"]);
-        let env = [("SCHEDULER__WATCH_NAMESPACES", "[]")];
-        let config = ok(Some("watch_namespaces: [x]\n"), &env);
-        assert!(config.watch_namespaces.is_empty());
-        assert_eq!(
-            env_err(&[("SCHEDULER__WATCH_NAMESPACES", "a,b")]),
-            "config: watch_namespaces: expected a list such as [a, b], got \"a,b\" \
-             (from SCHEDULER__WATCH_NAMESPACES)"
-        );
+    fn environment_lists_are_comma_separated_or_flow_lists() {
+        for raw in ["a,b", " a , b ,", "[a, b]", " [a, \"b\"] "] {
+            let config = ok(None, &[("SCHEDULER__WATCH_NAMESPACES", raw)]);
+            let namespaces: Vec<&str> = config.watch_namespaces.iter().map(|ns| &**ns).collect();
+            assert_eq!(namespaces, ["a", "b"], "{raw:?}");
+        }
+        for raw in ["[]", " , "] {
+            let env = [("SCHEDULER__WATCH_NAMESPACES", raw)];
+            let config = ok(Some("watch_namespaces: [x]\n"), &env);
+            assert!(config.watch_namespaces.is_empty(), "{raw:?}");
+        }
     }
 
     #[test]
@@ -1065,7 +1109,7 @@ mod tests {
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
                    leader_election, log, metrics, status, shutdown";
-        let redis = "url, host, port, db, password, max_connections";
+        let redis = "url, host, port, db, password, max_connections, timeout";
         let cases = [
             (
                 file_err("max_worker: 3\n"),
@@ -1219,8 +1263,6 @@ mod tests {
             ("status:\n  flush_interval: 0s", "status.flush_interval: expected a duration greater than 0 and at most 1h, got 0s".into()),
             ("status:\n  flush_interval: 1h1ms", "status.flush_interval: expected a duration greater than 0 and at most 1h, got 1h1ms".into()),
             ("shutdown:\n  grace_period: 1h1s", "shutdown.grace_period: expected a duration of at most 1h, got 1h1s".into()),
-            ("backend_type: redis", "backend_type: redis (HA dedup) is not available in this version; use memory with one replica".into()),
-            ("leader_election:\n  enabled: true", "leader_election.enabled: leader election is not available in this version; run one replica".into()),
         ];
         for (yaml, message) in cases {
             assert_eq!(

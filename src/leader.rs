@@ -31,6 +31,16 @@ pub struct Term {
     pub epoch: u64,
 }
 
+impl Term {
+    /// The one term of a replica that runs without leader election.
+    pub fn single(holder: &str) -> Self {
+        Self {
+            holder: holder.to_string(),
+            epoch: 0,
+        }
+    }
+}
+
 /// Timings, in the meaning of client-go's (`lease_duration > renew_deadline > retry_period`).
 #[derive(Clone, Debug)]
 pub struct Timings {

@@ -6,9 +6,8 @@
 //! - [`run`]: run identities (`RunId` = `<ns>/<name>@<instant>`) and reports about runs.
 //! - [`clock`]: the time source of the run path (system, or tokio's for tests).
 //! - [`engine`]: the timer queue that fires due instants; catch-up after downtime.
-//! - [`dedup`]: claims per run id, so each instant runs once.
 //! - [`leader`]: Lease leader election; leadership is a term with a fencing epoch.
-//! - [`ledger`]: the run ledger in Redis: claims, steps and counts, fenced by epoch.
+//! - [`ledger`]: the run ledger (claims, steps, counts; in memory, or Redis fenced by epoch).
 //! - [`executor`]: bounded queue + worker pool, concurrency policies, HTTP action, retries.
 //! - [`controller`]: watches ChronTasks, validates them, feeds the engine (the `kube` side).
 //! - [`status`]: the status index (in memory), its budgeted writer and Events.
@@ -26,7 +25,6 @@ pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod crd;
-pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod executor;

@@ -19,9 +19,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 
-use crate::dedup::{Claim, Dedup, DedupError};
 use crate::executor::LoadGauge;
-use crate::run::{Outcome, Report, ReportSink, RunId, TaskId};
+use crate::leader::Term;
+use crate::ledger::{Ledger, LedgerError, Mark, Marked, TakeOver, Verdict};
+use crate::run::{Outcome, Report, ReportSink, RunId, TaskId, TaskKey};
 use crate::status::StatusIndex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,7 +186,7 @@ impl RunMetrics {
                 };
                 self.missed.get_or_create(&labels).inc_by(*count);
             }
-            Report::Schedule { .. } => {}
+            Report::Schedule { .. } | Report::Counts { .. } => {}
         }
     }
 }
@@ -237,25 +238,48 @@ impl ReportSink for Recording {
     }
 }
 
-/// A [`Dedup`] that counts each claim's result.
+/// A [`Ledger`] that counts each claim's result.
 pub struct CountedClaims {
     pub metrics: Arc<Metrics>,
-    pub inner: Arc<dyn Dedup>,
+    pub inner: Arc<dyn Ledger>,
 }
 
-impl Dedup for CountedClaims {
-    fn claim<'a>(&'a self, run: &'a RunId) -> BoxFuture<'a, Result<Claim, DedupError>> {
+impl Ledger for CountedClaims {
+    fn claim<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+        let claim = self.inner.claim(run, term);
         Box::pin(async move {
-            let result = self.inner.claim(run).await;
+            let result = claim.await;
             let label = match &result {
-                Ok(Claim::Claimed) => "claimed",
-                Ok(Claim::Duplicate) => "duplicate",
+                Ok(Verdict::Accepted) => "claimed",
+                Ok(Verdict::Held(_)) => "duplicate",
+                Ok(Verdict::Fenced { .. }) => "fenced",
                 Err(_) => "error",
             };
             let labels = ResultLabel { result: label };
             self.metrics.claims.claims.get_or_create(&labels).inc();
             result
         })
+    }
+
+    fn mark<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+        mark: Mark,
+    ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
+        self.inner.mark(run, term, mark)
+    }
+
+    fn take_over<'a>(
+        &'a self,
+        task: &'a TaskKey,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
+        self.inner.take_over(task, term)
     }
 }
 
@@ -264,7 +288,7 @@ impl Dedup for CountedClaims {
 pub struct Live {
     pub executor: LoadGauge,
     pub status: StatusIndex,
-    pub leader: watch::Receiver<bool>,
+    pub leader: watch::Receiver<Option<Term>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -325,11 +349,18 @@ impl Collector for Live {
             "max_workers: the size of the worker pool",
             as_i64(load.max_workers),
         )?;
+        let term = self.leader.borrow().clone();
         gauge(
             &mut encoder,
             "leader",
             "1 while this replica leads (fires and writes status)",
-            i64::from(*self.leader.borrow()),
+            i64::from(term.is_some()),
+        )?;
+        gauge(
+            &mut encoder,
+            "leader_epoch",
+            "The epoch of this replica's leadership term (0 without leader election or while not leading)",
+            term.map_or(0, |term| i64::try_from(term.epoch).unwrap_or(i64::MAX)),
         )?;
         gauge(
             &mut encoder,

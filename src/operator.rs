@@ -12,22 +12,27 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::clock::Clock;
+use crate::config::BackendType;
 use crate::config::OperatorConfig;
 use crate::controller::{self, Context, KubeSecrets};
-use crate::dedup::MemoryDedup;
 use crate::engine::{Engine, EngineParts};
 use crate::executor::{Executor, ExecutorConfig};
+use crate::leader::{Elector, Term, Timings};
+use crate::ledger::{Ledger, MemoryLedger, RecordMissed, RedisLedger, RedisSettings};
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::run::ReportSink;
 use crate::server::{self, Endpoint, Health};
 use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
 
-/// How long the memory dedup remembers a task that stopped claiming (deleted tasks).
-const MEMORY_DEDUP_IDLE: Duration = Duration::from_secs(24 * 3600);
+/// How long the memory ledger remembers a task that stopped claiming (deleted tasks).
+const MEMORY_LEDGER_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// How long the Lease release at exit may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The final status flush gets at least this long, even with a short grace period.
 const MIN_FINAL_FLUSH: Duration = Duration::from_secs(2);
@@ -62,10 +67,35 @@ pub async fn run(
     let health = Arc::new(Health::new(namespaces.len()));
 
     let clock = Clock::System;
-    let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "chronflow".into());
-    let (leader_tx, leader) = watch::channel(true); // a single replica always leads
+    let instance = identity();
+    // Without leader election this replica leads, in one term, from start to exit.
+    let election = config.leader_election.enabled;
+    let (term_tx, leader) = watch::channel((!election).then(|| Term::single(&instance)));
     let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
+    let metrics = Arc::new(Metrics::new(config.metrics.per_task));
+    let ledger: Arc<dyn Ledger> = Arc::new(CountedClaims {
+        metrics: metrics.clone(),
+        inner: match config.backend_type {
+            BackendType::Memory => Arc::new(MemoryLedger::new(MEMORY_LEDGER_IDLE)),
+            BackendType::Redis => Arc::new(
+                RedisLedger::new(&RedisSettings::from(&config.redis))
+                    .map_err(|e| Error::Startup(format!("config: redis: {e}")))?,
+            ),
+        },
+    });
+    // With a shared ledger, run counts are the ledger's: every leader's runs, once each.
+    let recorder: Arc<dyn ReportSink> = match config.backend_type {
+        BackendType::Memory => Arc::new(index.clone()),
+        BackendType::Redis => {
+            index.count_from_ledger();
+            Arc::new(RecordMissed {
+                ledger: ledger.clone(),
+                leader: leader.clone(),
+                inner: Arc::new(index.clone()),
+            })
+        }
+    };
 
     let http = reqwest::Client::builder()
         .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
@@ -79,13 +109,18 @@ pub async fn run(
         queue_size: config.queue_size,
         log_success: config.log.log_task_success,
     };
-    let metrics = Arc::new(Metrics::new(config.metrics.per_task));
     let sink: Arc<dyn ReportSink> = Arc::new(Recording {
         metrics: metrics.clone(),
-        inner: Arc::new(index.clone()),
+        inner: recorder,
     });
-    let (executor, executor_task) =
-        Executor::new(executor_config, sink.clone(), clock, http, secrets);
+    let (executor, executor_task) = Executor::new(
+        executor_config,
+        sink.clone(),
+        clock,
+        http,
+        secrets,
+        ledger.clone(),
+    );
     metrics.watch(Live {
         executor: executor.gauge(),
         status: index.clone(),
@@ -109,13 +144,23 @@ pub async fn run(
     }
     health.crd_served();
 
-    let dedup = Arc::new(CountedClaims {
-        metrics: metrics.clone(),
-        inner: Arc::new(MemoryDedup::new(MEMORY_DEDUP_IDLE)),
+    // The Lease is kept through the drain and the last status write (the writing stage), and
+    // released after them, so a standby leads only once this replica stopped acting.
+    let elector = election.then(|| {
+        let lease = &config.leader_election;
+        let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
+        let timings = Timings::from(lease);
+        Arc::new(Elector::new(api, &lease.lease_name, &instance, timings))
     });
+    if let Some(elector) = &elector {
+        let (elector, stop) = (elector.clone(), writing.clone());
+        writing_tasks.spawn(async move { elector.run(term_tx, stop).await });
+    } else {
+        drop(term_tx); // the one term never changes
+    }
     let (engine, engine_handle) = Engine::new(EngineParts {
         executor,
-        dedup,
+        ledger,
         leader: leader.clone(),
         sink,
         clock,
@@ -163,9 +208,29 @@ pub async fn run(
         writing: (writing, writing_tasks),
     };
     let result = supervise(shutdown, stages, || health.stopping()).await;
-    drop(leader_tx); // a single replica leads until everything has stopped
+    if let Some(elector) = elector {
+        match tokio::time::timeout(RELEASE_TIMEOUT, elector.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                warn!(%error, "could not release the lease; a standby leads once it expires")
+            }
+            Err(_) => warn!("releasing the lease timed out; a standby leads once it expires"),
+        }
+    }
     info!("chronflow operator stopped");
     result
+}
+
+/// This replica's name in the Lease: `POD_NAME`, else one made unique by the process id and
+/// start time (two replicas under one name would both believe they lead).
+fn identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| {
+            let started = chrono::Utc::now().timestamp_micros();
+            format!("chronflow-{}-{started}", std::process::id())
+        })
 }
 
 /// Checks that ChronTasks can be listed where the operator will watch, with its own rights: a

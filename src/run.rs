@@ -159,6 +159,12 @@ pub enum Report {
         kind: MissKind,
         reason: String,
     },
+    /// The task's counts as the shared ledger keeps them (Redis): they replace what the
+    /// recorder counted, so status never runs ahead of the ledger nor forgets a leader's runs.
+    Counts {
+        task: TaskId,
+        counts: crate::ledger::Counts,
+    },
 }
 
 /// Why instants were not run, in a few stable words (metric labels); the report's `reason`
@@ -177,7 +183,7 @@ pub enum MissKind {
     Withdrawn,
     /// chronflow was shutting down.
     Shutdown,
-    /// The dedup backend could not answer.
+    /// The ledger could not answer the claim.
     Claim,
 }
 
@@ -201,7 +207,8 @@ impl Report {
             Report::Schedule { task, .. }
             | Report::Started { task, .. }
             | Report::Finished { task, .. }
-            | Report::Missed { task, .. } => task,
+            | Report::Missed { task, .. }
+            | Report::Counts { task, .. } => task,
         }
     }
 }

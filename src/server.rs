@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::LoadGauge;
+use crate::leader::Term;
 use crate::metrics::Metrics;
 use crate::status::StatusIndex;
 
@@ -71,7 +72,7 @@ pub struct Endpoint {
     pub status: StatusIndex,
     pub executor: LoadGauge,
     pub health: Arc<Health>,
-    pub leader: watch::Receiver<bool>,
+    pub leader: watch::Receiver<Option<Term>>,
 }
 
 pub fn router(endpoint: Endpoint) -> Router {
@@ -124,7 +125,8 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
         "queue_capacity": load.queue_size,
         "active_workers": load.busy_workers,
         "max_workers": load.max_workers,
-        "leader": *endpoint.leader.borrow(),
+        "leader": endpoint.leader.borrow().is_some(),
+        "epoch": endpoint.leader.borrow().as_ref().map(|term| term.epoch),
         "version": env!("CARGO_PKG_VERSION"),
         "tasks_by_phase": phases,
     });

@@ -129,7 +129,7 @@ fn docs_list_every_key_with_its_variable_and_default() {
     let docs = std::fs::read_to_string(repo().join("docs/configuration.md"))
         .expect("read docs/configuration.md");
     let keys = default_leaves();
-    assert_eq!(keys.len(), 27, "{keys:?}");
+    assert_eq!(keys.len(), 28, "{keys:?}");
     for (key, default) in keys {
         let env = format!("SCHEDULER__{}", key.replace('.', "__").to_ascii_uppercase());
         let row = format!("| `{key}` | `{env}` | `{default}` |");
@@ -149,7 +149,7 @@ fn bad_key_in_a_file_exits_2_naming_the_key_path_and_file() {
         error.trim_end(),
         format!(
             "chronflow: config: redis.max_conection: unknown key \
-             (expected one of: url, host, port, db, password, max_connections) (in {})",
+             (expected one of: url, host, port, db, password, max_connections, timeout) (in {})",
             path.display()
         )
     );
@@ -192,7 +192,7 @@ fn unknown_variable_exits_2_naming_it() {
     assert_eq!(
         error.trim_end(),
         "chronflow: config: redis.max_conection: unknown key \
-         (expected one of: url, host, port, db, password, max_connections) \
+         (expected one of: url, host, port, db, password, max_connections, timeout) \
          (from SCHEDULER__REDIS__MAX_CONECTION)"
     );
 }
@@ -251,7 +251,7 @@ fn effective_configuration_reflects_file_and_environment() {
             ("SCHEDULER__MAX_WORKERS", "12"),
             ("SCHEDULER__REDIS__MAX_CONNECTIONS", "20"),
             ("scheduler__log__format", "json"),
-            ("SCHEDULER__WATCH_NAMESPACES", "[team-a, team-b]"),
+            ("SCHEDULER__WATCH_NAMESPACES", "team-a,team-b"),
             ("SCHEDULER__LEADER_ELECTION__LEASE_DURATION", "1m30s"),
         ],
     );
@@ -362,25 +362,6 @@ fn sizes_and_periods_too_large_for_the_runtime_exit_2_naming_the_key() {
     assert_eq!(printed["max_workers"], Value::from(10000));
     assert_eq!(printed["queue_size"], Value::from(1_000_000));
     assert_eq!(printed["status"]["flush_interval"], Value::from("1h"));
-}
-
-#[test]
-fn features_this_version_lacks_exit_2_in_check_config_and_run_alike() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write(&dir, "backend_type: redis\n");
-    let expected = format!(
-        "chronflow: config: backend_type: redis (HA dedup) is not available in this version; \
-         use memory with one replica (in {})\n",
-        path.display()
-    );
-    assert_eq!(fails(&["-f", path_arg(&path)], &[]), expected);
-    assert_eq!(run_fails(&["-f", path_arg(&path)], &[]), expected);
-
-    let env = [("SCHEDULER__LEADER_ELECTION__ENABLED", "true")];
-    let expected = "chronflow: config: leader_election.enabled: leader election is not available \
-                    in this version; run one replica (from SCHEDULER__LEADER_ELECTION__ENABLED)\n";
-    assert_eq!(fails(&[], &env), expected);
-    assert_eq!(run_fails(&[], &env), expected);
 }
 
 #[test]

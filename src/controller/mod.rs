@@ -325,9 +325,10 @@ impl SecretSource for KubeSecrets {
 mod tests {
     use super::*;
     use crate::clock::Clock;
-    use crate::dedup::MemoryDedup;
     use crate::engine::{Engine, EngineParts};
+    use crate::executor::fixtures::memory_ledger;
     use crate::executor::{Executor, ExecutorConfig};
+    use crate::leader::Term;
     use http::{Request, Response};
     use kube::client::Body;
     use serde_json::json;
@@ -340,7 +341,7 @@ mod tests {
         api: ApiHandle,
         stop: CancellationToken,
         _events: mpsc::Receiver<crate::status::events::EventRequest>,
-        _leader: watch::Sender<bool>,
+        _leader: watch::Sender<Option<Term>>,
     }
 
     impl Drop for Harness {
@@ -366,11 +367,13 @@ mod tests {
         });
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::new();
-        let (executor, _) = Executor::new(config, sink.clone(), clock, http, secrets);
-        let (leader_tx, leader) = watch::channel(true);
+        let ledger = memory_ledger();
+        let (executor, _) =
+            Executor::new(config, sink.clone(), clock, http, secrets, ledger.clone());
+        let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
         let (engine, handle) = Engine::new(EngineParts {
             executor,
-            dedup: Arc::new(MemoryDedup::new(Duration::from_secs(60))),
+            ledger,
             leader,
             sink,
             clock,

@@ -1,6 +1,10 @@
 //! The timing engine: one timer queue of every task's next instant. It sleeps until the
-//! earliest one (never a polling tick), and when an instant is due it claims the run (dedup),
-//! hands it to the executor, and schedules the task's next instant. It is the one source of a
+//! earliest one (never a polling tick), and when an instant is due it claims the run in the
+//! ledger, hands it to the executor, and schedules the task's next instant. Claims that must
+//! wait for the ledger (Redis) are made off the timer loop, so a slow ledger never delays a
+//! timer. When this replica becomes leader it takes every task over from the ledger: instants
+//! the previous leader did not reach are caught up (per `catchUp`), claims it never started are
+//! adopted. It is the one source of a
 //! task's schedule facts (scheduled with its next instant, paused, invalid, completed) and
 //! reports each change in order. Free of `kube`: the controller (or standalone mode) feeds it
 //! tasks through an [`EngineHandle`].
@@ -8,7 +12,9 @@
 pub mod catch_up;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::clock::Clock;
-use crate::dedup::{Claim, Dedup};
 use crate::executor::{Executor, Retire, RunRequest, RunSpec};
+use crate::leader::Term;
+use crate::ledger::{Ledger, LedgerError, TakeOver, Verdict};
 use crate::policy::CatchUpPolicy;
 use crate::run::{MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
 use crate::schedule::{Schedule, jitter};
@@ -95,12 +102,16 @@ impl EngineHandle {
     }
 }
 
+/// How long a failed take-over waits before it is tried again (doubling up to 30 s).
+const TAKE_OVER_RETRY: Duration = Duration::from_secs(1);
+
 /// What the engine needs besides its tasks.
 pub struct EngineParts {
     pub executor: Executor,
-    pub dedup: Arc<dyn Dedup>,
-    /// Gates firing: a replica that is not leader keeps its timers but runs nothing.
-    pub leader: watch::Receiver<bool>,
+    pub ledger: Arc<dyn Ledger>,
+    /// The leadership term, checked when acting: a replica that is not leader (`None`) keeps its
+    /// timers but runs nothing.
+    pub leader: watch::Receiver<Option<Term>>,
     pub sink: Arc<dyn ReportSink>,
     pub clock: Clock,
 }
@@ -114,6 +125,20 @@ pub struct Engine {
     /// Uids of deleted tasks, with when they were deleted.
     tombstones: HashMap<String, DateTime<Utc>>,
     parts: EngineParts,
+    /// The term the engine last acted on; a new one starts a take-over.
+    term: Option<Term>,
+    /// Take-over answers, from the tasks that asked the ledger.
+    took_over: (
+        mpsc::UnboundedSender<TookOver>,
+        mpsc::UnboundedReceiver<TookOver>,
+    ),
+}
+
+/// The ledger's answer about one task, for the term that asked.
+struct TookOver {
+    task: TaskId,
+    term: Term,
+    answer: TakeOver,
 }
 
 struct Entry {
@@ -144,6 +169,8 @@ impl Engine {
             timers: BTreeSet::new(),
             tombstones: HashMap::new(),
             parts,
+            term: None,
+            took_over: mpsc::unbounded_channel(),
         };
         (engine, EngineHandle { commands: tx })
     }
@@ -151,6 +178,9 @@ impl Engine {
     /// Runs until `shutdown` or until every handle is dropped.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let clock = self.parts.clock;
+        let mut leader = self.parts.leader.clone();
+        let mut leader_open = true;
+        self.on_term(leader.borrow_and_update().clone(), &shutdown);
         loop {
             let wake = self.timers.first().map(|(at, _)| *at);
             let sleep = async {
@@ -159,16 +189,119 @@ impl Engine {
                     None => std::future::pending().await,
                 }
             };
+            let term_changed = async {
+                if !leader_open {
+                    std::future::pending::<()>().await;
+                }
+                if leader.changed().await.is_err() {
+                    leader_open = false;
+                }
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                () = term_changed => {
+                    let term = leader.borrow_and_update().clone();
+                    self.on_term(term, &shutdown);
+                }
+                Some(answer) = self.took_over.1.recv() => self.apply_take_over(answer),
                 command = self.commands.recv() => match command {
                     Some(command) => self.apply(command).await,
                     None => break,
                 },
-                _ = sleep => self.fire_due(clock.now()).await,
+                _ = sleep => self.fire_due(clock.now()),
             }
         }
+    }
+
+    /// A new term: this replica leads (again), so it takes every scheduled task over.
+    fn on_term(&mut self, term: Option<Term>, shutdown: &CancellationToken) {
+        let new = term.is_some() && term != self.term;
+        self.term = term.clone();
+        let Some(term) = term.filter(|_| new) else {
+            return;
+        };
+        for (key, entry) in &self.tasks {
+            if matches!(entry.state, State::Scheduled { .. }) {
+                let task = TaskId::new(key.clone(), entry.uid.clone());
+                self.spawn_take_over(task, term.clone(), shutdown.clone());
+            }
+        }
+    }
+
+    /// Asks the ledger about `task` off the loop, retrying while `term` lasts.
+    fn spawn_take_over(&self, task: TaskId, term: Term, shutdown: CancellationToken) {
+        let ledger = self.parts.ledger.clone();
+        let mut leader = self.parts.leader.clone();
+        let answers = self.took_over.0.clone();
+        tokio::spawn(async move {
+            let mut wait = TAKE_OVER_RETRY;
+            loop {
+                match ledger.take_over(&task.key, &term).await {
+                    Ok(answer) => {
+                        let _ = answers.send(TookOver { task, term, answer });
+                        return;
+                    }
+                    Err(error) => {
+                        warn!(task = %task, %error, ?wait, "cannot take the task over yet")
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = leader.wait_for(|now| now.as_ref() != Some(&term)) => return,
+                    _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(30)),
+                }
+            }
+        });
+    }
+
+    /// Applies what the ledger said about a task this term took over: its counts, the claims
+    /// a dead leader never started (run now), and where the previous leaders stopped (catch-up
+    /// starts after it, not after where this replica's idle timer got to).
+    fn apply_take_over(&mut self, took: TookOver) {
+        if self.term.as_ref() != Some(&took.term) {
+            return;
+        }
+        let TookOver { task, term, answer } = took;
+        if let Some(counts) = answer.counts {
+            self.parts.sink.record(Report::Counts {
+                task: task.clone(),
+                counts,
+            });
+        }
+        let Some(entry) = self.tasks.get_mut(&task.key).filter(|e| e.uid == task.uid) else {
+            return;
+        };
+        let generation = entry.generation;
+        let State::Scheduled {
+            task: engine_task,
+            next,
+            fire_at,
+            since,
+        } = &mut entry.state
+        else {
+            return;
+        };
+        let engine_task = engine_task.clone();
+        let floor = engine_task.catch_up_from.unwrap_or(*since).max(*since);
+        let resume = answer.newest.map_or(floor, |newest| newest.max(floor));
+        let resumed = engine_task.schedule.next_after(resume);
+        if resumed.is_some() && (next.is_none() || resumed < *next) {
+            if let Some(at) = *fire_at {
+                self.timers.remove(&(at, task.key.clone()));
+            }
+            *next = resumed;
+            *fire_at = resumed.map(|t| fire_time(&engine_task, t));
+            if let Some(at) = *fire_at {
+                self.timers.insert((at, task.key.clone()));
+            }
+        }
+        let adopted = answer
+            .unstarted
+            .into_iter()
+            .map(|scheduled| self.request(&engine_task, generation, scheduled, false, &term))
+            .collect();
+        self.claim_and_submit(adopted, term);
     }
 
     async fn apply(&mut self, command: Command) {
@@ -343,17 +476,17 @@ impl Engine {
     }
 
     /// Fires every timer that is due, earliest first.
-    async fn fire_due(&mut self, now: DateTime<Utc>) {
+    fn fire_due(&mut self, now: DateTime<Utc>) {
         while let Some((at, key)) = self.timers.first().cloned() {
             if at > now {
                 break;
             }
             self.timers.remove(&(at, key.clone()));
-            self.fire(&key, now).await;
+            self.fire(&key, now);
         }
     }
 
-    async fn fire(&mut self, key: &TaskKey, now: DateTime<Utc>) {
+    fn fire(&mut self, key: &TaskKey, now: DateTime<Utc>) {
         let Some(entry) = self.tasks.get_mut(key) else {
             return;
         };
@@ -379,7 +512,11 @@ impl Engine {
         }
         let (task, since, generation) = (task.clone(), *since, entry.generation);
 
-        if *self.parts.leader.borrow() {
+        if let Some(term) = self
+            .term
+            .clone()
+            .filter(|t| Some(t) == self.parts.leader.borrow().as_ref())
+        {
             if plan.missed > 0
                 && let Some(latest) = plan.latest_missed
             {
@@ -397,9 +534,12 @@ impl Engine {
             }
             // A catch-up batch runs one after another, whatever the concurrency policy.
             let sequential = plan.run.len() > 1;
-            for scheduled in plan.run {
-                self.start(&task, generation, scheduled, sequential).await;
-            }
+            let runs = plan
+                .run
+                .into_iter()
+                .map(|scheduled| self.request(&task, generation, scheduled, sequential, &term))
+                .collect();
+            self.claim_and_submit(runs, term);
         }
         let state = ScheduleState::Scheduled {
             schedule: task.schedule.describe(),
@@ -409,42 +549,50 @@ impl Engine {
         self.report(&task.id, state);
     }
 
-    /// Claims one run and hands it to the executor (which reports it if it cannot take it).
-    async fn start(
+    fn request(
         &self,
         task: &EngineTask,
         generation: i64,
         scheduled: DateTime<Utc>,
         sequential: bool,
-    ) {
-        let run_id = RunId::new(&task.id.key, scheduled);
-        match self.parts.dedup.claim(&run_id).await {
-            Ok(Claim::Claimed) => {}
-            Ok(Claim::Duplicate) => {
-                debug!(%run_id, "already claimed; not running it again");
-                return;
-            }
-            Err(error) => {
-                warn!(%run_id, %error, "cannot claim run");
-                self.parts.sink.record(Report::Missed {
-                    task: task.id.clone(),
-                    count: 1,
-                    latest: scheduled,
-                    kind: MissKind::Claim,
-                    reason: error.to_string(),
-                });
-                return;
-            }
-        }
-        self.parts.executor.submit(RunRequest {
+        term: &Term,
+    ) -> RunRequest {
+        RunRequest {
             task: task.id.clone(),
             generation,
-            run_id,
+            run_id: RunId::new(&task.id.key, scheduled),
             scheduled,
             due: fire_time(task, scheduled),
             spec: task.run.clone(),
             sequential,
+            term: term.clone(),
+        }
+    }
+
+    /// Claims `runs` in order and hands each one the ledger gives this term to the executor
+    /// (which reports it if it cannot take it). A ledger that answers at once (memory) is asked
+    /// right here, which keeps claims in order; one that must wait (Redis) is asked off the
+    /// loop.
+    fn claim_and_submit(&self, runs: Vec<RunRequest>, term: Term) {
+        if runs.is_empty() {
+            return;
+        }
+        let (ledger, executor, sink) = (
+            self.parts.ledger.clone(),
+            self.parts.executor.clone(),
+            self.parts.sink.clone(),
+        );
+        let mut work = Box::pin(async move {
+            for run in runs {
+                let verdict = ledger.claim(&run.run_id, &term).await;
+                claimed(&executor, sink.as_ref(), run, verdict);
+            }
         });
+        let mut context = Context::from_waker(futures::task::noop_waker_ref());
+        if work.as_mut().poll(&mut context) == Poll::Pending {
+            // Spawned tasks are polled at once, with a real waker.
+            tokio::spawn(work);
+        }
     }
 
     fn report(&self, task: &TaskId, state: ScheduleState) {
@@ -452,6 +600,35 @@ impl Engine {
             task: task.clone(),
             state,
         });
+    }
+}
+
+/// Acts on the ledger's answer to a claim.
+fn claimed(
+    executor: &Executor,
+    sink: &dyn ReportSink,
+    run: RunRequest,
+    verdict: Result<Verdict, LedgerError>,
+) {
+    match verdict {
+        Ok(Verdict::Accepted) => executor.submit(run),
+        Ok(Verdict::Held(record)) => {
+            debug!(run_id = %run.run_id, ?record, "already claimed; not running it again");
+        }
+        Ok(Verdict::Fenced { epoch }) => warn!(
+            run_id = %run.run_id, epoch,
+            "a newer leader took this task over; not running it"
+        ),
+        Err(error) => {
+            warn!(run_id = %run.run_id, %error, "cannot claim run");
+            sink.record(Report::Missed {
+                task: run.task.clone(),
+                count: 1,
+                latest: run.scheduled,
+                kind: MissKind::Claim,
+                reason: format!("cannot claim the run: {error}"),
+            });
+        }
     }
 }
 
@@ -477,9 +654,8 @@ fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dedup::MemoryDedup;
     use crate::executor::ExecutorConfig;
-    use crate::executor::fixtures::{NoSecrets, http_spec};
+    use crate::executor::fixtures::{NoSecrets, http_spec, memory_ledger};
     use crate::schedule::IntervalAnchor;
     use chrono::TimeZone;
 
@@ -504,13 +680,19 @@ mod tests {
             log_success: false,
         };
         let http = reqwest::Client::new();
-        let (executor, executor_task) =
-            Executor::new(config, sink.clone(), clock, http, Arc::new(NoSecrets));
-        let (leader_tx, leader) = watch::channel(true);
+        let (executor, executor_task) = Executor::new(
+            config,
+            sink.clone(),
+            clock,
+            http,
+            Arc::new(NoSecrets),
+            memory_ledger(),
+        );
+        let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
         std::mem::forget(leader_tx); // leads for the whole test
         let (engine, handle) = Engine::new(EngineParts {
             executor,
-            dedup: Arc::new(MemoryDedup::new(Duration::from_secs(3600))),
+            ledger: memory_ledger(),
             leader,
             sink,
             clock,

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::clock::Clock;
+use crate::leader::Term;
+use crate::ledger::{Ledger, Mark, Verdict};
 use crate::policy::ConcurrencyPolicy;
 use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink, RunId, TaskId};
 pub use http::{HttpAction, SecretSource};
@@ -56,6 +58,8 @@ pub struct RunRequest {
     pub spec: Arc<RunSpec>,
     /// Part of a catch-up batch: waits for the task's previous run, whatever the policy.
     pub sequential: bool,
+    /// The leadership term that claimed the run; its steps are recorded in the ledger under it.
+    pub term: Term,
 }
 
 /// Sizes of the executor's bounds.
@@ -189,6 +193,7 @@ pub struct ExecutorTask {
 struct WorkerContext {
     http: reqwest::Client,
     secrets: Arc<dyn SecretSource>,
+    ledger: Arc<dyn Ledger>,
     log_success: bool,
     sink: Arc<dyn ReportSink>,
     clock: Clock,
@@ -211,6 +216,7 @@ impl Executor {
         clock: Clock,
         http: reqwest::Client,
         secrets: Arc<dyn SecretSource>,
+        ledger: Arc<dyn Ledger>,
     ) -> (Executor, ExecutorTask) {
         let max_workers = config.max_workers.max(1);
         let shared = Arc::new(Shared {
@@ -228,6 +234,7 @@ impl Executor {
             context: Arc::new(WorkerContext {
                 http,
                 secrets,
+                ledger,
                 log_success: config.log_success,
                 sink,
                 clock,
@@ -632,9 +639,34 @@ fn finished_report(
     }
 }
 
-/// Runs all attempts of one run and reports its start and finish.
+/// Runs all attempts of one run and reports its start and finish, recording both in the
+/// ledger: its start first, which the ledger refuses once a newer leader took the task over
+/// (fencing), then its end, which carries the task's counts.
 async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel) {
     let run = &guard.run;
+    let refusal = match context
+        .ledger
+        .mark(&run.run_id, &run.term, Mark::Started)
+        .await
+    {
+        Ok(marked) if marked.verdict == Verdict::Accepted => None,
+        Ok(marked) => Some(format!(
+            "the ledger refused its start ({:?})",
+            marked.verdict
+        )),
+        Err(error) => {
+            let reason = format!("cannot record the run's start: {error}");
+            context
+                .sink
+                .record(missed(run, MissKind::Claim, reason.clone()));
+            Some(reason)
+        }
+    };
+    if let Some(reason) = refusal {
+        warn!(%reason, "run not started");
+        guard.reported = true;
+        return;
+    }
     context.sink.record(Report::Started {
         task: run.task.clone(),
         run_id: run.run_id.clone(),
@@ -676,6 +708,7 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
         Err(error) => warn!(attempts, %error, "run failed"),
     }
     let finished = context.clock.now();
+    let succeeded = result.is_ok();
     context.sink.record(finished_report(
         run,
         guard.started,
@@ -684,6 +717,17 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
         result,
     ));
     guard.reported = true;
+    let mark = Mark::Finished { succeeded };
+    match context.ledger.mark(&run.run_id, &run.term, mark).await {
+        Ok(marked) => {
+            if let Some(counts) = marked.counts {
+                let task = run.task.clone();
+                context.sink.record(Report::Counts { task, counts });
+            }
+        }
+        // The record stays `started`: the next take-over counts it failed (outcome unknown).
+        Err(error) => warn!(%error, "cannot record the run's end in the ledger"),
+    }
 }
 
 async fn attempt_once(
@@ -721,6 +765,11 @@ pub(crate) mod fixtures {
         ) -> futures::future::BoxFuture<'a, Result<http::Redacted, String>> {
             Box::pin(async { Err("none".to_string()) })
         }
+    }
+
+    /// The single-replica ledger.
+    pub fn memory_ledger() -> Arc<dyn Ledger> {
+        Arc::new(crate::ledger::MemoryLedger::new(Duration::from_secs(3600)))
     }
 
     /// A `Forbid` POST to `url` with no retry.
@@ -763,6 +812,7 @@ mod tests {
             Clock::System,
             reqwest::Client::new(),
             Arc::new(NoSecrets),
+            fixtures::memory_ledger(),
         );
         (executor, reports)
     }
@@ -785,6 +835,7 @@ mod tests {
                 starting_deadline,
             )),
             sequential: false,
+            term: Term::single("test"),
         }
     }
 

@@ -3,9 +3,66 @@
 //! counts updated in the same step. It is what makes "each instant runs once and is counted
 //! once" hold across replicas and failovers; see `docs/operations.md`.
 
+mod memory;
 pub mod redis;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+pub use self::memory::MemoryLedger;
 pub use self::redis::{RedisLedger, RedisSettings};
+use crate::leader::Term;
+use crate::run::{Report, ReportSink, RunId, TaskKey};
+
+/// Where runs are claimed and their steps recorded. The engine claims; the executor marks a run
+/// started before its action and finished after it; missed instants are marked missed.
+pub trait Ledger: Send + Sync {
+    /// Claims `run` for `term`: [`Verdict::Accepted`] means run it.
+    fn claim<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>>;
+
+    /// Records a step of `run`, made in `term`.
+    fn mark<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+        mark: Mark,
+    ) -> BoxFuture<'a, Result<Marked, LedgerError>>;
+
+    /// A new leader takes `task` over: older epochs are fenced from now on.
+    fn take_over<'a>(
+        &'a self,
+        task: &'a TaskKey,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<TakeOver, LedgerError>>;
+}
+
+/// The result of a mark, with the task's counts afterwards when the ledger keeps them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marked {
+    pub verdict: Verdict,
+    pub counts: Option<Counts>,
+}
+
+/// What a new leader learns about a task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TakeOver {
+    /// The newest instant on record: the previous leaders handled it, and those before it
+    /// they had reached. `None` when the ledger has none (or keeps none: memory).
+    pub newest: Option<DateTime<Utc>>,
+    /// Instants a dead epoch claimed and never started: the new leader adopts and runs them.
+    pub unstarted: Vec<DateTime<Utc>>,
+    /// The task's counts, when the ledger keeps them.
+    pub counts: Option<Counts>,
+}
 
 /// The ledger's answer to a claim or a mark.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,15 +75,16 @@ pub enum Verdict {
     Fenced { epoch: u64 },
 }
 
-/// A step of a run, recorded with [`RedisLedger::mark`].
+/// A step of a run, recorded with [`Ledger::mark`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mark {
     /// The action is about to start: refused (fenced) once a newer leader took the task over.
     Started,
     /// The action ended; counted in `runs` and `succeeded` or `failed`.
     Finished { succeeded: bool },
-    /// The instant could not run; counted in `missed`, and never run afterwards.
-    Missed,
+    /// The instant could not run (with `count` > 1: a catch-up skipped that many, this run's
+    /// instant the newest); counted in `missed`, and never run afterwards.
+    Missed { count: u64 },
 }
 
 /// One run's record.
@@ -64,3 +122,64 @@ pub struct Counts {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct LedgerError(pub String);
+
+/// Records missed instants in the ledger, then hands every report on. A mark that fails (Redis
+/// away) is retried with backoff while this replica keeps its term, so instants missed during
+/// an outage are counted once Redis returns; the counts it gets back are reported too.
+pub struct RecordMissed {
+    pub ledger: Arc<dyn Ledger>,
+    pub leader: watch::Receiver<Option<Term>>,
+    pub inner: Arc<dyn ReportSink>,
+}
+
+/// The longest pause between two tries of a missed mark; it is given up after [`MARK_PATIENCE`].
+const MARK_RETRY_MAX: Duration = Duration::from_secs(30);
+const MARK_PATIENCE: Duration = Duration::from_secs(3600);
+
+impl ReportSink for RecordMissed {
+    fn record(&self, report: Report) {
+        if let Report::Missed {
+            task,
+            count,
+            latest,
+            ..
+        } = &report
+            && let Some(term) = self.leader.borrow().clone()
+        {
+            let (ledger, inner, mut leader) =
+                (self.ledger.clone(), self.inner.clone(), self.leader.clone());
+            let (task, run, mark) = (
+                task.clone(),
+                RunId::new(&task.key, *latest),
+                Mark::Missed { count: *count },
+            );
+            tokio::spawn(async move {
+                let give_up = tokio::time::Instant::now() + MARK_PATIENCE;
+                let mut wait = Duration::from_secs(1);
+                loop {
+                    match ledger.mark(&run, &term, mark).await {
+                        Ok(marked) => {
+                            if let Some(counts) = marked.counts {
+                                inner.record(Report::Counts { task, counts });
+                            }
+                            return;
+                        }
+                        Err(error) if tokio::time::Instant::now() < give_up => {
+                            debug!(run_id = %run, %error, "cannot record a missed run yet");
+                        }
+                        Err(error) => {
+                            warn!(run_id = %run, %error, "gave up recording a missed run");
+                            return;
+                        }
+                    }
+                    tokio::select! {
+                        // Another term counts what it finds when it takes the task over.
+                        _ = leader.wait_for(|now| now.as_ref() != Some(&term)) => return,
+                        _ = tokio::time::sleep(wait) => wait = (wait * 2).min(MARK_RETRY_MAX),
+                    }
+                }
+            });
+        }
+        self.inner.record(report);
+    }
+}

@@ -9,10 +9,11 @@
 //! | `chronflow:{ns/name}:runs` | hash | instant (Unix ms) → `STATE EPOCH HOLDER` |
 //! | `chronflow:{ns/name}:order` | sorted set | instants by time, for take-over and pruning |
 //! | `chronflow:{ns/name}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `pruned_before` |
+//! | `chronflow:{ns/name}:open` | sorted set | instants claimed or started, not yet final |
 //!
 //! Fencing is per task: a claim or a `started`/`missed` mark from an epoch below the task's
 //! stored epoch is refused, and any accepted one raises it. A leader that takes over raises
-//! every task's epoch through [`RedisLedger::open`] before it fires, so from then on a stale
+//! every task's epoch through [`Ledger::take_over`] before it fires, so from then on a stale
 //! leader cannot start anything. A run a stale leader had already started is not undone: its
 //! `finished` mark is accepted (the run did happen), so it is counted once.
 
@@ -22,15 +23,19 @@ use chrono::{DateTime, TimeZone, Utc};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
 use redis::Script;
 
-use super::{Counts, LedgerError, Mark, Record, RunState, Verdict};
+use futures::future::{BoxFuture, FutureExt};
+
+use super::{Counts, Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
+use crate::config::RedisConfig;
+use crate::leader::Term;
 use crate::run::{RunId, TaskKey};
 
 /// Records older than this are pruned; a claim for an instant before the pruned horizon is
 /// refused as already handled, so a long catch-up cannot replay a pruned run.
 pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// `KEYS`: epoch, runs, order, counts. `ARGV`: epoch, instant (ms), holder, prune horizon (ms).
-/// Returns `{"claimed"}`, `{"held", RECORD}` or `{"fenced", EPOCH}`.
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, instant (ms), holder, prune
+/// horizon (ms). Returns `{"accepted"}`, `{"held", RECORD}` or `{"fenced", EPOCH}`.
 const CLAIM: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -46,18 +51,21 @@ if record then
 end
 redis.call('HSET', KEYS[2], ARGV[2], 'claimed ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[2])
 local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4], 'LIMIT', 0, 64)
 if #old > 0 then
   redis.call('HDEL', KEYS[2], unpack(old))
   redis.call('ZREM', KEYS[3], unpack(old))
+  redis.call('ZREM', KEYS[5], unpack(old))
   if tonumber(old[#old]) >= before then redis.call('HSET', KEYS[4], 'pruned_before', old[#old] + 1) end
 end
-return {'claimed'}
+return {'accepted'}
 "#;
 
-/// `KEYS`: epoch, runs, order, counts. `ARGV`: epoch, instant (ms), holder, new state
-/// (`started`, `succeeded`, `failed`, `missed`). Returns `{"marked"}`, `{"held", RECORD}` (the
-/// record does not allow it: not this epoch's, or already final) or `{"fenced", EPOCH}`.
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, instant (ms), holder, new state
+/// (`started`, `succeeded`, `failed`, `missed`), how many instants (`missed` only: a catch-up
+/// skips many at once, recorded at the newest). Returns `{VERDICT, …, runs, succeeded, failed,
+/// missed}` with VERDICT `accepted`, `held RECORD` or `fenced EPOCH`.
 const MARK: &str = r#"
 local epoch = tonumber(ARGV[1])
 local to = ARGV[4]
@@ -66,46 +74,65 @@ local record = redis.call('HGET', KEYS[2], ARGV[2])
 local state, owner = 'none', '0'
 if record then state, owner = string.match(record, '^(%S+) (%S+)') end
 local final = to == 'succeeded' or to == 'failed'
+local function counts(verdict)
+  local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed')
+  for i = 1, 4 do table.insert(verdict, c[i] or '0') end
+  return verdict
+end
 -- A run this epoch started is finished whatever happened since; anything else is fenced.
-if not (final and owner == ARGV[1]) and epoch < stored then return {'fenced', tostring(stored)} end
+if not (final and owner == ARGV[1]) and epoch < stored then return counts({'fenced', tostring(stored)}) end
 if epoch > stored then redis.call('SET', KEYS[1], epoch) end
 local allowed = (to == 'started' and state == 'claimed' and owner == ARGV[1])
   or (final and owner == ARGV[1] and (state == 'claimed' or state == 'started'))
   or (to == 'missed' and (state == 'none' or (state == 'claimed' and owner == ARGV[1])))
-if not allowed then return {'held', record or 'none 0 -'} end
+if not allowed then return counts({'held', record or 'none 0 -'}) end
 redis.call('HSET', KEYS[2], ARGV[2], to .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
 if to ~= 'started' then
-  if to ~= 'missed' then redis.call('HINCRBY', KEYS[4], 'runs', 1) end
-  redis.call('HINCRBY', KEYS[4], to, 1)
+  redis.call('ZREM', KEYS[5], ARGV[2])
+  if to == 'missed' then
+    redis.call('HINCRBY', KEYS[4], 'missed', tonumber(ARGV[5]))
+  else
+    redis.call('HINCRBY', KEYS[4], 'runs', 1)
+    redis.call('HINCRBY', KEYS[4], to, 1)
+  end
 end
-return {'marked'}
+return counts({'accepted'})
 "#;
 
-/// `KEYS`: epoch, runs, order, counts. `ARGV`: epoch, since (ms), holder. Raises the task's
-/// epoch (or returns `{"fenced", EPOCH}`), turns runs a dead epoch started into `failed`
-/// (their outcome is unknown; they are never run again) and returns
-/// `{"open", INSTANT, RECORD, …}` for every record from `since` on.
-const OPEN: &str = r#"
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder. Take-over of the task by
+/// a new leader: raises its epoch (or returns `{"fenced", EPOCH}`), settles runs a dead epoch
+/// started as failed (their outcome is unknown; they are never run again) and returns
+/// `{"taken", NEWEST, runs, succeeded, failed, missed, INSTANT, …}`: the newest instant on
+/// record (`""` if none) and the claims a dead epoch never started.
+const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if epoch < stored then return {'fenced', tostring(stored)} end
 redis.call('SET', KEYS[1], epoch)
-local out = {'open'}
-for _, instant in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[2], '+inf')) do
+local unstarted = {}
+for _, instant in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   local record = redis.call('HGET', KEYS[2], instant)
-  if record then
-    local state, owner = string.match(record, '^(%S+) (%S+)')
-    if state == 'started' and tonumber(owner) < epoch then
-      record = 'failed ' .. owner .. ' ' .. ARGV[3]
-      redis.call('HSET', KEYS[2], instant, record)
+  local state, owner = 'none', '0'
+  if record then state, owner = string.match(record, '^(%S+) (%S+)') end
+  if tonumber(owner) < epoch then
+    if state == 'started' then
+      redis.call('HSET', KEYS[2], instant, 'failed ' .. owner .. ' ' .. ARGV[2])
       redis.call('HINCRBY', KEYS[4], 'runs', 1)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
+      redis.call('ZREM', KEYS[5], instant)
+    elseif state == 'claimed' then
+      table.insert(unstarted, instant)
+    else
+      redis.call('ZREM', KEYS[5], instant)
     end
-    table.insert(out, instant)
-    table.insert(out, record)
   end
 end
+local newest = redis.call('ZREVRANGE', KEYS[3], 0, 0)[1] or ''
+local out = {'taken', newest}
+local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed')
+for i = 1, 4 do table.insert(out, c[i] or '0') end
+for _, instant in ipairs(unstarted) do table.insert(out, instant) end
 return out
 "#;
 
@@ -119,13 +146,23 @@ pub struct RedisSettings {
     pub timeout: Duration,
 }
 
+impl From<&RedisConfig> for RedisSettings {
+    fn from(config: &RedisConfig) -> Self {
+        Self {
+            url: config.connection_url(),
+            max_connections: config.max_connections as usize,
+            timeout: config.timeout,
+        }
+    }
+}
+
 /// The ledger, over one bounded connection pool.
 pub struct RedisLedger {
     pool: Pool,
     timeout: Duration,
     claim: Script,
     mark: Script,
-    open: Script,
+    take_over: Script,
 }
 
 impl RedisLedger {
@@ -151,7 +188,7 @@ impl RedisLedger {
             timeout: settings.timeout,
             claim: Script::new(CLAIM),
             mark: Script::new(MARK),
-            open: Script::new(OPEN),
+            take_over: Script::new(TAKE_OVER),
         })
     }
 
@@ -161,6 +198,7 @@ impl RedisLedger {
         (status.max_size, status.size - status.available)
     }
 
+    /// Runs `script` on the task's keys, within the timeout (connection checkout included).
     async fn invoke(
         &self,
         script: &Script,
@@ -168,11 +206,7 @@ impl RedisLedger {
         args: &[String],
     ) -> Result<Vec<String>, LedgerError> {
         let run = async {
-            let mut connection = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| LedgerError(format!("redis: {e}")))?;
+            let mut connection = self.pool.get().await.map_err(redis_error)?;
             let mut invocation = script.prepare_invoke();
             for key in keys(task) {
                 invocation.key(key);
@@ -183,105 +217,7 @@ impl RedisLedger {
             invocation
                 .invoke_async::<Vec<String>>(&mut connection)
                 .await
-                .map_err(|e| LedgerError(format!("redis: {e}")))
-        };
-        tokio::time::timeout(self.timeout, run)
-            .await
-            .map_err(|_| LedgerError(format!("redis: no answer within {:?}", self.timeout)))?
-    }
-
-    /// Claims `run` for `epoch`; see [`Verdict`].
-    pub async fn claim(
-        &self,
-        run: &RunId,
-        epoch: u64,
-        holder: &str,
-    ) -> Result<Verdict, LedgerError> {
-        let horizon = run.instant() - chrono::Duration::from_std(RETENTION).unwrap_or_default();
-        let args = [
-            epoch.to_string(),
-            millis(run.instant()),
-            holder.to_string(),
-            millis(horizon),
-        ];
-        let reply = self.invoke(&self.claim, run.task(), &args).await?;
-        outcome(&reply, Verdict::Accepted)
-    }
-
-    /// Records a step of `run` made in `epoch`.
-    pub async fn mark(
-        &self,
-        run: &RunId,
-        epoch: u64,
-        holder: &str,
-        mark: Mark,
-    ) -> Result<Verdict, LedgerError> {
-        let state = match mark {
-            Mark::Started => "started",
-            Mark::Finished { succeeded: true } => "succeeded",
-            Mark::Finished { succeeded: false } => "failed",
-            Mark::Missed => "missed",
-        };
-        let args = [
-            epoch.to_string(),
-            millis(run.instant()),
-            holder.to_string(),
-            state.to_string(),
-        ];
-        let reply = self.invoke(&self.mark, run.task(), &args).await?;
-        outcome(&reply, Verdict::Accepted)
-    }
-
-    /// Take-over of one task by `epoch`: raises the task's epoch so older leaders are fenced,
-    /// settles runs a dead epoch started (failed: outcome unknown) and returns every record
-    /// from `since` on, oldest first.
-    pub async fn open(
-        &self,
-        task: &TaskKey,
-        since: DateTime<Utc>,
-        epoch: u64,
-        holder: &str,
-    ) -> Result<Vec<(DateTime<Utc>, Record)>, LedgerError> {
-        let args = [epoch.to_string(), millis(since), holder.to_string()];
-        let reply = self.invoke(&self.open, task, &args).await?;
-        match reply.first().map(String::as_str) {
-            Some("open") => reply[1..]
-                .chunks(2)
-                .map(|pair| match pair {
-                    [instant, record] => Ok((instant_of(instant)?, parse_record(record)?)),
-                    _ => Err(LedgerError(format!("redis: odd reply {reply:?}"))),
-                })
-                .collect(),
-            _ => match outcome(&reply, Verdict::Accepted)? {
-                Verdict::Fenced { epoch } => Err(LedgerError(format!(
-                    "fenced: the ledger has seen epoch {epoch}, newer than this leader's"
-                ))),
-                other => Err(LedgerError(format!("redis: unexpected reply {other:?}"))),
-            },
-        }
-    }
-
-    /// The task's counts, as the marks made them.
-    pub async fn counts(&self, task: &TaskKey) -> Result<Counts, LedgerError> {
-        let run = async {
-            let mut connection = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| LedgerError(format!("redis: {e}")))?;
-            let fields: Vec<Option<u64>> = redis::cmd("HMGET")
-                .arg(keys(task)[3].clone())
-                .arg(&["runs", "succeeded", "failed", "missed"])
-                .query_async(&mut *connection)
-                .await
-                .map_err(|e| LedgerError(format!("redis: {e}")))?;
-            let field = |i: usize| fields.get(i).copied().flatten().unwrap_or(0);
-            Ok(Counts {
-                runs: field(0),
-                succeeded: field(1),
-                failed: field(2),
-                missed: field(3),
-            })
+                .map_err(redis_error)
         };
         tokio::time::timeout(self.timeout, run)
             .await
@@ -289,15 +225,97 @@ impl RedisLedger {
     }
 }
 
+impl Ledger for RedisLedger {
+    fn claim<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+        async move {
+            let retention = chrono::Duration::from_std(RETENTION).unwrap_or_default();
+            let args = [
+                term.epoch.to_string(),
+                millis(run.instant()),
+                term.holder.clone(),
+                millis(run.instant() - retention),
+            ];
+            let reply = self.invoke(&self.claim, run.task(), &args).await?;
+            verdict(&reply)
+        }
+        .boxed()
+    }
+
+    fn mark<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+        mark: Mark,
+    ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
+        async move {
+            let (state, count) = match mark {
+                Mark::Started => ("started", 1),
+                Mark::Finished { succeeded: true } => ("succeeded", 1),
+                Mark::Finished { succeeded: false } => ("failed", 1),
+                Mark::Missed { count } => ("missed", count),
+            };
+            let args = [
+                term.epoch.to_string(),
+                millis(run.instant()),
+                term.holder.clone(),
+                state.to_string(),
+                count.to_string(),
+            ];
+            let reply = self.invoke(&self.mark, run.task(), &args).await?;
+            let (head, tail) = reply.split_at(reply.len().saturating_sub(4));
+            Ok(Marked {
+                verdict: verdict(head)?,
+                counts: Some(counts(tail)?),
+            })
+        }
+        .boxed()
+    }
+
+    fn take_over<'a>(
+        &'a self,
+        task: &'a TaskKey,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
+        async move {
+            let args = [term.epoch.to_string(), term.holder.clone()];
+            let reply = self.invoke(&self.take_over, task, &args).await?;
+            match reply.first().map(String::as_str) {
+                Some("taken") if reply.len() >= 6 => Ok(TakeOver {
+                    newest: match reply[1].as_str() {
+                        "" => None,
+                        newest => Some(instant_of(newest)?),
+                    },
+                    counts: Some(counts(&reply[2..6])?),
+                    unstarted: reply[6..]
+                        .iter()
+                        .map(|instant| instant_of(instant))
+                        .collect::<Result<_, _>>()?,
+                }),
+                _ => match verdict(&reply)? {
+                    Verdict::Fenced { epoch } => Err(LedgerError(format!(
+                        "fenced: the ledger has seen epoch {epoch}, newer than this leader's {}",
+                        term.epoch
+                    ))),
+                    other => Err(LedgerError(format!("redis: unexpected reply {other:?}"))),
+                },
+            }
+        }
+        .boxed()
+    }
+}
+
+fn redis_error(error: impl std::fmt::Display) -> LedgerError {
+    LedgerError(format!("redis: {error}"))
+}
+
 /// The task's keys, in the order the scripts take them.
-fn keys(task: &TaskKey) -> [String; 4] {
+fn keys(task: &TaskKey) -> [String; 5] {
     let tag = format!("chronflow:{{{task}}}");
-    [
-        format!("{tag}:epoch"),
-        format!("{tag}:runs"),
-        format!("{tag}:order"),
-        format!("{tag}:counts"),
-    ]
+    ["epoch", "runs", "order", "counts", "open"].map(|key| format!("{tag}:{key}"))
 }
 
 fn millis(instant: DateTime<Utc>) -> String {
@@ -308,19 +326,35 @@ fn instant_of(text: &str) -> Result<DateTime<Utc>, LedgerError> {
     text.parse::<i64>()
         .ok()
         .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-        .ok_or_else(|| LedgerError(format!("redis: bad instant {text:?}")))
+        .ok_or_else(|| redis_error(format!("bad instant {text:?}")))
 }
 
-/// `{"claimed"|"marked"}`, `{"held", RECORD}` or `{"fenced", EPOCH}`.
-fn outcome(reply: &[String], accepted: Verdict) -> Result<Verdict, LedgerError> {
+/// `{"accepted"}`, `{"held", RECORD}` or `{"fenced", EPOCH}`.
+fn verdict(reply: &[String]) -> Result<Verdict, LedgerError> {
     match reply {
-        [word] if word == "claimed" || word == "marked" => Ok(accepted),
+        [word] if word == "accepted" => Ok(Verdict::Accepted),
         [word, record] if word == "held" => Ok(Verdict::Held(parse_record(record)?)),
         [word, epoch] if word == "fenced" => Ok(Verdict::Fenced {
             epoch: epoch.parse().unwrap_or(u64::MAX),
         }),
-        _ => Err(LedgerError(format!("redis: unexpected reply {reply:?}"))),
+        _ => Err(redis_error(format!("unexpected reply {reply:?}"))),
     }
+}
+
+/// `runs, succeeded, failed, missed`.
+fn counts(fields: &[String]) -> Result<Counts, LedgerError> {
+    let number = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|field| field.parse::<u64>().ok())
+            .ok_or_else(|| redis_error(format!("bad counts {fields:?}")))
+    };
+    Ok(Counts {
+        runs: number(0)?,
+        succeeded: number(1)?,
+        failed: number(2)?,
+        missed: number(3)?,
+    })
 }
 
 /// `STATE EPOCH HOLDER`.
@@ -328,7 +362,7 @@ fn parse_record(text: &str) -> Result<Record, LedgerError> {
     let mut parts = text.splitn(3, ' ');
     let (Some(state), Some(epoch), Some(holder)) = (parts.next(), parts.next(), parts.next())
     else {
-        return Err(LedgerError(format!("redis: bad record {text:?}")));
+        return Err(redis_error(format!("bad record {text:?}")));
     };
     let state = match state {
         "claimed" => RunState::Claimed,
@@ -337,7 +371,7 @@ fn parse_record(text: &str) -> Result<Record, LedgerError> {
         "failed" => RunState::Failed,
         "missed" => RunState::Missed,
         "pruned" | "none" => RunState::Unknown,
-        other => return Err(LedgerError(format!("redis: bad state {other:?}"))),
+        other => return Err(redis_error(format!("bad state {other:?}"))),
     };
     Ok(Record {
         state,

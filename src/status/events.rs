@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::clock::Clock;
+use crate::leader::Term;
 
 /// Capacity of the Event queue; past it Events are dropped and counted.
 pub const EVENT_QUEUE: usize = 1024;
@@ -55,14 +56,14 @@ const CONCURRENT_EVENTS: usize = 16;
 pub async fn publish(
     client: Client,
     mut queue: mpsc::Receiver<EventRequest>,
-    leader: watch::Receiver<bool>,
+    leader: watch::Receiver<Option<Term>>,
     instance: String,
     clock: Clock,
     stop: CancellationToken,
 ) {
     let send = |request: EventRequest| {
         let (client, instance) = (client.clone(), instance.clone());
-        let leading = *leader.borrow();
+        let leading = leader.borrow().is_some();
         async move {
             if leading {
                 create(client, request, instance, clock.now()).await;

@@ -113,6 +113,8 @@ pub struct Index {
     events: mpsc::Sender<EventRequest>,
     clock: Clock,
     counts: Counts,
+    /// Run counters come from the shared ledger ([`Report::Counts`]), not from counting reports.
+    ledger_counts: bool,
 }
 
 /// The index behind a lock: the controller, engine and executor record into it; the writer
@@ -127,7 +129,14 @@ impl StatusIndex {
             events,
             clock,
             counts: Counts::default(),
+            ledger_counts: false,
         })))
+    }
+
+    /// Run counters are taken from the shared ledger's [`Report::Counts`] from now on: with
+    /// several replicas, only the ledger counts every leader's runs exactly once.
+    pub fn count_from_ledger(&self) {
+        self.lock().ledger_counts = true;
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -227,6 +236,7 @@ impl Index {
         state.write.dirty = true;
         let mut events: Vec<(&'static str, Severity, String)> = Vec::new();
         let status = &mut state.status;
+        let counting = !self.ledger_counts;
         match report {
             Report::Schedule { state: fact, .. } => {
                 events.extend(state_event(
@@ -254,15 +264,15 @@ impl Index {
             Report::Finished { run, .. } => {
                 state.active.remove(&run.run_id);
                 status.last_schedule_time = status.last_schedule_time.max(Some(run.scheduled));
-                status.total_runs += 1;
+                status.total_runs += u64::from(counting);
                 let outcome = match run.outcome {
                     Outcome::Succeeded => {
-                        status.successful_runs += 1;
+                        status.successful_runs += u64::from(counting);
                         status.last_successful_time = Some(run.finished);
                         RunOutcome::Succeeded
                     }
                     Outcome::Failed => {
-                        status.failed_runs += 1;
+                        status.failed_runs += u64::from(counting);
                         status.last_failure_time = Some(run.finished);
                         RunOutcome::Failed
                     }
@@ -294,7 +304,9 @@ impl Index {
                 reason,
                 ..
             } => {
-                status.missed_runs += count;
+                if counting {
+                    status.missed_runs += count;
+                }
                 status.last_schedule_time = status.last_schedule_time.max(Some(latest));
                 let run_id = RunId::new(&id.key, latest).to_string();
                 let message = if count == 1 {
@@ -315,6 +327,13 @@ impl Index {
                 conditions::push_recent(&mut status.recent_runs, record, &state.history);
                 let note = format!("{run_id}: {message}");
                 events.push((reasons::RUN_MISSED, Severity::Warning, note));
+            }
+            // Never backwards: a late answer may carry older counts than one already applied.
+            Report::Counts { counts, .. } => {
+                status.total_runs = status.total_runs.max(counts.runs);
+                status.successful_runs = status.successful_runs.max(counts.succeeded);
+                status.failed_runs = status.failed_runs.max(counts.failed);
+                status.missed_runs = status.missed_runs.max(counts.missed);
             }
         }
         for (reason, severity, note) in events {

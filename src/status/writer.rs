@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::index::{Snapshot, StatusIndex, WriteResult};
 use crate::ChronTask;
+use crate::leader::Term;
 use crate::run::TaskId;
 
 /// Field manager of every status write.
@@ -48,7 +49,7 @@ pub struct WriterConfig {
 pub struct StatusWriter {
     client: Client,
     index: StatusIndex,
-    leader: watch::Receiver<bool>,
+    leader: watch::Receiver<Option<Term>>,
     config: WriterConfig,
 }
 
@@ -59,7 +60,7 @@ impl StatusWriter {
     pub fn new(
         client: Client,
         index: StatusIndex,
-        leader: watch::Receiver<bool>,
+        leader: watch::Receiver<Option<Term>>,
         config: WriterConfig,
     ) -> Self {
         Self {
@@ -92,7 +93,7 @@ impl StatusWriter {
                     if ticks.is_multiple_of(20) {
                         self.index.lock().release_events();
                     }
-                    if !*self.leader.borrow() {
+                    if self.leader.borrow().is_none() {
                         continue;
                     }
                     let room = CONCURRENT_PATCHES.saturating_sub(writes.len());
@@ -118,7 +119,7 @@ impl StatusWriter {
     /// Writes everything still changed, with no budget and no per-task interval, retrying
     /// failures until the deadline: the last runs' outcomes must reach the cluster.
     async fn final_flush(&self, mut writes: FuturesUnordered<Write>, deadline: Duration) {
-        if !*self.leader.borrow() {
+        if self.leader.borrow().is_none() {
             return;
         }
         let deadline = Instant::now() + deadline;

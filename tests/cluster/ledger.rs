@@ -5,7 +5,10 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use chronflow::ledger::{Counts, Mark, RedisLedger, RedisSettings, RunState, Verdict};
+use chronflow::leader::Term;
+use chronflow::ledger::{
+    Counts, Ledger, Mark, RedisLedger, RedisSettings, RunState, TakeOver, Verdict,
+};
 use chronflow::run::{RunId, TaskKey};
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::join_all;
@@ -19,6 +22,13 @@ fn ledger(max_connections: usize) -> RedisLedger {
         timeout: Duration::from_secs(5),
     })
     .expect("a ledger")
+}
+
+fn term(epoch: u64, holder: &str) -> Term {
+    Term {
+        holder: holder.to_string(),
+        epoch,
+    }
 }
 
 /// A task no other test uses.
@@ -42,18 +52,35 @@ fn state(verdict: &Verdict) -> Option<RunState> {
     }
 }
 
+async fn claim(ledger: &RedisLedger, run: &RunId, term: &Term) -> Verdict {
+    ledger.claim(run, term).await.expect("redis answers")
+}
+
+async fn mark(ledger: &RedisLedger, run: &RunId, term: &Term, mark: Mark) -> Verdict {
+    ledger
+        .mark(run, term, mark)
+        .await
+        .expect("redis answers")
+        .verdict
+}
+
+async fn counts(ledger: &RedisLedger, task: &TaskKey, term: &Term) -> Counts {
+    let taken: TakeOver = ledger.take_over(task, term).await.expect("redis answers");
+    taken.counts.expect("redis keeps counts")
+}
+
+const DONE: Mark = Mark::Finished { succeeded: true };
+const FAILED: Mark = Mark::Finished { succeeded: false };
+
 #[tokio::test]
 async fn of_many_concurrent_claims_of_one_run_exactly_one_wins() {
     let ledger = ledger(8);
     let task = task("race");
+    let (a, b) = (term(1, "a"), term(1, "b"));
     for second in 0..5 {
         let run = RunId::new(&task, at(second));
-        let claims = (0..40).map(|i| ledger.claim(&run, 1, if i % 2 == 0 { "a" } else { "b" }));
-        let verdicts: Vec<Verdict> = join_all(claims)
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let claims = (0..40).map(|i| claim(&ledger, &run, if i % 2 == 0 { &a } else { &b }));
+        let verdicts = join_all(claims).await;
         let won = verdicts.iter().filter(|v| **v == Verdict::Accepted).count();
         assert_eq!(won, 1, "{verdicts:?}");
         assert!(
@@ -65,89 +92,76 @@ async fn of_many_concurrent_claims_of_one_run_exactly_one_wins() {
 }
 
 #[tokio::test]
-async fn a_newer_epoch_fences_the_old_leader_but_counts_the_run_it_had_started() {
+async fn a_take_over_fences_the_old_leader_settles_its_runs_and_adopts_its_claims() {
     let ledger = ledger(4);
     let task = task("fence");
+    let (old, new) = (term(1, "old"), term(2, "new"));
     let started = RunId::new(&task, at(0));
     let claimed = RunId::new(&task, at(1));
     let later = RunId::new(&task, at(2));
+    assert_eq!(claim(&ledger, &started, &old).await, Verdict::Accepted);
     assert_eq!(
-        ledger.claim(&started, 1, "old").await.unwrap(),
+        mark(&ledger, &started, &old, Mark::Started).await,
         Verdict::Accepted
     );
-    assert_eq!(
-        ledger
-            .mark(&started, 1, "old", Mark::Started)
-            .await
-            .unwrap(),
-        Verdict::Accepted
-    );
-    assert_eq!(
-        ledger.claim(&claimed, 1, "old").await.unwrap(),
-        Verdict::Accepted
-    );
+    assert_eq!(claim(&ledger, &claimed, &old).await, Verdict::Accepted);
 
-    // The new leader takes the task over: nothing of epoch 1 is open but `claimed`.
-    let open = ledger.open(&task, at(0), 2, "new").await.unwrap();
-    let states: Vec<RunState> = open.iter().map(|(_, record)| record.state).collect();
-    assert_eq!(states, [RunState::Failed, RunState::Claimed], "{open:?}");
+    // The new leader takes the task over: the started run is settled failed (its outcome is
+    // unknown and it never runs again), the unstarted claim is handed over.
+    let taken = ledger.take_over(&task, &new).await.unwrap();
+    assert_eq!(taken.newest, Some(at(1)));
+    assert_eq!(taken.unstarted, [at(1)]);
+    let settled = Counts {
+        runs: 1,
+        succeeded: 0,
+        failed: 1,
+        missed: 0,
+    };
+    assert_eq!(taken.counts, Some(settled));
 
     // The old leader wakes up: it can neither claim, nor start, nor mark missed.
     let fenced = Verdict::Fenced { epoch: 2 };
-    assert_eq!(ledger.claim(&later, 1, "old").await.unwrap(), fenced);
+    assert_eq!(claim(&ledger, &later, &old).await, fenced);
+    assert_eq!(mark(&ledger, &claimed, &old, Mark::Started).await, fenced);
     assert_eq!(
-        ledger
-            .mark(&claimed, 1, "old", Mark::Started)
-            .await
-            .unwrap(),
+        mark(&ledger, &later, &old, Mark::Missed { count: 1 }).await,
         fenced
     );
-    assert_eq!(
-        ledger.mark(&later, 1, "old", Mark::Missed).await.unwrap(),
-        fenced
-    );
-    // The run it started was settled as failed at take-over; its late report changes nothing.
-    let late = ledger
-        .mark(&started, 1, "old", Mark::Finished { succeeded: true })
-        .await
-        .unwrap();
+    // Its late report of the settled run changes nothing.
+    let late = mark(&ledger, &started, &old, DONE).await;
     assert_eq!(state(&late), Some(RunState::Failed));
 
     // The new leader adopts the claim the old one never started, and runs it once.
+    assert_eq!(claim(&ledger, &claimed, &new).await, Verdict::Accepted);
     assert_eq!(
-        ledger.claim(&claimed, 2, "new").await.unwrap(),
+        mark(&ledger, &claimed, &new, Mark::Started).await,
         Verdict::Accepted
     );
+    assert_eq!(mark(&ledger, &claimed, &new, DONE).await, Verdict::Accepted);
     assert_eq!(
-        ledger
-            .mark(&claimed, 2, "new", Mark::Started)
-            .await
-            .unwrap(),
-        Verdict::Accepted
-    );
-    let done = Mark::Finished { succeeded: true };
-    assert_eq!(
-        ledger.mark(&claimed, 2, "new", done).await.unwrap(),
-        Verdict::Accepted
-    );
-    assert_eq!(
-        state(&ledger.mark(&claimed, 2, "new", done).await.unwrap()),
+        state(&mark(&ledger, &claimed, &new, DONE).await),
         Some(RunState::Succeeded)
     );
     assert_eq!(
-        state(&ledger.claim(&claimed, 2, "new").await.unwrap()),
+        state(&claim(&ledger, &claimed, &new).await),
         Some(RunState::Succeeded)
     );
 
-    let counts = ledger.counts(&task).await.unwrap();
-    assert_eq!(
-        counts,
-        Counts {
-            runs: 2,
-            succeeded: 1,
-            failed: 1,
-            missed: 0
-        }
+    let expected = Counts {
+        runs: 2,
+        succeeded: 1,
+        failed: 1,
+        missed: 0,
+    };
+    assert_eq!(counts(&ledger, &task, &new).await, expected);
+    // Nothing is left open.
+    assert!(
+        ledger
+            .take_over(&task, &term(3, "next"))
+            .await
+            .unwrap()
+            .unstarted
+            .is_empty()
     );
 }
 
@@ -155,69 +169,74 @@ async fn a_newer_epoch_fences_the_old_leader_but_counts_the_run_it_had_started()
 async fn a_run_started_before_a_newer_epoch_acted_finishes_and_is_counted_once() {
     let ledger = ledger(4);
     let task = task("in-flight");
+    let (old, new) = (term(1, "old"), term(2, "new"));
     let run = RunId::new(&task, at(0));
-    ledger.claim(&run, 1, "old").await.unwrap();
-    ledger.mark(&run, 1, "old", Mark::Started).await.unwrap();
+    claim(&ledger, &run, &old).await;
+    mark(&ledger, &run, &old, Mark::Started).await;
     // The new leader claims the next instant: the task is in epoch 2 from now on.
-    let next = RunId::new(&task, at(1));
     assert_eq!(
-        ledger.claim(&next, 2, "new").await.unwrap(),
+        claim(&ledger, &RunId::new(&task, at(1)), &new).await,
         Verdict::Accepted
     );
     // The old leader's run did happen: its outcome is recorded and counted, once.
-    let done = Mark::Finished { succeeded: false };
+    let marked = ledger.mark(&run, &old, FAILED).await.unwrap();
+    assert_eq!(marked.verdict, Verdict::Accepted);
+    let once = Counts {
+        runs: 1,
+        succeeded: 0,
+        failed: 1,
+        missed: 0,
+    };
+    assert_eq!(marked.counts, Some(once));
     assert_eq!(
-        ledger.mark(&run, 1, "old", done).await.unwrap(),
-        Verdict::Accepted
-    );
-    assert_eq!(
-        state(&ledger.mark(&run, 1, "old", done).await.unwrap()),
+        state(&mark(&ledger, &run, &old, FAILED).await),
         Some(RunState::Failed)
     );
-    let counts = ledger.counts(&task).await.unwrap();
-    assert_eq!(
-        counts,
-        Counts {
-            runs: 1,
-            succeeded: 0,
-            failed: 1,
-            missed: 0
-        }
-    );
+    assert_eq!(counts(&ledger, &task, &new).await, once);
 }
 
 #[tokio::test]
-async fn a_missed_instant_is_counted_once_and_never_runs() {
+async fn missed_instants_are_counted_once_and_never_run() {
     let ledger = ledger(4);
     let task = task("missed");
+    let leader = term(1, "a");
     let run = RunId::new(&task, at(0));
+    let one = Mark::Missed { count: 1 };
+    assert_eq!(mark(&ledger, &run, &leader, one).await, Verdict::Accepted);
     assert_eq!(
-        ledger.mark(&run, 1, "a", Mark::Missed).await.unwrap(),
-        Verdict::Accepted
-    );
-    assert_eq!(
-        state(&ledger.mark(&run, 1, "a", Mark::Missed).await.unwrap()),
+        state(&mark(&ledger, &run, &leader, one).await),
         Some(RunState::Missed)
     );
     assert_eq!(
-        state(&ledger.claim(&run, 1, "a").await.unwrap()),
+        state(&claim(&ledger, &run, &leader).await),
         Some(RunState::Missed)
     );
     // A claimed run that could not start (a full queue) becomes missed too.
     let queued = RunId::new(&task, at(1));
-    ledger.claim(&queued, 1, "a").await.unwrap();
+    claim(&ledger, &queued, &leader).await;
     assert_eq!(
-        ledger.mark(&queued, 1, "a", Mark::Missed).await.unwrap(),
+        mark(&ledger, &queued, &leader, one).await,
         Verdict::Accepted
     );
+    // A catch-up skipping 50 instants records them at the newest.
+    let skipped = RunId::new(&task, at(60));
+    let many = Mark::Missed { count: 50 };
     assert_eq!(
-        ledger.counts(&task).await.unwrap(),
-        Counts {
-            runs: 0,
-            succeeded: 0,
-            failed: 0,
-            missed: 2
-        }
+        mark(&ledger, &skipped, &leader, many).await,
+        Verdict::Accepted
+    );
+    let expected = Counts {
+        runs: 0,
+        succeeded: 0,
+        failed: 0,
+        missed: 52,
+    };
+    assert_eq!(counts(&ledger, &task, &leader).await, expected);
+    let taken = ledger.take_over(&task, &term(2, "b")).await.unwrap();
+    assert_eq!(
+        taken.newest,
+        Some(at(60)),
+        "a take-over resumes after the skipped instants"
     );
 }
 
@@ -225,16 +244,21 @@ async fn a_missed_instant_is_counted_once_and_never_runs() {
 async fn records_past_the_retention_are_pruned_and_their_instants_stay_handled() {
     let ledger = ledger(4);
     let task = task("prune");
+    let leader = term(1, "a");
     let old = RunId::new(&task, at(0));
-    ledger.claim(&old, 1, "a").await.unwrap();
+    claim(&ledger, &old, &leader).await;
     let retention = chronflow::ledger::redis::RETENTION.as_secs() as i64;
     let new = RunId::new(&task, at(retention + 60));
-    assert_eq!(ledger.claim(&new, 1, "a").await.unwrap(), Verdict::Accepted);
-    let open = ledger.open(&task, at(-1), 1, "a").await.unwrap();
-    assert_eq!(open.len(), 1, "the old record is pruned: {open:?}");
+    assert_eq!(claim(&ledger, &new, &leader).await, Verdict::Accepted);
+    let taken = ledger.take_over(&task, &term(2, "b")).await.unwrap();
+    assert_eq!(
+        taken.unstarted,
+        [at(retention + 60)],
+        "the old claim is pruned"
+    );
     // A long catch-up asking for the pruned instant again is told it was handled.
     assert_eq!(
-        state(&ledger.claim(&old, 1, "a").await.unwrap()),
+        state(&claim(&ledger, &old, &term(2, "b")).await),
         Some(RunState::Unknown)
     );
 }
@@ -262,6 +286,7 @@ async fn the_pool_never_opens_more_connections_than_its_size() {
     })
     .unwrap();
     let task = task("pool");
+    let leader = term(1, "a");
     let mut probe = redis::Client::open(format!("{base}/0"))
         .unwrap()
         .get_multiplexed_async_connection()
@@ -271,8 +296,8 @@ async fn the_pool_never_opens_more_connections_than_its_size() {
 
     let claims = (0..300).map(|i| {
         let run = RunId::new(&task, at(i));
-        let ledger = &ledger;
-        async move { ledger.claim(&run, 1, "a").await }
+        let (ledger, leader) = (&ledger, &leader);
+        async move { ledger.claim(&run, leader).await }
     });
     let mut probe_during = probe.clone();
     let sampling = async {
@@ -308,10 +333,8 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout() {
     })
     .unwrap();
     let started = std::time::Instant::now();
-    let error = ledger
-        .claim(&RunId::new(&task("down"), at(0)), 1, "a")
-        .await
-        .unwrap_err();
+    let run = RunId::new(&task("down"), at(0));
+    let error = ledger.claim(&run, &term(1, "a")).await.unwrap_err();
     assert!(error.0.starts_with("redis: "), "{error}");
     assert!(
         started.elapsed() < Duration::from_secs(3),

@@ -1,14 +1,15 @@
-//! The kube-free core (engine + executor + memory dedup) wired as standalone mode will run it,
+//! The kube-free core (engine + executor + memory ledger) wired as standalone mode will run it,
 //! for tests and benchmarks that call a loopback receiver without a cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chronflow::clock::Clock;
-use chronflow::dedup::MemoryDedup;
 use chronflow::engine::{Engine, EngineHandle, EngineParts};
 use chronflow::executor::http::{Redacted, SecretSource};
 use chronflow::executor::{Executor, ExecutorConfig};
+use chronflow::leader::Term;
+use chronflow::ledger::{Ledger, MemoryLedger};
 use chronflow::run::Report;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
@@ -58,17 +59,20 @@ impl Core {
             queue_size,
             log_success: false,
         };
+        let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new(Duration::from_secs(3600)));
         let (executor, executor_task) = Executor::new(
             config,
             sink.clone(),
             Clock::System,
             reqwest::Client::new(),
             Arc::new(NoSecrets),
+            ledger.clone(),
         );
-        let (_leader_tx, leader) = watch::channel(true); // the receiver keeps the last value
+        // The receiver keeps the last value.
+        let (_leader_tx, leader) = watch::channel(Some(Term::single("standalone")));
         let (engine, handle) = Engine::new(EngineParts {
             executor,
-            dedup: Arc::new(MemoryDedup::new(Duration::from_secs(3600))),
+            ledger,
             leader,
             sink,
             clock: Clock::System,
