@@ -98,10 +98,15 @@ impl Elector {
                 }
                 _ => self.timings.renew_deadline,
             };
-            let attempt = tokio::time::timeout(budget, self.attempt(&mut observed, leading));
-            let outcome = match attempt.await {
-                Ok(outcome) => outcome.map_err(|error| error.to_string()),
-                Err(_) => Err(format!("no answer from the apiserver within {budget:?}")),
+            let outcome = if budget.is_zero() {
+                // Woken after a freeze (SIGSTOP, a starved node): too late to renew.
+                Err("the renew deadline passed before this replica could renew".to_string())
+            } else {
+                let attempt = tokio::time::timeout(budget, self.attempt(&mut observed, leading));
+                match attempt.await {
+                    Ok(outcome) => outcome.map_err(|error| error.to_string()),
+                    Err(_) => Err(format!("no answer from the apiserver within {budget:?}")),
+                }
             };
             match outcome {
                 Ok(Some(won)) => {

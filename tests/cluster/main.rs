@@ -6,6 +6,7 @@ mod support;
 
 mod card;
 mod crd_admission;
+mod failover;
 mod hard_path;
 mod kubectl;
 mod leader;
