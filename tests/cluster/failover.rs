@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::operator::{create, setup, status_where};
 use crate::support::receiver::{Behavior, Hit, Receiver};
-use crate::support::{eventually, test_env};
+use crate::support::{OwnControlPlane, eventually, namespace, test_env};
 
 const LEASE: &str = "chronflow-leader";
 /// The test's lease duration: a standby may take over this long after the leader went silent.
@@ -33,16 +33,17 @@ struct Replica {
 
 impl Replica {
     fn start(ns: &str, name: &str, redis_url: &str, dir: &tempfile::TempDir) -> Replica {
-        Replica::start_with(ns, name, redis_url, dir, "")
+        Replica::start_with(ns, name, redis_url, dir, "", &test_env().kubeconfig)
     }
 
-    /// With `extra` appended to the configuration file.
+    /// With `extra` appended to the configuration file, against the apiserver of `kubeconfig`.
     fn start_with(
         ns: &str,
         name: &str,
         redis_url: &str,
         dir: &tempfile::TempDir,
         extra: &str,
+        kubeconfig: &std::path::Path,
     ) -> Replica {
         let config = dir.path().join(format!("{name}.yaml"));
         let yaml = format!(
@@ -58,7 +59,7 @@ impl Replica {
         let child = Command::new(env!("CARGO_BIN_EXE_chronflow"))
             .args(["run", "-f"])
             .arg(&config)
-            .env("KUBECONFIG", &test_env().kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
             .env_remove("RUST_LOG")
             .stdout(std::fs::File::create(&log).unwrap())
@@ -105,7 +106,11 @@ impl Drop for Replica {
 
 /// The Lease's holder, if any.
 async fn holder(ns: &str) -> Option<String> {
-    let leases: Api<Lease> = Api::namespaced(test_env().client().await, ns);
+    holder_in(test_env().client().await, ns).await
+}
+
+async fn holder_in(client: kube::Client, ns: &str) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client, ns);
     let lease = leases.get_opt(LEASE).await.ok()??;
     lease.spec?.holder_identity.filter(|h| !h.is_empty())
 }
@@ -289,8 +294,8 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes() {
     let redis = &test_env().redis_url;
     let two_workers = "max_workers: 2\n";
     let mut replicas = [
-        Replica::start_with(ns, "f0", redis, &dir, two_workers),
-        Replica::start_with(ns, "f1", redis, &dir, two_workers),
+        Replica::start_with(ns, "f0", redis, &dir, two_workers, &test_env().kubeconfig),
+        Replica::start_with(ns, "f1", redis, &dir, two_workers, &test_env().kubeconfig),
     ];
     let leader = leader_among(ns, &["f0", "f1"]).await;
     let frozen_at = replicas.iter().position(|r| r.name == leader).unwrap();
@@ -492,4 +497,55 @@ async fn redis_down_for_ten_seconds_repeats_nothing_counts_the_gap_and_recovers(
         status.missed_runs,
         seen.len()
     );
+}
+
+#[tokio::test]
+async fn an_apiserver_restart_repeats_nothing_and_catches_up_the_gap() {
+    // A control plane of this test's own: the shared one serves every other test.
+    let plane = OwnControlPlane::start("apiserver-restart");
+    let client = plane.0.client().await;
+    let ns = namespace(&client, "ha-apiserver").await;
+    let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
+    let receiver = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    let kubeconfig = &plane.0.kubeconfig;
+    let mut replicas = [
+        Replica::start_with(&ns, "s0", redis, &dir, "", kubeconfig),
+        Replica::start_with(&ns, "s1", redis, &dir, "", kubeconfig),
+    ];
+    eventually("a leader", || async {
+        holder_in(client.clone(), &ns).await
+    })
+    .await;
+    every_second(&api, "steady", &receiver).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let restarted = Instant::now();
+    let plane = tokio::task::spawn_blocking(move || {
+        plane.restart_apiserver();
+        plane
+    })
+    .await
+    .unwrap();
+    let down_for = restarted.elapsed();
+    let resumed = receiver.count();
+    eventually("runs to resume", || async {
+        (receiver.count() >= resumed + 3).then_some(())
+    })
+    .await;
+    let back_after = restarted.elapsed();
+    for replica in &mut replicas {
+        assert!(replica.terminate().success(), "{}", replica.logs());
+    }
+    // catchUp: All: the instants due while no replica could lead were run, once each.
+    let seen = instants(&receiver.hits(), &ns, "steady");
+    assert_contiguous(&seen, "steady");
+    status_matches(&api, "steady", seen.len()).await;
+    eprintln!(
+        "apiserver restart: {down_for:?} to restart, runs resumed {back_after:?} after it began; \
+         {} instants, none twice, none lost",
+        seen.len()
+    );
+    drop(plane);
 }

@@ -55,6 +55,43 @@ pub fn test_env() -> &'static TestEnv {
 }
 
 fn start() -> Result<TestEnv, String> {
+    start_in("control-plane")
+}
+
+/// A control plane of one test's own, for faults that would disturb the shared one (an
+/// apiserver restart); stopped when dropped.
+pub struct OwnControlPlane(pub TestEnv);
+
+impl OwnControlPlane {
+    pub fn start(name: &str) -> OwnControlPlane {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        match start_in(&format!("{name}-{n}")) {
+            Ok(env) => OwnControlPlane(env),
+            Err(error) => panic!("control plane unavailable: {error}"),
+        }
+    }
+
+    /// Stops kube-apiserver gracefully and starts it again on the same port (etcd keeps
+    /// everything); returns once it is ready.
+    pub fn restart_apiserver(&self) {
+        let script = repo_root().join("scripts/control-plane");
+        run(Command::new(script)
+            .arg("restart-apiserver")
+            .arg(&self.0.dir))
+        .expect("kube-apiserver restarts");
+    }
+}
+
+impl Drop for OwnControlPlane {
+    fn drop(&mut self) {
+        let script = repo_root().join("scripts/control-plane");
+        let _ = Command::new(script).arg("down").arg(&self.0.dir).output();
+    }
+}
+
+/// Starts a control plane in a directory of its own under the test run's, with the CRD.
+fn start_in(name: &str) -> Result<TestEnv, String> {
     let bin_dir = match std::env::var_os("CHRONFLOW_TEST_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
@@ -62,8 +99,7 @@ fn start() -> Result<TestEnv, String> {
             PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
         }
     };
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("control-plane-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     run(Command::new(repo_root().join("scripts/control-plane"))
         .arg("up")
         .arg(&dir)
