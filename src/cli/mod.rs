@@ -57,6 +57,11 @@ impl Cli {
                 tokio::spawn(async move {
                     crate::operator::shutdown_signal().await;
                     on_signal.cancel();
+                    // A second signal means "now": no drain, no last status write, no release
+                    // (a standby leads once the lease expires).
+                    crate::operator::shutdown_signal().await;
+                    tracing::warn!("second signal: exiting at once");
+                    std::process::exit(130);
                 });
                 crate::operator::run(config, client, shutdown).await?;
                 Ok(ExitCode::SUCCESS)

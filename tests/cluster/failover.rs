@@ -549,3 +549,35 @@ async fn an_apiserver_restart_repeats_nothing_and_catches_up_the_gap() {
     );
     drop(plane);
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_without_draining() {
+    let setup = setup("second-signal").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    // Each call takes 20 s: the drain (5 s grace) would wait for it.
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(20),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut replica = Replica::start(ns, "solo", &test_env().redis_url, &dir);
+    leader_among(ns, &["solo"]).await;
+    every_second(api, "slow", &receiver).await;
+    eventually("a run in flight", || async {
+        (receiver.max_in_flight() > 0).then_some(())
+    })
+    .await;
+    replica.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = Instant::now();
+    replica.signal("-TERM");
+    let status = replica.child.take().unwrap().wait().unwrap();
+    let took = second.elapsed();
+    assert_eq!(status.code(), Some(130), "{}", replica.logs());
+    assert!(
+        took < Duration::from_secs(2),
+        "exited {took:?} after the second signal"
+    );
+    assert!(replica.logs().contains("second signal: exiting at once"));
+}
