@@ -84,9 +84,16 @@ impl Elector {
     }
 
     /// Competes until `stop` is cancelled, publishing the current term (`None` while another
-    /// replica leads or nobody does). Does not release the Lease: call [`Elector::release`]
-    /// once runs have drained, so a standby leads only after this replica stopped acting.
-    pub async fn run(&self, term: watch::Sender<Option<Term>>, stop: CancellationToken) {
+    /// replica leads or nobody does); `on_first_round` is called once the Lease has been read
+    /// (or won) once. Does not release the Lease: call [`Elector::release`] once runs have
+    /// drained, so a standby leads only after this replica stopped acting.
+    pub async fn run(
+        &self,
+        term: watch::Sender<Option<Term>>,
+        stop: CancellationToken,
+        on_first_round: impl FnOnce(),
+    ) {
+        let mut on_first_round = Some(on_first_round);
         let mut observed: Option<Observed> = None;
         let mut renewed_at: Option<Instant> = None;
         loop {
@@ -108,6 +115,11 @@ impl Elector {
                     Err(_) => Err(format!("no answer from the apiserver within {budget:?}")),
                 }
             };
+            if outcome.is_ok()
+                && let Some(first) = on_first_round.take()
+            {
+                first();
+            }
             match outcome {
                 Ok(Some(won)) => {
                     renewed_at = Some(Instant::now());

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::executor::LoadGauge;
 use crate::leader::Term;
-use crate::ledger::{Ledger, LedgerError, Mark, Marked, TakeOver, Verdict};
+use crate::ledger::{Ledger, LedgerError, Mark, Marked, RedisLedger, TakeOver, Verdict};
 use crate::run::{Outcome, Report, ReportSink, RunId, TaskId, TaskKey};
 use crate::status::StatusIndex;
 
@@ -289,6 +289,8 @@ pub struct Live {
     pub executor: LoadGauge,
     pub status: StatusIndex,
     pub leader: watch::Receiver<Option<Term>>,
+    /// The Redis ledger's pool, when there is one.
+    pub redis: Option<Arc<RedisLedger>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -362,6 +364,21 @@ impl Collector for Live {
             "The epoch of this replica's leadership term (0 without leader election or while not leading)",
             term.map_or(0, |term| i64::try_from(term.epoch).unwrap_or(i64::MAX)),
         )?;
+        if let Some(redis) = &self.redis {
+            let (size, in_use) = redis.pool_status();
+            gauge(
+                &mut encoder,
+                "redis_connections",
+                "redis.max_connections: the most connections the ledger opens",
+                as_i64(size),
+            )?;
+            gauge(
+                &mut encoder,
+                "redis_connections_in_use",
+                "Redis connections checked out of the ledger's pool",
+                as_i64(in_use),
+            )?;
+        }
         gauge(
             &mut encoder,
             "status_write_backlog",

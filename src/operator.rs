@@ -65,6 +65,9 @@ pub async fn run(
             ))
         })?;
     let health = Arc::new(Health::new(namespaces.len()));
+    if config.leader_election.enabled {
+        health.expect_lease();
+    }
 
     let clock = Clock::System;
     let instance = identity();
@@ -74,14 +77,18 @@ pub async fn run(
     let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
     let metrics = Arc::new(Metrics::new(config.metrics.per_task));
+    let redis = match config.backend_type {
+        BackendType::Memory => None,
+        BackendType::Redis => Some(Arc::new(
+            RedisLedger::new(&RedisSettings::from(&config.redis))
+                .map_err(|e| Error::Startup(format!("config: redis: {e}")))?,
+        )),
+    };
     let ledger: Arc<dyn Ledger> = Arc::new(CountedClaims {
         metrics: metrics.clone(),
-        inner: match config.backend_type {
-            BackendType::Memory => Arc::new(MemoryLedger::new(MEMORY_LEDGER_IDLE)),
-            BackendType::Redis => Arc::new(
-                RedisLedger::new(&RedisSettings::from(&config.redis))
-                    .map_err(|e| Error::Startup(format!("config: redis: {e}")))?,
-            ),
+        inner: match &redis {
+            Some(redis) => redis.clone(),
+            None => Arc::new(MemoryLedger::new(MEMORY_LEDGER_IDLE)),
         },
     });
     // With a shared ledger, run counts are the ledger's: every leader's runs, once each.
@@ -125,6 +132,7 @@ pub async fn run(
         executor: executor.gauge(),
         status: index.clone(),
         leader: leader.clone(),
+        redis,
     });
     let endpoint = Endpoint {
         metrics: metrics.clone(),
@@ -153,8 +161,10 @@ pub async fn run(
         Arc::new(Elector::new(api, &lease.lease_name, &instance, timings))
     });
     if let Some(elector) = &elector {
-        let (elector, stop) = (elector.clone(), writing.clone());
-        writing_tasks.spawn(async move { elector.run(term_tx, stop).await });
+        let (elector, stop, health) = (elector.clone(), writing.clone(), health.clone());
+        writing_tasks.spawn(async move {
+            elector.run(term_tx, stop, || health.lease_known()).await;
+        });
     } else {
         drop(term_tx); // the one term never changes
     }

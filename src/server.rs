@@ -27,6 +27,8 @@ pub struct Health {
     namespaces: AtomicUsize,
     synced: AtomicUsize,
     stopping: AtomicBool,
+    /// With leader election: the elector has not yet finished a round.
+    awaiting_lease: AtomicBool,
 }
 
 impl Health {
@@ -35,6 +37,16 @@ impl Health {
             namespaces: AtomicUsize::new(namespaces),
             ..Self::default()
         }
+    }
+
+    /// Leader election is on: not ready until the elector has read (or won) the Lease once.
+    pub fn expect_lease(&self) {
+        self.awaiting_lease.store(true, Ordering::SeqCst);
+    }
+
+    /// The elector finished a round: it runs, leading or standing by.
+    pub fn lease_known(&self) {
+        self.awaiting_lease.store(false, Ordering::SeqCst);
     }
 
     pub fn crd_served(&self) {
@@ -59,6 +71,8 @@ impl Health {
             Err("waiting for the ChronTask CRD")
         } else if self.synced.load(Ordering::SeqCst) < self.namespaces.load(Ordering::SeqCst) {
             Err("waiting for the first sync of the ChronTask watch")
+        } else if self.awaiting_lease.load(Ordering::SeqCst) {
+            Err("waiting for the leader election's first round")
         } else {
             Ok(())
         }
@@ -163,5 +177,17 @@ mod tests {
         assert_eq!(health.ready(), Ok(()));
         health.stopping();
         assert_eq!(health.ready(), Err("stopping"));
+    }
+
+    #[test]
+    fn with_leader_election_ready_only_once_the_elector_ran_a_round() {
+        let health = Health::new(1);
+        health.expect_lease();
+        health.crd_served();
+        health.synced();
+        let waiting = Err("waiting for the leader election's first round");
+        assert_eq!(health.ready(), waiting);
+        health.lease_known();
+        assert_eq!(health.ready(), Ok(()), "a standby is ready too");
     }
 }

@@ -105,6 +105,10 @@ impl EngineHandle {
 /// How long a failed take-over waits before it is tried again (doubling up to 30 s).
 const TAKE_OVER_RETRY: Duration = Duration::from_secs(1);
 
+/// Claim batches waiting for the ledger at once; beyond, a due run is counted missed at once
+/// rather than piling up behind a hung Redis (each claim also has `redis.timeout`).
+const CLAIMS_IN_FLIGHT: usize = 4096;
+
 /// What the engine needs besides its tasks.
 pub struct EngineParts {
     pub executor: Executor,
@@ -127,6 +131,8 @@ pub struct Engine {
     parts: EngineParts,
     /// The term the engine last acted on; a new one starts a take-over.
     term: Option<Term>,
+    /// Permits for claim batches waiting for the ledger.
+    claims: Arc<tokio::sync::Semaphore>,
     /// Take-over answers, from the tasks that asked the ledger.
     took_over: (
         mpsc::UnboundedSender<TookOver>,
@@ -170,6 +176,7 @@ impl Engine {
             tombstones: HashMap::new(),
             parts,
             term: None,
+            claims: Arc::new(tokio::sync::Semaphore::new(CLAIMS_IN_FLIGHT)),
             took_over: mpsc::unbounded_channel(),
         };
         (engine, EngineHandle { commands: tx })
@@ -577,6 +584,18 @@ impl Engine {
         if runs.is_empty() {
             return;
         }
+        let Ok(permit) = self.claims.clone().try_acquire_owned() else {
+            for run in runs {
+                let busy = LedgerError("too many claims are waiting for the ledger".into());
+                claimed(
+                    &self.parts.executor,
+                    self.parts.sink.as_ref(),
+                    run,
+                    Err(busy),
+                );
+            }
+            return;
+        };
         let (ledger, executor, sink) = (
             self.parts.ledger.clone(),
             self.parts.executor.clone(),
@@ -587,6 +606,7 @@ impl Engine {
                 let verdict = ledger.claim(&run.run_id, &term).await;
                 claimed(&executor, sink.as_ref(), run, verdict);
             }
+            drop(permit);
         });
         let mut context = Context::from_waker(futures::task::noop_waker_ref());
         if work.as_mut().poll(&mut context) == Poll::Pending {

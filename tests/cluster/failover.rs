@@ -211,14 +211,14 @@ async fn three_replicas_run_every_instant_exactly_once() {
     for task in tasks {
         every_second(api, task, &receiver).await;
     }
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
     for replica in &mut replicas {
         assert!(replica.terminate().success(), "{}", replica.logs());
     }
     let hits = receiver.hits();
     for task in tasks {
         let seen = instants(&hits, ns, task);
-        assert!(seen.len() >= 12, "{task}: only {} runs in 15 s", seen.len());
+        assert!(seen.len() >= 55, "{task}: only {} runs in 60 s", seen.len());
         assert_contiguous(&seen, task);
         status_matches(api, task, seen.len()).await;
     }

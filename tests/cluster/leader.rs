@@ -41,7 +41,7 @@ impl Candidate {
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let (elector, stop) = (elector.clone(), stop.clone());
-            async move { elector.run(tx, stop).await }
+            async move { elector.run(tx, stop, || {}).await }
         });
         Candidate {
             elector,
@@ -138,7 +138,7 @@ async fn an_abandoned_lease_is_taken_after_it_expires_and_the_old_leader_steps_d
     let stop = CancellationToken::new();
     let woken = tokio::spawn({
         let (elector, stop) = (elector_a, stop.clone());
-        async move { elector.run(tx, stop).await }
+        async move { elector.run(tx, stop, || {}).await }
     });
     eventually("the woken leader to step down", || async {
         term.borrow().is_none().then_some(())
