@@ -141,6 +141,8 @@ pub struct RedisConfig {
     /// How long one ledger operation may take, waiting for a connection included.
     #[serde(with = "duration_serde")]
     pub timeout: Duration,
+    /// Redis Cluster: `url` (or host and port) is a seed node.
+    pub cluster: bool,
 }
 
 impl RedisConfig {
@@ -1109,7 +1111,7 @@ mod tests {
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
                    leader_election, log, metrics, status, shutdown";
-        let redis = "url, host, port, db, password, max_connections, timeout";
+        let redis = "url, host, port, db, password, max_connections, timeout, cluster";
         let cases = [
             (
                 file_err("max_worker: 3\n"),

@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
 use redis::Script;
 
 use futures::future::{BoxFuture, FutureExt};
@@ -139,8 +139,11 @@ return out
 /// Connection settings, from `redis.*`.
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://` URL with any password.
+    /// `redis://` or `rediss://` URL with any password (with `cluster`, a seed node).
     pub url: String,
+    /// A Redis Cluster: the client learns the other nodes from the seed and routes each
+    /// script to the node that holds its task's slot.
+    pub cluster: bool,
     pub max_connections: usize,
     /// How long one ledger operation may take, connection checkout included.
     pub timeout: Duration,
@@ -150,10 +153,18 @@ impl From<&RedisConfig> for RedisSettings {
     fn from(config: &RedisConfig) -> Self {
         Self {
             url: config.connection_url(),
+            cluster: config.cluster,
             max_connections: config.max_connections as usize,
             timeout: config.timeout,
         }
     }
+}
+
+/// One bounded pool of connections: to one server, or to a cluster (each pooled connection
+/// reaches every node).
+enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
 }
 
 /// The ledger, over one bounded connection pool.
@@ -169,9 +180,8 @@ impl RedisLedger {
     /// Builds the pool; connections are made on demand (the first operation tells whether
     /// Redis is reachable).
     pub fn new(settings: &RedisSettings) -> Result<Self, LedgerError> {
-        let mut config = Config::from_url(settings.url.clone());
         let wait = Some(settings.timeout);
-        config.pool = Some(PoolConfig {
+        let limits = Some(PoolConfig {
             max_size: settings.max_connections,
             timeouts: Timeouts {
                 wait,
@@ -180,9 +190,16 @@ impl RedisLedger {
             },
             ..PoolConfig::default()
         });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|error| LedgerError(format!("redis: {error}")))?;
+        let runtime = Some(Runtime::Tokio1);
+        let pool = if settings.cluster {
+            let mut config = deadpool_redis::cluster::Config::from_urls(vec![settings.url.clone()]);
+            config.pool = limits;
+            Pool::Cluster(config.create_pool(runtime).map_err(redis_error)?)
+        } else {
+            let mut config = Config::from_url(settings.url.clone());
+            config.pool = limits;
+            Pool::Single(config.create_pool(runtime).map_err(redis_error)?)
+        };
         Ok(Self {
             pool,
             timeout: settings.timeout,
@@ -194,7 +211,10 @@ impl RedisLedger {
 
     /// Pool size and connections in use, for metrics.
     pub fn pool_status(&self) -> (usize, usize) {
-        let status = self.pool.status();
+        let status = match &self.pool {
+            Pool::Single(pool) => pool.status(),
+            Pool::Cluster(pool) => pool.status(),
+        };
         (status.max_size, status.size - status.available)
     }
 
@@ -205,19 +225,25 @@ impl RedisLedger {
         task: &TaskKey,
         args: &[String],
     ) -> Result<Vec<String>, LedgerError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys(task) {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
         let run = async {
-            let mut connection = self.pool.get().await.map_err(redis_error)?;
-            let mut invocation = script.prepare_invoke();
-            for key in keys(task) {
-                invocation.key(key);
+            match &self.pool {
+                Pool::Single(pool) => {
+                    let mut connection = pool.get().await.map_err(redis_error)?;
+                    invocation.invoke_async(&mut connection).await
+                }
+                Pool::Cluster(pool) => {
+                    let mut connection = pool.get().await.map_err(redis_error)?;
+                    invocation.invoke_async(&mut connection).await
+                }
             }
-            for arg in args {
-                invocation.arg(arg);
-            }
-            invocation
-                .invoke_async::<Vec<String>>(&mut connection)
-                .await
-                .map_err(redis_error)
+            .map_err(redis_error)
         };
         tokio::time::timeout(self.timeout, run)
             .await

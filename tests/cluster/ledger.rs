@@ -20,6 +20,7 @@ fn ledger(max_connections: usize) -> RedisLedger {
         url: test_env().redis_url.clone(),
         max_connections,
         timeout: Duration::from_secs(5),
+        cluster: false,
     })
     .expect("a ledger")
 }
@@ -93,18 +94,22 @@ async fn of_many_concurrent_claims_of_one_run_exactly_one_wins() {
 
 #[tokio::test]
 async fn a_take_over_fences_the_old_leader_settles_its_runs_and_adopts_its_claims() {
-    let ledger = ledger(4);
-    let task = task("fence");
+    fencing_scenario(&ledger(4), task("fence")).await;
+}
+
+/// Claims, starts and a take-over by a newer epoch: what the old leader may still do, what the
+/// new one adopts, and the counts.
+async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
     let (old, new) = (term(1, "old"), term(2, "new"));
     let started = RunId::new(&task, at(0));
     let claimed = RunId::new(&task, at(1));
     let later = RunId::new(&task, at(2));
-    assert_eq!(claim(&ledger, &started, &old).await, Verdict::Accepted);
+    assert_eq!(claim(ledger, &started, &old).await, Verdict::Accepted);
     assert_eq!(
-        mark(&ledger, &started, &old, Mark::Started).await,
+        mark(ledger, &started, &old, Mark::Started).await,
         Verdict::Accepted
     );
-    assert_eq!(claim(&ledger, &claimed, &old).await, Verdict::Accepted);
+    assert_eq!(claim(ledger, &claimed, &old).await, Verdict::Accepted);
 
     // The new leader takes the task over: the started run is settled failed (its outcome is
     // unknown and it never runs again), the unstarted claim is handed over.
@@ -121,29 +126,29 @@ async fn a_take_over_fences_the_old_leader_settles_its_runs_and_adopts_its_claim
 
     // The old leader wakes up: it can neither claim, nor start, nor mark missed.
     let fenced = Verdict::Fenced { epoch: 2 };
-    assert_eq!(claim(&ledger, &later, &old).await, fenced);
-    assert_eq!(mark(&ledger, &claimed, &old, Mark::Started).await, fenced);
+    assert_eq!(claim(ledger, &later, &old).await, fenced);
+    assert_eq!(mark(ledger, &claimed, &old, Mark::Started).await, fenced);
     assert_eq!(
-        mark(&ledger, &later, &old, Mark::Missed { count: 1 }).await,
+        mark(ledger, &later, &old, Mark::Missed { count: 1 }).await,
         fenced
     );
     // Its late report of the settled run changes nothing.
-    let late = mark(&ledger, &started, &old, DONE).await;
+    let late = mark(ledger, &started, &old, DONE).await;
     assert_eq!(state(&late), Some(RunState::Failed));
 
     // The new leader adopts the claim the old one never started, and runs it once.
-    assert_eq!(claim(&ledger, &claimed, &new).await, Verdict::Accepted);
+    assert_eq!(claim(ledger, &claimed, &new).await, Verdict::Accepted);
     assert_eq!(
-        mark(&ledger, &claimed, &new, Mark::Started).await,
+        mark(ledger, &claimed, &new, Mark::Started).await,
         Verdict::Accepted
     );
-    assert_eq!(mark(&ledger, &claimed, &new, DONE).await, Verdict::Accepted);
+    assert_eq!(mark(ledger, &claimed, &new, DONE).await, Verdict::Accepted);
     assert_eq!(
-        state(&mark(&ledger, &claimed, &new, DONE).await),
+        state(&mark(ledger, &claimed, &new, DONE).await),
         Some(RunState::Succeeded)
     );
     assert_eq!(
-        state(&claim(&ledger, &claimed, &new).await),
+        state(&claim(ledger, &claimed, &new).await),
         Some(RunState::Succeeded)
     );
 
@@ -153,7 +158,7 @@ async fn a_take_over_fences_the_old_leader_settles_its_runs_and_adopts_its_claim
         failed: 1,
         missed: 0,
     };
-    assert_eq!(counts(&ledger, &task, &new).await, expected);
+    assert_eq!(counts(ledger, &task, &new).await, expected);
     // Nothing is left open.
     assert!(
         ledger
@@ -283,6 +288,7 @@ async fn the_pool_never_opens_more_connections_than_its_size() {
         url: format!("{base}/13"),
         max_connections: 3,
         timeout: Duration::from_secs(5),
+        cluster: false,
     })
     .unwrap();
     let task = task("pool");
@@ -330,6 +336,7 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout() {
         url: format!("redis://127.0.0.1:{port}/0"),
         max_connections: 2,
         timeout: Duration::from_millis(500),
+        cluster: false,
     })
     .unwrap();
     let started = std::time::Instant::now();
@@ -341,4 +348,24 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn the_ledger_works_on_a_three_master_redis_cluster() {
+    let ledger = RedisLedger::new(&RedisSettings {
+        url: crate::support::redis_cluster_url(),
+        max_connections: 4,
+        timeout: Duration::from_secs(5),
+        cluster: true,
+    })
+    .unwrap();
+    // Twelve tasks: their hash tags spread over the three masters' slots.
+    let tasks: Vec<TaskKey> = (0..12).map(|_| task("cluster")).collect();
+    join_all(tasks.iter().map(|t| fencing_scenario(&ledger, t.clone()))).await;
+    // One winner per run there too.
+    let run = RunId::new(&tasks[0], at(100));
+    let leader = term(3, "next");
+    let verdicts = join_all((0..20).map(|_| claim(&ledger, &run, &leader))).await;
+    let won = verdicts.iter().filter(|v| **v == Verdict::Accepted).count();
+    assert_eq!(won, 1, "{verdicts:?}");
 }

@@ -58,6 +58,28 @@ fn start() -> Result<TestEnv, String> {
     start_in("control-plane")
 }
 
+/// The seed node of a 3-master Redis Cluster on loopback (`scripts/redis-cluster`), started once
+/// per test binary and stopped with it.
+pub fn redis_cluster_url() -> String {
+    static URL: OnceLock<Result<String, String>> = OnceLock::new();
+    let url = URL.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("redis-cluster-{}", std::process::id()));
+        run(Command::new(repo_root().join("scripts/redis-cluster"))
+            .arg("up")
+            .arg(&dir)
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string()))?;
+        std::fs::read_to_string(dir.join("redis-url"))
+            .map(|url| url.trim().to_string())
+            .map_err(|e| format!("reading redis-url: {e}"))
+    });
+    match url {
+        Ok(url) => url.clone(),
+        Err(error) => panic!("Redis Cluster unavailable: {error}"),
+    }
+}
+
 /// A control plane of one test's own, for faults that would disturb the shared one (an
 /// apiserver restart); stopped when dropped.
 pub struct OwnControlPlane(pub TestEnv);
