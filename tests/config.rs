@@ -141,6 +141,31 @@ fn docs_list_every_key_with_its_variable_and_default() {
 }
 
 #[test]
+fn docs_name_a_test_that_shows_each_key_s_effect() {
+    let docs = std::fs::read_to_string(repo().join("docs/configuration.md"))
+        .expect("read docs/configuration.md");
+    let section = docs
+        .split("## Every key has an effect")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("docs/configuration.md has the section \"Every key has an effect\"");
+    for (key, _) in default_leaves() {
+        let row = section
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{key}` |")))
+            .unwrap_or_else(|| panic!("no test named for {key}"));
+        let cells: Vec<&str> = row.split('`').collect();
+        let (file, test) = (cells[3], cells[5]);
+        let source = std::fs::read_to_string(repo().join(file))
+            .unwrap_or_else(|e| panic!("{key}: {file}: {e}"));
+        assert!(
+            source.contains(&format!("fn {test}(")),
+            "{key}: {file} has no test {test}"
+        );
+    }
+}
+
+#[test]
 fn bad_key_in_a_file_exits_2_naming_the_key_path_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(&dir, "max_workers: 4\nredis:\n  max_conection: 20\n");

@@ -190,7 +190,7 @@ async fn a_log_file_receives_the_lines() {
 }
 
 #[tokio::test]
-async fn rust_log_replaces_log_level() {
+async fn log_level_filters_and_rust_log_replaces_it() {
     let s = setup("log-rust-log").await;
     let receiver = Receiver::start(Behavior::default()).await;
     let spec =
@@ -203,4 +203,10 @@ async fn rust_log_replaces_log_level() {
     status_where(&s.api, "tick", "2 runs", |st| st.successful_runs >= 2).await;
     let out = stop(child);
     assert!(out.contains("run succeeded"), "{out}");
+
+    // Without RUST_LOG, log.level rules: at warn, successes (info) are not logged.
+    let child = run_binary_with(&s.ns, log, &dir, None);
+    status_where(&s.api, "tick", "2 more runs", |st| st.successful_runs >= 4).await;
+    let out = stop(child);
+    assert!(!out.contains("run succeeded"), "{out}");
 }

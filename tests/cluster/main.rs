@@ -5,6 +5,7 @@
 mod support;
 
 mod card;
+mod config_keys;
 mod crd_admission;
 mod failover;
 mod hard_path;

@@ -12,14 +12,14 @@ use crate::support::eventually;
 use crate::support::receiver::{Behavior, Receiver};
 
 /// A port nobody listens on now (the operator binds it a moment later).
-fn free_address() -> std::net::SocketAddr {
+pub fn free_address() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
 }
 
-async fn get(address: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+pub async fn get(address: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     // A new connection each time, and a bound: a server shutting down may hold a kept-alive one.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -36,7 +36,7 @@ async fn get(address: std::net::SocketAddr, path: &str) -> Option<(u16, String)>
 }
 
 /// The value of the sample `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let (_, families) = nom_openmetrics::parser::openmetrics(text).expect("valid OpenMetrics");
     families
         .iter()

@@ -1,0 +1,276 @@
+//! Every configuration key has an effect: for the keys no other test exercises, the operator
+//! runs with the key changed and the test observes the difference. `docs/configuration.md`
+//! names, for every key, the test that shows its effect (checked by `tests/config.rs`).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chronflow::ChronTask;
+use chronflow::config::RedisConfig;
+use chronflow::leader::Term;
+use chronflow::ledger::{Ledger, RedisLedger, RedisSettings, Verdict};
+use chronflow::run::{RunId, TaskKey};
+use chrono::{TimeZone, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::api::WatchEvent;
+use kube::api::WatchParams;
+use serde_json::json;
+
+use crate::observability::{free_address, get, sample};
+use crate::operator::{Operator, create, setup, status_where};
+use crate::support::receiver::{Behavior, Receiver};
+use crate::support::{eventually, test_env};
+
+fn every_second(url: &str) -> serde_json::Value {
+    json!({
+        "schedule": {"cron": "* * * * * *"},
+        "concurrencyPolicy": "Allow",
+        "timeout": "5s",
+        "action": {"http": {"url": url, "method": "POST"}},
+    })
+}
+
+/// Status writes (MODIFIED events of ChronTasks in `ns`) seen during `window`.
+async fn status_writes(api: &Api<ChronTask>, window: Duration) -> usize {
+    let mut events = api
+        .watch(&WatchParams::default(), "0")
+        .await
+        .expect("watch starts")
+        .boxed();
+    let mut writes = 0;
+    let _ = tokio::time::timeout(window, async {
+        while let Some(event) = events.next().await {
+            if let Ok(WatchEvent::Modified(_)) = event {
+                writes += 1;
+            }
+        }
+    })
+    .await;
+    writes
+}
+
+#[tokio::test]
+async fn max_workers_bounds_the_runs_in_flight() {
+    let s = setup("key-workers").await;
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_millis(2500),
+    })
+    .await;
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| c.max_workers = 3).await;
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        create(&s.api, name, every_second(&receiver.url("/w"))).await;
+    }
+    eventually("three runs in flight", || async {
+        (receiver.max_in_flight() >= 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(receiver.max_in_flight(), 3, "never more than max_workers");
+}
+
+#[tokio::test]
+async fn queue_size_bounds_the_runs_waiting_and_the_rest_are_missed() {
+    let s = setup("key-queue").await;
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(3),
+    })
+    .await;
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.max_workers = 2;
+        c.queue_size = 1;
+    })
+    .await;
+    for name in ["a", "b", "c"] {
+        create(&s.api, name, every_second(&receiver.url("/q"))).await;
+    }
+    let status = status_where(&s.api, "c", "runs missed on a full queue", |st| {
+        st.recent_runs.iter().any(|r| {
+            r.message
+                .as_deref()
+                .is_some_and(|m| m.contains("queue is full"))
+        })
+    })
+    .await;
+    assert!(status.missed_runs > 0);
+}
+
+#[tokio::test]
+async fn timezone_is_the_zone_of_cron_schedules_without_one() {
+    let s = setup("key-zone").await;
+    let client = test_env().client().await;
+    let zone = chrono_tz::Pacific::Kiritimati; // UTC+14: its midnight is 10:00 UTC the day before
+    let _operator = Operator::start_with(&s.ns, client, |c| c.timezone = zone).await;
+    let spec = json!({
+        "schedule": {"cron": "0 0 0 * * *"},
+        "action": {"http": {"url": "http://127.0.0.1:9/", "method": "POST"}},
+    });
+    create(&s.api, "midnight", spec).await;
+    let status = status_where(&s.api, "midnight", "the next run", |st| {
+        st.next_run_time.is_some()
+    })
+    .await;
+    let next = status.next_run_time.unwrap();
+    let local = next.with_timezone(&zone);
+    assert_eq!(local.format("%H:%M:%S").to_string(), "00:00:00", "{next}");
+    assert!(next > Utc::now() && next - Utc::now() <= chrono::Duration::days(1));
+}
+
+#[tokio::test]
+async fn status_flush_interval_spaces_each_task_s_writes() {
+    let s = setup("key-flush").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.status.flush_interval = Duration::from_secs(3);
+    })
+    .await;
+    create(&s.api, "steady", every_second(&receiver.url("/f"))).await;
+    status_where(&s.api, "steady", "a first run", |st| st.total_runs > 0).await;
+    // A run every second, but at most one write every 3 s.
+    let writes = status_writes(&s.api, Duration::from_secs(9)).await;
+    assert!(
+        (1..=4).contains(&writes),
+        "{writes} status writes in 9 s with flush_interval 3s"
+    );
+}
+
+#[tokio::test]
+async fn status_max_writes_per_second_is_a_budget_over_all_tasks() {
+    let s = setup("key-budget").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.status.max_writes_per_second = 1;
+    })
+    .await;
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        create(&s.api, name, every_second(&receiver.url("/b"))).await;
+    }
+    eventually("runs", || async { (receiver.count() >= 12).then_some(()) }).await;
+    // Six tasks changing every second: 36 writes in 6 s unbudgeted; the budget allows 6.
+    let writes = status_writes(&s.api, Duration::from_secs(6)).await;
+    assert!(
+        writes <= 8,
+        "{writes} status writes in 6 s with max_writes_per_second 1"
+    );
+}
+
+#[tokio::test]
+async fn metrics_per_task_false_leaves_the_task_labels_empty() {
+    let s = setup("key-per-task").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let address = free_address();
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.metrics.bind = address;
+        c.metrics.per_task = false;
+    })
+    .await;
+    create(&s.api, "anonymous", every_second(&receiver.url("/m"))).await;
+    let text = eventually("a run in /metrics", || async {
+        let (_, text) = get(address, "/metrics").await?;
+        let labels = [("namespace", ""), ("task", ""), ("outcome", "succeeded")];
+        sample(&text, "chronflow_runs_total", &labels).map(|_| text)
+    })
+    .await;
+    assert!(
+        !text.contains(&format!("namespace=\"{}\"", s.ns)),
+        "no series names the task's namespace:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn leader_election_with_the_memory_backend_holds_the_configured_lease() {
+    let s = setup("key-lease").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let client = test_env().client().await;
+    let ns = s.ns.clone();
+    let _operator = Operator::start_with(&s.ns, client.clone(), |c| {
+        c.leader_election.enabled = true;
+        c.leader_election.lease_name = "my-chronflow".into();
+        c.leader_election.lease_namespace = Some(chronflow::config::Namespace::new(ns).unwrap());
+        c.leader_election.lease_duration = Duration::from_secs(4);
+        c.leader_election.renew_deadline = Duration::from_secs(3);
+        c.leader_election.retry_period = Duration::from_millis(500);
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client, &s.ns);
+    let lease = eventually("the Lease", || async {
+        leases.get_opt("my-chronflow").await.ok().flatten()
+    })
+    .await;
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.lease_duration_seconds, Some(4));
+    assert!(spec.holder_identity.is_some_and(|h| !h.is_empty()));
+    // The leader fires.
+    create(&s.api, "led", every_second(&receiver.url("/l"))).await;
+    eventually("a run", || async { (receiver.count() > 0).then_some(()) }).await;
+}
+
+/// A redis-server with a password, on a free port; stopped when dropped.
+struct PasswordRedis(Child);
+
+impl Drop for PasswordRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn redis_host_port_db_and_password_make_the_connection() {
+    let port = free_address().port();
+    let password = "p@ss:w/rd 1";
+    let child = Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
+        .args(["--requirepass", password])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let _redis = PasswordRedis(child);
+    let config = |password: &str| RedisConfig {
+        host: "127.0.0.1".into(),
+        port,
+        db: 5,
+        password: Some(chronflow::config::Secret::new(password)),
+        ..RedisConfig::default()
+    };
+    let run = RunId::new(&TaskKey::new("keys", "t"), Utc.timestamp_opt(0, 0).unwrap());
+    let term = Term::single("test");
+    let ledger = RedisLedger::new(&RedisSettings::from(&config(password))).unwrap();
+    let claimed = eventually("redis-server to answer", || async {
+        ledger.claim(&run, &term).await.ok()
+    })
+    .await;
+    assert_eq!(claimed, Verdict::Accepted);
+    // The keys went to database 5.
+    let url = format!("redis://:{}@127.0.0.1:{port}/5", "p%40ss%3Aw%2Frd%201");
+    let mut probe = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("chronflow:*")
+        .query_async(&mut probe)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "no ledger keys in database 5");
+    // A wrong password is an error, not a hang.
+    let wrong = RedisLedger::new(&RedisSettings::from(&config("nope"))).unwrap();
+    let error = wrong.claim(&run, &term).await.unwrap_err();
+    assert!(error.0.starts_with("redis: "), "{error}");
+}
