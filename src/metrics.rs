@@ -278,8 +278,9 @@ impl Ledger for CountedClaims {
         &'a self,
         task: &'a TaskKey,
         term: &'a Term,
+        settle: bool,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
-        self.inner.take_over(task, term)
+        self.inner.take_over(task, term, settle)
     }
 }
 

@@ -244,7 +244,7 @@ impl Engine {
         tokio::spawn(async move {
             let mut wait = TAKE_OVER_RETRY;
             loop {
-                match ledger.take_over(&task.key, &term).await {
+                match ledger.take_over(&task.key, &term, false).await {
                     Ok(answer) => {
                         let _ = answers.send(TookOver { task, term, answer });
                         return;
@@ -303,12 +303,56 @@ impl Engine {
                 self.timers.insert((at, task.key.clone()));
             }
         }
+        if !answer.in_flight.is_empty() {
+            let runs = answer.in_flight.iter();
+            let held = runs.map(|at| RunId::new(&task.key, *at)).collect();
+            self.hold_elsewhere(task.clone(), held, engine_task.run.longest(), term.clone());
+        }
         let adopted = answer
             .unstarted
             .into_iter()
             .map(|scheduled| self.request(&engine_task, generation, scheduled, false, &term))
             .collect();
         self.claim_and_submit(adopted, term);
+    }
+
+    /// Runs a previous leader started may still be running in its process: the concurrency
+    /// policy counts them for as long as a run can last, then the ledger settles them (failed,
+    /// outcome unknown) unless they were reported finished meanwhile.
+    fn hold_elsewhere(&self, task: TaskId, runs: Vec<RunId>, longest: Duration, term: Term) {
+        debug!(task = %task, runs = runs.len(), ?longest, "runs of the previous leader may still be in flight");
+        self.parts.executor.hold_elsewhere(&task, runs.clone());
+        let (ledger, executor, sink) = (
+            self.parts.ledger.clone(),
+            self.parts.executor.clone(),
+            self.parts.sink.clone(),
+        );
+        let mut leader = self.parts.leader.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(longest) => {}
+                // Another term takes the task over afresh.
+                _ = leader.wait_for(|now| now.as_ref() != Some(&term)) => {}
+            }
+            if leader.borrow().as_ref() == Some(&term) {
+                match ledger.take_over(&task.key, &term, true).await {
+                    Ok(TakeOver {
+                        counts: Some(counts),
+                        ..
+                    }) => {
+                        sink.record(Report::Counts {
+                            task: task.clone(),
+                            counts,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        warn!(task = %task, %error, "cannot settle the previous leader's runs")
+                    }
+                }
+            }
+            executor.release_elsewhere(&task, &runs);
+        });
     }
 
     async fn apply(&mut self, command: Command) {

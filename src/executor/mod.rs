@@ -45,6 +45,19 @@ pub struct RunSpec {
     pub starting_deadline: Option<Duration>,
 }
 
+impl RunSpec {
+    /// The longest a run can take once started: every attempt's timeout and the waits between
+    /// them. A run started longer ago than this is over, whatever became of its process.
+    pub fn longest(&self) -> Duration {
+        let attempts = self.retry.max_attempts();
+        let waits = (1..attempts).map(|retry| self.retry.delay(retry));
+        waits.fold(
+            self.timeout.saturating_mul(attempts),
+            Duration::saturating_add,
+        )
+    }
+}
+
 /// One scheduled run handed to the executor.
 #[derive(Clone, Debug)]
 pub struct RunRequest {
@@ -174,12 +187,15 @@ struct State {
 struct TaskRuns {
     waiting: VecDeque<RunRequest>,
     active: Vec<(RunId, Cancel)>,
+    /// Runs a previous leader started that may still be in flight in its process: they count
+    /// for the concurrency policy until [`Executor::release_elsewhere`].
+    elsewhere: Vec<RunId>,
     has_turn: bool,
 }
 
 impl TaskRuns {
     fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.active.is_empty()
+        self.waiting.is_empty() && self.active.is_empty() && self.elsewhere.is_empty()
     }
 }
 
@@ -264,6 +280,33 @@ impl Executor {
             }
         }
         self.shared.publish(reports);
+    }
+
+    /// Runs of `task` that a previous leader started and may still be running: `Forbid` skips
+    /// while they may be, `Replace` too (they cannot be cancelled from here), `Allow` counts
+    /// them against `maxConcurrentRuns`.
+    pub fn hold_elsewhere(&self, task: &TaskId, runs: Vec<RunId>) {
+        let mut state = self.shared.lock();
+        state
+            .tasks
+            .entry(task.clone())
+            .or_default()
+            .elsewhere
+            .extend(runs);
+    }
+
+    /// Those runs are over (or can no longer be running).
+    pub fn release_elsewhere(&self, task: &TaskId, runs: &[RunId]) {
+        {
+            let mut state = self.shared.lock();
+            if let Some(held) = state.tasks.get_mut(task) {
+                held.elsewhere.retain(|run| !runs.contains(run));
+                if held.is_idle() {
+                    state.tasks.remove(task);
+                }
+            }
+        }
+        self.shared.changed.notify_one();
     }
 
     /// A handle that reads how busy the executor is without keeping it alive (what metrics
@@ -373,13 +416,23 @@ impl Shared {
         if run.sequential {
             return Ok(());
         }
-        let busy = runs.active.len() + runs.waiting.len();
+        let busy = runs.active.len() + runs.waiting.len() + runs.elsewhere.len();
+        if let (ConcurrencyPolicy::Replace, Some(held)) =
+            (run.spec.concurrency, runs.elsewhere.first())
+        {
+            let reason = format!(
+                "run {held}, started by the previous leader, may still be in flight and cannot \
+                 be replaced from here (concurrencyPolicy Replace)"
+            );
+            return Err((MissKind::Concurrency, reason));
+        }
         match run.spec.concurrency {
             ConcurrencyPolicy::Forbid if busy > 0 => {
                 let previous = runs
                     .active
                     .first()
                     .map(|(id, _)| id)
+                    .or(runs.elsewhere.first())
                     .or(runs.waiting.front().map(|r| &r.run_id));
                 let previous = previous.map(ToString::to_string).unwrap_or_default();
                 let reason =
@@ -450,7 +503,7 @@ impl Shared {
             } else {
                 self.task_limit(&run.spec)
             };
-            if runs.active.len() >= limit {
+            if runs.active.len() + runs.elsewhere.len() >= limit {
                 state.turns.push_back(id);
                 continue;
             }
@@ -851,6 +904,40 @@ mod tests {
             executor.shared.next_run(&mut missed).is_some(),
             "{missed:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_run_the_previous_leader_may_still_run_holds_forbid_until_released() {
+        let (executor, mut reports) = executor();
+        let now = Utc::now();
+        let first = request(now, now, None); // Forbid
+        let task = first.task.clone();
+        let theirs = RunId::new(&task.key, now - chrono::Duration::seconds(1));
+        executor.hold_elsewhere(&task, vec![theirs.clone()]);
+        executor.submit(first);
+        match reports.try_recv() {
+            Ok(Report::Missed { reason, .. }) => {
+                assert!(reason.contains(theirs.as_str()), "{reason}");
+            }
+            other => panic!("expected a miss, got {other:?}"),
+        }
+        executor.release_elsewhere(&task, &[theirs]);
+        let later = now + chrono::Duration::seconds(1);
+        executor.submit(request(later, later, None));
+        assert!(
+            reports.try_recv().is_err(),
+            "admitted once the hold is released"
+        );
+        let mut missed = Vec::new();
+        assert!(executor.shared.next_run(&mut missed).is_some());
+    }
+
+    #[test]
+    fn the_longest_run_counts_every_attempt_and_wait() {
+        let mut spec = http_spec("http://127.0.0.1:9/", Duration::from_secs(10), None);
+        assert_eq!(spec.longest(), Duration::from_secs(10));
+        spec.retry.max_retries = 2; // waits 1 s, then 2 s
+        assert_eq!(spec.longest(), Duration::from_secs(33));
     }
 
     #[tokio::test]

@@ -113,6 +113,7 @@ impl Ledger for MemoryLedger {
         &'a self,
         _task: &'a TaskKey,
         _term: &'a Term,
+        _settle: bool,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         async move { Ok(TakeOver::default()) }.boxed()
     }

@@ -37,11 +37,14 @@ pub trait Ledger: Send + Sync {
         mark: Mark,
     ) -> BoxFuture<'a, Result<Marked, LedgerError>>;
 
-    /// A new leader takes `task` over: older epochs are fenced from now on.
+    /// A new leader takes `task` over: older epochs are fenced from now on. Runs an older epoch
+    /// started are reported in flight, or with `settle` (once they cannot be running any more)
+    /// counted failed, their outcome unknown.
     fn take_over<'a>(
         &'a self,
         task: &'a TaskKey,
         term: &'a Term,
+        settle: bool,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>>;
 }
 
@@ -60,6 +63,9 @@ pub struct TakeOver {
     pub newest: Option<DateTime<Utc>>,
     /// Instants a dead epoch claimed and never started: the new leader adopts and runs them.
     pub unstarted: Vec<DateTime<Utc>>,
+    /// Instants an older epoch started and has not finished: its process may still be running
+    /// them (frozen, cut off), so the concurrency policy counts them until they must be over.
+    pub in_flight: Vec<DateTime<Utc>>,
     /// The task's counts, when the ledger keeps them.
     pub counts: Option<Counts>,
 }

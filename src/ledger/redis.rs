@@ -100,23 +100,26 @@ end
 return counts({'accepted'})
 "#;
 
-/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder. Take-over of the task by
-/// a new leader: raises its epoch (or returns `{"fenced", EPOCH}`), settles runs a dead epoch
-/// started as failed (their outcome is unknown; they are never run again) and returns
-/// `{"taken", NEWEST, runs, succeeded, failed, missed, INSTANT, …}`: the newest instant on
-/// record (`""` if none) and the claims a dead epoch never started.
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder, `settle` or `keep`.
+/// Take-over of the task by a new leader: raises its epoch (or returns `{"fenced", EPOCH}`);
+/// runs an older epoch started are kept open (reported in flight) or, with `settle`, counted
+/// failed (their outcome is unknown; they are never run again). Returns `{"taken", NEWEST,
+/// runs, succeeded, failed, missed, N, UNSTARTED×N, IN_FLIGHT…}`: the newest instant on record
+/// (`""` if none), the claims an older epoch never started, and the runs it started.
 const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if epoch < stored then return {'fenced', tostring(stored)} end
 redis.call('SET', KEYS[1], epoch)
-local unstarted = {}
+local unstarted, in_flight = {}, {}
 for _, instant in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   local record = redis.call('HGET', KEYS[2], instant)
   local state, owner = 'none', '0'
   if record then state, owner = string.match(record, '^(%S+) (%S+)') end
   if tonumber(owner) < epoch then
-    if state == 'started' then
+    if state == 'started' and ARGV[3] == 'keep' then
+      table.insert(in_flight, instant)
+    elseif state == 'started' then
       redis.call('HSET', KEYS[2], instant, 'failed ' .. owner .. ' ' .. ARGV[2])
       redis.call('HINCRBY', KEYS[4], 'runs', 1)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
@@ -132,7 +135,9 @@ local newest = redis.call('ZREVRANGE', KEYS[3], 0, 0)[1] or ''
 local out = {'taken', newest}
 local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed')
 for i = 1, 4 do table.insert(out, c[i] or '0') end
+table.insert(out, tostring(#unstarted))
 for _, instant in ipairs(unstarted) do table.insert(out, instant) end
+for _, instant in ipairs(in_flight) do table.insert(out, instant) end
 return out
 "#;
 
@@ -305,22 +310,33 @@ impl Ledger for RedisLedger {
         &'a self,
         task: &'a TaskKey,
         term: &'a Term,
+        settle: bool,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         async move {
-            let args = [term.epoch.to_string(), term.holder.clone()];
+            let mode = if settle { "settle" } else { "keep" };
+            let args = [term.epoch.to_string(), term.holder.clone(), mode.into()];
             let reply = self.invoke(&self.take_over, task, &args).await?;
             match reply.first().map(String::as_str) {
-                Some("taken") if reply.len() >= 6 => Ok(TakeOver {
-                    newest: match reply[1].as_str() {
-                        "" => None,
-                        newest => Some(instant_of(newest)?),
-                    },
-                    counts: Some(counts(&reply[2..6])?),
-                    unstarted: reply[6..]
-                        .iter()
-                        .map(|instant| instant_of(instant))
-                        .collect::<Result<_, _>>()?,
-                }),
+                Some("taken") if reply.len() >= 7 => {
+                    let unstarted: usize = reply[6].parse().map_err(redis_error)?;
+                    let instants = |list: &[String]| {
+                        list.iter()
+                            .map(|instant| instant_of(instant))
+                            .collect::<Result<Vec<_>, _>>()
+                    };
+                    let (unstarted, in_flight) = reply[7..]
+                        .split_at_checked(unstarted)
+                        .ok_or_else(|| redis_error(format!("odd take-over reply {reply:?}")))?;
+                    Ok(TakeOver {
+                        newest: match reply[1].as_str() {
+                            "" => None,
+                            newest => Some(instant_of(newest)?),
+                        },
+                        counts: Some(counts(&reply[2..6])?),
+                        unstarted: instants(unstarted)?,
+                        in_flight: instants(in_flight)?,
+                    })
+                }
                 _ => match verdict(&reply)? {
                     Verdict::Fenced { epoch } => Err(LedgerError(format!(
                         "fenced: the ledger has seen epoch {epoch}, newer than this leader's {}",

@@ -366,7 +366,7 @@ async fn sigterm_to_the_leader_finishes_its_runs_and_hands_over_at_once() {
     let status = replicas[index].child.take().unwrap().wait().unwrap();
     assert!(status.success(), "{}", replicas[index].logs());
     assert!(
-        handover < Duration::from_secs(3 + 5),
+        handover < Duration::from_secs(3),
         "the standby ({standby}) led {handover:?} after SIGTERM"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -580,4 +580,62 @@ async fn a_second_signal_exits_at_once_without_draining() {
         "exited {took:?} after the second signal"
     );
     assert!(replica.logs().contains("second signal: exiting at once"));
+}
+
+#[tokio::test]
+async fn forbid_holds_across_a_failover_while_the_old_leader_may_still_run() {
+    let setup = setup("ha-forbid").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    // Each call takes 7 s; the task forbids two at once.
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(7),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    let replicas = [
+        Replica::start(ns, "p0", redis, &dir),
+        Replica::start(ns, "p1", redis, &dir),
+    ];
+    let leader = leader_among(ns, &["p0", "p1"]).await;
+    let spec = json!({
+        "schedule": {"cron": "* * * * * *"},
+        "concurrencyPolicy": "Forbid",
+        "timeout": "10s",
+        "action": {"http": {"url": receiver.url("/forbid"), "method": "POST"}},
+    });
+    create(api, "one-at-a-time", spec).await;
+    eventually("a run in flight", || async {
+        (receiver.max_in_flight() > 0).then_some(())
+    })
+    .await;
+    // The leader freezes with its call in flight; the standby takes over and must not start
+    // another run while that call may still be running (up to its 10 s timeout).
+    let frozen = replicas.iter().find(|r| r.name == leader).unwrap();
+    frozen.signal("-STOP");
+    eventually("the standby to lead", || async {
+        holder(ns).await.filter(|h| *h != leader)
+    })
+    .await;
+    let taken = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    frozen.signal("-CONT");
+    eventually("the new leader to run the task", || async {
+        (receiver.count() >= 2).then_some(())
+    })
+    .await;
+    let held = taken.elapsed();
+    assert_eq!(
+        receiver.max_in_flight(),
+        1,
+        "two runs at once across the failover"
+    );
+    assert!(
+        held >= Duration::from_secs(5),
+        "the new leader ran after {held:?}"
+    );
+    let hits = receiver.hits();
+    instants(&hits, ns, "one-at-a-time");
+    eprintln!("Forbid across a failover: the new leader's first run came {held:?} after it led");
 }

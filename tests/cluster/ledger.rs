@@ -66,7 +66,10 @@ async fn mark(ledger: &RedisLedger, run: &RunId, term: &Term, mark: Mark) -> Ver
 }
 
 async fn counts(ledger: &RedisLedger, task: &TaskKey, term: &Term) -> Counts {
-    let taken: TakeOver = ledger.take_over(task, term).await.expect("redis answers");
+    let taken: TakeOver = ledger
+        .take_over(task, term, false)
+        .await
+        .expect("redis answers");
     taken.counts.expect("redis keeps counts")
 }
 
@@ -111,11 +114,17 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
     );
     assert_eq!(claim(ledger, &claimed, &old).await, Verdict::Accepted);
 
-    // The new leader takes the task over: the started run is settled failed (its outcome is
-    // unknown and it never runs again), the unstarted claim is handed over.
-    let taken = ledger.take_over(&task, &new).await.unwrap();
+    // The new leader takes the task over: the unstarted claim is handed over; the started run
+    // may still be in flight in the old leader's process.
+    let taken = ledger.take_over(&task, &new, false).await.unwrap();
     assert_eq!(taken.newest, Some(at(1)));
     assert_eq!(taken.unstarted, [at(1)]);
+    assert_eq!(taken.in_flight, [at(0)]);
+    assert_eq!(taken.counts, Some(Counts::default()));
+    // Once it cannot be running any more, it is settled failed (its outcome is unknown, and it
+    // never runs again).
+    let taken = ledger.take_over(&task, &new, true).await.unwrap();
+    assert!(taken.in_flight.is_empty());
     let settled = Counts {
         runs: 1,
         succeeded: 0,
@@ -162,7 +171,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
     // Nothing is left open.
     assert!(
         ledger
-            .take_over(&task, &term(3, "next"))
+            .take_over(&task, &term(3, "next"), true)
             .await
             .unwrap()
             .unstarted
@@ -237,7 +246,7 @@ async fn missed_instants_are_counted_once_and_never_run() {
         missed: 52,
     };
     assert_eq!(counts(&ledger, &task, &leader).await, expected);
-    let taken = ledger.take_over(&task, &term(2, "b")).await.unwrap();
+    let taken = ledger.take_over(&task, &term(2, "b"), true).await.unwrap();
     assert_eq!(
         taken.newest,
         Some(at(60)),
@@ -255,7 +264,7 @@ async fn records_past_the_retention_are_pruned_and_their_instants_stay_handled()
     let retention = chronflow::ledger::redis::RETENTION.as_secs() as i64;
     let new = RunId::new(&task, at(retention + 60));
     assert_eq!(claim(&ledger, &new, &leader).await, Verdict::Accepted);
-    let taken = ledger.take_over(&task, &term(2, "b")).await.unwrap();
+    let taken = ledger.take_over(&task, &term(2, "b"), true).await.unwrap();
     assert_eq!(
         taken.unstarted,
         [at(retention + 60)],
