@@ -131,6 +131,8 @@ pub struct Engine {
     parts: EngineParts,
     /// The term the engine last acted on; a new one starts a take-over.
     term: Option<Term>,
+    /// Cancelled at shutdown: take-overs still retrying stop.
+    shutdown: CancellationToken,
     /// Permits for claim batches waiting for the ledger.
     claims: Arc<tokio::sync::Semaphore>,
     /// Take-over answers, from the tasks that asked the ledger.
@@ -151,6 +153,9 @@ struct Entry {
     uid: String,
     generation: i64,
     state: State,
+    /// Waiting for the ledger's take-over answer: no timer until it comes, so nothing is
+    /// claimed or counted before the engine knows where the previous leaders stopped.
+    taking_over: bool,
 }
 
 enum State {
@@ -176,6 +181,7 @@ impl Engine {
             tombstones: HashMap::new(),
             parts,
             term: None,
+            shutdown: CancellationToken::new(),
             claims: Arc::new(tokio::sync::Semaphore::new(CLAIMS_IN_FLIGHT)),
             took_over: mpsc::unbounded_channel(),
         };
@@ -187,7 +193,8 @@ impl Engine {
         let clock = self.parts.clock;
         let mut leader = self.parts.leader.clone();
         let mut leader_open = true;
-        self.on_term(leader.borrow_and_update().clone(), &shutdown);
+        self.shutdown = shutdown.clone();
+        self.on_term(leader.borrow_and_update().clone());
         loop {
             let wake = self.timers.first().map(|(at, _)| *at);
             let sleep = async {
@@ -209,7 +216,7 @@ impl Engine {
                 _ = shutdown.cancelled() => break,
                 () = term_changed => {
                     let term = leader.borrow_and_update().clone();
-                    self.on_term(term, &shutdown);
+                    self.on_term(term);
                 }
                 Some(answer) = self.took_over.1.recv() => self.apply_take_over(answer),
                 command = self.commands.recv() => match command {
@@ -221,23 +228,32 @@ impl Engine {
         }
     }
 
-    /// A new term: this replica leads (again), so it takes every scheduled task over.
-    fn on_term(&mut self, term: Option<Term>, shutdown: &CancellationToken) {
+    /// A new term: this replica leads (again), so it takes every scheduled task over; their
+    /// timers wait for the ledger's answers.
+    fn on_term(&mut self, term: Option<Term>) {
         let new = term.is_some() && term != self.term;
         self.term = term.clone();
         let Some(term) = term.filter(|_| new) else {
             return;
         };
-        for (key, entry) in &self.tasks {
-            if matches!(entry.state, State::Scheduled { .. }) {
-                let task = TaskId::new(key.clone(), entry.uid.clone());
-                self.spawn_take_over(task, term.clone(), shutdown.clone());
+        let mut asks = Vec::new();
+        for (key, entry) in &mut self.tasks {
+            if let State::Scheduled { fire_at, .. } = &entry.state {
+                if let Some(at) = fire_at {
+                    self.timers.remove(&(*at, key.clone()));
+                }
+                entry.taking_over = true;
+                asks.push(TaskId::new(key.clone(), entry.uid.clone()));
             }
+        }
+        for task in asks {
+            self.spawn_take_over(task, term.clone());
         }
     }
 
     /// Asks the ledger about `task` off the loop, retrying while `term` lasts.
-    fn spawn_take_over(&self, task: TaskId, term: Term, shutdown: CancellationToken) {
+    fn spawn_take_over(&self, task: TaskId, term: Term) {
+        let shutdown = self.shutdown.clone();
         let ledger = self.parts.ledger.clone();
         let mut leader = self.parts.leader.clone();
         let answers = self.took_over.0.clone();
@@ -263,8 +279,8 @@ impl Engine {
     }
 
     /// Applies what the ledger said about a task this term took over: its counts, the claims
-    /// a dead leader never started (run now), and where the previous leaders stopped (catch-up
-    /// starts after it, not after where this replica's idle timer got to).
+    /// a dead leader never started (run now), its runs that may still be in flight, and where
+    /// the previous leaders stopped; then the task's timer runs again.
     fn apply_take_over(&mut self, took: TookOver) {
         if self.term.as_ref() != Some(&took.term) {
             return;
@@ -279,6 +295,7 @@ impl Engine {
         let Some(entry) = self.tasks.get_mut(&task.key).filter(|e| e.uid == task.uid) else {
             return;
         };
+        entry.taking_over = false;
         let generation = entry.generation;
         let State::Scheduled {
             task: engine_task,
@@ -290,30 +307,28 @@ impl Engine {
             return;
         };
         let engine_task = engine_task.clone();
-        let floor = engine_task.catch_up_from.unwrap_or(*since).max(*since);
-        let resume = answer.newest.map_or(floor, |newest| newest.max(floor));
-        let resumed = engine_task.schedule.next_after(resume);
-        if resumed.is_some() && (next.is_none() || resumed < *next) {
-            if let Some(at) = *fire_at {
-                self.timers.remove(&(at, task.key.clone()));
-            }
-            *next = resumed;
-            *fire_at = resumed.map(|t| fire_time(&engine_task, t));
-            if let Some(at) = *fire_at {
-                self.timers.insert((at, task.key.clone()));
-            }
+        // A ledger that keeps records (it has counts) says where the previous leaders stopped:
+        // resume right after, whatever this replica's idle timer reached. One that keeps none
+        // (memory) knows nothing of other replicas: the timer stays where it is.
+        if answer.counts.is_some() {
+            let floor = engine_task.catch_up_from.unwrap_or(*since).max(*since);
+            let resume = answer.newest.map_or(floor, |newest| newest.max(floor));
+            *next = engine_task.schedule.next_after(resume);
+            *fire_at = next.map(|t| fire_time(&engine_task, t));
+        }
+        if let Some(at) = *fire_at {
+            self.timers.insert((at, task.key.clone()));
         }
         if !answer.in_flight.is_empty() {
             let runs = answer.in_flight.iter();
             let held = runs.map(|at| RunId::new(&task.key, *at)).collect();
             self.hold_elsewhere(task.clone(), held, engine_task.run.longest(), term.clone());
         }
-        let adopted = answer
-            .unstarted
-            .into_iter()
-            .map(|scheduled| self.request(&engine_task, generation, scheduled, false, &term))
-            .collect();
-        self.claim_and_submit(adopted, term);
+        // Already claimed for this term by the take-over itself.
+        for scheduled in answer.unstarted {
+            let run = self.request(&engine_task, generation, scheduled, false, &term);
+            self.parts.executor.submit(run);
+        }
     }
 
     /// Runs a previous leader started may still be running in its process: the concurrency
@@ -435,6 +450,8 @@ impl Engine {
             }
         }
         let generation = task.generation;
+        let was_taking_over = previous.as_ref().is_some_and(|e| e.taking_over);
+        let first_sight = previous.is_none();
         let state = match (previous.map(|e| e.state), task.paused.clone()) {
             (_, Some(reason)) => {
                 let schedule = task.schedule.describe();
@@ -468,7 +485,13 @@ impl Engine {
                 self.scheduled(task, next, from)
             }
         };
-        self.insert(id, generation, state);
+        // First seen while leading: take it over from the ledger before its timer runs.
+        let scheduled = matches!(state, State::Scheduled { .. });
+        let ask = first_sight && scheduled && self.term.is_some();
+        if let (true, Some(term)) = (ask, self.term.clone()) {
+            self.spawn_take_over(id.clone(), term);
+        }
+        self.insert(id, generation, state, scheduled && (ask || was_taking_over));
     }
 
     /// A scheduled state, reported.
@@ -492,10 +515,11 @@ impl Engine {
         }
     }
 
-    fn insert(&mut self, id: TaskId, generation: i64, state: State) {
+    fn insert(&mut self, id: TaskId, generation: i64, state: State, taking_over: bool) {
         if let State::Scheduled {
             fire_at: Some(at), ..
         } = &state
+            && !taking_over
         {
             self.timers.insert((*at, id.key.clone()));
         }
@@ -503,6 +527,7 @@ impl Engine {
             uid: id.uid,
             generation,
             state,
+            taking_over,
         };
         self.tasks.insert(id.key, entry);
     }
@@ -523,7 +548,7 @@ impl Engine {
             None => 0,
         };
         self.report(&id, ScheduleState::Invalid { reason });
-        self.insert(id, generation, State::Invalid);
+        self.insert(id, generation, State::Invalid, false);
     }
 
     /// Fires every timer that is due, earliest first.

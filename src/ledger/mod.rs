@@ -61,7 +61,7 @@ pub struct TakeOver {
     /// The newest instant on record: the previous leaders handled it, and those before it
     /// they had reached. `None` when the ledger has none (or keeps none: memory).
     pub newest: Option<DateTime<Utc>>,
-    /// Instants a dead epoch claimed and never started: the new leader adopts and runs them.
+    /// Instants an earlier leader claimed and never started, now claimed by this one: run them.
     pub unstarted: Vec<DateTime<Utc>>,
     /// Instants an older epoch started and has not finished: its process may still be running
     /// them (frozen, cut off), so the concurrency policy counts them until they must be over.

@@ -71,8 +71,11 @@ local epoch = tonumber(ARGV[1])
 local to = ARGV[4]
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 local record = redis.call('HGET', KEYS[2], ARGV[2])
-local state, owner = 'none', '0'
-if record then state, owner = string.match(record, '^(%S+) (%S+)') end
+local state, owner, holder = 'none', '0', ''
+if record then state, owner, holder = string.match(record, '^(%S+) (%S+) (.*)$') end
+-- The run is this leader's: its epoch and its name (without leader election every process has
+-- epoch 0, and a restarted one may have taken the claim over).
+local mine = owner == ARGV[1] and holder == ARGV[3]
 local final = to == 'succeeded' or to == 'failed'
 local function counts(verdict)
   local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed')
@@ -80,11 +83,11 @@ local function counts(verdict)
   return verdict
 end
 -- A run this epoch started is finished whatever happened since; anything else is fenced.
-if not (final and owner == ARGV[1]) and epoch < stored then return counts({'fenced', tostring(stored)}) end
+if not (final and mine) and epoch < stored then return counts({'fenced', tostring(stored)}) end
 if epoch > stored then redis.call('SET', KEYS[1], epoch) end
-local allowed = (to == 'started' and state == 'claimed' and owner == ARGV[1])
-  or (final and owner == ARGV[1] and (state == 'claimed' or state == 'started'))
-  or (to == 'missed' and (state == 'none' or (state == 'claimed' and owner == ARGV[1])))
+local allowed = (to == 'started' and state == 'claimed' and mine)
+  or (final and mine and (state == 'claimed' or state == 'started'))
+  or (to == 'missed' and (state == 'none' or (state == 'claimed' and mine)))
 if not allowed then return counts({'held', record or 'none 0 -'}) end
 redis.call('HSET', KEYS[2], ARGV[2], to .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
@@ -102,10 +105,12 @@ return counts({'accepted'})
 
 /// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder, `settle` or `keep`.
 /// Take-over of the task by a new leader: raises its epoch (or returns `{"fenced", EPOCH}`);
-/// runs an older epoch started are kept open (reported in flight) or, with `settle`, counted
-/// failed (their outcome is unknown; they are never run again). Returns `{"taken", NEWEST,
-/// runs, succeeded, failed, missed, N, UNSTARTED×N, IN_FLIGHT…}`: the newest instant on record
-/// (`""` if none), the claims an older epoch never started, and the runs it started.
+/// an earlier leader is an older epoch or, without leader election (every process in epoch 0),
+/// another process. Runs an earlier leader started are kept open (reported in flight) or, with
+/// `settle`, counted failed (their outcome is unknown; they are never run again); its claims
+/// that never started become this leader's. Returns `{"taken", NEWEST, runs, succeeded,
+/// failed, missed, N, UNSTARTED×N, IN_FLIGHT…}`: the newest instant on record (`""` if none),
+/// the claims taken over (run them), and the runs in flight.
 const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -114,9 +119,10 @@ redis.call('SET', KEYS[1], epoch)
 local unstarted, in_flight = {}, {}
 for _, instant in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   local record = redis.call('HGET', KEYS[2], instant)
-  local state, owner = 'none', '0'
-  if record then state, owner = string.match(record, '^(%S+) (%S+)') end
-  if tonumber(owner) < epoch then
+  local state, owner, holder = 'none', '0', ''
+  if record then state, owner, holder = string.match(record, '^(%S+) (%S+) (.*)$') end
+  -- An earlier leader: an older epoch, or (without leader election, epoch 0) another process.
+  if tonumber(owner) < epoch or (tonumber(owner) == epoch and holder ~= ARGV[2]) then
     if state == 'started' and ARGV[3] == 'keep' then
       table.insert(in_flight, instant)
     elseif state == 'started' then
@@ -125,6 +131,8 @@ for _, instant in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
       redis.call('ZREM', KEYS[5], instant)
     elseif state == 'claimed' then
+      -- Taken over in place: the earlier leader can no longer start it, this one will.
+      redis.call('HSET', KEYS[2], instant, 'claimed ' .. ARGV[1] .. ' ' .. ARGV[2])
       table.insert(unstarted, instant)
     else
       redis.call('ZREM', KEYS[5], instant)

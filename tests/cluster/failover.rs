@@ -33,10 +33,11 @@ struct Replica {
 
 impl Replica {
     fn start(ns: &str, name: &str, redis_url: &str, dir: &tempfile::TempDir) -> Replica {
-        Replica::start_with(ns, name, redis_url, dir, "", &test_env().kubeconfig)
+        Replica::start_with(ns, name, redis_url, dir, "", &test_env().kubeconfig, &[])
     }
 
-    /// With `extra` appended to the configuration file, against the apiserver of `kubeconfig`.
+    /// With `extra` appended to the configuration file and `env` set, against the apiserver
+    /// of `kubeconfig`.
     fn start_with(
         ns: &str,
         name: &str,
@@ -44,6 +45,7 @@ impl Replica {
         dir: &tempfile::TempDir,
         extra: &str,
         kubeconfig: &std::path::Path,
+        env: &[(&str, &str)],
     ) -> Replica {
         let config = dir.path().join(format!("{name}.yaml"));
         let yaml = format!(
@@ -61,6 +63,7 @@ impl Replica {
             .arg(&config)
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
+            .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::inherit())
@@ -294,8 +297,24 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes() {
     let redis = &test_env().redis_url;
     let two_workers = "max_workers: 2\n";
     let mut replicas = [
-        Replica::start_with(ns, "f0", redis, &dir, two_workers, &test_env().kubeconfig),
-        Replica::start_with(ns, "f1", redis, &dir, two_workers, &test_env().kubeconfig),
+        Replica::start_with(
+            ns,
+            "f0",
+            redis,
+            &dir,
+            two_workers,
+            &test_env().kubeconfig,
+            &[],
+        ),
+        Replica::start_with(
+            ns,
+            "f1",
+            redis,
+            &dir,
+            two_workers,
+            &test_env().kubeconfig,
+            &[],
+        ),
     ];
     let leader = leader_among(ns, &["f0", "f1"]).await;
     let frozen_at = replicas.iter().position(|r| r.name == leader).unwrap();
@@ -511,8 +530,8 @@ async fn an_apiserver_restart_repeats_nothing_and_catches_up_the_gap() {
     let redis = &test_env().redis_url;
     let kubeconfig = &plane.0.kubeconfig;
     let mut replicas = [
-        Replica::start_with(&ns, "s0", redis, &dir, "", kubeconfig),
-        Replica::start_with(&ns, "s1", redis, &dir, "", kubeconfig),
+        Replica::start_with(&ns, "s0", redis, &dir, "", kubeconfig, &[]),
+        Replica::start_with(&ns, "s1", redis, &dir, "", kubeconfig, &[]),
     ];
     eventually("a leader", || async {
         holder_in(client.clone(), &ns).await
@@ -638,4 +657,56 @@ async fn forbid_holds_across_a_failover_while_the_old_leader_may_still_run() {
     let hits = receiver.hits();
     instants(&hits, ns, "one-at-a-time");
     eprintln!("Forbid across a failover: the new leader's first run came {held:?} after it led");
+}
+
+#[tokio::test]
+async fn a_lone_replica_killed_and_restarted_takes_over_from_the_ledger() {
+    let setup = setup("ha-restart").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    // Calls take 2 s: when the replica dies, runs are in flight.
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(2),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    // One replica, the Redis ledger, no leader election: it leads from its first moment, before
+    // it knows any task.
+    let solo = [("SCHEDULER__LEADER_ELECTION__ENABLED", "false")];
+    let kubeconfig = &test_env().kubeconfig;
+    let mut first = Replica::start_with(ns, "first", redis, &dir, "", kubeconfig, &solo);
+    let spec = json!({
+        "schedule": {"cron": "* * * * * *"},
+        "catchUp": "All",
+        "concurrencyPolicy": "Allow",
+        "timeout": "5s",
+        "action": {"http": {"url": receiver.url("/restart"), "method": "POST"}},
+    });
+    create(api, "steady", spec).await;
+    eventually("runs in flight", || async {
+        (receiver.count() >= 4).then_some(())
+    })
+    .await;
+    first.kill();
+    // The new process takes each task over from the ledger as it learns it: the runs the dead
+    // one had in flight are counted once they cannot be running any more (5 s), never sent
+    // again, and the instants due meanwhile are caught up.
+    let mut second = Replica::start_with(ns, "second", redis, &dir, "", kubeconfig, &solo);
+    let status = status_where(api, "steady", "the dead replica's runs settled", |st| {
+        st.failed_runs >= 1
+    })
+    .await;
+    let resumed = receiver.count();
+    eventually("runs to resume", || async {
+        (receiver.count() >= resumed + 3).then_some(())
+    })
+    .await;
+    assert!(second.terminate().success(), "{}", second.logs());
+    let seen = instants(&receiver.hits(), ns, "steady");
+    assert_counted_once(api, "steady", &seen).await;
+    assert!(
+        status.failed_runs <= 3,
+        "only the runs in flight at the kill: {status:?}"
+    );
 }

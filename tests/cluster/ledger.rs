@@ -141,12 +141,14 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
         mark(ledger, &later, &old, Mark::Missed { count: 1 }).await,
         fenced
     );
-    // Its late report of the settled run changes nothing.
-    let late = mark(ledger, &started, &old, DONE).await;
-    assert_eq!(state(&late), Some(RunState::Failed));
+    // Its late report of the settled run is refused: counted once, as failed.
+    assert_eq!(mark(ledger, &started, &old, DONE).await, fenced);
 
-    // The new leader adopts the claim the old one never started, and runs it once.
-    assert_eq!(claim(ledger, &claimed, &new).await, Verdict::Accepted);
+    // The claim the old one never started is the new leader's now: it runs it once.
+    assert_eq!(
+        state(&claim(ledger, &claimed, &new).await),
+        Some(RunState::Claimed)
+    );
     assert_eq!(
         mark(ledger, &claimed, &new, Mark::Started).await,
         Verdict::Accepted
@@ -377,4 +379,40 @@ async fn the_ledger_works_on_a_three_master_redis_cluster() {
     let verdicts = join_all((0..20).map(|_| claim(&ledger, &run, &leader))).await;
     let won = verdicts.iter().filter(|v| **v == Verdict::Accepted).count();
     assert_eq!(won, 1, "{verdicts:?}");
+}
+
+#[tokio::test]
+async fn without_leader_election_a_restarted_process_takes_over_the_previous_one_s_runs() {
+    let ledger = ledger(4);
+    let task = task("solo");
+    // Every process of a replica without leader election is in epoch 0; its name tells them
+    // apart.
+    let (before, after) = (Term::single("before"), Term::single("after"));
+    let started = RunId::new(&task, at(0));
+    let claimed = RunId::new(&task, at(1));
+    claim(&ledger, &started, &before).await;
+    mark(&ledger, &started, &before, Mark::Started).await;
+    claim(&ledger, &claimed, &before).await;
+
+    let taken = ledger.take_over(&task, &after, false).await.unwrap();
+    assert_eq!(
+        taken.unstarted,
+        [at(1)],
+        "the unstarted claim is the new process's now"
+    );
+    assert_eq!(taken.in_flight, [at(0)]);
+    // The old process, were it still alive, can no longer start that claim.
+    let refused = mark(&ledger, &claimed, &before, Mark::Started).await;
+    assert_eq!(state(&refused), Some(RunState::Claimed));
+    assert_eq!(
+        mark(&ledger, &claimed, &after, Mark::Started).await,
+        Verdict::Accepted
+    );
+    // Two processes claiming the same instant in epoch 0 (a misconfiguration): one wins.
+    let race = RunId::new(&task, at(2));
+    assert_eq!(claim(&ledger, &race, &before).await, Verdict::Accepted);
+    assert_eq!(
+        state(&claim(&ledger, &race, &after).await),
+        Some(RunState::Claimed)
+    );
 }
