@@ -135,6 +135,11 @@ pub struct RedisConfig {
     pub db: u32,
     /// Password; printed as `<redacted>`.
     pub password: Option<Secret>,
+    /// A file holding the password (a mounted Secret), read at start; wins over `password`.
+    pub password_file: Option<PathBuf>,
+    /// A PEM file of the CA that signs the server's certificate, for `rediss://` with a
+    /// private CA; without it the web PKI roots are trusted.
+    pub ca_file: Option<PathBuf>,
     /// Connection pool size.
     #[serde(deserialize_with = "within::<_, _, 1, 10_000>")]
     pub max_connections: u32,
@@ -146,12 +151,28 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// `url`, else the URL that `host`, `port`, `db` and `password` make.
-    pub fn connection_url(&self) -> String {
+    /// `url`, else the URL that `host`, `port`, `db` and the password make; the password from
+    /// `password_file` when set (trailing newline removed), else `password`.
+    pub fn connection_url(&self) -> Result<String, ConfigError> {
         if let Some(url) = &self.url {
-            return url.expose().to_string();
+            return Ok(url.expose().to_string());
         }
-        let password = self.password.as_ref().map_or(String::new(), |password| {
+        let from_file = match &self.password_file {
+            Some(path) => Some(Secret(
+                std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError {
+                        problems: vec![format!(
+                            "redis.password_file: cannot read {}: {e}",
+                            path.display()
+                        )],
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            )),
+            None => None,
+        };
+        let password = from_file.as_ref().or(self.password.as_ref());
+        let password = password.map_or(String::new(), |password| {
             // Percent-encoded: a password may hold `@`, `/` or `:`.
             let encoded: String = password
                 .expose()
@@ -170,7 +191,10 @@ impl RedisConfig {
         } else {
             self.host.clone()
         };
-        format!("redis://{password}{host}:{}/{}", self.port, self.db)
+        Ok(format!(
+            "redis://{password}{host}:{}/{}",
+            self.port, self.db
+        ))
     }
 }
 
@@ -567,6 +591,14 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+impl From<String> for ConfigError {
+    fn from(problem: String) -> Self {
+        Self {
+            problems: vec![problem],
+        }
+    }
+}
 
 impl OperatorConfig {
     /// Loads the configuration: defaults, then `file` (YAML) when given, then the process's
@@ -1111,7 +1143,7 @@ mod tests {
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
                    leader_election, log, metrics, status, shutdown";
-        let redis = "url, host, port, db, password, max_connections, timeout, cluster";
+        let redis = "url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster";
         let cases = [
             (
                 file_err("max_worker: 3\n"),

@@ -80,7 +80,7 @@ pub async fn run(
     let redis = match config.backend_type {
         BackendType::Memory => None,
         BackendType::Redis => Some(Arc::new(
-            RedisLedger::new(&RedisSettings::from(&config.redis))
+            RedisLedger::new(&RedisSettings::from_config(&config.redis)?)
                 .map_err(|e| Error::Startup(format!("config: redis: {e}")))?,
         )),
     };

@@ -129,7 +129,7 @@ fn docs_list_every_key_with_its_variable_and_default() {
     let docs = std::fs::read_to_string(repo().join("docs/configuration.md"))
         .expect("read docs/configuration.md");
     let keys = default_leaves();
-    assert_eq!(keys.len(), 29, "{keys:?}");
+    assert_eq!(keys.len(), 31, "{keys:?}");
     for (key, default) in keys {
         let env = format!("SCHEDULER__{}", key.replace('.', "__").to_ascii_uppercase());
         let row = format!("| `{key}` | `{env}` | `{default}` |");
@@ -174,7 +174,7 @@ fn bad_key_in_a_file_exits_2_naming_the_key_path_and_file() {
         error.trim_end(),
         format!(
             "chronflow: config: redis.max_conection: unknown key \
-             (expected one of: url, host, port, db, password, max_connections, timeout, cluster) (in {})",
+             (expected one of: url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster) (in {})",
             path.display()
         )
     );
@@ -217,7 +217,7 @@ fn unknown_variable_exits_2_naming_it() {
     assert_eq!(
         error.trim_end(),
         "chronflow: config: redis.max_conection: unknown key \
-         (expected one of: url, host, port, db, password, max_connections, timeout, cluster) \
+         (expected one of: url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster) \
          (from SCHEDULER__REDIS__MAX_CONECTION)"
     );
 }

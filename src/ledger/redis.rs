@@ -26,7 +26,7 @@ use redis::Script;
 use futures::future::{BoxFuture, FutureExt};
 
 use super::{Counts, Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
-use crate::config::RedisConfig;
+use crate::config::{ConfigError, RedisConfig};
 use crate::leader::Term;
 use crate::run::{RunId, TaskKey};
 
@@ -157,19 +157,30 @@ pub struct RedisSettings {
     /// A Redis Cluster: the client learns the other nodes from the seed and routes each
     /// script to the node that holds its task's slot.
     pub cluster: bool,
+    /// PEM of the CA to trust for `rediss://` (else the web PKI roots).
+    pub ca: Option<Vec<u8>>,
     pub max_connections: usize,
     /// How long one ledger operation may take, connection checkout included.
     pub timeout: Duration,
 }
 
-impl From<&RedisConfig> for RedisSettings {
-    fn from(config: &RedisConfig) -> Self {
-        Self {
-            url: config.connection_url(),
+impl RedisSettings {
+    /// The settings `redis.*` make; reads the password and CA files.
+    pub fn from_config(config: &RedisConfig) -> Result<Self, ConfigError> {
+        let ca = match &config.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                let problem = format!("redis.ca_file: cannot read {}: {e}", path.display());
+                ConfigError::from(problem)
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            url: config.connection_url()?,
             cluster: config.cluster,
+            ca,
             max_connections: config.max_connections as usize,
             timeout: config.timeout,
-        }
+        })
     }
 }
 
@@ -194,7 +205,7 @@ impl RedisLedger {
     /// Redis is reachable).
     pub fn new(settings: &RedisSettings) -> Result<Self, LedgerError> {
         let wait = Some(settings.timeout);
-        let limits = Some(PoolConfig {
+        let limits = PoolConfig {
             max_size: settings.max_connections,
             timeouts: Timeouts {
                 wait,
@@ -202,15 +213,31 @@ impl RedisLedger {
                 recycle: wait,
             },
             ..PoolConfig::default()
-        });
+        };
         let runtime = Some(Runtime::Tokio1);
-        let pool = if settings.cluster {
+        let pool = if let Some(ca) = &settings.ca {
+            if settings.cluster {
+                return Err(redis_error(
+                    "a CA file (redis.ca_file) is not supported with cluster",
+                ));
+            }
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            };
+            let client = redis::Client::build_with_tls(settings.url.as_str(), certificates)
+                .map_err(redis_error)?;
+            let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+                .map_err(redis_error)?;
+            let builder = deadpool_redis::Pool::builder(manager).runtime(Runtime::Tokio1);
+            Pool::Single(builder.config(limits).build().map_err(redis_error)?)
+        } else if settings.cluster {
             let mut config = deadpool_redis::cluster::Config::from_urls(vec![settings.url.clone()]);
-            config.pool = limits;
+            config.pool = Some(limits);
             Pool::Cluster(config.create_pool(runtime).map_err(redis_error)?)
         } else {
             let mut config = Config::from_url(settings.url.clone());
-            config.pool = limits;
+            config.pool = Some(limits);
             Pool::Single(config.create_pool(runtime).map_err(redis_error)?)
         };
         Ok(Self {

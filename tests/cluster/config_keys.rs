@@ -224,7 +224,7 @@ impl Drop for PasswordRedis {
 }
 
 #[tokio::test]
-async fn redis_host_port_db_and_password_make_the_connection() {
+async fn redis_host_port_db_password_and_password_file_make_the_connection() {
     let port = free_address().port();
     let password = "p@ss:w/rd 1";
     let child = Command::new("redis-server")
@@ -250,7 +250,7 @@ async fn redis_host_port_db_and_password_make_the_connection() {
     };
     let run = RunId::new(&TaskKey::new("keys", "t"), Utc.timestamp_opt(0, 0).unwrap());
     let term = Term::single("test");
-    let ledger = RedisLedger::new(&RedisSettings::from(&config(password))).unwrap();
+    let ledger = RedisLedger::new(&RedisSettings::from_config(&config(password)).unwrap()).unwrap();
     let claimed = eventually("redis-server to answer", || async {
         ledger.claim(&run, &term).await.ok()
     })
@@ -269,8 +269,126 @@ async fn redis_host_port_db_and_password_make_the_connection() {
         .await
         .unwrap();
     assert!(!keys.is_empty(), "no ledger keys in database 5");
+    // The same password from a file (a mounted Secret, with its trailing newline).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let from_file = RedisConfig {
+        password: None,
+        password_file: Some(file),
+        ..config("ignored")
+    };
+    let ledger = RedisLedger::new(&RedisSettings::from_config(&from_file).unwrap()).unwrap();
+    let other = RunId::new(&TaskKey::new("keys", "t"), Utc.timestamp_opt(1, 0).unwrap());
+    assert_eq!(
+        ledger.claim(&other, &term).await.unwrap(),
+        Verdict::Accepted
+    );
     // A wrong password is an error, not a hang.
-    let wrong = RedisLedger::new(&RedisSettings::from(&config("nope"))).unwrap();
+    let wrong = RedisLedger::new(&RedisSettings::from_config(&config("nope")).unwrap()).unwrap();
     let error = wrong.claim(&run, &term).await.unwrap_err();
+    assert!(error.0.starts_with("redis: "), "{error}");
+}
+
+/// `openssl` in `dir`: a CA (`ca.crt`), and a certificate for 127.0.0.1 it signs
+/// (`server.crt`, `server.key`).
+fn certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=chronflow test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+}
+
+#[tokio::test]
+async fn redis_ca_file_trusts_a_private_ca_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let port = free_address().port();
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", "0", "--save", ""])
+        .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+        .args([
+            "--tls-cert-file",
+            &path("server.crt"),
+            "--tls-key-file",
+            &path("server.key"),
+        ])
+        .args(["--tls-ca-cert-file", &path("ca.crt")])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let _redis = PasswordRedis(child);
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let settings = |ca: Option<String>| {
+        let mut env = vec![("SCHEDULER__REDIS__URL".to_string(), url.clone())];
+        env.extend(ca.map(|ca| ("SCHEDULER__REDIS__CA_FILE".to_string(), ca)));
+        let config = chronflow::config::OperatorConfig::load_from(None, env).unwrap();
+        RedisSettings::from_config(&config.redis).unwrap()
+    };
+    let run = RunId::new(&TaskKey::new("tls", "t"), Utc.timestamp_opt(0, 0).unwrap());
+    let term = Term::single("test");
+    let trusting = RedisLedger::new(&settings(Some(path("ca.crt")))).unwrap();
+    let claimed = eventually("redis-server to answer over TLS", || async {
+        trusting.claim(&run, &term).await.ok()
+    })
+    .await;
+    assert_eq!(claimed, Verdict::Accepted);
+    // Without the CA, the server's certificate is not trusted.
+    let doubting = RedisLedger::new(&settings(None)).unwrap();
+    let error = doubting.claim(&run, &term).await.unwrap_err();
     assert!(error.0.starts_with("redis: "), "{error}");
 }

@@ -21,6 +21,7 @@ fn ledger(max_connections: usize) -> RedisLedger {
         max_connections,
         timeout: Duration::from_secs(5),
         cluster: false,
+        ca: None,
     })
     .expect("a ledger")
 }
@@ -300,6 +301,7 @@ async fn the_pool_never_opens_more_connections_than_its_size() {
         max_connections: 3,
         timeout: Duration::from_secs(5),
         cluster: false,
+        ca: None,
     })
     .unwrap();
     let task = task("pool");
@@ -348,6 +350,7 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout() {
         max_connections: 2,
         timeout: Duration::from_millis(500),
         cluster: false,
+        ca: None,
     })
     .unwrap();
     let started = std::time::Instant::now();
@@ -368,6 +371,7 @@ async fn the_ledger_works_on_a_three_master_redis_cluster() {
         max_connections: 4,
         timeout: Duration::from_secs(5),
         cluster: true,
+        ca: None,
     })
     .unwrap();
     // Twelve tasks: their hash tags spread over the three masters' slots.
