@@ -310,14 +310,27 @@ impl Engine {
         // A ledger that keeps records (it has counts) says where the previous leaders stopped:
         // resume right after, whatever this replica's idle timer reached. One that keeps none
         // (memory) knows nothing of other replicas: the timer stays where it is.
-        if answer.counts.is_some() {
+        let moved = answer.counts.is_some();
+        if moved {
             let floor = engine_task.catch_up_from.unwrap_or(*since).max(*since);
             let resume = answer.newest.map_or(floor, |newest| newest.max(floor));
             *next = engine_task.schedule.next_after(resume);
             *fire_at = next.map(|t| fire_time(&engine_task, t));
         }
+        let (next, since) = (*next, *since);
         if let Some(at) = *fire_at {
             self.timers.insert((at, task.key.clone()));
+        }
+        if moved {
+            let schedule = engine_task.schedule.describe();
+            self.report(
+                &task,
+                ScheduleState::Scheduled {
+                    schedule,
+                    next,
+                    since,
+                },
+            );
         }
         if !answer.in_flight.is_empty() {
             let runs = answer.in_flight.iter();
