@@ -202,15 +202,36 @@ fn without_line_end(value: &str) -> &str {
 }
 
 /// reqwest's Display shows only the outermost error ("error sending request"); the cause
-/// ("connection refused") is what a user needs in status.
+/// ("connection refused") is what a user needs in status. The URL is shown redacted: this
+/// message goes to status, Events and logs.
 fn describe_error(error: reqwest::Error) -> String {
+    let url = error.url().map(redacted_url);
+    let error = error.without_url();
     let mut message = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         message = format!("{message}: {cause}");
         source = cause.source();
     }
-    message
+    match url {
+        Some(url) => format!("{message} ({url})"),
+        None => message,
+    }
+}
+
+/// The URL without what may be secret: user info is dropped, a query (`?token=…`) replaced by
+/// `<redacted>`, a fragment dropped.
+pub fn redacted_url(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    // Only URLs that cannot have user info refuse these; they have none to hide.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_fragment(None);
+    if shown.query().is_some() {
+        shown.set_query(None);
+        return format!("{shown}?<redacted>");
+    }
+    shown.to_string()
 }
 
 #[cfg(test)]
@@ -226,6 +247,41 @@ mod tests {
         for bad in ["6xx", "99", "2x", "abc", "20xx", "600"] {
             assert!(SuccessCodes::parse(&[bad.into()]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn urls_in_messages_lose_user_info_query_and_fragment() {
+        let cases = [
+            ("http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook"),
+            (
+                "https://user:pw@api.example/hook?token=abc123#frag",
+                "https://api.example/hook?<redacted>",
+            ),
+            ("http://token@api.example/", "http://api.example/"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redacted_url(&url.parse().unwrap()), shown, "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_names_the_url_without_its_secrets() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://user:pw@127.0.0.1:{port}/hook?token=abc123");
+        let error = client.get(url).send().await.unwrap_err();
+        let message = describe_error(error);
+        assert!(
+            !message.contains("abc123") && !message.contains("pw"),
+            "{message}"
+        );
+        let expected = format!("(http://127.0.0.1:{port}/hook?<redacted>)");
+        assert!(message.contains(&expected), "{message}");
     }
 
     #[test]

@@ -17,3 +17,4 @@ mod load;
 mod logging;
 mod observability;
 mod operator;
+mod tenant;
