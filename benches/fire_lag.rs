@@ -60,6 +60,7 @@ async fn main() {
             headers: Vec::new(),
             body: None,
             success_codes: SuccessCodes::parse(&[]).expect("default codes"),
+            follow_redirects: chronflow::policy::FollowRedirects::Never,
         };
         handle
             .upsert(EngineTask {

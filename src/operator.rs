@@ -104,9 +104,7 @@ pub async fn run(
         }
     };
 
-    let http = reqwest::Client::builder()
-        .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
-        .build()
+    let http = crate::executor::http::client()
         .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
     let secrets = Arc::new(KubeSecrets {
         client: client.clone(),

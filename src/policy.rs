@@ -31,6 +31,19 @@ pub enum CatchUpPolicy {
     All,
 }
 
+/// Whether an HTTP action follows a redirect (a 3xx answer with a `Location`).
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum FollowRedirects {
+    /// Never: the run fails, naming where it was sent.
+    #[default]
+    Never,
+    /// Only to the same origin (scheme, host and port), with the same method, headers and body
+    /// (a 303 becomes a GET without body); at most 10 in a row.
+    SameOrigin,
+}
+
 /// How the delay between attempts grows.
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,

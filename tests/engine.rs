@@ -44,6 +44,7 @@ fn task(
                 headers: vec![("X-Test".into(), HeaderValue::Literal("1".into()))],
                 body: None,
                 success_codes: SuccessCodes::parse(&[]).unwrap(),
+                follow_redirects: chronflow::policy::FollowRedirects::Never,
             }),
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),

@@ -366,7 +366,7 @@ mod tests {
             client: client.clone(),
         });
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::new();
+        let http = crate::executor::http::client().unwrap();
         let ledger = memory_ledger();
         let (executor, _) =
             Executor::new(config, sink.clone(), clock, http, secrets, ledger.clone());

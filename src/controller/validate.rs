@@ -321,6 +321,7 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
                 headers,
                 body: http.body.clone(),
                 success_codes,
+                follow_redirects: http.follow_redirects,
             };
             Ok((Action::Http(action), secret_refs))
         }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schema;
 use super::status::ChronTaskStatus;
-use crate::policy::{Backoff, CatchUpPolicy, ConcurrencyPolicy};
+use crate::policy::{Backoff, CatchUpPolicy, ConcurrencyPolicy, FollowRedirects};
 
 /// Duration as users write it: one or more `<integer><unit>` parts, units `d h m s ms`, largest first.
 pub const DURATION_PATTERN: &str = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$";
@@ -248,6 +248,11 @@ pub struct HttpAction {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub body: Option<String>,
+
+    /// Whether a redirect is followed: `Never` (default: the run fails, naming the
+    /// `Location`) or `SameOrigin`. Header values never leave the URL's origin.
+    #[serde(default)]
+    pub follow_redirects: FollowRedirects,
 
     /// Status codes that count as success: exact codes (`204`) or classes (`2xx`).
     #[serde(default = "default_success_codes")]

@@ -781,7 +781,7 @@ mod tests {
             queue_size: 100,
             log_success: false,
         };
-        let http = reqwest::Client::new();
+        let http = crate::executor::http::client().unwrap();
         let (executor, executor_task) = Executor::new(
             config,
             sink.clone(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::future::BoxFuture;
 
+use crate::policy::FollowRedirects;
 use crate::run::RunId;
 
 /// Header carrying the run id (`<namespace>/<name>@<instant>`), the same for every attempt.
@@ -44,6 +45,19 @@ pub struct HttpAction {
     pub headers: Vec<(String, HeaderValue)>,
     pub body: Option<String>,
     pub success_codes: SuccessCodes,
+    pub follow_redirects: FollowRedirects,
+}
+
+/// The most redirects followed in a row.
+const MAX_REDIRECTS: usize = 10;
+
+/// The client HTTP actions are sent with. It follows no redirect by itself: [`attempt`]
+/// decides, per task, so header values never go to another origin.
+pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 /// Where a header's value comes from.
@@ -140,16 +154,7 @@ pub async fn attempt(
     action: &HttpAction,
     attempt: Attempt<'_>,
 ) -> Result<String, String> {
-    let mut request = client
-        .request(action.method.clone(), action.url.clone())
-        .header(IDEMPOTENCY_KEY, attempt.run_id.as_str())
-        .header(
-            SCHEDULED_TIME,
-            attempt
-                .scheduled
-                .to_rfc3339_opts(SecondsFormat::AutoSi, true),
-        )
-        .header(ATTEMPT, attempt.number);
+    let mut headers = Vec::with_capacity(action.headers.len());
     for (name, value) in &action.headers {
         let header_name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("header {name:?} is not a valid header name"))?;
@@ -174,18 +179,67 @@ pub async fn attempt(
                 header_value
             }
         };
-        request = request.header(header_name, header_value);
+        headers.push((header_name, header_value));
     }
-    if let Some(body) = &action.body {
-        request = request.body(body.clone());
+    let (mut method, mut url, mut body) = (
+        action.method.clone(),
+        action.url.clone(),
+        action.body.clone(),
+    );
+    for hop in 0..=MAX_REDIRECTS {
+        let mut request = client
+            .request(method.clone(), url.clone())
+            .header(IDEMPOTENCY_KEY, attempt.run_id.as_str())
+            .header(
+                SCHEDULED_TIME,
+                attempt
+                    .scheduled
+                    .to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            )
+            .header(ATTEMPT, attempt.number);
+        for (name, value) in &headers {
+            request = request.header(name.clone(), value.clone());
+        }
+        if let Some(body) = &body {
+            request = request.body(body.clone());
+        }
+        let response = request.send().await.map_err(describe_error)?;
+        let status = response.status().as_u16();
+        if action.success_codes.matches(status) {
+            return Ok(format!("HTTP {status}"));
+        }
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|location| location.to_str().ok())
+            .and_then(|location| url.join(location).ok());
+        let Some(location) = location.filter(|_| response.status().is_redirection()) else {
+            return Err(format!("HTTP {status}"));
+        };
+        let shown = redacted_url(&location);
+        if action.follow_redirects == FollowRedirects::Never {
+            return Err(format!(
+                "HTTP {status}: redirected to {shown} (not followed: followRedirects is Never)"
+            ));
+        }
+        // Header values (Secrets among them) never leave the origin they were meant for.
+        if location.origin() != action.url.origin() {
+            return Err(format!(
+                "HTTP {status}: redirected to another origin, {shown} (not followed: \
+                 followRedirects is SameOrigin)"
+            ));
+        }
+        if hop == MAX_REDIRECTS {
+            return Err(format!(
+                "HTTP {status}: more than {MAX_REDIRECTS} redirects"
+            ));
+        }
+        if status == 303 {
+            (method, body) = (reqwest::Method::GET, None);
+        }
+        url = location;
     }
-    let response = request.send().await.map_err(describe_error)?;
-    let status = response.status().as_u16();
-    if action.success_codes.matches(status) {
-        Ok(format!("HTTP {status}"))
-    } else {
-        Err(format!("HTTP {status}"))
-    }
+    Err(format!("more than {MAX_REDIRECTS} redirects"))
 }
 
 /// Completes "the value … " when a header value has bytes HTTP cannot carry.
@@ -339,10 +393,121 @@ mod tests {
         (url.parse().unwrap(), served)
     }
 
+    /// A server on loopback that answers its next connections with `answers` (each closes its
+    /// connection), and returns every request head it read (and the body, for a POST).
+    async fn serve(answers: Vec<String>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let served = tokio::spawn(async move {
+            let mut requests = Vec::new();
+            for answer in answers {
+                let Ok(Ok((mut socket, _))) =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), listener.accept())
+                        .await
+                else {
+                    break;
+                };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                let read = socket.read(&mut buffer).await.unwrap();
+                request.extend_from_slice(&buffer[..read]);
+                socket.write_all(answer.as_bytes()).await.unwrap();
+                requests.push(String::from_utf8(request).unwrap());
+            }
+            requests
+        });
+        (base, served)
+    }
+
+    fn redirect(status: &str, location: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\nlocation: {location}\r\ncontent-length: 0\r\n\
+             connection: close\r\n\r\n"
+        )
+    }
+
+    const NO_CONTENT: &str =
+        "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_by_default_and_the_target_gets_nothing() {
+        let (target, target_saw) = serve(vec![NO_CONTENT.into()]).await;
+        let elsewhere = format!("{target}/stolen?token=abc");
+        let (base, _) = serve(vec![redirect("302 Found", &elsewhere)]).await;
+        let url = format!("{base}/hook").parse().unwrap();
+        let error = send(url, ("Authorization", from_secret()), "s3cr3t")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            format!(
+                "HTTP 302: redirected to {target}/stolen?<redacted> (not followed: \
+                 followRedirects is Never)"
+            )
+        );
+        assert!(
+            target_saw.await.unwrap().is_empty(),
+            "the target was called"
+        );
+    }
+
+    #[tokio::test]
+    async fn same_origin_follows_with_method_headers_and_body_but_never_to_another_origin() {
+        let (base, saw) = serve(vec![
+            redirect("307 Temporary Redirect", "/next"),
+            NO_CONTENT.into(),
+        ])
+        .await;
+        let url: reqwest::Url = format!("{base}/hook").parse().unwrap();
+        let same = FollowRedirects::SameOrigin;
+        let header = ("Authorization", from_secret());
+        assert_eq!(
+            send_following(url, header, "s3cr3t", same).await,
+            Ok("HTTP 204".into())
+        );
+        let requests = saw.await.unwrap();
+        assert_eq!(requests.len(), 2);
+        let followed = &requests[1];
+        assert!(followed.starts_with("POST /next "), "{followed}");
+        assert!(
+            followed
+                .to_ascii_lowercase()
+                .contains("authorization: s3cr3t"),
+            "{followed}"
+        );
+
+        // Another port is another origin: not followed, the secret stays home.
+        let (target, target_saw) = serve(vec![NO_CONTENT.into()]).await;
+        let (base, _) = serve(vec![redirect(
+            "308 Permanent Redirect",
+            &format!("{target}/x"),
+        )])
+        .await;
+        let url = format!("{base}/hook").parse().unwrap();
+        let header = ("Authorization", from_secret());
+        let error = send_following(url, header, "s3cr3t", same)
+            .await
+            .unwrap_err();
+        assert!(error.contains("redirected to another origin"), "{error}");
+        assert!(
+            target_saw.await.unwrap().is_empty(),
+            "another origin was called"
+        );
+    }
+
     async fn send(
         url: reqwest::Url,
         header: (&str, HeaderValue),
         secret: &'static str,
+    ) -> Result<String, String> {
+        send_following(url, header, secret, FollowRedirects::Never).await
+    }
+
+    async fn send_following(
+        url: reqwest::Url,
+        header: (&str, HeaderValue),
+        secret: &'static str,
+        follow_redirects: FollowRedirects,
     ) -> Result<String, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let secrets: Arc<dyn SecretSource> =
@@ -351,12 +516,13 @@ mod tests {
             url,
             method: reqwest::Method::POST,
             headers: vec![(header.0.to_string(), header.1)],
-            body: None,
+            body: Some("payload".into()),
             success_codes: SuccessCodes::parse(&[]).unwrap(),
+            follow_redirects,
         };
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
-        let client = reqwest::Client::new();
+        let client = client().unwrap();
         let one = Attempt {
             namespace: "ns",
             run_id: &run_id,

@@ -834,6 +834,7 @@ pub(crate) mod fixtures {
                 headers: Vec::new(),
                 body: None,
                 success_codes: http::SuccessCodes::parse(&[]).unwrap(),
+                follow_redirects: crate::policy::FollowRedirects::Never,
             }),
             timeout,
             retry: RetryPolicy::default(),
@@ -863,7 +864,7 @@ mod tests {
             config,
             Arc::new(tx),
             Clock::System,
-            reqwest::Client::new(),
+            http::client().unwrap(),
             Arc::new(NoSecrets),
             fixtures::memory_ledger(),
         );

@@ -64,7 +64,7 @@ impl Core {
             config,
             sink.clone(),
             Clock::System,
-            reqwest::Client::new(),
+            chronflow::executor::http::client().expect("an HTTP client"),
             Arc::new(NoSecrets),
             ledger.clone(),
         );

@@ -70,6 +70,25 @@ impl Receiver {
         }
     }
 
+    /// A receiver that records each request like [`Receiver::start`], then answers
+    /// `302 Found` with `Location: location`.
+    pub async fn redirecting(location: String) -> Receiver {
+        let shared = Arc::new(Shared::default());
+        let app = axum::Router::new()
+            .route("/{*path}", any(redirect))
+            .with_state((shared.clone(), location));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Receiver {
+            addr,
+            shared,
+            _server: server,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -88,17 +107,39 @@ impl Receiver {
     }
 }
 
+async fn redirect(
+    State((shared, location)): State<(Arc<Shared>, String)>,
+    headers: HeaderMap,
+) -> (StatusCode, [(axum::http::HeaderName, String); 1]) {
+    shared.hits.lock().unwrap().push(hit(&headers));
+    (
+        StatusCode::FOUND,
+        [(axum::http::header::LOCATION, location)],
+    )
+}
+
 async fn handle(
     State((shared, behavior)): State<(Arc<Shared>, Behavior)>,
     headers: HeaderMap,
 ) -> StatusCode {
+    shared.hits.lock().unwrap().push(hit(&headers));
+    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    // Counts down even when the client gives up and the request is dropped mid-delay.
+    let _guard = InFlight(&shared.in_flight);
+    tokio::time::sleep(behavior.delay).await;
+    StatusCode::from_u16(behavior.status).unwrap()
+}
+
+/// What the receiver records of a request.
+fn hit(headers: &HeaderMap) -> Hit {
     let header = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let hit = Hit {
+    Hit {
         idempotency_key: header("idempotency-key").unwrap_or_default(),
         scheduled: header("x-chronflow-scheduled-time")
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
@@ -109,14 +150,7 @@ async fn handle(
             .unwrap_or(0),
         arrived: Utc::now(),
         authorization: header("authorization"),
-    };
-    shared.hits.lock().unwrap().push(hit);
-    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    // Counts down even when the client gives up and the request is dropped mid-delay.
-    let _guard = InFlight(&shared.in_flight);
-    tokio::time::sleep(behavior.delay).await;
-    StatusCode::from_u16(behavior.status).unwrap()
+    }
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
