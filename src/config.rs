@@ -78,6 +78,18 @@ pub struct OperatorConfig {
     /// Behaviour on SIGTERM.
     #[serde(deserialize_with = "section")]
     pub shutdown: ShutdownConfig,
+    /// Secrets that tasks' headers read.
+    #[serde(deserialize_with = "section")]
+    pub secrets: SecretsConfig,
+}
+
+/// Secrets that tasks' headers read (only those labeled `chronflow.io/usable-by-tasks=true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// How long a Secret read is reused before it is read again (0s: at every attempt).
+    #[serde(with = "duration_serde")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for OperatorConfig {
@@ -107,6 +119,7 @@ section_defaults!(
     metrics: MetricsConfig,
     status: StatusConfig,
     shutdown: ShutdownConfig,
+    secrets: SecretsConfig,
 );
 
 /// Where run deduplication state lives.
@@ -731,6 +744,14 @@ impl OperatorConfig {
             expected,
             format_duration(flush),
         );
+        let ttl = self.secrets.cache_ttl;
+        let expected = "a duration of at most 1h";
+        problems.expect(
+            ttl <= MAX_PERIOD,
+            "secrets.cache_ttl",
+            expected,
+            format_duration(ttl),
+        );
         let grace = self.shutdown.grace_period;
         let expected = "a duration of at most 1h";
         let ok = grace <= MAX_PERIOD;
@@ -1142,7 +1163,7 @@ mod tests {
     #[test]
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
-                   leader_election, log, metrics, status, shutdown";
+                   leader_election, log, metrics, status, shutdown, secrets";
         let redis = "url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster";
         let cases = [
             (

@@ -106,9 +106,7 @@ pub async fn run(
 
     let http = crate::executor::http::client()
         .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
-    let secrets = Arc::new(KubeSecrets {
-        client: client.clone(),
-    });
+    let secrets = Arc::new(KubeSecrets::new(client.clone(), config.secrets.cache_ttl));
     let executor_config = ExecutorConfig {
         max_workers: config.max_workers,
         queue_size: config.queue_size,

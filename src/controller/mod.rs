@@ -6,7 +6,7 @@
 
 pub mod validate;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -186,6 +186,7 @@ async fn check_secrets(
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
     for (name, key) in refs {
         match api.get_opt(name).await {
+            Ok(Some(secret)) if !opted_in(&secret) => return Ok(Err(Invalid(not_opted_in(name)))),
             Ok(Some(secret)) if has_key(&secret, key) => {}
             Ok(Some(_)) => return Ok(Err(Invalid(format!("Secret {name} has no key {key:?}")))),
             Ok(None) => {
@@ -292,8 +293,74 @@ async fn prune(ctx: &Context, namespace: Option<String>, store: &Store<GuardedTa
 }
 
 /// Reads header values from Secrets with the operator's own permissions.
+/// The label a Secret must carry before a ChronTask may use it: whoever may create a
+/// ChronTask may not be allowed to read every Secret of the namespace, and chronflow, which
+/// reads them, must not be their way around it.
+pub const USABLE_BY_TASKS: &str = "chronflow.io/usable-by-tasks";
+
+/// Why a Secret without the opt-in label cannot be used, and how to opt in.
+fn not_opted_in(name: &str) -> String {
+    format!(
+        "Secret {name} is not labeled {USABLE_BY_TASKS}=true; a ChronTask may only use Secrets \
+         that opt in (kubectl label secret {name} {USABLE_BY_TASKS}=true)"
+    )
+}
+
+fn opted_in(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(USABLE_BY_TASKS))
+        .is_some_and(|value| value == "true")
+}
+
+/// How long one Secret read may take.
+const SECRET_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads header values from Secrets by name (RBAC `get` only: never list or watch, so the
+/// operator cannot enumerate them), each Secret kept for `cache_ttl` so a task firing every
+/// second costs one read per lifetime, not one per attempt.
 pub struct KubeSecrets {
-    pub client: Client,
+    client: Client,
+    cache_ttl: Duration,
+    cache: std::sync::Mutex<SecretCache>,
+}
+
+/// (namespace, name) → when it was read, and what.
+type SecretCache = HashMap<(String, String), (tokio::time::Instant, Arc<Secret>)>;
+
+impl KubeSecrets {
+    pub fn new(client: Client, cache_ttl: Duration) -> Self {
+        Self {
+            client,
+            cache_ttl,
+            cache: Default::default(),
+        }
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Arc<Secret>, String> {
+        let id = (namespace.to_string(), name.to_string());
+        let now = tokio::time::Instant::now();
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.retain(|_, (at, _)| now.duration_since(*at) < self.cache_ttl);
+            if let Some((_, secret)) = cache.get(&id) {
+                return Ok(secret.clone());
+            }
+        }
+        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        let secret = tokio::time::timeout(SECRET_READ_TIMEOUT, api.get(name))
+            .await
+            .map_err(|_| format!("cannot read Secret {name}: no answer within 5s"))?
+            .map_err(|e| format!("cannot read Secret {name}: {e}"))?;
+        let secret = Arc::new(secret);
+        if !self.cache_ttl.is_zero() {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.insert(id, (now, secret.clone()));
+        }
+        Ok(secret)
+    }
 }
 
 impl SecretSource for KubeSecrets {
@@ -304,15 +371,17 @@ impl SecretSource for KubeSecrets {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Redacted, String>> {
         Box::pin(async move {
-            let secret = Api::<Secret>::namespaced(self.client.clone(), namespace)
-                .get(name)
-                .await
-                .map_err(|e| format!("cannot read Secret {name}: {e}"))?;
+            let secret = self.secret(namespace, name).await?;
+            // Checked at each use too: the label may have been removed since validation.
+            if !opted_in(&secret) {
+                return Err(not_opted_in(name));
+            }
             let bytes = secret
                 .data
-                .and_then(|mut d| d.remove(key))
+                .as_ref()
+                .and_then(|d| d.get(key))
                 .ok_or_else(|| format!("Secret {name} has no key {key:?}"))?;
-            String::from_utf8(bytes.0)
+            String::from_utf8(bytes.0.clone())
                 .map(Redacted)
                 .map_err(|_| format!("Secret {name} key {key:?} is not UTF-8 text"))
         })
@@ -362,9 +431,7 @@ mod tests {
             queue_size: 1,
             log_success: false,
         };
-        let secrets = Arc::new(KubeSecrets {
-            client: client.clone(),
-        });
+        let secrets = Arc::new(KubeSecrets::new(client.clone(), Duration::from_secs(10)));
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = crate::executor::http::client().unwrap();
         let ledger = memory_ledger();

@@ -73,7 +73,7 @@ async fn two_tasks(prefix: &str, log: &str) -> (String, String) {
     })
     .await;
     let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "token"}, "stringData": {"token": SECRET_VALUE}}))
+        "metadata": {"name": "token", "labels": {"chronflow.io/usable-by-tasks": "true"}}, "stringData": {"token": SECRET_VALUE}}))
     .unwrap();
     Api::<Secret>::namespaced(test_env().client().await, &s.ns)
         .create(&PostParams::default(), &secret)

@@ -400,7 +400,7 @@ async fn secret_headers_are_sent_and_deleting_a_task_stops_its_calls() {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(test_env().client().await, &s.ns);
     let secret = serde_json::from_value(json!({
-        "metadata": {"name": "api-token"}, "stringData": {"token": "Bearer s3cr3t"}
+        "metadata": {"name": "api-token", "labels": {"chronflow.io/usable-by-tasks": "true"}}, "stringData": {"token": "Bearer s3cr3t"}
     }))
     .unwrap();
     secrets

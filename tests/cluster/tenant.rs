@@ -60,7 +60,7 @@ async fn a_redirect_to_another_port_never_receives_a_header_value() {
     let s = setup("tenant-redirect").await;
     let client = test_env().client().await;
     let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "token"}, "stringData": {"token": "s3cr3t-value"}}))
+        "metadata": {"name": "token", "labels": {"chronflow.io/usable-by-tasks": "true"}}, "stringData": {"token": "s3cr3t-value"}}))
     .unwrap();
     Api::<Secret>::namespaced(client, &s.ns)
         .create(&PostParams::default(), &secret)
@@ -97,4 +97,115 @@ async fn a_redirect_to_another_port_never_receives_a_header_value() {
         "the header went to the task's own URL"
     );
     assert_eq!(elsewhere.count(), 0, "the other port was called");
+}
+
+/// A Secret named `name` with `token: value`, labeled for tasks or not.
+async fn secret(ns: &str, name: &str, value: &str, usable: bool) {
+    let labels = if usable {
+        json!({"chronflow.io/usable-by-tasks": "true"})
+    } else {
+        json!({})
+    };
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels}, "stringData": {"token": value}}))
+    .unwrap();
+    let api = Api::<Secret>::namespaced(test_env().client().await, ns);
+    match api.get_opt(name).await.unwrap() {
+        None => {
+            api.create(&PostParams::default(), &secret).await.unwrap();
+        }
+        Some(_) => {
+            let patch = kube::api::Patch::Merge(json!({"stringData": {"token": value}}));
+            api.patch(name, &kube::api::PatchParams::default(), &patch)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn header_task(url: String, secret: &str) -> serde_json::Value {
+    json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": url, "headers": [
+        {"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}}]}}})
+}
+
+#[tokio::test]
+async fn only_opted_in_secrets_are_read_and_a_rotation_shows_within_the_cache_ttl() {
+    // One operator caches Secrets for an hour, the other reads them at every attempt.
+    let cached = setup("tenant-cached").await;
+    let fresh = setup("tenant-fresh").await;
+    let hour = std::time::Duration::from_secs(3600);
+    let client = test_env().client().await;
+    let _cached_operator =
+        Operator::start_with(&cached.ns, client.clone(), |c| c.secrets.cache_ttl = hour).await;
+    let _fresh_operator = Operator::start_with(&fresh.ns, client, |c| {
+        c.secrets.cache_ttl = std::time::Duration::ZERO;
+    })
+    .await;
+    let (cached_hits, fresh_hits) = (
+        Receiver::start(Behavior::default()).await,
+        Receiver::start(Behavior::default()).await,
+    );
+    for (s, receiver) in [(&cached, &cached_hits), (&fresh, &fresh_hits)] {
+        secret(&s.ns, "token", "v1", true).await;
+        create(
+            &s.api,
+            "uses-token",
+            header_task(receiver.url("/t"), "token"),
+        )
+        .await;
+    }
+    // A Secret that did not opt in is never read for a task: the task is Invalid and says how.
+    secret(&cached.ns, "plain", "never-sent", false).await;
+    create(
+        &cached.api,
+        "uses-plain",
+        header_task(cached_hits.url("/plain"), "plain"),
+    )
+    .await;
+    let status = status_where(&cached.api, "uses-plain", "Invalid", |st| {
+        st.phase == Some(chronflow::crd::Phase::Invalid)
+    })
+    .await;
+    let message = status.message.unwrap_or_default();
+    let how = "kubectl label secret plain chronflow.io/usable-by-tasks=true";
+    assert!(message.contains(how), "{message}");
+
+    for receiver in [&cached_hits, &fresh_hits] {
+        eventually("a call with v1", || async {
+            (receiver
+                .hits()
+                .iter()
+                .any(|h| h.authorization.as_deref() == Some("v1")))
+            .then_some(())
+        })
+        .await;
+    }
+    for s in [&cached, &fresh] {
+        secret(&s.ns, "token", "v2", true).await;
+    }
+    let rotated = std::time::Instant::now();
+    eventually("the rotated value without a cache", || async {
+        (fresh_hits
+            .hits()
+            .iter()
+            .any(|h| h.authorization.as_deref() == Some("v2")))
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let cached_calls = cached_hits.hits();
+    assert!(
+        cached_calls
+            .iter()
+            .all(|h| h.authorization.as_deref() == Some("v1")),
+        "within cache_ttl the cached value is used ({:?} after the rotation)",
+        rotated.elapsed()
+    );
+    assert!(cached_calls.len() >= 3);
+    assert!(
+        cached_calls
+            .iter()
+            .all(|h| h.authorization.as_deref() != Some("never-sent")),
+        "a Secret that did not opt in was sent"
+    );
 }
