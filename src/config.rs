@@ -81,6 +81,21 @@ pub struct OperatorConfig {
     /// Secrets that tasks' headers read.
     #[serde(deserialize_with = "section")]
     pub secrets: SecretsConfig,
+    /// Where HTTP actions may connect.
+    #[serde(deserialize_with = "section")]
+    pub http: HttpConfig,
+}
+
+/// Where HTTP actions may connect, checked on the resolved address at connect time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Networks no action may reach (cloud metadata, link-local, ...).
+    #[serde(deserialize_with = "networks")]
+    pub deny_cidrs: Vec<ipnet::IpNet>,
+    /// When not empty, the only networks actions may reach (still minus `deny_cidrs`).
+    #[serde(deserialize_with = "networks")]
+    pub allow_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Secrets that tasks' headers read (only those labeled `chronflow.io/usable-by-tasks=true`).
@@ -120,6 +135,7 @@ section_defaults!(
     status: StatusConfig,
     shutdown: ShutdownConfig,
     secrets: SecretsConfig,
+    http: HttpConfig,
 );
 
 /// Where run deduplication state lives.
@@ -515,6 +531,27 @@ fn namespace_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Name
         }
     }
     deserializer.deserialize_any(List)
+}
+
+/// CIDR networks (`10.0.0.0/8`, `fd00:ec2::254/128`), as a list or comma-separated text.
+fn networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let value: Value = Deserialize::deserialize(deserializer)?;
+    let texts = match value {
+        Value::String(_, text) => text.split(',').map(|t| t.trim().to_string()).collect(),
+        value => {
+            Vec::<String>::deserialize(&value).map_err(|e| de::Error::custom(reason(&e.kind)))?
+        }
+    };
+    let texts = texts.into_iter().filter(|text| !text.is_empty());
+    texts
+        .map(|text| {
+            text.parse().map_err(|_| {
+                de::Error::custom(format!(
+                    "expected a network such as 10.0.0.0/8 or fd00::/8, got {text:?}"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// A section: a mapping, or null (every key commented out) for the defaults.
@@ -1163,7 +1200,7 @@ mod tests {
     #[test]
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
-                   leader_election, log, metrics, status, shutdown, secrets";
+                   leader_election, log, metrics, status, shutdown, secrets, http";
         let redis = "url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster";
         let cases = [
             (
@@ -1274,6 +1311,10 @@ mod tests {
             (
                 "log:\n  level: [info]\n",
                 "log.level: expected text, got a list",
+            ),
+            (
+                "http:\n  deny_cidrs: [10.0.0.0/33]\n",
+                "http.deny_cidrs: expected a network such as 10.0.0.0/8 or fd00::/8, got \"10.0.0.0/33\"",
             ),
             (
                 "metrics:\n  bind: localhost:8080\n",

@@ -19,6 +19,7 @@ use crate::config::BackendType;
 use crate::config::OperatorConfig;
 use crate::controller::{self, Context, KubeSecrets};
 use crate::engine::{Engine, EngineParts};
+use crate::executor::http::{AddressPolicy, HttpClient};
 use crate::executor::{Executor, ExecutorConfig};
 use crate::leader::{Elector, Term, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RecordMissed, RedisLedger, RedisSettings};
@@ -104,7 +105,11 @@ pub async fn run(
         }
     };
 
-    let http = crate::executor::http::client()
+    let policy = AddressPolicy {
+        deny: config.http.deny_cidrs.clone(),
+        allow: config.http.allow_cidrs.clone(),
+    };
+    let http = HttpClient::new(policy)
         .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
     let secrets = Arc::new(KubeSecrets::new(client.clone(), config.secrets.cache_ttl));
     let executor_config = ExecutorConfig {

@@ -77,7 +77,10 @@ fn leaves(value: &Value, prefix: &str, out: &mut Vec<(String, String)>) {
             Value::Bool(flag) => out.push((key, flag.to_string())),
             Value::Number(number) => out.push((key, number.to_string())),
             Value::String(text) => out.push((key, text.clone())),
-            Value::Sequence(items) if items.is_empty() => out.push((key, "[]".into())),
+            Value::Sequence(items) => {
+                let items: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
+                out.push((key, format!("[{}]", items.join(", "))));
+            }
             other => panic!("unexpected default for {key}: {other:?}"),
         }
     }
@@ -129,7 +132,7 @@ fn docs_list_every_key_with_its_variable_and_default() {
     let docs = std::fs::read_to_string(repo().join("docs/configuration.md"))
         .expect("read docs/configuration.md");
     let keys = default_leaves();
-    assert_eq!(keys.len(), 32, "{keys:?}");
+    assert_eq!(keys.len(), 34, "{keys:?}");
     for (key, default) in keys {
         let env = format!("SCHEDULER__{}", key.replace('.', "__").to_ascii_uppercase());
         let row = format!("| `{key}` | `{env}` | `{default}` |");

@@ -2,6 +2,7 @@
 //! scheduled instant, so receivers can dedup retries and replays themselves.
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -51,13 +52,98 @@ pub struct HttpAction {
 /// The most redirects followed in a row.
 const MAX_REDIRECTS: usize = 10;
 
-/// The client HTTP actions are sent with. It follows no redirect by itself: [`attempt`]
-/// decides, per task, so header values never go to another origin.
-pub fn client() -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
+/// Where actions may connect (`http.deny_cidrs`, `http.allow_cidrs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressPolicy {
+    pub deny: Vec<ipnet::IpNet>,
+    /// Empty: anywhere not denied.
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+impl AddressPolicy {
+    /// `Err` says why `ip` may not be reached, naming the setting.
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        if let Some(net) = self.deny.iter().find(|net| net.contains(&ip)) {
+            return Err(format!(
+                "the address {ip} is not allowed (http.deny_cidrs has {net})"
+            ));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)) {
+            return Err(format!(
+                "the address {ip} is not allowed (not in http.allow_cidrs)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Resolves host names, then keeps only the addresses the policy allows: a name that points at
+/// a denied address is refused at connect time, whatever it resolved to when the task was made.
+struct Guarded(Arc<AddressPolicy>);
+
+impl reqwest::dns::Resolve for Guarded {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = resolved
+                .into_iter()
+                .filter(|address| match policy.check(address.ip()) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused.get_or_insert(why);
+                        false
+                    }
+                })
+                .collect();
+            match (allowed.is_empty(), refused) {
+                (true, Some(why)) => Err(format!("{host}: {why}").into()),
+                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// The client HTTP actions are sent with, and where it may connect. It follows no redirect by
+/// itself: [`attempt`] decides, per task, so header values never go to another origin. Host
+/// names resolve through the policy; addresses written in URLs are checked by [`attempt`].
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    policy: Arc<AddressPolicy>,
+}
+
+impl HttpClient {
+    pub fn new(policy: AddressPolicy) -> Result<Self, reqwest::Error> {
+        let policy = Arc::new(policy);
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(Guarded(policy.clone())))
+            .build()?;
+        Ok(Self { client, policy })
+    }
+
+    /// Checks a URL whose host is an address (names are checked when resolved).
+    fn check(&self, url: &reqwest::Url) -> Result<(), String> {
+        let host = url.host_str().unwrap_or_default();
+        match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => self.policy.check(ip),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// A client that may connect anywhere, for tests and tools.
+pub fn client() -> Result<HttpClient, reqwest::Error> {
+    HttpClient::new(AddressPolicy::default())
 }
 
 /// Where a header's value comes from.
@@ -149,7 +235,7 @@ pub struct Attempt<'a> {
 /// Makes one request. `Ok` carries a short description of the response for status messages
 /// (`HTTP 204`); `Err` says why the attempt failed (`HTTP 503`, `connection refused`, ...).
 pub async fn attempt(
-    client: &reqwest::Client,
+    http: &HttpClient,
     secrets: &Arc<dyn SecretSource>,
     action: &HttpAction,
     attempt: Attempt<'_>,
@@ -187,7 +273,9 @@ pub async fn attempt(
         action.body.clone(),
     );
     for hop in 0..=MAX_REDIRECTS {
-        let mut request = client
+        http.check(&url)?;
+        let mut request = http
+            .client
             .request(method.clone(), url.clone())
             .header(IDEMPOTENCY_KEY, attempt.run_id.as_str())
             .header(
@@ -301,6 +389,71 @@ mod tests {
         for bad in ["6xx", "99", "2x", "abc", "20xx", "600"] {
             assert!(SuccessCodes::parse(&[bad.into()]).is_err(), "{bad}");
         }
+    }
+
+    fn policy(deny: &[&str], allow: &[&str]) -> AddressPolicy {
+        let nets = |list: &[&str]| list.iter().map(|n| n.parse().unwrap()).collect();
+        AddressPolicy {
+            deny: nets(deny),
+            allow: nets(allow),
+        }
+    }
+
+    #[test]
+    fn the_address_policy_denies_first_then_allows_only_what_is_listed() {
+        let metadata: IpAddr = "169.254.169.254".parse().unwrap();
+        let open = policy(&["169.254.0.0/16"], &[]);
+        assert_eq!(
+            open.check(metadata),
+            Err(
+                "the address 169.254.169.254 is not allowed (http.deny_cidrs has 169.254.0.0/16)"
+                    .into()
+            )
+        );
+        assert_eq!(open.check("10.1.2.3".parse().unwrap()), Ok(()));
+        let closed = policy(&[], &["10.0.0.0/8"]);
+        assert_eq!(closed.check("10.1.2.3".parse().unwrap()), Ok(()));
+        let refused = closed.check("192.168.1.1".parse().unwrap()).unwrap_err();
+        assert!(refused.contains("not in http.allow_cidrs"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn a_denied_address_fails_at_once_whether_written_or_resolved() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (base, saw) = serve(vec![NO_CONTENT.into()]).await;
+        let port = base.rsplit(':').next().unwrap().to_string();
+        let denied = HttpClient::new(policy(&["127.0.0.0/8", "::1/128"], &[])).unwrap();
+        let secrets: Arc<dyn SecretSource> = Arc::new(FakeSecrets(HashMap::new()));
+        let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
+        for url in [
+            format!("{base}/hook"),
+            format!("http://localhost:{port}/hook"),
+        ] {
+            let action = HttpAction {
+                url: url.parse().unwrap(),
+                method: reqwest::Method::POST,
+                headers: Vec::new(),
+                body: None,
+                success_codes: SuccessCodes::parse(&[]).unwrap(),
+                follow_redirects: FollowRedirects::Never,
+            };
+            let one = Attempt {
+                namespace: "ns",
+                run_id: &run_id,
+                scheduled,
+                number: 1,
+            };
+            let error = attempt(&denied, &secrets, &action, one).await.unwrap_err();
+            assert!(
+                error.contains("is not allowed (http.deny_cidrs has "),
+                "{url}: {error}"
+            );
+        }
+        assert!(
+            saw.await.unwrap().is_empty(),
+            "a denied address was reached"
+        );
     }
 
     #[test]

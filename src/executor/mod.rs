@@ -207,7 +207,7 @@ pub struct ExecutorTask {
 }
 
 struct WorkerContext {
-    http: reqwest::Client,
+    http: http::HttpClient,
     secrets: Arc<dyn SecretSource>,
     ledger: Arc<dyn Ledger>,
     log_success: bool,
@@ -230,7 +230,7 @@ impl Executor {
         config: ExecutorConfig,
         sink: Arc<dyn ReportSink>,
         clock: Clock,
-        http: reqwest::Client,
+        http: http::HttpClient,
         secrets: Arc<dyn SecretSource>,
         ledger: Arc<dyn Ledger>,
     ) -> (Executor, ExecutorTask) {

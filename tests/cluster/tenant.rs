@@ -209,3 +209,34 @@ async fn only_opted_in_secrets_are_read_and_a_rotation_shows_within_the_cache_tt
         "a Secret that did not opt in was sent"
     );
 }
+
+#[tokio::test]
+async fn a_denied_address_fails_with_the_reason_even_behind_a_host_name() {
+    let denied = setup("tenant-deny").await;
+    let outside = setup("tenant-allow").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let client = test_env().client().await;
+    let loopback: [ipnet::IpNet; 2] = ["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+    let _denying = Operator::start_with(&denied.ns, client.clone(), |c| {
+        c.http.deny_cidrs.extend(loopback);
+    })
+    .await;
+    let _allowing = Operator::start_with(&outside.ns, client, |c| {
+        c.http.allow_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    // `localhost` resolves to loopback: refused at connect time, not by the URL's text.
+    let url = receiver.url("/hook").replace("127.0.0.1", "localhost");
+    for (s, why) in [
+        (&denied, "is not allowed (http.deny_cidrs has "),
+        (&outside, "is not allowed (not in http.allow_cidrs)"),
+    ] {
+        let spec = json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": url}}});
+        create(&s.api, "inside", spec).await;
+        let status =
+            status_where(&s.api, "inside", "a refused run", |st| st.failed_runs >= 1).await;
+        let message = status.last_run.and_then(|r| r.message).unwrap_or_default();
+        assert!(message.contains(why), "{message}");
+    }
+    assert_eq!(receiver.count(), 0, "a refused address was reached");
+}
