@@ -292,16 +292,19 @@ pub async fn attempt(
             request = request.body(body.clone());
         }
         let response = request.send().await.map_err(describe_error)?;
-        let status = response.status().as_u16();
-        if action.success_codes.matches(status) {
-            return Ok(format!("HTTP {status}"));
-        }
+        let status = response.status();
         let location = response
             .headers()
             .get(reqwest::header::LOCATION)
             .and_then(|location| location.to_str().ok())
-            .and_then(|location| url.join(location).ok());
-        let Some(location) = location.filter(|_| response.status().is_redirection()) else {
+            .and_then(|location| url.join(location).ok())
+            .filter(|_| status.is_redirection());
+        drain(response).await;
+        let status = status.as_u16();
+        if action.success_codes.matches(status) {
+            return Ok(format!("HTTP {status}"));
+        }
+        let Some(location) = location else {
             return Err(format!("HTTP {status}"));
         };
         let shown = redacted_url(&location);
@@ -328,6 +331,21 @@ pub async fn attempt(
         url = location;
     }
     Err(format!("more than {MAX_REDIRECTS} redirects"))
+}
+
+/// The most of a response body read; the rest is dropped with the connection.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Reads the response body, up to [`MAX_BODY`], and drops it: a body read to its end lets the
+/// connection serve the next run; an endless one cannot hold a worker.
+async fn drain(mut response: reqwest::Response) {
+    let mut read = 0;
+    while read < MAX_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => read += chunk.len(),
+            Ok(None) | Err(_) => break,
+        }
+    }
 }
 
 /// Completes "the value … " when a header value has bytes HTTP cannot carry.
@@ -581,6 +599,70 @@ mod tests {
 
     const NO_CONTENT: &str =
         "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+    /// A server that keeps connections open and answers every request on them with `answer`;
+    /// returns how many connections it accepted.
+    async fn keep_alive(answer: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(read) = socket.read(&mut buffer).await {
+                        if read == 0 || socket.write_all(answer.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (base, accepted)
+    }
+
+    #[tokio::test]
+    async fn the_response_body_is_read_so_the_connection_serves_the_next_run() {
+        // A body larger than what arrives with the head: unread, it would cost the connection.
+        let body = "x".repeat(40 * 1024);
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (base, accepted) = keep_alive(Box::leak(answer.into_boxed_str())).await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = client().unwrap();
+        let secrets: Arc<dyn SecretSource> = Arc::new(FakeSecrets(HashMap::new()));
+        let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
+        let action = HttpAction {
+            url: format!("{base}/hook").parse().unwrap(),
+            method: reqwest::Method::POST,
+            headers: Vec::new(),
+            body: None,
+            success_codes: SuccessCodes::parse(&[]).unwrap(),
+            follow_redirects: FollowRedirects::Never,
+        };
+        for number in 1..=3 {
+            let one = Attempt {
+                namespace: "ns",
+                run_id: &run_id,
+                scheduled,
+                number,
+            };
+            assert_eq!(
+                attempt(&http, &secrets, &action, one).await,
+                Ok("HTTP 200".into())
+            );
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one connection for three runs"
+        );
+    }
 
     #[tokio::test]
     async fn a_redirect_is_not_followed_by_default_and_the_target_gets_nothing() {
