@@ -84,6 +84,19 @@ pub struct OperatorConfig {
     /// Where HTTP actions may connect.
     #[serde(deserialize_with = "section")]
     pub http: HttpConfig,
+    /// What tenants' tasks may ask for.
+    #[serde(deserialize_with = "section")]
+    pub limits: LimitsConfig,
+}
+
+/// What tenants' tasks may ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The shortest gap between two instants of a task; a schedule that fires more often is
+    /// Invalid.
+    #[serde(with = "duration_serde")]
+    pub min_period: Duration,
 }
 
 /// Where HTTP actions may connect, checked on the resolved address at connect time.
@@ -136,6 +149,7 @@ section_defaults!(
     shutdown: ShutdownConfig,
     secrets: SecretsConfig,
     http: HttpConfig,
+    limits: LimitsConfig,
 );
 
 /// Where run deduplication state lives.
@@ -1200,7 +1214,7 @@ mod tests {
     #[test]
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
-                   leader_election, log, metrics, status, shutdown, secrets, http";
+                   leader_election, log, metrics, status, shutdown, secrets, http, limits";
         let redis = "url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster";
         let cases = [
             (

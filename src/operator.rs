@@ -190,6 +190,7 @@ pub async fn run(
         engine: engine_handle,
         status: index,
         default_timezone: config.timezone,
+        min_period: config.limits.min_period,
         metrics,
         health: health.clone(),
         failures: Default::default(),

@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::run::{TaskId, TaskKey};
 use crate::server::Health;
 use crate::status::{Observed, StatusIndex};
-use validate::{Invalid, validate};
+use validate::{Invalid, ValidTask, validate};
 
 /// How often a task whose Secret is missing is checked again.
 const SECRET_RECHECK: Duration = Duration::from_secs(30);
@@ -49,6 +49,8 @@ pub struct Context {
     pub engine: EngineHandle,
     pub status: StatusIndex,
     pub default_timezone: Tz,
+    /// The shortest gap between two instants a task may have (`limits.min_period`).
+    pub min_period: Duration,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// Consecutive failed reconciles per object uid, for the retry backoff.
@@ -146,7 +148,7 @@ async fn reconcile_task(
         history: task.spec.history.unwrap_or_default(),
     });
 
-    let outcome = match validate(task, ctx.default_timezone) {
+    let outcome = match validate(task, ctx.default_timezone).and_then(|v| within_limits(v, ctx)) {
         Ok(valid) => match check_secrets(&ctx.client, &id.key.namespace, &valid.secret_refs).await?
         {
             Ok(()) => Ok(valid),
@@ -165,6 +167,19 @@ async fn reconcile_task(
             ctx.engine.invalidate(id, reason).await;
             Ok(action)
         }
+    }
+}
+
+/// The operator's limits for tenants, on a task that is valid in itself.
+fn within_limits(valid: ValidTask, ctx: &Context) -> Result<ValidTask, Invalid> {
+    match valid.engine.schedule.min_gap() {
+        Some(gap) if gap < ctx.min_period => Err(Invalid(format!(
+            "spec.schedule: fires every {}, more often than this operator allows \
+             (limits.min_period {})",
+            crate::schedule::format_duration(gap),
+            crate::schedule::format_duration(ctx.min_period)
+        ))),
+        _ => Ok(valid),
     }
 }
 
@@ -452,6 +467,7 @@ mod tests {
             engine: handle,
             status: index,
             default_timezone: Tz::UTC,
+            min_period: Duration::from_millis(100),
             metrics: Arc::new(Metrics::new(true)),
             health: Arc::new(Health::new(1)),
             failures: Default::default(),

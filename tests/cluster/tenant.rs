@@ -240,3 +240,35 @@ async fn a_denied_address_fails_with_the_reason_even_behind_a_host_name() {
     }
     assert_eq!(receiver.count(), 0, "a refused address was reached");
 }
+
+#[tokio::test]
+async fn a_schedule_more_frequent_than_limits_min_period_is_invalid() {
+    let s = setup("tenant-period").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.limits.min_period = std::time::Duration::from_secs(2);
+    })
+    .await;
+    for (name, every) in [("too-often", "1s"), ("allowed", "2s")] {
+        let spec = json!({"schedule": {"interval": every},
+                          "action": {"http": {"url": receiver.url(&format!("/{name}"))}}});
+        create(&s.api, name, spec).await;
+    }
+    let status = status_where(&s.api, "too-often", "Invalid", |st| {
+        st.phase == Some(chronflow::crd::Phase::Invalid)
+    })
+    .await;
+    let message = status.message.unwrap_or_default();
+    assert_eq!(
+        message,
+        "spec.schedule: fires every 1s, more often than this operator allows (limits.min_period 2s)"
+    );
+    status_where(&s.api, "allowed", "a run", |st| st.total_runs >= 1).await;
+    assert!(
+        receiver
+            .hits()
+            .iter()
+            .all(|h| !h.idempotency_key.contains("too-often"))
+    );
+}
