@@ -46,7 +46,7 @@ const DEFAULTS: &str = include_str!("../config/chronflow.yaml");
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
-    /// Where run deduplication lives: in process, or in Redis (HA, several replicas).
+    /// Where the run ledger lives: in process (one replica), or in Redis (several replicas).
     pub backend_type: BackendType,
     /// Size of the worker pool that executes runs.
     #[serde(deserialize_with = "within::<_, _, 1, 10_000>")]
@@ -152,13 +152,13 @@ section_defaults!(
     limits: LimitsConfig,
 );
 
-/// Where run deduplication state lives.
+/// Where the run ledger lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendType {
-    /// In process: correct for a single replica.
+    /// In process: exactly once for a single replica.
     Memory,
-    /// In Redis: exactly-once across replicas.
+    /// In Redis: exactly once across replicas, restarts and failovers.
     Redis,
 }
 
