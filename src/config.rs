@@ -97,6 +97,8 @@ pub struct LimitsConfig {
     /// Invalid.
     #[serde(with = "duration_serde")]
     pub min_period: Duration,
+    /// The most runs one namespace may have in flight or waiting at once; 0: no cap.
+    pub max_runs_per_namespace: usize,
 }
 
 /// Where HTTP actions may connect, checked on the resolved address at connect time.

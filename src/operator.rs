@@ -129,6 +129,7 @@ pub async fn run(
         secrets,
         ledger.clone(),
     );
+    executor.limit_runs_per_namespace(config.limits.max_runs_per_namespace);
     metrics.watch(Live {
         executor: executor.gauge(),
         status: index.clone(),

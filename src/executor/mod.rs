@@ -168,6 +168,8 @@ struct Shared {
     queue_size: usize,
     /// The most runs one task may have in flight: half the workers, at least one.
     per_task_workers: usize,
+    /// The most runs one namespace may have in flight or waiting (`limits`); 0: no cap.
+    per_namespace: std::sync::atomic::AtomicUsize,
     max_workers: usize,
     sink: Arc<dyn ReportSink>,
     clock: Clock,
@@ -240,6 +242,7 @@ impl Executor {
             changed: Notify::new(),
             queue_size: config.queue_size.max(1),
             per_task_workers: (max_workers / 2).max(1),
+            per_namespace: std::sync::atomic::AtomicUsize::new(0),
             max_workers,
             sink: sink.clone(),
             clock,
@@ -280,6 +283,13 @@ impl Executor {
             }
         }
         self.shared.publish(reports);
+    }
+
+    /// Caps the runs of one namespace in flight or waiting (`limits.max_runs_per_namespace`);
+    /// 0 lifts the cap. A run over it is missed, saying so.
+    pub fn limit_runs_per_namespace(&self, most: usize) {
+        let limit = &self.shared.per_namespace;
+        limit.store(most, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs of `task` that a previous leader started and may still be running: `Forbid` skips
@@ -411,6 +421,25 @@ impl Shared {
                 state.waiting
             );
             return Err((MissKind::QueueFull, reason));
+        }
+        let most = self
+            .per_namespace
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if most > 0 {
+            let namespace = &run.task.key.namespace;
+            let busy: usize = state
+                .tasks
+                .iter()
+                .filter(|(id, _)| &id.key.namespace == namespace)
+                .map(|(_, runs)| runs.active.len() + runs.waiting.len() + runs.elsewhere.len())
+                .sum();
+            if busy >= most {
+                let reason = format!(
+                    "namespace {namespace} has {busy} runs in flight or waiting (the most \
+                     allowed: limits.max_runs_per_namespace {most})"
+                );
+                return Err((MissKind::Concurrency, reason));
+            }
         }
         let runs = state.tasks.entry(run.task.clone()).or_default();
         if run.sequential {

@@ -272,3 +272,49 @@ async fn a_schedule_more_frequent_than_limits_min_period_is_invalid() {
             .all(|h| !h.idempotency_key.contains("too-often"))
     );
 }
+
+#[tokio::test]
+async fn runs_in_flight_per_namespace_are_capped() {
+    let s = setup("tenant-cap").await;
+    // Calls take 3 s; four tasks every second would keep up to 12 in flight.
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: std::time::Duration::from_secs(3),
+    })
+    .await;
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.max_workers = 20;
+        c.limits.max_runs_per_namespace = 2;
+    })
+    .await;
+    for name in ["a", "b", "c", "d"] {
+        let spec = json!({"schedule": {"interval": "1s"}, "concurrencyPolicy": "Allow",
+                          "timeout": "5s",
+                          "action": {"http": {"url": receiver.url(&format!("/{name}"))}}});
+        create(&s.api, name, spec).await;
+    }
+    let capped = |st: &chronflow::crd::ChronTaskStatus| {
+        st.recent_runs.iter().any(|r| {
+            r.message
+                .as_deref()
+                .is_some_and(|m| m.contains("limits.max_runs_per_namespace 2"))
+        })
+    };
+    eventually("a run missed at the cap", || async {
+        for name in ["a", "b", "c", "d"] {
+            let status = s.api.get(name).await.ok()?.status?;
+            if capped(&status) {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(
+        receiver.max_in_flight() <= 2,
+        "{} at once",
+        receiver.max_in_flight()
+    );
+}
