@@ -205,11 +205,9 @@ impl RedisConfig {
         let from_file = match &self.password_file {
             Some(path) => Some(Secret(
                 std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError {
-                        problems: vec![format!(
-                            "redis.password_file: cannot read {}: {e}",
-                            path.display()
-                        )],
+                    .map_err(|e| {
+                        let path = path.display();
+                        ConfigError::from(format!("redis.password_file: cannot read {path}: {e}"))
                     })?
                     .trim_end_matches(['\r', '\n'])
                     .to_string(),
@@ -674,9 +672,9 @@ impl OperatorConfig {
         for (name, value) in std::env::vars_os() {
             let name = name.to_string_lossy().into_owned();
             if is_ours(&name) {
-                let value = value.into_string().map_err(|_| ConfigError {
-                    problems: vec![format!("{name} is not valid UTF-8")],
-                })?;
+                let value = value
+                    .into_string()
+                    .map_err(|_| ConfigError::from(format!("{name} is not valid UTF-8")))?;
                 env.push((name, value));
             }
         }
@@ -690,9 +688,7 @@ impl OperatorConfig {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let one = |problem| ConfigError {
-            problems: vec![problem],
-        };
+        let one = ConfigError::from;
         let mut figment = Figment::from(Yaml::string(DEFAULTS));
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)

@@ -16,6 +16,7 @@ use kube::Api;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::observability::{free_address, get};
 use crate::operator::{create, setup, status_where};
 use crate::support::receiver::{Behavior, Hit, Receiver};
 use crate::support::{OwnControlPlane, eventually, namespace, test_env};
@@ -123,6 +124,16 @@ async fn leader_among(ns: &str, names: &[&str]) -> String {
         holder(ns).await.filter(|h| names.contains(&h.as_str()))
     })
     .await
+}
+
+/// Waits until the receiver has had `more` calls beyond those it has now.
+async fn more_calls(receiver: &Receiver, more: usize) {
+    let target = receiver.count() + more;
+    let what = format!("{more} more calls");
+    eventually(&what, || async {
+        (receiver.count() >= target).then_some(())
+    })
+    .await;
 }
 
 /// Every instant of `task` the receiver saw, asserting none arrived twice.
@@ -241,7 +252,7 @@ async fn killing_the_leader_five_times_loses_and_repeats_nothing() {
     for task in ["a", "b"] {
         every_second(api, task, &receiver).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    more_calls(&receiver, 4).await;
 
     let mut takeovers = Vec::new();
     for trial in 0..5 {
@@ -264,7 +275,8 @@ async fn killing_the_leader_five_times_loses_and_repeats_nothing() {
             "trial {trial}: a standby led {took:?} after the leader was killed"
         );
         takeovers.push(took);
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The new leader runs the tasks before the next kill.
+        more_calls(&receiver, 4).await;
     }
     for replica in &mut replicas {
         assert!(replica.terminate().success(), "{}", replica.logs());
@@ -296,43 +308,57 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes() {
     let dir = tempfile::tempdir().unwrap();
     let redis = &test_env().redis_url;
     let two_workers = "max_workers: 2\n";
-    let mut replicas = [
-        Replica::start_with(
-            ns,
-            "f0",
-            redis,
-            &dir,
-            two_workers,
-            &test_env().kubeconfig,
-            &[],
-        ),
-        Replica::start_with(
-            ns,
-            "f1",
-            redis,
-            &dir,
-            two_workers,
-            &test_env().kubeconfig,
-            &[],
-        ),
-    ];
+    // Each replica serves /stats on a known port, to see its queue.
+    let endpoints = [free_address(), free_address()];
+    let mut replicas = [("f0", endpoints[0]), ("f1", endpoints[1])].map(|(name, address)| {
+        let bind = address.to_string();
+        let env = [("SCHEDULER__METRICS__BIND", bind.as_str())];
+        let kubeconfig = &test_env().kubeconfig;
+        Replica::start_with(ns, name, redis, &dir, two_workers, kubeconfig, &env)
+    });
     let leader = leader_among(ns, &["f0", "f1"]).await;
-    let frozen_at = replicas.iter().position(|r| r.name == leader).unwrap();
-    let frozen = &replicas[frozen_at];
+    let at = replicas.iter().position(|r| r.name == leader).unwrap();
+    let frozen = &replicas[at];
+
     for task in ["a", "b", "c"] {
         every_second(api, task, &receiver).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
+    // Freeze it while it holds a run claimed and waiting for a worker.
+    eventually("a run waiting in the leader's queue", || async {
+        let (_, stats) = get(endpoints[at], "/stats").await?;
+        let stats: serde_json::Value = serde_json::from_str(&stats).ok()?;
+        (stats["queue_size"].as_u64()? > 0).then_some(())
+    })
+    .await;
     frozen.signal("-STOP");
     let standby = eventually("the standby to lead", || async {
         holder(ns).await.filter(|h| *h != leader)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The standby takes every task over (its timers wait for that) and runs them, while the
+    // old leader sleeps.
+    let led = chrono::Utc::now();
+    eventually("the standby to run every task", || async {
+        let hits = receiver.hits();
+        ["a", "b", "c"]
+            .iter()
+            .all(|task| {
+                let key = format!("{ns}/{task}@");
+                hits.iter()
+                    .any(|h| h.idempotency_key.starts_with(&key) && h.arrived > led)
+            })
+            .then_some(())
+    })
+    .await;
     // It wakes believing it leads, with timers long due: the ledger refuses it.
     frozen.signal("-CONT");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    eventually("the woken leader's queued runs to be refused", || async {
+        frozen
+            .logs()
+            .contains("the ledger refused its start")
+            .then_some(())
+    })
+    .await;
     assert_eq!(holder(ns).await.as_deref(), Some(standby.as_str()));
 
     for replica in &mut replicas {
@@ -343,11 +369,6 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes() {
         let seen = instants(&hits, ns, task);
         assert_counted_once(api, task, &seen).await;
     }
-    let logs = replicas[frozen_at].logs();
-    assert!(
-        logs.contains("the ledger refused its start"),
-        "the woken leader's queued runs were not fenced:\n{logs}"
-    );
 }
 
 #[tokio::test]
@@ -388,7 +409,7 @@ async fn sigterm_to_the_leader_finishes_its_runs_and_hands_over_at_once() {
         handover < Duration::from_secs(3),
         "the standby ({standby}) led {handover:?} after SIGTERM"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    more_calls(&receiver, 2).await;
     let other = 1 - index;
     assert!(replicas[other].terminate().success());
 
@@ -483,7 +504,7 @@ async fn redis_down_for_ten_seconds_repeats_nothing_counts_the_gap_and_recovers(
     ];
     leader_among(ns, &["d0", "d1"]).await;
     every_second(api, "steady", &receiver).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    more_calls(&receiver, 3).await;
 
     redis.kill();
     let before = receiver.count();
@@ -491,11 +512,7 @@ async fn redis_down_for_ten_seconds_repeats_nothing_counts_the_gap_and_recovers(
     let during = receiver.count() - before;
     redis.restart();
     // Service resumes by itself.
-    let resumed = receiver.count();
-    eventually("runs to resume", || async {
-        (receiver.count() >= resumed + 3).then_some(())
-    })
-    .await;
+    more_calls(&receiver, 3).await;
     // The instants that could not be claimed are counted missed once Redis is back.
     let status = status_where(api, "steady", "the outage counted missed", |s| {
         s.missed_runs >= 5
@@ -538,7 +555,7 @@ async fn an_apiserver_restart_repeats_nothing_and_catches_up_the_gap() {
     })
     .await;
     every_second(&api, "steady", &receiver).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    more_calls(&receiver, 3).await;
 
     let restarted = Instant::now();
     let plane = tokio::task::spawn_blocking(move || {
@@ -548,11 +565,7 @@ async fn an_apiserver_restart_repeats_nothing_and_catches_up_the_gap() {
     .await
     .unwrap();
     let down_for = restarted.elapsed();
-    let resumed = receiver.count();
-    eventually("runs to resume", || async {
-        (receiver.count() >= resumed + 3).then_some(())
-    })
-    .await;
+    more_calls(&receiver, 3).await;
     let back_after = restarted.elapsed();
     for replica in &mut replicas {
         assert!(replica.terminate().success(), "{}", replica.logs());
@@ -697,11 +710,7 @@ async fn a_lone_replica_killed_and_restarted_takes_over_from_the_ledger() {
         st.failed_runs >= 1
     })
     .await;
-    let resumed = receiver.count();
-    eventually("runs to resume", || async {
-        (receiver.count() >= resumed + 3).then_some(())
-    })
-    .await;
+    more_calls(&receiver, 3).await;
     assert!(second.terminate().success(), "{}", second.logs());
     let seen = instants(&receiver.hits(), ns, "steady");
     assert_counted_once(api, "steady", &seen).await;

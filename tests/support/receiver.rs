@@ -58,16 +58,7 @@ impl Receiver {
         let app = axum::Router::new()
             .route("/{*path}", any(handle))
             .with_state((shared.clone(), behavior));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Receiver {
-            addr,
-            shared,
-            _server: server,
-        }
+        Receiver::serve(shared, app).await
     }
 
     /// A receiver that records each request like [`Receiver::start`], then answers
@@ -77,6 +68,11 @@ impl Receiver {
         let app = axum::Router::new()
             .route("/{*path}", any(redirect))
             .with_state((shared.clone(), location));
+        Receiver::serve(shared, app).await
+    }
+
+    /// Serves `app` on a free loopback port.
+    async fn serve(shared: Arc<Shared>, app: axum::Router) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
