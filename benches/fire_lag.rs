@@ -61,6 +61,7 @@ async fn main() {
             body: None,
             success_codes: SuccessCodes::parse(&[]).expect("default codes"),
             follow_redirects: chronflow::policy::FollowRedirects::Never,
+            tls: Default::default(),
         };
         handle
             .upsert(EngineTask {

@@ -99,6 +99,8 @@ pub struct LimitsConfig {
     pub min_period: Duration,
     /// The most runs one namespace may have in flight or waiting at once; 0: no cap.
     pub max_runs_per_namespace: usize,
+    /// The most ChronTasks of one namespace that run (the oldest); 0: no cap.
+    pub max_tasks_per_namespace: usize,
 }
 
 /// Where HTTP actions may connect, checked on the resolved address at connect time.
@@ -111,13 +113,17 @@ pub struct HttpConfig {
     /// When not empty, the only networks actions may reach (still minus `deny_cidrs`).
     #[serde(deserialize_with = "networks")]
     pub allow_cidrs: Vec<ipnet::IpNet>,
+    /// Whether a task may turn off certificate verification (`tls.insecureSkipVerify`).
+    pub allow_insecure_skip_verify: bool,
 }
 
-/// Secrets that tasks' headers read (only those labeled `chronflow.io/usable-by-tasks=true`).
+/// Secrets and ConfigMaps that tasks read (only those labeled
+/// `chronflow.io/usable-by-tasks=true`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretsConfig {
-    /// How long a Secret read is reused before it is read again (0s: at every attempt).
+    /// How long a Secret or ConfigMap read is reused before it is read again (0s: at every
+    /// attempt).
     #[serde(with = "duration_serde")]
     pub cache_ttl: Duration,
 }

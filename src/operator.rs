@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 use crate::config::BackendType;
 use crate::config::OperatorConfig;
-use crate::controller::{self, Context, KubeSecrets};
+use crate::controller::{self, Context, KubeValues, TenantLimits};
 use crate::engine::{Engine, EngineParts};
 use crate::executor::http::{AddressPolicy, HttpClient};
 use crate::executor::{Executor, ExecutorConfig};
@@ -111,7 +111,7 @@ pub async fn run(
     };
     let http = HttpClient::new(policy)
         .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
-    let secrets = Arc::new(KubeSecrets::new(client.clone(), config.secrets.cache_ttl));
+    let values = Arc::new(KubeValues::new(client.clone(), config.secrets.cache_ttl));
     let executor_config = ExecutorConfig {
         max_workers: config.max_workers,
         queue_size: config.queue_size,
@@ -126,7 +126,7 @@ pub async fn run(
         sink.clone(),
         clock,
         http,
-        secrets,
+        values.clone(),
         ledger.clone(),
     );
     executor.limit_runs_per_namespace(config.limits.max_runs_per_namespace);
@@ -191,7 +191,12 @@ pub async fn run(
         engine: engine_handle,
         status: index,
         default_timezone: config.timezone,
-        min_period: config.limits.min_period,
+        limits: TenantLimits {
+            min_period: config.limits.min_period,
+            max_tasks_per_namespace: config.limits.max_tasks_per_namespace,
+            allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
+        },
+        values,
         metrics,
         health: health.clone(),
         failures: Default::default(),

@@ -45,6 +45,7 @@ fn task(
                 body: None,
                 success_codes: SuccessCodes::parse(&[]).unwrap(),
                 follow_redirects: chronflow::policy::FollowRedirects::Never,
+                tls: Default::default(),
             }),
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),

@@ -190,6 +190,10 @@ const KEYS: &[&str] = &[
     "secrets.cache_ttl",
     "http.deny_cidrs",
     "http.allow_cidrs",
+    "http.allow_insecure_skip_verify",
+    "limits.min_period",
+    "limits.max_runs_per_namespace",
+    "limits.max_tasks_per_namespace",
     "no_such_key",
     "redis.no_such_key",
 ];

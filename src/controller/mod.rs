@@ -4,19 +4,19 @@
 //! are watched through `DeserializeGuard`: one that cannot be decoded is marked Invalid with
 //! the decode error, and every other task keeps running.
 
+pub mod references;
 pub mod validate;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use futures::{StreamExt, TryStreamExt, future::BoxFuture};
-use k8s_openapi::api::core::v1::Secret;
+use futures::{StreamExt, TryStreamExt};
 use kube::core::DeserializeGuard;
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource};
 use tokio_util::sync::CancellationToken;
@@ -25,15 +25,19 @@ use tracing::{info, warn};
 use crate::ChronTask;
 use crate::crd::ChronTaskStatus;
 use crate::engine::EngineHandle;
-use crate::executor::http::{Redacted, SecretSource};
+use crate::executor::Action as RunAction;
+use crate::executor::http::{RefKind, Tls, ValueRef};
 use crate::metrics::Metrics;
 use crate::run::{TaskId, TaskKey};
 use crate::server::Health;
 use crate::status::{Observed, StatusIndex};
+use references::ReadError;
+pub use references::{KubeValues, USABLE_BY_TASKS};
 use validate::{Invalid, ValidTask, validate};
 
-/// How often a task whose Secret is missing is checked again.
-const SECRET_RECHECK: Duration = Duration::from_secs(30);
+/// How often a task that waits for something outside its spec (a missing Secret, older tasks
+/// of its namespace to go) is checked again.
+const RECHECK: Duration = Duration::from_secs(30);
 
 /// Retry of a failed reconcile: this long after the first failure, doubling per failure of the
 /// same object up to [`MAX_RETRY`], so a broken dependency is not hammered.
@@ -49,8 +53,9 @@ pub struct Context {
     pub engine: EngineHandle,
     pub status: StatusIndex,
     pub default_timezone: Tz,
-    /// The shortest gap between two instants a task may have (`limits.min_period`).
-    pub min_period: Duration,
+    pub limits: TenantLimits,
+    /// Reads the Secrets and ConfigMaps tasks refer to.
+    pub values: Arc<KubeValues>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// Consecutive failed reconciles per object uid, for the retry backoff.
@@ -77,21 +82,36 @@ impl Context {
     }
 }
 
+/// What the operator allows tenants' tasks (the `limits` and `http` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// The shortest gap between two instants a task may have (`limits.min_period`).
+    pub min_period: Duration,
+    /// The most tasks of one namespace that run, the oldest (`limits.max_tasks_per_namespace`,
+    /// 0: no cap).
+    pub max_tasks_per_namespace: usize,
+    /// `http.allow_insecure_skip_verify`.
+    pub allow_insecure_skip_verify: bool,
+}
+
 /// Failures that are worth retrying (the cluster did not answer); invalid specs are not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("cannot read Secret {name}: {source}")]
-    ReadSecret {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error("{message}")]
+    Read { kind: RefKind, message: String },
 }
 
 impl ReconcileError {
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ReconcileError::ReadSecret { .. } => "read_secret",
+            ReconcileError::Read {
+                kind: RefKind::Secret,
+                ..
+            } => "read_secret",
+            ReconcileError::Read {
+                kind: RefKind::ConfigMap,
+                ..
+            } => "read_config_map",
         }
     }
 }
@@ -107,9 +127,13 @@ fn id_of(task: &impl Resource) -> TaskId {
     )
 }
 
-async fn reconcile(guarded: Arc<GuardedTask>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+async fn reconcile(
+    guarded: Arc<GuardedTask>,
+    ctx: Arc<Context>,
+    tasks: Store<GuardedTask>,
+) -> Result<Action, ReconcileError> {
     let id = id_of(guarded.as_ref());
-    let result = reconcile_task(&guarded, &ctx, id.clone()).await;
+    let result = reconcile_task(&guarded, &ctx, &tasks, id.clone()).await;
     if result.is_ok() {
         ctx.succeeded(&id.uid);
     }
@@ -119,6 +143,7 @@ async fn reconcile(guarded: Arc<GuardedTask>, ctx: Arc<Context>) -> Result<Actio
 async fn reconcile_task(
     guarded: &GuardedTask,
     ctx: &Context,
+    tasks: &Store<GuardedTask>,
     id: TaskId,
 ) -> Result<Action, ReconcileError> {
     let task = match &guarded.0 {
@@ -148,11 +173,14 @@ async fn reconcile_task(
         history: task.spec.history.unwrap_or_default(),
     });
 
-    let outcome = match validate(task, ctx.default_timezone).and_then(|v| within_limits(v, ctx)) {
-        Ok(valid) => match check_secrets(&ctx.client, &id.key.namespace, &valid.secret_refs).await?
-        {
-            Ok(()) => Ok(valid),
-            Err(invalid) => Err((invalid, Action::requeue(SECRET_RECHECK))),
+    let namespace = &id.key.namespace;
+    let outcome = match validate(task, ctx.default_timezone).and_then(|v| ctx.limits.allow(v)) {
+        Ok(valid) => match within_task_cap(guarded, tasks, ctx.limits).await {
+            Err(invalid) => Err((invalid, Action::requeue(RECHECK))),
+            Ok(()) => match check_references(&ctx.values, namespace, &valid.references).await? {
+                Ok(()) => Ok(valid),
+                Err(invalid) => Err((invalid, Action::requeue(RECHECK))),
+            },
         },
         Err(invalid) => Err((invalid, Action::await_change())),
     };
@@ -170,17 +198,81 @@ async fn reconcile_task(
     }
 }
 
-/// The operator's limits for tenants, on a task that is valid in itself.
-fn within_limits(valid: ValidTask, ctx: &Context) -> Result<ValidTask, Invalid> {
-    match valid.engine.schedule.min_gap() {
-        Some(gap) if gap < ctx.min_period => Err(Invalid(format!(
-            "spec.schedule: fires every {}, more often than this operator allows \
-             (limits.min_period {})",
-            crate::schedule::format_duration(gap),
-            crate::schedule::format_duration(ctx.min_period)
-        ))),
-        _ => Ok(valid),
+impl TenantLimits {
+    /// The operator's limits for tenants, on a task that is valid in itself.
+    fn allow(&self, valid: ValidTask) -> Result<ValidTask, Invalid> {
+        if let Some(gap) = valid.engine.schedule.min_gap()
+            && gap < self.min_period
+        {
+            return Err(Invalid(format!(
+                "spec.schedule: fires every {}, more often than this operator allows \
+                 (limits.min_period {})",
+                crate::schedule::format_duration(gap),
+                crate::schedule::format_duration(self.min_period)
+            )));
+        }
+        let RunAction::Http(http) = &valid.engine.run.action;
+        if http.tls == Tls::InsecureSkipVerify && !self.allow_insecure_skip_verify {
+            return Err(Invalid(
+                "spec.action.http.tls.insecureSkipVerify: this operator verifies every \
+                 certificate (http.allow_insecure_skip_verify is false); use tls.caBundle for \
+                 a private CA"
+                    .into(),
+            ));
+        }
+        Ok(valid)
     }
+}
+
+/// Whether `task` is among the `limits.max_tasks_per_namespace` oldest of its namespace (by
+/// creation time, then name): a newer task never displaces one that runs.
+async fn within_task_cap(
+    task: &GuardedTask,
+    tasks: &Store<GuardedTask>,
+    limits: TenantLimits,
+) -> Result<(), Invalid> {
+    let cap = limits.max_tasks_per_namespace;
+    if cap == 0 {
+        return Ok(());
+    }
+    // Counted on the whole namespace, not the part listed so far.
+    if tasks.wait_until_ready().await.is_err() {
+        return Ok(());
+    }
+    let meta = task.meta();
+    let own = age(meta);
+    let older = tasks
+        .state()
+        .iter()
+        .filter(|other| other.meta().namespace == meta.namespace && age(other.meta()) < own)
+        .count();
+    if older < cap {
+        return Ok(());
+    }
+    Err(Invalid(format!(
+        "namespace {} has more than {cap} ChronTasks and this one is not among the {cap} oldest \
+         (limits.max_tasks_per_namespace {cap}); it runs once older ones are deleted",
+        meta.namespace.as_deref().unwrap_or_default()
+    )))
+}
+
+/// The order of tasks under `limits.max_tasks_per_namespace`: creation time, then name.
+fn age(meta: &kube::core::ObjectMeta) -> (Option<k8s_openapi::jiff::Timestamp>, Option<String>) {
+    let created = meta.creation_timestamp.as_ref().map(|t| t.0);
+    (created, meta.name.clone())
+}
+
+/// The tasks of `deleted`'s namespace that came after it: one of them may now be under
+/// `limits.max_tasks_per_namespace`.
+fn newer_than(deleted: &GuardedTask, tasks: &Store<GuardedTask>) -> Vec<ObjectRef<GuardedTask>> {
+    let meta = deleted.meta();
+    let own = age(meta);
+    tasks
+        .state()
+        .iter()
+        .filter(|other| other.meta().namespace == meta.namespace && age(other.meta()) > own)
+        .map(|other| ObjectRef::from_obj(other.as_ref()))
+        .collect()
 }
 
 /// The status of an object that does not decode as a ChronTask, read on its own.
@@ -191,47 +283,26 @@ async fn stored_status(client: &Client, id: &TaskId) -> Option<ChronTaskStatus> 
     serde_json::from_value(object.data.get("status")?.clone()).ok()
 }
 
-/// `Ok(Err(..))`: a Secret is missing or lacks the key (the task is invalid until it appears);
-/// `Err(..)`: the cluster did not answer (retry).
-async fn check_secrets(
-    client: &Client,
+/// `Ok(Err(..))`: a referenced Secret or ConfigMap is missing, not opted in or lacks the key
+/// (the task is invalid until that changes); `Err(..)`: the cluster did not answer (retry).
+async fn check_references(
+    values: &KubeValues,
     namespace: &str,
-    refs: &[(String, String)],
+    references: &[ValueRef],
 ) -> Result<Result<(), Invalid>, ReconcileError> {
-    let api = Api::<Secret>::namespaced(client.clone(), namespace);
-    for (name, key) in refs {
-        match api.get_opt(name).await {
-            Ok(Some(secret)) if !opted_in(&secret) => return Ok(Err(Invalid(not_opted_in(name)))),
-            Ok(Some(secret)) if has_key(&secret, key) => {}
-            Ok(Some(_)) => return Ok(Err(Invalid(format!("Secret {name} has no key {key:?}")))),
-            Ok(None) => {
-                return Ok(Err(Invalid(format!(
-                    "Secret {name} not found in namespace {namespace}"
-                ))));
-            }
-            Err(kube::Error::Api(e)) if e.code == 403 => {
-                return Ok(Err(Invalid(format!(
-                    "Secret {name} is not readable by chronflow: {}",
-                    e.message
-                ))));
-            }
-            Err(source) => {
-                return Err(ReconcileError::ReadSecret {
-                    name: name.clone(),
-                    source,
+    for reference in references {
+        match values.read(namespace, reference).await {
+            Ok(_) => {}
+            Err(ReadError::Unusable(reason)) => return Ok(Err(Invalid(reason))),
+            Err(ReadError::Unavailable(message)) => {
+                return Err(ReconcileError::Read {
+                    kind: reference.kind,
+                    message,
                 });
             }
         }
     }
     Ok(Ok(()))
-}
-
-fn has_key(secret: &Secret, key: &str) -> bool {
-    secret.data.as_ref().is_some_and(|d| d.contains_key(key))
-        || secret
-            .string_data
-            .as_ref()
-            .is_some_and(|d| d.contains_key(key))
 }
 
 fn error_policy(task: Arc<GuardedTask>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
@@ -253,6 +324,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     let events_store = store.clone();
     let scope = namespace.clone();
     let first_sync = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (recheck, rechecks) = futures::channel::mpsc::unbounded();
     // Deletions are handled here, from the watch events themselves: a generation filter would
     // hide them (a deleted object keeps its generation).
     let applied = watcher(api, watcher::Config::default())
@@ -263,9 +335,17 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             let store = events_store.clone();
             let scope = scope.clone();
             let first_sync = first_sync.clone();
+            let recheck = recheck.clone();
             async move {
                 match &event {
-                    watcher::Event::Delete(task) => forget(&ctx, id_of(task)).await,
+                    watcher::Event::Delete(task) => {
+                        forget(&ctx, id_of(task)).await;
+                        if ctx.limits.max_tasks_per_namespace > 0 {
+                            for newer in newer_than(task, &store) {
+                                let _ = recheck.unbounded_send(newer);
+                            }
+                        }
+                    }
                     watcher::Event::InitDone => {
                         prune(&ctx, scope, &store).await;
                         if first_sync.swap(false, std::sync::atomic::Ordering::SeqCst) {
@@ -279,9 +359,15 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         })
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
+    let tasks = store.clone();
     Controller::for_stream(applied, store)
+        .reconcile_on(rechecks)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile, error_policy, ctx)
+        .run(
+            move |task, ctx| reconcile(task, ctx, tasks.clone()),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(%error, "controller");
@@ -307,102 +393,6 @@ async fn prune(ctx: &Context, namespace: Option<String>, store: &Store<GuardedTa
     ctx.engine.retain(namespace, keep).await;
 }
 
-/// Reads header values from Secrets with the operator's own permissions.
-/// The label a Secret must carry before a ChronTask may use it: whoever may create a
-/// ChronTask may not be allowed to read every Secret of the namespace, and chronflow, which
-/// reads them, must not be their way around it.
-pub const USABLE_BY_TASKS: &str = "chronflow.io/usable-by-tasks";
-
-/// Why a Secret without the opt-in label cannot be used, and how to opt in.
-fn not_opted_in(name: &str) -> String {
-    format!(
-        "Secret {name} is not labeled {USABLE_BY_TASKS}=true; a ChronTask may only use Secrets \
-         that opt in (kubectl label secret {name} {USABLE_BY_TASKS}=true)"
-    )
-}
-
-fn opted_in(secret: &Secret) -> bool {
-    secret
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|labels| labels.get(USABLE_BY_TASKS))
-        .is_some_and(|value| value == "true")
-}
-
-/// How long one Secret read may take.
-const SECRET_READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Reads header values from Secrets by name (RBAC `get` only: never list or watch, so the
-/// operator cannot enumerate them), each Secret kept for `cache_ttl` so a task firing every
-/// second costs one read per lifetime, not one per attempt.
-pub struct KubeSecrets {
-    client: Client,
-    cache_ttl: Duration,
-    cache: std::sync::Mutex<SecretCache>,
-}
-
-/// (namespace, name) → when it was read, and what.
-type SecretCache = HashMap<(String, String), (tokio::time::Instant, Arc<Secret>)>;
-
-impl KubeSecrets {
-    pub fn new(client: Client, cache_ttl: Duration) -> Self {
-        Self {
-            client,
-            cache_ttl,
-            cache: Default::default(),
-        }
-    }
-
-    async fn secret(&self, namespace: &str, name: &str) -> Result<Arc<Secret>, String> {
-        let id = (namespace.to_string(), name.to_string());
-        let now = tokio::time::Instant::now();
-        {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.retain(|_, (at, _)| now.duration_since(*at) < self.cache_ttl);
-            if let Some((_, secret)) = cache.get(&id) {
-                return Ok(secret.clone());
-            }
-        }
-        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
-        let secret = tokio::time::timeout(SECRET_READ_TIMEOUT, api.get(name))
-            .await
-            .map_err(|_| format!("cannot read Secret {name}: no answer within 5s"))?
-            .map_err(|e| format!("cannot read Secret {name}: {e}"))?;
-        let secret = Arc::new(secret);
-        if !self.cache_ttl.is_zero() {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.insert(id, (now, secret.clone()));
-        }
-        Ok(secret)
-    }
-}
-
-impl SecretSource for KubeSecrets {
-    fn get<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Redacted, String>> {
-        Box::pin(async move {
-            let secret = self.secret(namespace, name).await?;
-            // Checked at each use too: the label may have been removed since validation.
-            if !opted_in(&secret) {
-                return Err(not_opted_in(name));
-            }
-            let bytes = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .ok_or_else(|| format!("Secret {name} has no key {key:?}"))?;
-            String::from_utf8(bytes.0.clone())
-                .map(Redacted)
-                .map_err(|_| format!("Secret {name} key {key:?} is not UTF-8 text"))
-        })
-    }
-}
-
 /// Reconcile against a scripted apiserver (kube's `tower-test` mock): each test answers the
 /// calls it expects, in order; the engine and the status index are the real ones.
 #[cfg(test)]
@@ -424,6 +414,7 @@ mod tests {
         ctx: Arc<Context>,
         api: ApiHandle,
         stop: CancellationToken,
+        tasks: Store<GuardedTask>,
         _events: mpsc::Receiver<crate::status::events::EventRequest>,
         _leader: watch::Sender<Option<Term>>,
     }
@@ -446,12 +437,18 @@ mod tests {
             queue_size: 1,
             log_success: false,
         };
-        let secrets = Arc::new(KubeSecrets::new(client.clone(), Duration::from_secs(10)));
+        let values = Arc::new(KubeValues::new(client.clone(), Duration::from_secs(10)));
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = crate::executor::http::client().unwrap();
         let ledger = memory_ledger();
-        let (executor, _) =
-            Executor::new(config, sink.clone(), clock, http, secrets, ledger.clone());
+        let (executor, _) = Executor::new(
+            config,
+            sink.clone(),
+            clock,
+            http,
+            values.clone(),
+            ledger.clone(),
+        );
         let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
         let (engine, handle) = Engine::new(EngineParts {
             executor,
@@ -467,7 +464,12 @@ mod tests {
             engine: handle,
             status: index,
             default_timezone: Tz::UTC,
-            min_period: Duration::from_millis(100),
+            limits: TenantLimits {
+                min_period: Duration::from_millis(100),
+                max_tasks_per_namespace: 0,
+                allow_insecure_skip_verify: false,
+            },
+            values,
             metrics: Arc::new(Metrics::new(true)),
             health: Arc::new(Health::new(1)),
             failures: Default::default(),
@@ -476,6 +478,7 @@ mod tests {
             ctx,
             api,
             stop,
+            tasks: reflector::store().0,
             _events: events,
             _leader: leader_tx,
         }
@@ -548,7 +551,9 @@ mod tests {
     async fn a_valid_task_is_scheduled_without_calling_the_apiserver() {
         let h = harness();
         let spec = json!({"schedule": {"cron": "@yearly"}, "action": {"http": {"url": "http://127.0.0.1:9/"}}});
-        let action = reconcile(task(spec), h.ctx.clone()).await.unwrap();
+        let action = reconcile(task(spec), h.ctx.clone(), h.tasks.clone())
+            .await
+            .unwrap();
         assert_eq!(action, Action::await_change());
         let status = status_when(&h.ctx, |s| s.phase == Some(crate::crd::Phase::Scheduled)).await;
         assert!(status.next_run_time.is_some());
@@ -557,7 +562,11 @@ mod tests {
     #[tokio::test]
     async fn a_missing_secret_makes_the_task_invalid_until_it_appears() {
         let mut h = harness();
-        let pending = tokio::spawn(reconcile(with_secret_header(), h.ctx.clone()));
+        let pending = tokio::spawn(reconcile(
+            with_secret_header(),
+            h.ctx.clone(),
+            h.tasks.clone(),
+        ));
         answer(
             &mut h.api,
             "GET",
@@ -567,11 +576,7 @@ mod tests {
         )
         .await;
         let action = pending.await.unwrap().unwrap();
-        assert_eq!(
-            action,
-            Action::requeue(SECRET_RECHECK),
-            "checked again later"
-        );
+        assert_eq!(action, Action::requeue(RECHECK), "checked again later");
         let status = status_when(&h.ctx, |s| s.phase == Some(crate::crd::Phase::Invalid)).await;
         assert_eq!(
             status.message.as_deref(),
@@ -584,7 +589,7 @@ mod tests {
         h: &mut Harness,
         task: Arc<GuardedTask>,
     ) -> ReconcileError {
-        let pending = tokio::spawn(reconcile(task, h.ctx.clone()));
+        let pending = tokio::spawn(reconcile(task, h.ctx.clone(), h.tasks.clone()));
         let path = "/api/v1/namespaces/ns/secrets/s";
         answer(&mut h.api, "GET", path, 500, server_error()).await;
         pending.await.unwrap().unwrap_err()
@@ -639,7 +644,7 @@ mod tests {
                 metadata,
             },
         )));
-        let pending = tokio::spawn(reconcile(guarded, h.ctx.clone()));
+        let pending = tokio::spawn(reconcile(guarded, h.ctx.clone(), h.tasks.clone()));
         let stored = json!({"apiVersion": "chronflow.io/v1alpha1", "kind": "ChronTask",
             "metadata": {"name": "t", "namespace": "ns", "uid": "u-1"},
             "spec": {"action": {"job": {"template": {"spec": {"parallelism": "x"}}}}},

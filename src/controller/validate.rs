@@ -9,9 +9,9 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use chrono_tz::Tz;
 
 use crate::crd::spec::MAX_STARTING_DEADLINE_SECONDS;
-use crate::crd::{ChronTask, HistorySpec, HttpMethod, Phase};
+use crate::crd::{ChronTask, HistorySpec, HttpMethod, HttpTls, Phase};
 use crate::engine::EngineTask;
-use crate::executor::http::{HeaderValue, SuccessCodes, is_reserved_header};
+use crate::executor::http::{HeaderValue, SuccessCodes, Tls, ValueRef, is_reserved_header};
 use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
 use crate::schedule::jitter::MAX_JITTER;
 use crate::schedule::{
@@ -36,8 +36,8 @@ pub struct ValidTask {
     pub engine: EngineTask,
     /// The schedule as shown in status and `kubectl get`.
     pub schedule_text: String,
-    /// Secrets the action reads: (name, key), checked for readability by the controller.
-    pub secret_refs: Vec<(String, String)>,
+    /// Secret and ConfigMap keys the action reads, checked for readability by the controller.
+    pub references: Vec<ValueRef>,
     pub history: HistorySpec,
 }
 
@@ -99,7 +99,7 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
             max_delay: at_most("spec.retry.maxDelay", &retry.max_delay, "")?,
         },
     };
-    let (action, secret_refs) = action(task)?;
+    let (action, references) = action(task)?;
     let starting_deadline = match spec.starting_deadline_seconds {
         Some(seconds) if seconds > MAX_STARTING_DEADLINE_SECONDS => {
             return Err(invalid(
@@ -134,7 +134,7 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
     Ok(ValidTask {
         engine,
         schedule_text,
-        secret_refs,
+        references,
         history: spec.history.unwrap_or_default(),
     })
 }
@@ -258,7 +258,7 @@ fn schedule(
     Ok((schedule, text))
 }
 
-fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> {
+fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
     let action = &task.spec.action;
     match (&action.http, &action.job) {
         (Some(http), None) => {
@@ -271,7 +271,7 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
                 ));
             }
             let mut headers = Vec::new();
-            let mut secret_refs = Vec::new();
+            let mut references = Vec::new();
             for (i, header) in http.headers.iter().enumerate() {
                 let field = format!("spec.action.http.headers[{i}]");
                 reqwest::header::HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| {
@@ -295,11 +295,9 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
                     }
                     (None, Some(source)) => {
                         let secret = &source.secret_key_ref;
-                        secret_refs.push((secret.name.clone(), secret.key.clone()));
-                        HeaderValue::Secret {
-                            name: secret.name.clone(),
-                            key: secret.key.clone(),
-                        }
+                        let reference = ValueRef::secret(&secret.name, &secret.key);
+                        references.push(reference.clone());
+                        HeaderValue::Reference(reference)
                     }
                     _ => return Err(invalid(&field, "needs exactly one of value or valueFrom")),
                 };
@@ -315,6 +313,7 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
                 HttpMethod::Delete => reqwest::Method::DELETE,
                 HttpMethod::Head => reqwest::Method::HEAD,
             };
+            let tls = tls(http.tls.as_ref(), &url, &mut references)?;
             let action = HttpAction {
                 url,
                 method,
@@ -322,14 +321,52 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<(String, String)>), Invalid> 
                 body: http.body.clone(),
                 success_codes,
                 follow_redirects: http.follow_redirects,
+                tls,
             };
-            Ok((Action::Http(action), secret_refs))
+            Ok((Action::Http(action), references))
         }
         (None, Some(_)) => Err(invalid(
             "spec.action.job",
             "Job actions are not available in this version of chronflow; use an http action",
         )),
         _ => Err(invalid("spec.action", "needs exactly one of http or job")),
+    }
+}
+
+/// `spec.action.http.tls`; a CA bundle's reference is added to `references`.
+fn tls(
+    spec: Option<&HttpTls>,
+    url: &reqwest::Url,
+    references: &mut Vec<ValueRef>,
+) -> Result<Tls, Invalid> {
+    let field = "spec.action.http.tls";
+    let Some(spec) = spec else {
+        return Ok(Tls::SystemRoots);
+    };
+    if url.scheme() != "https" {
+        return Err(invalid(field, "applies to https:// URLs only"));
+    }
+    let bundle = spec.ca_bundle.as_ref().map(|source| {
+        match (&source.config_map_key_ref, &source.secret_key_ref) {
+            (Some(r), None) => Ok(ValueRef::config_map(&r.name, &r.key)),
+            (None, Some(r)) => Ok(ValueRef::secret(&r.name, &r.key)),
+            _ => Err(invalid(
+                &format!("{field}.caBundle"),
+                "needs exactly one of configMapKeyRef or secretKeyRef",
+            )),
+        }
+    });
+    match (bundle.transpose()?, spec.insecure_skip_verify) {
+        (Some(_), true) => Err(invalid(
+            field,
+            "needs caBundle or insecureSkipVerify, not both",
+        )),
+        (Some(reference), false) => {
+            references.push(reference.clone());
+            Ok(Tls::CaBundle(reference))
+        }
+        (None, true) => Ok(Tls::InsecureSkipVerify),
+        (None, false) => Ok(Tls::SystemRoots),
     }
 }
 
@@ -653,6 +690,6 @@ mod tests {
         );
         let valid = validate(&paused, Tz::UTC).unwrap();
         assert_eq!(valid.engine.paused.as_deref(), Some("migration"));
-        assert_eq!(valid.secret_refs, [("s".to_string(), "token".to_string())]);
+        assert_eq!(valid.references, [ValueRef::secret("s", "token")]);
     }
 }

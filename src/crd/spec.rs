@@ -229,6 +229,7 @@ pub struct ActionSpec {
 /// An HTTP request per run; the run succeeds when the status code is in `successCodes`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.url.startsWith('https://')").message("http.tls applies to https:// URLs only"))]
 pub struct HttpAction {
     /// The endpoint, `http://` or `https://`.
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("http.url must start with http:// or https://"))]
@@ -253,6 +254,10 @@ pub struct HttpAction {
     /// `Location`) or `SameOrigin`. Header values never leave the URL's origin.
     #[serde(default)]
     pub follow_redirects: FollowRedirects,
+
+    /// How an `https://` URL's certificate is verified. Default: against the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<HttpTls>,
 
     /// Status codes that count as success: exact codes (`204`) or classes (`2xx`).
     #[serde(default = "default_success_codes")]
@@ -315,16 +320,46 @@ pub struct HeaderValueSource {
     pub secret_key_ref: SecretKeyRef,
 }
 
-/// A key of a Secret in the task's namespace.
+/// A key of a Secret (or ConfigMap) in the task's namespace.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    /// Secret name.
+    /// Object name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// Key within the Secret.
+    /// Key within the object.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+}
+
+/// Certificate verification of an `https://` target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.caBundle) && has(self.insecureSkipVerify) && self.insecureSkipVerify)").message("http.tls needs caBundle or insecureSkipVerify, not both"))]
+pub struct HttpTls {
+    /// PEM certificates that are the only roots trusted for this target (a private CA), from a
+    /// key of a ConfigMap or Secret in the task's namespace labeled
+    /// `chronflow.io/usable-by-tasks=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundleSource>,
+
+    /// Accept any certificate. Refused unless the operator's `http.allow_insecure_skip_verify`
+    /// is true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+/// Where a CA bundle is read from: exactly one of a ConfigMap key or a Secret key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.configMapKeyRef) != has(self.secretKeyRef)").message("caBundle needs exactly one of configMapKeyRef or secretKeyRef"))]
+pub struct CaBundleSource {
+    /// A key of a ConfigMap in the task's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<SecretKeyRef>,
+    /// A key of a Secret in the task's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
 }
 
 /// A Job per run, named from the run id so a run can never create two Jobs.

@@ -757,7 +757,8 @@ fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
 mod tests {
     use super::*;
     use crate::executor::ExecutorConfig;
-    use crate::executor::fixtures::{NoSecrets, http_spec, memory_ledger};
+    use crate::executor::fixtures::{http_spec, memory_ledger};
+    use crate::executor::http::NoValues;
     use crate::schedule::IntervalAnchor;
     use chrono::TimeZone;
 
@@ -787,7 +788,7 @@ mod tests {
             sink.clone(),
             clock,
             http,
-            Arc::new(NoSecrets),
+            Arc::new(NoValues),
             memory_ledger(),
         );
         let (leader_tx, leader) = watch::channel(Some(Term::single("test")));

@@ -1,6 +1,7 @@
 //! The HTTP action: one request per attempt, carrying the run id as `Idempotency-Key` and the
 //! scheduled instant, so receivers can dedup retries and replays themselves.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -47,6 +48,19 @@ pub struct HttpAction {
     pub body: Option<String>,
     pub success_codes: SuccessCodes,
     pub follow_redirects: FollowRedirects,
+    pub tls: Tls,
+}
+
+/// How an `https://` target's certificate is verified.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Tls {
+    /// Against the system's roots.
+    #[default]
+    SystemRoots,
+    /// Against these PEM certificates only, read at each attempt so a rotation takes effect.
+    CaBundle(ValueRef),
+    /// Not at all (only where the operator allows it).
+    InsecureSkipVerify,
 }
 
 /// The most redirects followed in a row.
@@ -107,24 +121,34 @@ impl reqwest::dns::Resolve for Guarded {
     }
 }
 
-/// The client HTTP actions are sent with, and where it may connect. It follows no redirect by
-/// itself: [`attempt`] decides, per task, so header values never go to another origin. Host
-/// names resolve through the policy; addresses written in URLs are checked by [`attempt`].
+/// The clients HTTP actions are sent with, and where they may connect. They follow no redirect
+/// by themselves: [`attempt`] decides, per task, so header values never go to another origin.
+/// Host names resolve through the policy; addresses written in URLs are checked by [`attempt`].
 #[derive(Clone, Debug)]
 pub struct HttpClient {
+    /// Verifies certificates against the system's roots.
     client: reqwest::Client,
+    /// Verifies no certificate, for `tls.insecureSkipVerify`.
+    insecure: reqwest::Client,
+    /// One client per CA bundle in use (PEM text → client): each holds its own connections.
+    by_bundle: Arc<std::sync::Mutex<HashMap<String, reqwest::Client>>>,
     policy: Arc<AddressPolicy>,
 }
+
+/// The most CA-bundle clients kept; past it they are all rebuilt as needed.
+const MAX_BUNDLE_CLIENTS: usize = 256;
 
 impl HttpClient {
     pub fn new(policy: AddressPolicy) -> Result<Self, reqwest::Error> {
         let policy = Arc::new(policy);
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(Guarded(policy.clone())))
-            .build()?;
-        Ok(Self { client, policy })
+        Ok(Self {
+            client: builder(&policy).build()?,
+            insecure: builder(&policy)
+                .tls_danger_accept_invalid_certs(true)
+                .build()?,
+            by_bundle: Default::default(),
+            policy,
+        })
     }
 
     /// Checks a URL whose host is an address (names are checked when resolved).
@@ -139,6 +163,56 @@ impl HttpClient {
             Err(_) => Ok(()),
         }
     }
+
+    /// The client for a task's TLS setting; a CA bundle is read from `values` (cached there).
+    async fn client_for(
+        &self,
+        tls: &Tls,
+        namespace: &str,
+        values: &Arc<dyn ValueSource>,
+    ) -> Result<reqwest::Client, String> {
+        let reference = match tls {
+            Tls::SystemRoots => return Ok(self.client.clone()),
+            Tls::InsecureSkipVerify => return Ok(self.insecure.clone()),
+            Tls::CaBundle(reference) => reference,
+        };
+        let bundle = values
+            .get(namespace, reference)
+            .await
+            .map_err(|e| format!("tls.caBundle: {e}"))?
+            .0;
+        let mut clients = self.by_bundle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&bundle) {
+            return Ok(client.clone());
+        }
+        let not_pem = || format!("tls.caBundle: {reference} holds no PEM certificate");
+        let roots = reqwest::Certificate::from_pem_bundle(bundle.as_bytes())
+            .map_err(|_| not_pem())
+            .and_then(|roots| {
+                if roots.is_empty() {
+                    Err(not_pem())
+                } else {
+                    Ok(roots)
+                }
+            })?;
+        let client = builder(&self.policy)
+            .tls_certs_only(roots)
+            .build()
+            .map_err(|e| format!("tls.caBundle: {reference}: {}", describe_error(e)))?;
+        if clients.len() >= MAX_BUNDLE_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(bundle, client.clone());
+        Ok(client)
+    }
+}
+
+/// What every client shares: the user agent, no redirects, the guarded resolver.
+fn builder(policy: &Arc<AddressPolicy>) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(Guarded(policy.clone())))
 }
 
 /// A client that may connect anywhere, for tests and tools.
@@ -152,22 +226,81 @@ pub enum HeaderValue {
     Literal(String),
     /// Read at each attempt, so rotated secrets take effect; never logged. One trailing line
     /// break (`\n` or `\r\n`, as `kubectl create secret --from-file` keeps it) is dropped.
-    Secret {
-        name: String,
-        key: String,
-    },
+    Reference(ValueRef),
 }
 
-/// Reads Secret values for headers (from the cluster, or from files in standalone mode).
-pub trait SecretSource: Send + Sync {
-    /// The value of `key` in Secret `name` of `namespace`; the error says what is wrong
-    /// without the value.
+/// A key of a Secret or ConfigMap in the task's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ValueRef {
+    pub kind: RefKind,
+    pub name: String,
+    pub key: String,
+}
+
+/// The kind of object a [`ValueRef`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefKind {
+    Secret,
+    ConfigMap,
+}
+
+impl ValueRef {
+    pub fn secret(name: impl Into<String>, key: impl Into<String>) -> Self {
+        let (name, key) = (name.into(), key.into());
+        Self {
+            kind: RefKind::Secret,
+            name,
+            key,
+        }
+    }
+
+    pub fn config_map(name: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            kind: RefKind::ConfigMap,
+            ..Self::secret(name, key)
+        }
+    }
+}
+
+impl fmt::Display for RefKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RefKind::Secret => "Secret",
+            RefKind::ConfigMap => "ConfigMap",
+        })
+    }
+}
+
+/// `Secret token key "value"`: where a value comes from, never the value.
+impl fmt::Display for ValueRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} key {:?}", self.kind, self.name, self.key)
+    }
+}
+
+/// Reads the values tasks refer to: header values and CA bundles (from the cluster, or from
+/// files in standalone mode).
+pub trait ValueSource: Send + Sync {
+    /// The value `reference` names in `namespace`; the error says what is wrong without the
+    /// value.
     fn get<'a>(
         &'a self,
         namespace: &'a str,
-        name: &'a str,
-        key: &'a str,
+        reference: &'a ValueRef,
     ) -> BoxFuture<'a, Result<Redacted, String>>;
+}
+
+/// No Secrets or ConfigMaps to read (no cluster): an action that needs one fails its attempt.
+pub struct NoValues;
+
+impl ValueSource for NoValues {
+    fn get<'a>(
+        &'a self,
+        _namespace: &'a str,
+        reference: &'a ValueRef,
+    ) -> BoxFuture<'a, Result<Redacted, String>> {
+        Box::pin(async move { Err(format!("{reference}: there is none to read here")) })
+    }
 }
 
 /// A secret value that never shows in logs or debug output.
@@ -236,10 +369,13 @@ pub struct Attempt<'a> {
 /// (`HTTP 204`); `Err` says why the attempt failed (`HTTP 503`, `connection refused`, ...).
 pub async fn attempt(
     http: &HttpClient,
-    secrets: &Arc<dyn SecretSource>,
+    values: &Arc<dyn ValueSource>,
     action: &HttpAction,
     attempt: Attempt<'_>,
 ) -> Result<String, String> {
+    let client = http
+        .client_for(&action.tls, attempt.namespace, values)
+        .await?;
     let mut headers = Vec::with_capacity(action.headers.len());
     for (name, value) in &action.headers {
         let header_name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
@@ -247,20 +383,17 @@ pub async fn attempt(
         let header_value = match value {
             HeaderValue::Literal(text) => reqwest::header::HeaderValue::from_bytes(text.as_bytes())
                 .map_err(|_| format!("header {name}: the value {CANNOT_CARRY}"))?,
-            HeaderValue::Secret { name: secret, key } => {
-                let value = secrets
-                    .get(attempt.namespace, secret, key)
+            HeaderValue::Reference(reference) => {
+                let value = values
+                    .get(attempt.namespace, reference)
                     .await
                     .map_err(|e| format!("header {name}: {e}"))?;
                 // Never the value in the message: only where it came from.
-                let mut header_value = reqwest::header::HeaderValue::from_bytes(
-                    without_line_end(&value.0).as_bytes(),
-                )
-                .map_err(|_| {
-                    format!(
-                        "header {name}: the value from Secret {secret} key {key:?} {CANNOT_CARRY}"
-                    )
-                })?;
+                let mut header_value =
+                    reqwest::header::HeaderValue::from_bytes(without_line_end(&value.0).as_bytes())
+                        .map_err(|_| {
+                            format!("header {name}: the value from {reference} {CANNOT_CARRY}")
+                        })?;
                 header_value.set_sensitive(true);
                 header_value
             }
@@ -274,8 +407,7 @@ pub async fn attempt(
     );
     for hop in 0..=MAX_REDIRECTS {
         http.check(&url)?;
-        let mut request = http
-            .client
+        let mut request = client
             .request(method.clone(), url.clone())
             .header(IDEMPOTENCY_KEY, attempt.run_id.as_str())
             .header(
@@ -441,7 +573,7 @@ mod tests {
         let (base, saw) = serve(vec![NO_CONTENT.into()]).await;
         let port = base.rsplit(':').next().unwrap().to_string();
         let denied = HttpClient::new(policy(&["127.0.0.0/8", "::1/128"], &[])).unwrap();
-        let secrets: Arc<dyn SecretSource> = Arc::new(FakeSecrets(HashMap::new()));
+        let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
         for url in [
@@ -455,6 +587,7 @@ mod tests {
                 body: None,
                 success_codes: SuccessCodes::parse(&[]).unwrap(),
                 follow_redirects: FollowRedirects::Never,
+                tls: Tls::default(),
             };
             let one = Attempt {
                 namespace: "ns",
@@ -509,32 +642,49 @@ mod tests {
         assert!(message.contains(&expected), "{message}");
     }
 
+    #[tokio::test]
+    async fn a_ca_bundle_without_a_certificate_fails_the_attempt_naming_where_it_came_from() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = client().unwrap();
+        let values: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::from([(
+            ("ca", "ca.crt"),
+            "not a certificate",
+        )])));
+        let tls = Tls::CaBundle(ValueRef::config_map("ca", "ca.crt"));
+        let error = http.client_for(&tls, "ns", &values).await.unwrap_err();
+        assert_eq!(
+            error,
+            "tls.caBundle: ConfigMap ca key \"ca.crt\" holds no PEM certificate"
+        );
+        let missing = Tls::CaBundle(ValueRef::secret("gone", "ca.crt"));
+        let error = http.client_for(&missing, "ns", &values).await.unwrap_err();
+        assert_eq!(error, "tls.caBundle: Secret gone key \"ca.crt\" is missing");
+    }
+
     #[test]
     fn redacted_values_do_not_leak_through_debug() {
         assert_eq!(format!("{:?}", Redacted("s3cr3t".into())), "<redacted>");
     }
-
-    use std::collections::HashMap;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use crate::run::TaskKey;
 
-    /// Secrets from a map: (name, key) → value.
+    /// Values from a map: (name, key) → value, whatever the kind.
     struct FakeSecrets(HashMap<(&'static str, &'static str), &'static str>);
 
-    impl SecretSource for FakeSecrets {
+    impl ValueSource for FakeSecrets {
         fn get<'a>(
             &'a self,
             _namespace: &'a str,
-            name: &'a str,
-            key: &'a str,
+            reference: &'a ValueRef,
         ) -> BoxFuture<'a, Result<Redacted, String>> {
-            let value = self.0.get(&(name, key)).map(|v| Redacted(v.to_string()));
-            Box::pin(
-                async move { value.ok_or_else(|| format!("Secret {name} has no key {key:?}")) },
-            )
+            let value = self
+                .0
+                .get(&(reference.name.as_str(), reference.key.as_str()))
+                .map(|v| Redacted(v.to_string()));
+            Box::pin(async move { value.ok_or_else(|| format!("{reference} is missing")) })
         }
     }
 
@@ -634,7 +784,7 @@ mod tests {
         let (base, accepted) = keep_alive(Box::leak(answer.into_boxed_str())).await;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = client().unwrap();
-        let secrets: Arc<dyn SecretSource> = Arc::new(FakeSecrets(HashMap::new()));
+        let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
         let action = HttpAction {
@@ -644,6 +794,7 @@ mod tests {
             body: None,
             success_codes: SuccessCodes::parse(&[]).unwrap(),
             follow_redirects: FollowRedirects::Never,
+            tls: Tls::default(),
         };
         for number in 1..=3 {
             let one = Attempt {
@@ -745,7 +896,7 @@ mod tests {
         follow_redirects: FollowRedirects,
     ) -> Result<String, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let secrets: Arc<dyn SecretSource> =
+        let secrets: Arc<dyn ValueSource> =
             Arc::new(FakeSecrets(HashMap::from([(("s", "token"), secret)])));
         let action = HttpAction {
             url,
@@ -754,6 +905,7 @@ mod tests {
             body: Some("payload".into()),
             success_codes: SuccessCodes::parse(&[]).unwrap(),
             follow_redirects,
+            tls: Tls::default(),
         };
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
@@ -768,10 +920,7 @@ mod tests {
     }
 
     fn from_secret() -> HeaderValue {
-        HeaderValue::Secret {
-            name: "s".into(),
-            key: "token".into(),
-        }
+        HeaderValue::Reference(ValueRef::secret("s", "token"))
     }
 
     #[tokio::test]

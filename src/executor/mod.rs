@@ -23,7 +23,7 @@ use crate::leader::Term;
 use crate::ledger::{Ledger, Mark, Verdict};
 use crate::policy::ConcurrencyPolicy;
 use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink, RunId, TaskId};
-pub use http::{HttpAction, SecretSource};
+pub use http::{HttpAction, ValueSource};
 pub use retry::RetryPolicy;
 
 /// What a run does.
@@ -210,7 +210,7 @@ pub struct ExecutorTask {
 
 struct WorkerContext {
     http: http::HttpClient,
-    secrets: Arc<dyn SecretSource>,
+    values: Arc<dyn ValueSource>,
     ledger: Arc<dyn Ledger>,
     log_success: bool,
     sink: Arc<dyn ReportSink>,
@@ -233,7 +233,7 @@ impl Executor {
         sink: Arc<dyn ReportSink>,
         clock: Clock,
         http: http::HttpClient,
-        secrets: Arc<dyn SecretSource>,
+        values: Arc<dyn ValueSource>,
         ledger: Arc<dyn Ledger>,
     ) -> (Executor, ExecutorTask) {
         let max_workers = config.max_workers.max(1);
@@ -252,7 +252,7 @@ impl Executor {
             workers: Arc::new(Semaphore::new(max_workers)),
             context: Arc::new(WorkerContext {
                 http,
-                secrets,
+                values,
                 ledger,
                 log_success: config.log_success,
                 sink,
@@ -825,7 +825,7 @@ async fn attempt_once(
                 scheduled: run.scheduled,
                 number,
             };
-            http::attempt(&context.http, &context.secrets, action, attempt).await
+            http::attempt(&context.http, &context.values, action, attempt).await
         }
     }
 }
@@ -834,20 +834,6 @@ async fn attempt_once(
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;
-
-    /// No Secrets outside a cluster: a header that needs one fails its attempt.
-    pub struct NoSecrets;
-
-    impl SecretSource for NoSecrets {
-        fn get<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: &'a str,
-        ) -> futures::future::BoxFuture<'a, Result<http::Redacted, String>> {
-            Box::pin(async { Err("none".to_string()) })
-        }
-    }
 
     /// The single-replica ledger.
     pub fn memory_ledger() -> Arc<dyn Ledger> {
@@ -864,6 +850,7 @@ pub(crate) mod fixtures {
                 body: None,
                 success_codes: http::SuccessCodes::parse(&[]).unwrap(),
                 follow_redirects: crate::policy::FollowRedirects::Never,
+                tls: http::Tls::default(),
             }),
             timeout,
             retry: RetryPolicy::default(),
@@ -876,7 +863,8 @@ pub(crate) mod fixtures {
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::{NoSecrets, http_spec};
+    use super::fixtures::http_spec;
+    use super::http::NoValues;
     use super::*;
     use crate::run::TaskKey;
     use chrono::TimeZone;
@@ -894,7 +882,7 @@ mod tests {
             Arc::new(tx),
             Clock::System,
             http::client().unwrap(),
-            Arc::new(NoSecrets),
+            Arc::new(NoValues),
             fixtures::memory_ledger(),
         );
         (executor, reports)

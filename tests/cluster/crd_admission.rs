@@ -225,6 +225,25 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "spec.paused in body must be of type boolean",
         ),
         (
+            "tls-on-plain-http",
+            json!({"spec": {"action": {"http": {"tls": {"insecureSkipVerify": true}}}}}),
+            "http.tls applies to https:// URLs only",
+        ),
+        (
+            "tls-bundle-and-skip-verify",
+            json!({"spec": {"action": {"http": {"url": "https://example.com/", "tls": {
+                "insecureSkipVerify": true,
+                "caBundle": {"configMapKeyRef": {"name": "ca", "key": "ca.crt"}}}}}}}),
+            "http.tls needs caBundle or insecureSkipVerify, not both",
+        ),
+        (
+            "ca-bundle-two-sources",
+            json!({"spec": {"action": {"http": {"url": "https://example.com/", "tls": {
+                "caBundle": {"configMapKeyRef": {"name": "ca", "key": "ca.crt"},
+                             "secretKeyRef": {"name": "ca", "key": "ca.crt"}}}}}}}),
+            "caBundle needs exactly one of configMapKeyRef or secretKeyRef",
+        ),
+        (
             "missing-action",
             json!({"spec": {"action": null}}),
             "spec.action: Required value",

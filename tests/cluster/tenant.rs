@@ -1,7 +1,7 @@
 //! Tenant safety: what one ChronTask's author puts in a spec never leaks where others (or logs)
 //! can read it.
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
@@ -316,5 +316,165 @@ async fn runs_in_flight_per_namespace_are_capped() {
         receiver.max_in_flight() <= 2,
         "{} at once",
         receiver.max_in_flight()
+    );
+}
+
+/// A ConfigMap (or Secret) `name` with `ca.crt: pem`, labeled for tasks or not.
+async fn ca_bundle(ns: &str, kind: &str, name: &str, pem: &str, usable: bool) {
+    let labels = if usable {
+        json!({"chronflow.io/usable-by-tasks": "true"})
+    } else {
+        json!({})
+    };
+    let client = test_env().client().await;
+    let metadata = json!({"name": name, "labels": labels});
+    if kind == "Secret" {
+        let secret: Secret =
+            serde_json::from_value(json!({"metadata": metadata, "stringData": {"ca.crt": pem}}))
+                .unwrap();
+        let api = Api::<Secret>::namespaced(client, ns);
+        api.create(&PostParams::default(), &secret).await.unwrap();
+    } else {
+        let map: ConfigMap =
+            serde_json::from_value(json!({"metadata": metadata, "data": {"ca.crt": pem}})).unwrap();
+        let api = Api::<ConfigMap>::namespaced(client, ns);
+        api.create(&PostParams::default(), &map).await.unwrap();
+    }
+}
+
+fn https_task(url: String, tls: serde_json::Value) -> serde_json::Value {
+    let mut http = json!({"url": url});
+    if !tls.is_null() {
+        http["tls"] = tls;
+    }
+    json!({"schedule": {"interval": "1s"}, "action": {"http": http}})
+}
+
+#[tokio::test]
+async fn https_targets_are_verified_against_system_roots_or_an_opted_in_ca_bundle() {
+    let s = setup("tenant-tls").await;
+    let lax = setup("tenant-insecure").await;
+    let (receiver, ca) = Receiver::start_tls(Behavior::default()).await;
+    let client = test_env().client().await;
+    let _operator = Operator::start(&s.ns).await;
+    let _lax_operator = Operator::start_with(&lax.ns, client, |c| {
+        c.http.allow_insecure_skip_verify = true;
+    })
+    .await;
+    ca_bundle(&s.ns, "ConfigMap", "ca", &ca, true).await;
+    ca_bundle(&s.ns, "Secret", "ca", &ca, true).await;
+    ca_bundle(&s.ns, "ConfigMap", "ca-plain", &ca, false).await;
+    let from =
+        |kind: &str, name: &str| json!({"caBundle": {kind: {"name": name, "key": "ca.crt"}}});
+    let tasks = [
+        ("system", serde_json::Value::Null),
+        ("bundle-config-map", from("configMapKeyRef", "ca")),
+        ("bundle-secret", from("secretKeyRef", "ca")),
+        ("bundle-unlabeled", from("configMapKeyRef", "ca-plain")),
+        ("insecure", json!({"insecureSkipVerify": true})),
+    ];
+    for (name, tls) in tasks.clone() {
+        create(
+            &s.api,
+            name,
+            https_task(receiver.url(&format!("/{name}")), tls),
+        )
+        .await;
+    }
+    let (_, insecure) = tasks.last().unwrap().clone();
+    create(
+        &lax.api,
+        "insecure",
+        https_task(receiver.url("/lax"), insecure),
+    )
+    .await;
+
+    // The receiver's CA is not among the system's roots: the run fails, saying why.
+    let status = status_where(&s.api, "system", "a failed run", |st| st.failed_runs >= 1).await;
+    let message = status.last_run.and_then(|r| r.message).unwrap_or_default();
+    assert!(message.contains("certificate"), "{message}");
+    for (api, name) in [
+        (&s.api, "bundle-config-map"),
+        (&s.api, "bundle-secret"),
+        (&lax.api, "insecure"),
+    ] {
+        status_where(api, name, "a successful run", |st| st.successful_runs >= 1).await;
+    }
+    for (name, why) in [
+        (
+            "bundle-unlabeled",
+            "kubectl label configmap ca-plain chronflow.io/usable-by-tasks=true",
+        ),
+        ("insecure", "http.allow_insecure_skip_verify is false"),
+    ] {
+        let status = status_where(&s.api, name, "Invalid", |st| {
+            st.phase == Some(chronflow::crd::Phase::Invalid)
+        })
+        .await;
+        let message = status.message.unwrap_or_default();
+        assert!(message.contains(why), "{name}: {message}");
+    }
+    let reached = |path: &str| {
+        receiver
+            .hits()
+            .iter()
+            .any(|h| h.idempotency_key.starts_with(&format!("{}/{path}@", s.ns)))
+    };
+    for refused in ["system", "bundle-unlabeled", "insecure"] {
+        assert!(!reached(refused), "{refused} reached the receiver");
+    }
+}
+
+#[tokio::test]
+async fn tasks_per_namespace_are_capped_oldest_first() {
+    let s = setup("tenant-tasks").await;
+    let other = setup("tenant-tasks-other").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        let other = chronflow::config::Namespace::new(&other.ns).unwrap();
+        c.watch_namespaces.push(other);
+        c.limits.max_tasks_per_namespace = 2;
+    })
+    .await;
+    let spec = |name: &str| {
+        json!({"schedule": {"interval": "1s"},
+               "action": {"http": {"url": receiver.url(&format!("/{name}"))}}})
+    };
+    for name in ["a", "b", "c"] {
+        create(&s.api, name, spec(name)).await;
+    }
+    // The cap is per namespace: another namespace's tasks run beside them.
+    for name in ["x", "y"] {
+        create(&other.api, name, spec(name)).await;
+    }
+    let invalid =
+        |st: &chronflow::crd::ChronTaskStatus| st.phase == Some(chronflow::crd::Phase::Invalid);
+    let status = status_where(&s.api, "c", "Invalid", invalid).await;
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("has more than 2 ChronTasks")
+            && message.contains("limits.max_tasks_per_namespace 2"),
+        "{message}"
+    );
+    for (api, name) in [
+        (&s.api, "a"),
+        (&s.api, "b"),
+        (&other.api, "x"),
+        (&other.api, "y"),
+    ] {
+        status_where(api, name, "a run", |st| st.total_runs >= 1).await;
+    }
+    // Deleting an older task makes room: the newer one starts, without waiting for a recheck.
+    let deleted = std::time::Instant::now();
+    s.api
+        .delete("a", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    status_where(&s.api, "c", "a run once a is gone", |st| st.total_runs >= 1).await;
+    assert!(
+        deleted.elapsed() < std::time::Duration::from_secs(20),
+        "c started {:?} after the delete",
+        deleted.elapsed()
     );
 }

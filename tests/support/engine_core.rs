@@ -6,28 +6,13 @@ use std::time::Duration;
 
 use chronflow::clock::Clock;
 use chronflow::engine::{Engine, EngineHandle, EngineParts};
-use chronflow::executor::http::{Redacted, SecretSource};
+use chronflow::executor::http::NoValues;
 use chronflow::executor::{Executor, ExecutorConfig};
 use chronflow::leader::Term;
 use chronflow::ledger::{Ledger, MemoryLedger};
 use chronflow::run::Report;
-use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-
-/// No Secrets outside a cluster: a header that needs one fails its attempt.
-struct NoSecrets;
-
-impl SecretSource for NoSecrets {
-    fn get<'a>(
-        &'a self,
-        _: &'a str,
-        name: &'a str,
-        _: &'a str,
-    ) -> BoxFuture<'a, Result<Redacted, String>> {
-        Box::pin(async move { Err(format!("no Secret {name} here")) })
-    }
-}
 
 /// A running core; dropping it stops the engine and the executor.
 pub struct Core {
@@ -65,7 +50,7 @@ impl Core {
             sink.clone(),
             Clock::System,
             chronflow::executor::http::client().expect("an HTTP client"),
-            Arc::new(NoSecrets),
+            Arc::new(NoValues),
             ledger.clone(),
         );
         // The receiver keeps the last value.

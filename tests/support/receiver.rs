@@ -48,6 +48,8 @@ struct Shared {
 
 pub struct Receiver {
     pub addr: SocketAddr,
+    /// `http`, or `https` for [`Receiver::start_tls`].
+    scheme: &'static str,
     shared: Arc<Shared>,
     _server: tokio::task::JoinHandle<()>,
 }
@@ -80,13 +82,49 @@ impl Receiver {
         });
         Receiver {
             addr,
+            scheme: "http",
             shared,
             _server: server,
         }
     }
 
+    /// A receiver like [`Receiver::start`] over https, with a certificate for 127.0.0.1 issued
+    /// by a CA made for it; also returns that CA's certificate (PEM).
+    pub async fn start_tls(behavior: Behavior) -> (Receiver, String) {
+        let shared = Arc::new(Shared::default());
+        let app = axum::Router::new()
+            .route("/{*path}", any(handle))
+            .with_state((shared.clone(), behavior));
+        let (tls, ca) = tls_config();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    // A client that refuses the certificate ends the handshake: nothing to serve.
+                    let Ok(stream) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let receiver = Receiver {
+            addr,
+            scheme: "https",
+            shared,
+            _server: server,
+        };
+        (receiver, ca)
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     pub fn hits(&self) -> Vec<Hit> {
@@ -147,6 +185,29 @@ fn hit(headers: &HeaderMap) -> Hit {
         arrived: Utc::now(),
         authorization: header("authorization"),
     }
+}
+
+/// A server configuration whose certificate (for 127.0.0.1) a fresh CA issued, and that CA's
+/// certificate in PEM.
+fn tls_config() -> (rustls::ServerConfig, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], private)
+        .unwrap();
+    (config, ca.pem())
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
