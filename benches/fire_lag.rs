@@ -83,6 +83,8 @@ async fn main() {
                     max_concurrent_runs: 1,
                     starting_deadline: None,
                 }),
+                run_now: None,
+                backfills: Vec::new(),
             })
             .await;
     }

@@ -101,6 +101,9 @@ pub struct LimitsConfig {
     pub max_runs_per_namespace: usize,
     /// The most ChronTasks of one namespace that run (the oldest); 0: no cap.
     pub max_tasks_per_namespace: usize,
+    /// The most runs a backfill starts per second.
+    #[serde(deserialize_with = "within::<_, _, 1, 1_000>")]
+    pub backfill_runs_per_second: u32,
 }
 
 /// Where HTTP actions may connect, checked on the resolved address at connect time.

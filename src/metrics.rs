@@ -186,7 +186,10 @@ impl RunMetrics {
                 };
                 self.missed.get_or_create(&labels).inc_by(*count);
             }
-            Report::Schedule { .. } | Report::Counts { .. } => {}
+            Report::Schedule { .. }
+            | Report::Counts { .. }
+            | Report::RequestHandled { .. }
+            | Report::Backfill { .. } => {}
         }
     }
 }
@@ -244,13 +247,11 @@ pub struct CountedClaims {
     pub inner: Arc<dyn Ledger>,
 }
 
-impl Ledger for CountedClaims {
-    fn claim<'a>(
+impl CountedClaims {
+    fn counted<'a>(
         &'a self,
-        run: &'a RunId,
-        term: &'a Term,
+        claim: BoxFuture<'a, Result<Verdict, LedgerError>>,
     ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
-        let claim = self.inner.claim(run, term);
         Box::pin(async move {
             let result = claim.await;
             let label = match &result {
@@ -263,6 +264,24 @@ impl Ledger for CountedClaims {
             self.metrics.claims.claims.get_or_create(&labels).inc();
             result
         })
+    }
+}
+
+impl Ledger for CountedClaims {
+    fn claim<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+        self.counted(self.inner.claim(run, term))
+    }
+
+    fn claim_past<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+        self.counted(self.inner.claim_past(run, term))
     }
 
     fn mark<'a>(

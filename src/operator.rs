@@ -176,6 +176,7 @@ pub async fn run(
         leader: leader.clone(),
         sink,
         clock,
+        backfill_per_second: config.limits.backfill_runs_per_second,
     });
     let writer = StatusWriter::new(
         client.clone(),

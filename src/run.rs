@@ -56,13 +56,16 @@ impl fmt::Display for TaskId {
     }
 }
 
-/// `<namespace>/<name>@<scheduled instant in UTC, RFC 3339>`: the same for every replica and
-/// every attempt of one scheduled run, so it is the dedup key and the `Idempotency-Key`.
+/// `<namespace>/<name>@<scheduled instant in UTC, RFC 3339>` for a run of the schedule (or of
+/// a backfill: the same instant is the same run), `<namespace>/<name>@manual:<request>` for a
+/// run-now request: the same for every replica and every attempt of one run, so it is the dedup
+/// key and the `Idempotency-Key`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RunId {
     text: String,
     task: TaskKey,
     instant: DateTime<Utc>,
+    request: Option<String>,
 }
 
 impl RunId {
@@ -74,6 +77,17 @@ impl RunId {
             ),
             task: task.clone(),
             instant: scheduled,
+            request: None,
+        }
+    }
+
+    /// The run of run-now request `request` (the annotation's value), seen at `seen`.
+    pub fn manual(task: &TaskKey, request: &str, seen: DateTime<Utc>) -> Self {
+        Self {
+            text: format!("{task}@manual:{request}"),
+            task: task.clone(),
+            instant: seen,
+            request: Some(request.to_string()),
         }
     }
 
@@ -85,9 +99,43 @@ impl RunId {
         &self.task
     }
 
-    /// The scheduled instant (before jitter).
+    /// The scheduled instant (before jitter); for a run-now request, when it was seen.
     pub fn instant(&self) -> DateTime<Utc> {
         self.instant
+    }
+
+    /// The run-now request this run answers, if it is one.
+    pub fn request(&self) -> Option<&str> {
+        self.request.as_deref()
+    }
+}
+
+/// What started a run.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+pub enum Trigger {
+    /// Its instant came due.
+    #[default]
+    Schedule,
+    /// A run-now request (`chronflow.io/run-now`).
+    Manual,
+    /// A backfill of `spec.backfill`.
+    Backfill,
+}
+
+impl Trigger {
+    pub fn is_schedule(&self) -> bool {
+        *self == Trigger::Schedule
     }
 }
 
@@ -109,6 +157,7 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq)]
 pub struct FinishedRun {
     pub run_id: RunId,
+    pub trigger: Trigger,
     pub scheduled: DateTime<Utc>,
     pub started: DateTime<Utc>,
     pub finished: DateTime<Utc>,
@@ -144,6 +193,7 @@ pub enum Report {
     Started {
         task: TaskId,
         run_id: RunId,
+        trigger: Trigger,
         scheduled: DateTime<Utc>,
         /// When it was due to start (scheduled plus jitter): the start lag counts from here.
         due: DateTime<Utc>,
@@ -151,13 +201,22 @@ pub enum Report {
     },
     /// A run finished.
     Finished { task: TaskId, run: FinishedRun },
-    /// `count` due instants were not run; `latest` is the newest of them.
+    /// `count` runs were not run; `run` is the newest of them (its instant the latest).
     Missed {
         task: TaskId,
         count: u64,
-        latest: DateTime<Utc>,
+        run: RunId,
+        trigger: Trigger,
         kind: MissKind,
         reason: String,
+    },
+    /// A run-now request was handled (run, refused or found already handled): it is never
+    /// acted on again.
+    RequestHandled { task: TaskId, request: String },
+    /// Progress of a backfill of `spec.backfill`.
+    Backfill {
+        task: TaskId,
+        progress: BackfillProgress,
     },
     /// The task's counts as the shared ledger keeps them (Redis): they replace what the
     /// recorder counted, so status never runs ahead of the ledger nor forgets a leader's runs.
@@ -165,6 +224,33 @@ pub enum Report {
         task: TaskId,
         counts: crate::ledger::Counts,
     },
+}
+
+/// Where a backfill stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackfillProgress {
+    /// The backfill's `id` in `spec.backfill`.
+    pub id: String,
+    /// Instants of the range handled so far: run, or found already run.
+    pub done: u64,
+    /// Instants in the range.
+    pub total: u64,
+    pub phase: BackfillPhase,
+    /// Why it was refused, or where it stands.
+    pub message: Option<String>,
+}
+
+/// A backfill's phase.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub enum BackfillPhase {
+    /// Running its instants, oldest first.
+    Running,
+    /// Every instant of the range is handled.
+    Complete,
+    /// Not run: the range is too large or too old (the message says which).
+    Refused,
 }
 
 /// Why instants were not run, in a few stable words (metric labels); the report's `reason`
@@ -208,6 +294,8 @@ impl Report {
             | Report::Started { task, .. }
             | Report::Finished { task, .. }
             | Report::Missed { task, .. }
+            | Report::RequestHandled { task, .. }
+            | Report::Backfill { task, .. }
             | Report::Counts { task, .. } => task,
         }
     }

@@ -53,6 +53,8 @@ fn task(
             max_concurrent_runs: 10,
             starting_deadline: deadline,
         }),
+        run_now: None,
+        backfills: Vec::new(),
     }
 }
 

@@ -194,6 +194,7 @@ const KEYS: &[&str] = &[
     "limits.min_period",
     "limits.max_runs_per_namespace",
     "limits.max_tasks_per_namespace",
+    "limits.backfill_runs_per_second",
     "no_such_key",
     "redis.no_such_key",
 ];

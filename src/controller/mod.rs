@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::ChronTask;
-use crate::crd::ChronTaskStatus;
+use crate::crd::{
+    BackfillPhase, ChronTaskStatus, RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION,
+};
 use crate::engine::EngineHandle;
 use crate::executor::Action as RunAction;
 use crate::executor::http::{RefKind, Tls, ValueRef};
@@ -185,8 +187,11 @@ async fn reconcile_task(
         Err(invalid) => Err((invalid, Action::await_change())),
     };
     match outcome {
-        Ok(valid) => {
+        Ok(mut valid) => {
             info!(task = %id, schedule = %valid.schedule_text, paused = valid.engine.paused.is_some(), "task scheduled");
+            if let Some(status) = ctx.status.lock().status(&id.key) {
+                resume_from(&mut valid, &status);
+            }
             ctx.engine.upsert(valid.engine).await;
             Ok(Action::await_change())
         }
@@ -194,6 +199,21 @@ async fn reconcile_task(
             warn!(task = %id, %reason, "invalid task");
             ctx.engine.invalidate(id, reason).await;
             Ok(action)
+        }
+    }
+}
+
+/// What status says was done already: the run-now request handled last is not run again, and
+/// each backfill resumes where it stood.
+fn resume_from(valid: &mut ValidTask, status: &ChronTaskStatus) {
+    let engine = &mut valid.engine;
+    if engine.run_now.as_ref().map(|r| &r.request) == status.last_run_now.as_ref() {
+        engine.run_now = None;
+    }
+    for request in &mut engine.backfills {
+        if let Some(known) = status.backfill.iter().find(|b| b.id == request.id) {
+            request.done = known.done;
+            request.over = known.phase != BackfillPhase::Running;
         }
     }
 }
@@ -254,6 +274,22 @@ async fn within_task_cap(
          (limits.max_tasks_per_namespace {cap}); it runs once older ones are deleted",
         meta.namespace.as_deref().unwrap_or_default()
     )))
+}
+
+/// What a reconcile acts on: the spec (its generation) and the run-now annotations; status
+/// writes and other metadata changes pass by.
+fn spec_or_request(task: &GuardedTask) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = task.meta();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    predicates::generation(task).hash(&mut hasher);
+    for name in [RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION] {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(name))
+            .hash(&mut hasher);
+    }
+    Some(hasher.finish())
 }
 
 /// The order of tasks under `limits.max_tasks_per_namespace`: creation time, then name.
@@ -358,7 +394,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             }
         })
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        .predicate_filter(spec_or_request, Default::default());
     let tasks = store.clone();
     Controller::for_stream(applied, store)
         .reconcile_on(rechecks)
@@ -456,6 +492,7 @@ mod tests {
             leader,
             sink,
             clock,
+            backfill_per_second: 10,
         });
         let stop = CancellationToken::new();
         tokio::spawn(engine.run(stop.clone()));

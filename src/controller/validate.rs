@@ -10,7 +10,8 @@ use chrono_tz::Tz;
 
 use crate::crd::spec::MAX_STARTING_DEADLINE_SECONDS;
 use crate::crd::{ChronTask, HistorySpec, HttpMethod, HttpTls, Phase};
-use crate::engine::EngineTask;
+use crate::crd::{RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION};
+use crate::engine::{BackfillRequest, EngineTask, RunNow};
 use crate::executor::http::{HeaderValue, SuccessCodes, Tls, ValueRef, is_reserved_header};
 use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
 use crate::schedule::jitter::MAX_JITTER;
@@ -130,6 +131,8 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
             max_concurrent_runs: spec.max_concurrent_runs,
             starting_deadline,
         }),
+        run_now: run_now(task),
+        backfills: backfills(task)?,
     };
     Ok(ValidTask {
         engine,
@@ -331,6 +334,54 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
         )),
         _ => Err(invalid("spec.action", "needs exactly one of http or job")),
     }
+}
+
+/// The `chronflow.io/run-now` request, if the annotation has a value.
+fn run_now(task: &ChronTask) -> Option<RunNow> {
+    let annotations = task.metadata.annotations.as_ref()?;
+    let request = annotations
+        .get(RUN_NOW_ANNOTATION)
+        .map(|value| value.trim())
+        .filter(|value| !value.is_empty())?;
+    let while_paused = annotations
+        .get(RUN_NOW_WHILE_PAUSED_ANNOTATION)
+        .is_some_and(|value| value == "true");
+    Some(RunNow {
+        request: request.to_string(),
+        while_paused,
+    })
+}
+
+/// `spec.backfill`, not started (the controller adds where each stands).
+fn backfills(task: &ChronTask) -> Result<Vec<BackfillRequest>, Invalid> {
+    let mut requests: Vec<BackfillRequest> = Vec::new();
+    for (i, backfill) in task.spec.backfill.iter().enumerate() {
+        let field = |name: &str| format!("spec.backfill[{i}].{name}");
+        let instant = |name: &str, text: &str| {
+            parse_instant(&field(name), text).map_err(|e| invalid(&field(name), e.reason))
+        };
+        let (start, end) = (
+            instant("start", &backfill.start)?,
+            instant("end", &backfill.end)?,
+        );
+        if end < start {
+            return Err(invalid(&field("end"), "must not be before start"));
+        }
+        if requests.iter().any(|r| r.id == backfill.id) {
+            return Err(invalid(
+                &field("id"),
+                format!("{:?} is used twice", backfill.id),
+            ));
+        }
+        requests.push(BackfillRequest {
+            id: backfill.id.clone(),
+            start,
+            end,
+            done: 0,
+            over: false,
+        });
+    }
+    Ok(requests)
 }
 
 /// `spec.action.http.tls`; a CA bundle's reference is added to `references`.

@@ -117,6 +117,32 @@ pub struct ChronTaskSpec {
     /// How many finished runs to keep in `status.recentRuns` (and, for Jobs, in the cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistorySpec>,
+
+    /// Time ranges whose scheduled instants run now, oldest first, each instant once: those
+    /// that already ran are not run again. Progress is in `status.backfill`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    #[x_kube(validation = Rule::new("self.all(b, self.exists_one(o, o.id == b.id))").message("backfill ids must be unique"))]
+    pub backfill: Vec<BackfillSpec>,
+}
+
+/// A range of past instants to run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("timestamp(self.end) >= timestamp(self.start)").message("backfill.end must not be before backfill.start"))]
+pub struct BackfillSpec {
+    /// Names this backfill in status; a new id is a new backfill.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub id: String,
+    /// The first instant of the range (RFC 3339, inclusive).
+    #[schemars(extend("format" = "date-time"), length(max = 64))]
+    pub start: String,
+    /// The last instant of the range (RFC 3339, inclusive); not in the future.
+    #[schemars(extend("format" = "date-time"), length(max = 64))]
+    pub end: String,
 }
 
 fn default_max_concurrent_runs() -> u32 {

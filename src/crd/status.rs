@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use serde::{Deserialize, Serialize};
 
 use super::schema;
+pub use crate::run::{BackfillPhase, Trigger};
 
 /// Observed state of a ChronTask: phase, run counters and recent runs.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -61,6 +62,19 @@ pub struct ChronTaskStatus {
     #[serde(default)]
     pub missed_runs: u64,
 
+    /// Finished runs that run-now requests started (counted in totalRuns too).
+    #[serde(default)]
+    pub manual_runs: u64,
+
+    /// The latest run-now request handled (the `chronflow.io/run-now` value): it never runs
+    /// again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_now: Option<String>,
+
+    /// Progress of each range of `spec.backfill`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backfill: Vec<BackfillStatus>,
+
     /// successfulRuns / (successfulRuns + failedRuns), one decimal, e.g. `98.5%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub success_rate: Option<String>,
@@ -109,12 +123,35 @@ pub enum Phase {
     Invalid,
 }
 
+/// Where a backfill stands.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackfillStatus {
+    /// The backfill's id in `spec.backfill`.
+    pub id: String,
+    /// Running, Complete or Refused.
+    pub phase: BackfillPhase,
+    /// Instants of the range handled: run now, or found already run.
+    #[serde(default)]
+    pub done: u64,
+    /// Instants in the range.
+    #[serde(default)]
+    pub total: u64,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// One finished (or missed) run.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RunRecord {
-    /// `<namespace>/<name>@<scheduled instant in UTC>`; sent as `Idempotency-Key`.
+    /// `<namespace>/<name>@<scheduled instant in UTC>` (`@manual:<request>` for run now); sent
+    /// as `Idempotency-Key`.
     pub run_id: String,
+    /// What started it: Schedule, Manual (run now) or Backfill.
+    #[serde(default)]
+    pub trigger: Trigger,
     /// The instant the run was due.
     pub scheduled_time: DateTime<Utc>,
     /// When the first attempt started.

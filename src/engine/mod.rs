@@ -9,6 +9,7 @@
 //! reports each change in order. Free of `kube`: the controller (or standalone mode) feeds it
 //! tasks through an [`EngineHandle`].
 
+pub mod backfill;
 pub mod catch_up;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -27,8 +28,10 @@ use crate::executor::{Executor, Retire, RunRequest, RunSpec};
 use crate::leader::Term;
 use crate::ledger::{Ledger, LedgerError, TakeOver, Verdict};
 use crate::policy::CatchUpPolicy;
-use crate::run::{MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
+use crate::run::{MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, Trigger};
 use crate::schedule::{Schedule, jitter};
+pub use backfill::{BackfillRequest, MAX_BACKFILL};
+use backfill::{Driver, Progress};
 
 /// How long a deleted task's uid is remembered, so that a reconcile that was still running when
 /// the delete arrived cannot bring the task back.
@@ -51,6 +54,19 @@ pub struct EngineTask {
     /// `Some(reason)` while `spec.paused` (the reason may be empty).
     pub paused: Option<String>,
     pub run: Arc<RunSpec>,
+    /// A run-now request not handled yet.
+    pub run_now: Option<RunNow>,
+    /// `spec.backfill`.
+    pub backfills: Vec<BackfillRequest>,
+}
+
+/// A run-now request (`chronflow.io/run-now`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunNow {
+    /// The annotation's value: it names the run (`…@manual:<request>`).
+    pub request: String,
+    /// `chronflow.io/run-now-while-paused: "true"`.
+    pub while_paused: bool,
 }
 
 enum Command {
@@ -118,6 +134,8 @@ pub struct EngineParts {
     pub leader: watch::Receiver<Option<Term>>,
     pub sink: Arc<dyn ReportSink>,
     pub clock: Clock,
+    /// The most backfill runs per second, per backfill (`limits.backfill_runs_per_second`).
+    pub backfill_per_second: u32,
 }
 
 /// The engine's state; drive it with [`Engine::run`].
@@ -156,6 +174,42 @@ struct Entry {
     /// Waiting for the ledger's take-over answer: no timer until it comes, so nothing is
     /// claimed or counted before the engine knows where the previous leaders stopped.
     taking_over: bool,
+    /// What outlives a change of the task's state.
+    extras: Extras,
+}
+
+/// A task's run-now requests and backfills.
+#[derive(Default)]
+struct Extras {
+    /// A request that waits for this replica to lead.
+    request: Option<Request>,
+    /// The latest request handled by this process: seen again, it is not run again.
+    served: Option<String>,
+    /// Backfills by id: running, or where they stopped.
+    backfills: HashMap<String, Backfilling>,
+}
+
+impl Extras {
+    fn stop_backfills(&mut self) {
+        for backfill in self.backfills.values() {
+            backfill.cancel.cancel();
+        }
+    }
+}
+
+struct Request {
+    request: String,
+    spec: Arc<RunSpec>,
+    generation: i64,
+    /// Paused, without `run-now-while-paused`: the request is not run.
+    refused_while_paused: bool,
+}
+
+struct Backfilling {
+    cancel: CancellationToken,
+    generation: i64,
+    term: Term,
+    progress: Arc<Progress>,
 }
 
 enum State {
@@ -248,6 +302,156 @@ impl Engine {
         }
         for task in asks {
             self.spawn_take_over(task, term.clone());
+        }
+        // Tasks not taken over (paused) may have a request waiting for this replica to lead.
+        let waiting: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, entry)| !entry.taking_over && entry.extras.request.is_some())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in waiting {
+            self.serve_request(&key);
+        }
+    }
+
+    /// The term this replica acts in: the engine's, while it still leads.
+    fn leading(&self) -> Option<Term> {
+        self.term
+            .clone()
+            .filter(|t| Some(t) == self.parts.leader.borrow().as_ref())
+    }
+
+    /// Runs the task's waiting run-now request, if this replica leads and the task is not being
+    /// taken over: claimed in the ledger by its request, so it runs once whoever sees it.
+    fn serve_request(&mut self, key: &TaskKey) {
+        let Some(term) = self.leading() else {
+            return;
+        };
+        let now = self.parts.clock.now();
+        let Some(entry) = self.tasks.get_mut(key).filter(|e| !e.taking_over) else {
+            return;
+        };
+        let Some(request) = entry.extras.request.take() else {
+            return;
+        };
+        entry.extras.served = Some(request.request.clone());
+        let task = TaskId::new(key.clone(), entry.uid.clone());
+        let run_id = RunId::manual(key, &request.request, now);
+        let handled = Report::RequestHandled {
+            task: task.clone(),
+            request: request.request.clone(),
+        };
+        if request.refused_while_paused {
+            self.parts.sink.record(Report::Missed {
+                task,
+                count: 1,
+                run: run_id,
+                trigger: Trigger::Manual,
+                kind: MissKind::Withdrawn,
+                reason: format!(
+                    "the task is paused; run-now requests run while paused only with the \
+                     annotation {}=true",
+                    crate::crd::RUN_NOW_WHILE_PAUSED_ANNOTATION
+                ),
+            });
+            self.parts.sink.record(handled);
+            return;
+        }
+        let run = RunRequest {
+            task,
+            generation: request.generation,
+            run_id,
+            scheduled: now,
+            due: now,
+            spec: request.spec,
+            sequential: false,
+            trigger: Trigger::Manual,
+            term: term.clone(),
+        };
+        let (ledger, executor, sink) = (
+            self.parts.ledger.clone(),
+            self.parts.executor.clone(),
+            self.parts.sink.clone(),
+        );
+        tokio::spawn(async move {
+            let verdict = ledger.claim(&run.run_id, &term).await;
+            claimed(&executor, sink.as_ref(), run, verdict);
+            sink.record(handled);
+        });
+    }
+
+    /// Starts, keeps or stops the task's backfill drivers: they run while this replica leads a
+    /// scheduled task that is not being taken over, each from where it stopped.
+    fn sync_backfills(&mut self, key: &TaskKey) {
+        let term = self.leading();
+        let shutdown = self.shutdown.clone();
+        let Some(entry) = self.tasks.get_mut(key) else {
+            return;
+        };
+        let (task, term) = match (&entry.state, term) {
+            (State::Scheduled { task, .. }, Some(term)) if !entry.taking_over => (task, term),
+            _ => return entry.extras.stop_backfills(),
+        };
+        let generation = entry.generation;
+        let backfills = &mut entry.extras.backfills;
+        backfills.retain(|id, backfill| {
+            let wanted = task.backfills.iter().any(|b| &b.id == id);
+            if !wanted {
+                backfill.cancel.cancel();
+            }
+            wanted
+        });
+        for request in &task.backfills {
+            let progress = match backfills.get(&request.id) {
+                None if request.over => continue,
+                None => Arc::new(Progress::default()),
+                Some(known)
+                    if known
+                        .progress
+                        .over
+                        .load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    continue;
+                }
+                Some(running)
+                    if running.generation == generation
+                        && running.term == term
+                        && !running.cancel.is_cancelled() =>
+                {
+                    continue;
+                }
+                Some(stopped) => {
+                    stopped.cancel.cancel();
+                    stopped.progress.clone()
+                }
+            };
+            progress
+                .done
+                .fetch_max(request.done, std::sync::atomic::Ordering::SeqCst);
+            let cancel = shutdown.child_token();
+            let driver = Driver {
+                ledger: self.parts.ledger.clone(),
+                executor: self.parts.executor.clone(),
+                sink: self.parts.sink.clone(),
+                leader: self.parts.leader.clone(),
+                clock: self.parts.clock,
+                task: (**task).clone(),
+                generation,
+                term: term.clone(),
+                request: request.clone(),
+                progress: progress.clone(),
+                per_second: self.parts.backfill_per_second,
+                cancel: cancel.clone(),
+            };
+            tokio::spawn(driver.run());
+            let backfill = Backfilling {
+                cancel,
+                generation,
+                term: term.clone(),
+                progress,
+            };
+            backfills.insert(request.id.clone(), backfill);
         }
     }
 
@@ -342,6 +546,8 @@ impl Engine {
             let run = self.request(&engine_task, generation, scheduled, false, &term);
             self.parts.executor.submit(run);
         }
+        self.serve_request(&task.key);
+        self.sync_backfills(&task.key);
     }
 
     /// Runs a previous leader started may still be running in its process: the concurrency
@@ -423,7 +629,8 @@ impl Engine {
     }
 
     fn remove(&mut self, key: &TaskKey, now: DateTime<Utc>) {
-        if let Some(entry) = self.take(key) {
+        if let Some(mut entry) = self.take(key) {
+            entry.extras.stop_backfills();
             let id = TaskId::new(key.clone(), entry.uid.clone());
             self.parts.executor.retire(&id, Retire::Deleted);
             self.bury(&entry.uid, now);
@@ -443,6 +650,8 @@ impl Engine {
         }
         let old = TaskId::new(id.key.clone(), entry.uid.clone());
         self.parts.executor.retire(&old, Retire::Deleted);
+        let mut entry = entry;
+        entry.extras.stop_backfills();
         None
     }
 
@@ -465,7 +674,22 @@ impl Engine {
         let generation = task.generation;
         let was_taking_over = previous.as_ref().is_some_and(|e| e.taking_over);
         let first_sight = previous.is_none();
-        let state = match (previous.map(|e| e.state), task.paused.clone()) {
+        let (state, mut extras) = match previous {
+            Some(entry) => (Some(entry.state), entry.extras),
+            None => (None, Extras::default()),
+        };
+        if let Some(run_now) = &task.run_now
+            && extras.served.as_ref() != Some(&run_now.request)
+        {
+            extras.request = Some(Request {
+                request: run_now.request.clone(),
+                spec: task.run.clone(),
+                generation,
+                refused_while_paused: task.paused.is_some() && !run_now.while_paused,
+            });
+        }
+        let key = id.key.clone();
+        let state = match (state, task.paused.clone()) {
             (_, Some(reason)) => {
                 let schedule = task.schedule.describe();
                 self.report(&id, ScheduleState::Paused { schedule, reason });
@@ -504,7 +728,10 @@ impl Engine {
         if let (true, Some(term)) = (ask, self.term.clone()) {
             self.spawn_take_over(id.clone(), term);
         }
-        self.insert(id, generation, state, scheduled && (ask || was_taking_over));
+        let taking_over = scheduled && (ask || was_taking_over);
+        self.insert(id, generation, state, taking_over, extras);
+        self.serve_request(&key);
+        self.sync_backfills(&key);
     }
 
     /// A scheduled state, reported.
@@ -528,7 +755,14 @@ impl Engine {
         }
     }
 
-    fn insert(&mut self, id: TaskId, generation: i64, state: State, taking_over: bool) {
+    fn insert(
+        &mut self,
+        id: TaskId,
+        generation: i64,
+        state: State,
+        taking_over: bool,
+        extras: Extras,
+    ) {
         if let State::Scheduled {
             fire_at: Some(at), ..
         } = &state
@@ -541,6 +775,7 @@ impl Engine {
             generation,
             state,
             taking_over,
+            extras,
         };
         self.tasks.insert(id.key, entry);
     }
@@ -549,19 +784,21 @@ impl Engine {
         if self.tombstones.contains_key(&id.uid) {
             return;
         }
-        let generation = match self.take_same(&id) {
+        let (generation, mut extras) = match self.take_same(&id) {
             Some(entry) => {
                 if !matches!(entry.state, State::Invalid) {
                     self.parts
                         .executor
                         .retire(&id, Retire::Invalid(reason.clone()));
                 }
-                entry.generation
+                (entry.generation, entry.extras)
             }
-            None => 0,
+            None => (0, Extras::default()),
         };
+        extras.stop_backfills();
+        extras.request = None;
         self.report(&id, ScheduleState::Invalid { reason });
-        self.insert(id, generation, State::Invalid, false);
+        self.insert(id, generation, State::Invalid, false, extras);
     }
 
     /// Fires every timer that is due, earliest first.
@@ -613,7 +850,8 @@ impl Engine {
                 self.parts.sink.record(Report::Missed {
                     task: task.id.clone(),
                     count: plan.missed,
-                    latest,
+                    run: RunId::new(&task.id.key, latest),
+                    trigger: Trigger::Schedule,
                     kind: MissKind::CatchUp,
                     reason: format!(
                         "{about}{} instants due while chronflow could not run them (catchUp {:?})",
@@ -647,6 +885,7 @@ impl Engine {
         term: &Term,
     ) -> RunRequest {
         RunRequest {
+            trigger: Trigger::Schedule,
             task: task.id.clone(),
             generation,
             run_id: RunId::new(&task.id.key, scheduled),
@@ -726,7 +965,8 @@ fn claimed(
             sink.record(Report::Missed {
                 task: run.task.clone(),
                 count: 1,
-                latest: run.scheduled,
+                run: run.run_id.clone(),
+                trigger: run.trigger,
                 kind: MissKind::Claim,
                 reason: format!("cannot claim the run: {error}"),
             });
@@ -799,6 +1039,7 @@ mod tests {
             leader,
             sink,
             clock,
+            backfill_per_second: 10,
         });
         let stop = CancellationToken::new();
         tokio::spawn(engine.run(stop.clone()));
@@ -825,6 +1066,8 @@ mod tests {
                 Duration::from_secs(5),
                 None,
             )),
+            run_now: None,
+            backfills: Vec::new(),
         }
     }
 

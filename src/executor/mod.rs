@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::leader::Term;
 use crate::ledger::{Ledger, Mark, Verdict};
 use crate::policy::ConcurrencyPolicy;
-use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink, RunId, TaskId};
+use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink, RunId, TaskId, Trigger};
 pub use http::{HttpAction, ValueSource};
 pub use retry::RetryPolicy;
 
@@ -69,8 +69,10 @@ pub struct RunRequest {
     /// When it was due to start: `scheduled` plus jitter. The starting deadline counts from here.
     pub due: DateTime<Utc>,
     pub spec: Arc<RunSpec>,
-    /// Part of a catch-up batch: waits for the task's previous run, whatever the policy.
+    /// Part of a catch-up batch or a backfill: waits for the task's previous run, whatever the
+    /// policy.
     pub sequential: bool,
+    pub trigger: Trigger,
     /// The leadership term that claimed the run; its steps are recorded in the ledger under it.
     pub term: Term,
 }
@@ -165,6 +167,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the dispatcher: a run was queued or a run finished.
     changed: Notify,
+    /// Wakes whoever waits for a task's runs to leave the queue ([`Executor::wait_for_room`]).
+    left_queue: Notify,
     queue_size: usize,
     /// The most runs one task may have in flight: half the workers, at least one.
     per_task_workers: usize,
@@ -221,7 +225,8 @@ fn missed(run: &RunRequest, kind: MissKind, reason: String) -> Report {
     Report::Missed {
         task: run.task.clone(),
         count: 1,
-        latest: run.scheduled,
+        run: run.run_id.clone(),
+        trigger: run.trigger,
         kind,
         reason,
     }
@@ -240,6 +245,7 @@ impl Executor {
         let shared = Arc::new(Shared {
             state: Mutex::default(),
             changed: Notify::new(),
+            left_queue: Notify::new(),
             queue_size: config.queue_size.max(1),
             per_task_workers: (max_workers / 2).max(1),
             per_namespace: std::sync::atomic::AtomicUsize::new(0),
@@ -283,6 +289,24 @@ impl Executor {
             }
         }
         self.shared.publish(reports);
+    }
+
+    /// Returns once `task` has no run waiting for a worker: a backfill hands over its next run
+    /// then, so it never fills the queue.
+    pub async fn wait_for_room(&self, task: &TaskId) {
+        loop {
+            let left = self.shared.left_queue.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            let waiting = {
+                let state = self.shared.lock();
+                state.tasks.get(task).map_or(0, |runs| runs.waiting.len())
+            };
+            if waiting == 0 {
+                return;
+            }
+            left.await;
+        }
     }
 
     /// Caps the runs of one namespace in flight or waiting (`limits.max_runs_per_namespace`);
@@ -353,6 +377,7 @@ impl Executor {
                 state.tasks.remove(task);
             }
             state.waiting -= dropped.len();
+            self.shared.left_queue.notify_waiters();
             let reason = match &why {
                 Retire::Deleted => "the task was deleted before the run started".to_string(),
                 Retire::Paused => "the task was paused before the run started".to_string(),
@@ -475,6 +500,7 @@ impl Shared {
                 }
                 let dropped: Vec<RunRequest> = runs.waiting.drain(..).collect();
                 state.waiting -= dropped.len();
+                self.left_queue.notify_waiters();
                 let reason = format!("replaced by {} before it started", run.run_id);
                 reports.extend(
                     dropped
@@ -516,6 +542,7 @@ impl Shared {
                         reports.push(missed(run, MissKind::Deadline, reason));
                         runs.waiting.pop_front();
                         state.waiting -= 1;
+                        self.left_queue.notify_waiters();
                     }
                     _ => break,
                 }
@@ -538,6 +565,7 @@ impl Shared {
             }
             let run = runs.waiting.pop_front()?;
             state.waiting -= 1;
+            self.left_queue.notify_waiters();
             let cancel = Cancel::default();
             runs.active.push((run.run_id.clone(), cancel.clone()));
             if runs.waiting.is_empty() {
@@ -711,6 +739,7 @@ fn finished_report(
         task: run.task.clone(),
         run: FinishedRun {
             run_id: run.run_id.clone(),
+            trigger: run.trigger,
             scheduled: run.scheduled,
             started,
             finished,
@@ -752,6 +781,7 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
     context.sink.record(Report::Started {
         task: run.task.clone(),
         run_id: run.run_id.clone(),
+        trigger: run.trigger,
         scheduled: run.scheduled,
         due: run.due,
         started: guard.started,
@@ -906,6 +936,7 @@ mod tests {
                 starting_deadline,
             )),
             sequential: false,
+            trigger: Trigger::Schedule,
             term: Term::single("test"),
         }
     }

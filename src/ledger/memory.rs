@@ -1,10 +1,13 @@
-//! The in-process ledger, for one replica: per task, the newest instant claimed. The engine
-//! claims a task's instants in ascending order, so "not newer than the newest claim" is exactly
-//! "claimed before", and the memory used is one entry per task however often it runs. It keeps
-//! no counts and no epochs (the status index counts; one replica has nothing to fence), so its
-//! marks are accepted and a take-over learns nothing.
+//! The in-process ledger, for one replica. Per task: the newest instant claimed and the first
+//! one this process claimed (the engine claims a task's instants in ascending order, so "not
+//! newer than the newest claim" is exactly "claimed before"), plus the few runs that do not
+//! follow that order: run-now requests and backfilled instants. Memory is a small entry per task
+//! however often it runs. It keeps no counts and no epochs (the status index counts; one
+//! replica has nothing to fence), so its marks are accepted and a take-over learns nothing. It
+//! knows only this process's runs: across a restart, the status (the last handled run-now
+//! request, a backfill's progress) keeps them from running again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,7 +18,10 @@ use super::{Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdi
 use crate::leader::Term;
 use crate::run::{RunId, TaskKey};
 
-/// Remembers, per task, the newest claimed instant; a task unseen for `idle` is forgotten.
+/// Run-now requests remembered per task.
+const REQUESTS_KEPT: usize = 32;
+
+/// Remembers, per task, which runs were claimed; a task unseen for `idle` is forgotten.
 pub struct MemoryLedger {
     idle: Duration,
     state: Mutex<State>,
@@ -23,18 +29,34 @@ pub struct MemoryLedger {
 
 #[derive(Default)]
 struct State {
-    newest: HashMap<TaskKey, Watermark>,
+    tasks: HashMap<TaskKey, Claims>,
     last_prune: Option<Instant>,
 }
 
-struct Watermark {
-    instant: DateTime<Utc>,
+/// One task's claims.
+struct Claims {
+    /// The first and the newest scheduled instant claimed in order: every instant between was
+    /// handled by this process.
+    first: Option<DateTime<Utc>>,
+    newest: Option<DateTime<Utc>>,
+    /// Instants claimed by backfills outside `first..=newest`.
+    backfilled: BTreeSet<DateTime<Utc>>,
+    /// Run-now requests claimed, oldest first.
+    requests: VecDeque<String>,
     used: Instant,
 }
 
+fn held() -> Verdict {
+    Verdict::Held(Record {
+        state: RunState::Unknown,
+        epoch: 0,
+        holder: String::new(),
+    })
+}
+
 impl MemoryLedger {
-    /// `idle`: how long a task's watermark is kept after its last claim. A task that fires
-    /// less often than that could, after it is forgotten, claim an old instant again; the engine
+    /// `idle`: how long a task's claims are kept after its last claim. A task that fires less
+    /// often than that could, after it is forgotten, claim an old instant again; the engine
     /// never asks for one, so `idle` only bounds memory for deleted tasks.
     pub fn new(idle: Duration) -> Self {
         Self {
@@ -43,7 +65,7 @@ impl MemoryLedger {
         }
     }
 
-    fn claim_now(&self, run: &RunId, now: Instant) -> Verdict {
+    fn claim_now(&self, run: &RunId, past: bool, now: Instant) -> Verdict {
         let mut state = self
             .state
             .lock()
@@ -54,35 +76,58 @@ impl MemoryLedger {
         {
             let idle = self.idle;
             state
-                .newest
-                .retain(|_, mark| now.duration_since(mark.used) < idle);
+                .tasks
+                .retain(|_, claims| now.duration_since(claims.used) < idle);
             state.last_prune = Some(now);
         }
-        let mark = Watermark {
-            instant: run.instant(),
-            used: now,
-        };
-        match state.newest.get_mut(run.task()) {
-            Some(newest) if newest.instant >= run.instant() => Verdict::Held(Record {
-                state: RunState::Unknown,
-                epoch: 0,
-                holder: String::new(),
-            }),
-            Some(newest) => {
-                *newest = mark;
-                Verdict::Accepted
+        let claims = state
+            .tasks
+            .entry(run.task().clone())
+            .or_insert_with(|| Claims {
+                first: None,
+                newest: None,
+                backfilled: BTreeSet::new(),
+                requests: VecDeque::new(),
+                used: now,
+            });
+        claims.used = now;
+        let instant = run.instant();
+        if let Some(request) = run.request() {
+            if claims.requests.iter().any(|r| r == request) {
+                return held();
             }
-            None => {
-                state.newest.insert(run.task().clone(), mark);
-                Verdict::Accepted
+            if claims.requests.len() == REQUESTS_KEPT {
+                claims.requests.pop_front();
             }
+            claims.requests.push_back(request.to_string());
+            return Verdict::Accepted;
         }
+        let in_order = claims
+            .first
+            .zip(claims.newest)
+            .is_some_and(|(first, newest)| first <= instant && instant <= newest);
+        if in_order || claims.backfilled.contains(&instant) {
+            return held();
+        }
+        if past {
+            claims.backfilled.insert(instant);
+            return Verdict::Accepted;
+        }
+        if claims.newest.is_some_and(|newest| newest >= instant) {
+            return held();
+        }
+        claims.first.get_or_insert(instant);
+        claims.newest = Some(instant);
+        // What the order now covers needs no entry of its own.
+        let first = claims.first.unwrap_or(instant);
+        claims.backfilled.retain(|t| *t < first || *t > instant);
+        Verdict::Accepted
     }
 
     /// Tasks remembered.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.state.lock().unwrap().newest.len()
+        self.state.lock().unwrap().tasks.len()
     }
 }
 
@@ -92,7 +137,16 @@ impl Ledger for MemoryLedger {
         run: &'a RunId,
         _term: &'a Term,
     ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
-        let verdict = self.claim_now(run, Instant::now());
+        let verdict = self.claim_now(run, false, Instant::now());
+        async move { Ok(verdict) }.boxed()
+    }
+
+    fn claim_past<'a>(
+        &'a self,
+        run: &'a RunId,
+        _term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+        let verdict = self.claim_now(run, true, Instant::now());
         async move { Ok(verdict) }.boxed()
     }
 
@@ -130,6 +184,38 @@ mod tests {
         holder: String::new(),
     });
 
+    #[test]
+    fn backfills_run_what_this_process_did_not_and_requests_run_once() {
+        let dedup = MemoryLedger::new(Duration::from_secs(3600));
+        let task = TaskKey::new("ns", "t");
+        let t0 = Instant::now();
+        let claim =
+            |second: i64, past: bool| dedup.claim_now(&RunId::new(&task, at(second)), past, t0);
+        for second in 10..=20 {
+            assert_eq!(claim(second, false), Verdict::Accepted);
+        }
+        // Before this process's first claim: unknown here, so a backfill runs it, once.
+        assert_eq!(claim(5, true), Verdict::Accepted);
+        assert_eq!(claim(5, true), DUPLICATE);
+        // This process ran 10..=20.
+        assert_eq!(claim(15, true), DUPLICATE);
+        // Not yet due: a backfill that reaches it first keeps the schedule from running it twice.
+        assert_eq!(claim(22, true), Verdict::Accepted);
+        assert_eq!(claim(21, false), Verdict::Accepted);
+        assert_eq!(claim(22, false), DUPLICATE);
+        assert_eq!(claim(23, false), Verdict::Accepted);
+
+        let request = RunId::manual(&task, "2026-01-01T00:00:00Z", at(30));
+        assert_eq!(dedup.claim_now(&request, false, t0), Verdict::Accepted);
+        let again = RunId::manual(&task, "2026-01-01T00:00:00Z", at(40));
+        assert_eq!(dedup.claim_now(&again, false, t0), DUPLICATE);
+        assert_eq!(
+            claim(24, false),
+            Verdict::Accepted,
+            "requests leave the order alone"
+        );
+    }
+
     fn at(second: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(second)
     }
@@ -140,18 +226,24 @@ mod tests {
         let task = TaskKey::new("ns", "t");
         let t0 = Instant::now();
         assert_eq!(
-            dedup.claim_now(&RunId::new(&task, at(1)), t0),
+            dedup.claim_now(&RunId::new(&task, at(1)), false, t0),
             Verdict::Accepted
         );
-        assert_eq!(dedup.claim_now(&RunId::new(&task, at(1)), t0), DUPLICATE);
         assert_eq!(
-            dedup.claim_now(&RunId::new(&task, at(2)), t0),
+            dedup.claim_now(&RunId::new(&task, at(1)), false, t0),
+            DUPLICATE
+        );
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&task, at(2)), false, t0),
             Verdict::Accepted
         );
-        assert_eq!(dedup.claim_now(&RunId::new(&task, at(1)), t0), DUPLICATE);
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&task, at(1)), false, t0),
+            DUPLICATE
+        );
         let other = TaskKey::new("ns", "other");
         assert_eq!(
-            dedup.claim_now(&RunId::new(&other, at(1)), t0),
+            dedup.claim_now(&RunId::new(&other, at(1)), false, t0),
             Verdict::Accepted
         );
     }
@@ -166,7 +258,7 @@ mod tests {
         for second in 0..3600 {
             let now = t0 + Duration::from_secs(second as u64);
             assert_eq!(
-                dedup.claim_now(&RunId::new(&task, at(second)), now),
+                dedup.claim_now(&RunId::new(&task, at(second)), false, now),
                 Verdict::Accepted
             );
         }
@@ -177,9 +269,13 @@ mod tests {
     fn idle_tasks_are_forgotten() {
         let dedup = MemoryLedger::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        dedup.claim_now(&RunId::new(&TaskKey::new("ns", "gone"), at(0)), t0);
+        dedup.claim_now(&RunId::new(&TaskKey::new("ns", "gone"), at(0)), false, t0);
         let later = t0 + Duration::from_secs(61);
-        dedup.claim_now(&RunId::new(&TaskKey::new("ns", "alive"), at(61)), later);
+        dedup.claim_now(
+            &RunId::new(&TaskKey::new("ns", "alive"), at(61)),
+            false,
+            later,
+        );
         assert_eq!(dedup.len(), 1);
     }
 }

@@ -22,8 +22,17 @@ use crate::run::{Report, ReportSink, RunId, TaskKey};
 /// Where runs are claimed and their steps recorded. The engine claims; the executor marks a run
 /// started before its action and finished after it; missed instants are marked missed.
 pub trait Ledger: Send + Sync {
-    /// Claims `run` for `term`: [`Verdict::Accepted`] means run it.
+    /// Claims `run` for `term`: [`Verdict::Accepted`] means run it. A task's scheduled
+    /// instants are claimed in ascending order; run-now requests by their request.
     fn claim<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>>;
+
+    /// Claims a past instant for a backfill, in any order: accepted when the instant has not
+    /// run (no record, or missed when it was due), held when it ran or is claimed.
+    fn claim_past<'a>(
         &'a self,
         run: &'a RunId,
         term: &'a Term,
@@ -122,6 +131,8 @@ pub struct Counts {
     pub succeeded: u64,
     pub failed: u64,
     pub missed: u64,
+    /// Finished runs that run-now requests started (part of `runs`).
+    pub manual: u64,
 }
 
 /// The ledger could not answer (unreachable, timed out, or a reply it did not expect).
@@ -145,20 +156,13 @@ const MARK_PATIENCE: Duration = Duration::from_secs(3600);
 impl ReportSink for RecordMissed {
     fn record(&self, report: Report) {
         if let Report::Missed {
-            task,
-            count,
-            latest,
-            ..
+            task, count, run, ..
         } = &report
             && let Some(term) = self.leader.borrow().clone()
         {
             let (ledger, inner, mut leader) =
                 (self.ledger.clone(), self.inner.clone(), self.leader.clone());
-            let (task, run, mark) = (
-                task.clone(),
-                RunId::new(&task.key, *latest),
-                Mark::Missed { count: *count },
-            );
+            let (task, run, mark) = (task.clone(), run.clone(), Mark::Missed { count: *count });
             tokio::spawn(async move {
                 let give_up = tokio::time::Instant::now() + MARK_PATIENCE;
                 let mut wait = Duration::from_secs(1);

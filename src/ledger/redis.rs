@@ -6,10 +6,10 @@
 //! | key | type | holds |
 //! |-----|------|-------|
 //! | `chronflow:{ns/name}:epoch` | string | the highest epoch that acted on the task |
-//! | `chronflow:{ns/name}:runs` | hash | instant (Unix ms) → `STATE EPOCH HOLDER` |
-//! | `chronflow:{ns/name}:order` | sorted set | instants by time, for take-over and pruning |
-//! | `chronflow:{ns/name}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `pruned_before` |
-//! | `chronflow:{ns/name}:open` | sorted set | instants claimed or started, not yet final |
+//! | `chronflow:{ns/name}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now) |
+//! | `chronflow:{ns/name}:order` | sorted set | runs by instant (a request: when it was seen), for take-over and pruning |
+//! | `chronflow:{ns/name}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `manual`, `pruned_before` |
+//! | `chronflow:{ns/name}:open` | sorted set | runs claimed or started, not yet final |
 //!
 //! Fencing is per task: a claim or a `started`/`missed` mark from an epoch below the task's
 //! stored epoch is refused, and any accepted one raises it. A leader that takes over raises
@@ -34,38 +34,48 @@ use crate::run::{RunId, TaskKey};
 /// refused as already handled, so a long catch-up cannot replay a pruned run.
 pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, instant (ms), holder, prune
-/// horizon (ms). Returns `{"accepted"}`, `{"held", RECORD}` or `{"fenced", EPOCH}`.
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, prune
+/// horizon (ms), the run's instant (ms), `next` or `past` (a backfill). Returns `{"accepted"}`,
+/// `{"held", RECORD}` or `{"fenced", EPOCH}`.
 const CLAIM: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if epoch < stored then return {'fenced', tostring(stored)} end
 if epoch > stored then redis.call('SET', KEYS[1], epoch) end
 local before = tonumber(redis.call('HGET', KEYS[4], 'pruned_before') or '0')
-if tonumber(ARGV[2]) < before then return {'held', 'pruned 0 -'} end
+if tonumber(ARGV[5]) < before then return {'held', 'pruned 0 -'} end
 local record = redis.call('HGET', KEYS[2], ARGV[2])
 if record then
   local state, owner = string.match(record, '^(%S+) (%S+)')
   -- A claim of a dead epoch that never started is adopted: its leader can no longer start it.
-  if not (state == 'claimed' and tonumber(owner) < epoch) then return {'held', record} end
+  local adopt = state == 'claimed' and tonumber(owner) < epoch
+  -- A backfill runs an instant that was missed when it was due.
+  local backfill = state == 'missed' and ARGV[6] == 'past'
+  if not (adopt or backfill) then return {'held', record} end
 end
 redis.call('HSET', KEYS[2], ARGV[2], 'claimed ' .. ARGV[1] .. ' ' .. ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
-redis.call('ZADD', KEYS[5], ARGV[2], ARGV[2])
-local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4], 'LIMIT', 0, 64)
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[2])
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4], 'WITHSCORES', 'LIMIT', 0, 64)
 if #old > 0 then
-  redis.call('HDEL', KEYS[2], unpack(old))
-  redis.call('ZREM', KEYS[3], unpack(old))
-  redis.call('ZREM', KEYS[5], unpack(old))
-  if tonumber(old[#old]) >= before then redis.call('HSET', KEYS[4], 'pruned_before', old[#old] + 1) end
+  local runs, horizon = {}, before
+  for i = 1, #old, 2 do
+    table.insert(runs, old[i])
+    horizon = math.max(horizon, tonumber(old[i + 1]) + 1)
+  end
+  redis.call('HDEL', KEYS[2], unpack(runs))
+  redis.call('ZREM', KEYS[3], unpack(runs))
+  redis.call('ZREM', KEYS[5], unpack(runs))
+  redis.call('HSET', KEYS[4], 'pruned_before', string.format('%d', horizon))
 end
 return {'accepted'}
 "#;
 
-/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, instant (ms), holder, new state
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, new state
 /// (`started`, `succeeded`, `failed`, `missed`), how many instants (`missed` only: a catch-up
-/// skips many at once, recorded at the newest). Returns `{VERDICT, …, runs, succeeded, failed,
-/// missed}` with VERDICT `accepted`, `held RECORD` or `fenced EPOCH`.
+/// skips many at once, recorded at the newest), the run's instant (ms). Returns `{VERDICT, …,
+/// runs, succeeded, failed, missed, manual}` with VERDICT `accepted`, `held RECORD` or `fenced
+/// EPOCH`.
 const MARK: &str = r#"
 local epoch = tonumber(ARGV[1])
 local to = ARGV[4]
@@ -78,8 +88,8 @@ if record then state, owner, holder = string.match(record, '^(%S+) (%S+) (.*)$')
 local mine = owner == ARGV[1] and holder == ARGV[3]
 local final = to == 'succeeded' or to == 'failed'
 local function counts(verdict)
-  local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed')
-  for i = 1, 4 do table.insert(verdict, c[i] or '0') end
+  local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed', 'manual')
+  for i = 1, 5 do table.insert(verdict, c[i] or '0') end
   return verdict
 end
 -- A run this epoch started is finished whatever happened since; anything else is fenced.
@@ -90,7 +100,7 @@ local allowed = (to == 'started' and state == 'claimed' and mine)
   or (to == 'missed' and (state == 'none' or (state == 'claimed' and mine)))
 if not allowed then return counts({'held', record or 'none 0 -'}) end
 redis.call('HSET', KEYS[2], ARGV[2], to .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
 if to ~= 'started' then
   redis.call('ZREM', KEYS[5], ARGV[2])
   if to == 'missed' then
@@ -98,6 +108,7 @@ if to ~= 'started' then
   else
     redis.call('HINCRBY', KEYS[4], 'runs', 1)
     redis.call('HINCRBY', KEYS[4], to, 1)
+    if string.sub(ARGV[2], 1, 2) == 'm:' then redis.call('HINCRBY', KEYS[4], 'manual', 1) end
   end
 end
 return counts({'accepted'})
@@ -108,44 +119,50 @@ return counts({'accepted'})
 /// an earlier leader is an older epoch or, without leader election (every process in epoch 0),
 /// another process. Runs an earlier leader started are kept open (reported in flight) or, with
 /// `settle`, counted failed (their outcome is unknown; they are never run again); its claims
-/// that never started become this leader's. Returns `{"taken", NEWEST, runs, succeeded,
-/// failed, missed, N, UNSTARTED×N, IN_FLIGHT…}`: the newest instant on record (`""` if none),
-/// the claims taken over (run them), and the runs in flight.
+/// of scheduled instants that never started become this leader's (a run-now claim is adopted
+/// when its request is seen again). Returns `{"taken", NEWEST, runs, succeeded, failed, missed,
+/// manual, N, UNSTARTED×N, IN_FLIGHT…}`: the newest scheduled instant on record (`""` if none),
+/// the claims taken over (run them), and the scheduled runs in flight.
 const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if epoch < stored then return {'fenced', tostring(stored)} end
 redis.call('SET', KEYS[1], epoch)
 local unstarted, in_flight = {}, {}
-for _, instant in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
-  local record = redis.call('HGET', KEYS[2], instant)
+for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  local record = redis.call('HGET', KEYS[2], run)
   local state, owner, holder = 'none', '0', ''
   if record then state, owner, holder = string.match(record, '^(%S+) (%S+) (.*)$') end
+  local scheduled = tonumber(run) ~= nil
   -- An earlier leader: an older epoch, or (without leader election, epoch 0) another process.
   if tonumber(owner) < epoch or (tonumber(owner) == epoch and holder ~= ARGV[2]) then
     if state == 'started' and ARGV[3] == 'keep' then
-      table.insert(in_flight, instant)
+      if scheduled then table.insert(in_flight, run) end
     elseif state == 'started' then
-      redis.call('HSET', KEYS[2], instant, 'failed ' .. owner .. ' ' .. ARGV[2])
+      redis.call('HSET', KEYS[2], run, 'failed ' .. owner .. ' ' .. ARGV[2])
       redis.call('HINCRBY', KEYS[4], 'runs', 1)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
-      redis.call('ZREM', KEYS[5], instant)
-    elseif state == 'claimed' then
+      if not scheduled then redis.call('HINCRBY', KEYS[4], 'manual', 1) end
+      redis.call('ZREM', KEYS[5], run)
+    elseif state == 'claimed' and scheduled then
       -- Taken over in place: the earlier leader can no longer start it, this one will.
-      redis.call('HSET', KEYS[2], instant, 'claimed ' .. ARGV[1] .. ' ' .. ARGV[2])
-      table.insert(unstarted, instant)
-    else
-      redis.call('ZREM', KEYS[5], instant)
+      redis.call('HSET', KEYS[2], run, 'claimed ' .. ARGV[1] .. ' ' .. ARGV[2])
+      table.insert(unstarted, run)
+    elseif state ~= 'claimed' then
+      redis.call('ZREM', KEYS[5], run)
     end
   end
 end
-local newest = redis.call('ZREVRANGE', KEYS[3], 0, 0)[1] or ''
+local newest = ''
+for _, run in ipairs(redis.call('ZREVRANGE', KEYS[3], 0, 63)) do
+  if tonumber(run) then newest = run break end
+end
 local out = {'taken', newest}
-local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed')
-for i = 1, 4 do table.insert(out, c[i] or '0') end
+local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed', 'manual')
+for i = 1, 5 do table.insert(out, c[i] or '0') end
 table.insert(out, tostring(#unstarted))
-for _, instant in ipairs(unstarted) do table.insert(out, instant) end
-for _, instant in ipairs(in_flight) do table.insert(out, instant) end
+for _, run in ipairs(unstarted) do table.insert(out, run) end
+for _, run in ipairs(in_flight) do table.insert(out, run) end
 return out
 "#;
 
@@ -291,24 +308,42 @@ impl RedisLedger {
     }
 }
 
+impl RedisLedger {
+    async fn claim_with(
+        &self,
+        run: &RunId,
+        term: &Term,
+        mode: &str,
+    ) -> Result<Verdict, LedgerError> {
+        let retention = chrono::Duration::from_std(RETENTION).unwrap_or_default();
+        let args = [
+            term.epoch.to_string(),
+            field(run),
+            term.holder.clone(),
+            millis(run.instant() - retention),
+            millis(run.instant()),
+            mode.to_string(),
+        ];
+        let reply = self.invoke(&self.claim, run.task(), &args).await?;
+        verdict(&reply)
+    }
+}
+
 impl Ledger for RedisLedger {
     fn claim<'a>(
         &'a self,
         run: &'a RunId,
         term: &'a Term,
     ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
-        async move {
-            let retention = chrono::Duration::from_std(RETENTION).unwrap_or_default();
-            let args = [
-                term.epoch.to_string(),
-                millis(run.instant()),
-                term.holder.clone(),
-                millis(run.instant() - retention),
-            ];
-            let reply = self.invoke(&self.claim, run.task(), &args).await?;
-            verdict(&reply)
-        }
-        .boxed()
+        self.claim_with(run, term, "next").boxed()
+    }
+
+    fn claim_past<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+        self.claim_with(run, term, "past").boxed()
     }
 
     fn mark<'a>(
@@ -326,13 +361,14 @@ impl Ledger for RedisLedger {
             };
             let args = [
                 term.epoch.to_string(),
-                millis(run.instant()),
+                field(run),
                 term.holder.clone(),
                 state.to_string(),
                 count.to_string(),
+                millis(run.instant()),
             ];
             let reply = self.invoke(&self.mark, run.task(), &args).await?;
-            let (head, tail) = reply.split_at(reply.len().saturating_sub(4));
+            let (head, tail) = reply.split_at(reply.len().saturating_sub(5));
             Ok(Marked {
                 verdict: verdict(head)?,
                 counts: Some(counts(tail)?),
@@ -352,14 +388,14 @@ impl Ledger for RedisLedger {
             let args = [term.epoch.to_string(), term.holder.clone(), mode.into()];
             let reply = self.invoke(&self.take_over, task, &args).await?;
             match reply.first().map(String::as_str) {
-                Some("taken") if reply.len() >= 7 => {
-                    let unstarted: usize = reply[6].parse().map_err(redis_error)?;
+                Some("taken") if reply.len() >= 8 => {
+                    let unstarted: usize = reply[7].parse().map_err(redis_error)?;
                     let instants = |list: &[String]| {
                         list.iter()
                             .map(|instant| instant_of(instant))
                             .collect::<Result<Vec<_>, _>>()
                     };
-                    let (unstarted, in_flight) = reply[7..]
+                    let (unstarted, in_flight) = reply[8..]
                         .split_at_checked(unstarted)
                         .ok_or_else(|| redis_error(format!("odd take-over reply {reply:?}")))?;
                     Ok(TakeOver {
@@ -367,7 +403,7 @@ impl Ledger for RedisLedger {
                             "" => None,
                             newest => Some(instant_of(newest)?),
                         },
-                        counts: Some(counts(&reply[2..6])?),
+                        counts: Some(counts(&reply[2..7])?),
                         unstarted: instants(unstarted)?,
                         in_flight: instants(in_flight)?,
                     })
@@ -395,6 +431,14 @@ fn keys(task: &TaskKey) -> [String; 5] {
     ["epoch", "runs", "order", "counts", "open"].map(|key| format!("{tag}:{key}"))
 }
 
+/// A run's field in the task's `runs` hash: its instant in Unix ms, or `m:<request>`.
+fn field(run: &RunId) -> String {
+    match run.request() {
+        Some(request) => format!("m:{request}"),
+        None => millis(run.instant()),
+    }
+}
+
 fn millis(instant: DateTime<Utc>) -> String {
     instant.timestamp_millis().to_string()
 }
@@ -418,7 +462,7 @@ fn verdict(reply: &[String]) -> Result<Verdict, LedgerError> {
     }
 }
 
-/// `runs, succeeded, failed, missed`.
+/// `runs, succeeded, failed, missed, manual`.
 fn counts(fields: &[String]) -> Result<Counts, LedgerError> {
     let number = |i: usize| {
         fields
@@ -431,6 +475,7 @@ fn counts(fields: &[String]) -> Result<Counts, LedgerError> {
         succeeded: number(1)?,
         failed: number(2)?,
         missed: number(3)?,
+        manual: number(4)?,
     })
 }
 

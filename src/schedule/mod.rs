@@ -192,6 +192,28 @@ impl Schedule {
         (next <= end).then_some(next)
     }
 
+    /// The instants from `start` to `end`, both inclusive, oldest first; `Err(limit)` when there
+    /// are more than `limit` (a backfill's bound), found without listing them all.
+    pub fn between(
+        &self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DateTime<Utc>>, usize> {
+        let mut instants = Vec::new();
+        let mut next = start
+            .checked_sub_signed(TimeDelta::nanoseconds(1))
+            .and_then(|before| self.next_after(before));
+        while let Some(instant) = next.filter(|t| *t <= end) {
+            if instants.len() == limit {
+                return Err(limit);
+            }
+            instants.push(instant);
+            next = self.next_after(instant);
+        }
+        Ok(instants)
+    }
+
     /// A lower bound of the time between two consecutive instants, to keep a jitter shorter
     /// than it: an interval's period; for cron, [`CronExpr::min_gap`] (from the expression's
     /// fields); `None` for a one-shot, which has no second instant.

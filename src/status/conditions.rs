@@ -134,6 +134,7 @@ mod tests {
     fn record(n: i64, outcome: RunOutcome) -> RunRecord {
         RunRecord {
             run_id: format!("ns/t@{n}"),
+            trigger: Default::default(),
             scheduled_time: Utc.timestamp_opt(n, 0).unwrap(),
             start_time: None,
             finish_time: None,

@@ -17,7 +17,9 @@ use tracing::{debug, warn};
 use super::conditions::{self, PhaseInputs, SpecState};
 use super::events::{EventRequest, Severity, reasons};
 use crate::clock::Clock;
-use crate::crd::{ActiveRun, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord};
+use crate::crd::{
+    ActiveRun, BackfillStatus, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord,
+};
 use crate::run::{Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
@@ -252,7 +254,11 @@ impl Index {
                 started,
                 ..
             } => {
-                status.last_schedule_time = status.last_schedule_time.max(Some(scheduled));
+                // A run-now request's time is not an instant of the schedule: catch-up after a
+                // restart counts from lastScheduleTime.
+                if run_id.request().is_none() {
+                    status.last_schedule_time = status.last_schedule_time.max(Some(scheduled));
+                }
                 let active = ActiveRun {
                     run_id: run_id.to_string(),
                     scheduled_time: scheduled,
@@ -263,8 +269,13 @@ impl Index {
             }
             Report::Finished { run, .. } => {
                 state.active.remove(&run.run_id);
-                status.last_schedule_time = status.last_schedule_time.max(Some(run.scheduled));
+                if run.run_id.request().is_none() {
+                    status.last_schedule_time = status.last_schedule_time.max(Some(run.scheduled));
+                }
                 status.total_runs += u64::from(counting);
+                if run.run_id.request().is_some() {
+                    status.manual_runs += u64::from(counting);
+                }
                 let outcome = match run.outcome {
                     Outcome::Succeeded => {
                         status.successful_runs += u64::from(counting);
@@ -279,6 +290,7 @@ impl Index {
                 };
                 let record = RunRecord {
                     run_id: run.run_id.to_string(),
+                    trigger: run.trigger,
                     scheduled_time: run.scheduled,
                     start_time: Some(run.started),
                     finish_time: Some(run.finished),
@@ -300,15 +312,19 @@ impl Index {
             }
             Report::Missed {
                 count,
-                latest,
+                run,
+                trigger,
                 reason,
                 ..
             } => {
                 if counting {
                     status.missed_runs += count;
                 }
-                status.last_schedule_time = status.last_schedule_time.max(Some(latest));
-                let run_id = RunId::new(&id.key, latest).to_string();
+                let latest = run.instant();
+                if run.request().is_none() {
+                    status.last_schedule_time = status.last_schedule_time.max(Some(latest));
+                }
+                let run_id = run.to_string();
                 let message = if count == 1 {
                     reason
                 } else {
@@ -316,6 +332,7 @@ impl Index {
                 };
                 let record = RunRecord {
                     run_id: run_id.clone(),
+                    trigger,
                     scheduled_time: latest,
                     start_time: None,
                     finish_time: None,
@@ -334,6 +351,21 @@ impl Index {
                 status.successful_runs = status.successful_runs.max(counts.succeeded);
                 status.failed_runs = status.failed_runs.max(counts.failed);
                 status.missed_runs = status.missed_runs.max(counts.missed);
+                status.manual_runs = status.manual_runs.max(counts.manual);
+            }
+            Report::RequestHandled { request, .. } => status.last_run_now = Some(request),
+            Report::Backfill { progress, .. } => {
+                let entry = BackfillStatus {
+                    id: progress.id,
+                    phase: progress.phase,
+                    done: progress.done,
+                    total: progress.total,
+                    message: progress.message,
+                };
+                match status.backfill.iter_mut().find(|b| b.id == entry.id) {
+                    Some(known) => *known = entry,
+                    None => status.backfill.push(entry),
+                }
             }
         }
         for (reason, severity, note) in events {
@@ -713,6 +745,7 @@ mod tests {
             task: task.clone(),
             run: FinishedRun {
                 run_id: RunId::new(&task.key, t(second)),
+                trigger: Default::default(),
                 scheduled: t(second),
                 started: t(second),
                 finished: t(second),

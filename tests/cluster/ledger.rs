@@ -131,6 +131,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
         succeeded: 0,
         failed: 1,
         missed: 0,
+        manual: 0,
     };
     assert_eq!(taken.counts, Some(settled));
 
@@ -169,6 +170,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
         succeeded: 1,
         failed: 1,
         missed: 0,
+        manual: 0,
     };
     assert_eq!(counts(ledger, &task, &new).await, expected);
     // Nothing is left open.
@@ -203,6 +205,7 @@ async fn a_run_started_before_a_newer_epoch_acted_finishes_and_is_counted_once()
         succeeded: 0,
         failed: 1,
         missed: 0,
+        manual: 0,
     };
     assert_eq!(marked.counts, Some(once));
     assert_eq!(
@@ -247,6 +250,7 @@ async fn missed_instants_are_counted_once_and_never_run() {
         succeeded: 0,
         failed: 0,
         missed: 52,
+        manual: 0,
     };
     assert_eq!(counts(&ledger, &task, &leader).await, expected);
     let taken = ledger.take_over(&task, &term(2, "b"), true).await.unwrap();

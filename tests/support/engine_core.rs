@@ -61,6 +61,7 @@ impl Core {
             leader,
             sink,
             clock: Clock::System,
+            backfill_per_second: 10,
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(engine.run(shutdown.clone()));

@@ -1,0 +1,186 @@
+//! Backfills: the scheduled instants of a past range, run oldest first, one after another, at
+//! most `limits.backfill_runs_per_second`, each claimed in the ledger like a scheduled run (the
+//! same run id), so an instant that already ran is not run again. A driver runs while its
+//! replica leads; progress survives a restart of the driver (and, through status, of the
+//! process).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::EngineTask;
+use crate::clock::Clock;
+use crate::executor::{Executor, RunRequest};
+use crate::leader::Term;
+use crate::ledger::redis::RETENTION;
+use crate::ledger::{Ledger, Verdict};
+use crate::run::{BackfillPhase, BackfillProgress, Report, ReportSink, RunId, Trigger};
+
+/// The most instants one backfill range may hold.
+pub const MAX_BACKFILL: usize = 10_000;
+
+/// A range of `spec.backfill`, with where it stood when the task was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackfillRequest {
+    pub id: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    /// Instants already handled (from status): the driver resumes after them.
+    pub done: u64,
+    /// Complete or refused already (from status): nothing to do.
+    pub over: bool,
+}
+
+/// A driver's progress, kept by the engine across restarts of the driver.
+#[derive(Default)]
+pub(super) struct Progress {
+    pub done: AtomicU64,
+    /// Complete or refused.
+    pub over: AtomicBool,
+}
+
+/// What a driver needs.
+pub(super) struct Driver {
+    pub ledger: Arc<dyn Ledger>,
+    pub executor: Executor,
+    pub sink: Arc<dyn ReportSink>,
+    pub leader: watch::Receiver<Option<Term>>,
+    pub clock: Clock,
+    pub task: EngineTask,
+    pub generation: i64,
+    pub term: Term,
+    pub request: BackfillRequest,
+    pub progress: Arc<Progress>,
+    pub per_second: u32,
+    pub cancel: CancellationToken,
+}
+
+/// How long a claim the ledger could not answer waits before it is tried again.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+impl Driver {
+    pub async fn run(self) {
+        let instants = match self.instants() {
+            Ok(instants) => instants,
+            Err(reason) => {
+                warn!(task = %self.task.id, backfill = %self.request.id, %reason, "backfill refused");
+                self.progress.over.store(true, Ordering::SeqCst);
+                self.report(BackfillPhase::Refused, 0, 0, Some(reason));
+                return;
+            }
+        };
+        let total = instants.len() as u64;
+        let mut done = self.progress.done.load(Ordering::SeqCst).min(total);
+        info!(task = %self.task.id, backfill = %self.request.id, done, total, "backfill running");
+        let pace = Duration::from_secs(1) / self.per_second.max(1);
+        let mut slot = tokio::time::Instant::now();
+        for instant in instants.into_iter().skip(done as usize) {
+            self.report(BackfillPhase::Running, done, total, None);
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(slot) => {}
+            }
+            // One run waiting at most: the next is handed over once the previous has a worker.
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.executor.wait_for_room(&self.task.id) => {}
+            }
+            slot = tokio::time::Instant::now() + pace;
+            if !self.claim_and_submit(instant).await {
+                return;
+            }
+            done += 1;
+            self.progress.done.store(done, Ordering::SeqCst);
+        }
+        self.progress.over.store(true, Ordering::SeqCst);
+        info!(task = %self.task.id, backfill = %self.request.id, total, "backfill complete");
+        self.report(BackfillPhase::Complete, done, total, None);
+    }
+
+    /// The range's instants, or why the range is refused.
+    fn instants(&self) -> Result<Vec<DateTime<Utc>>, String> {
+        let BackfillRequest { id, start, end, .. } = &self.request;
+        let now = self.clock.now();
+        let rfc = |t: &DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        if *end > now {
+            return Err(format!(
+                "backfill {id}: end {} is in the future; only past instants are backfilled",
+                rfc(end)
+            ));
+        }
+        let retention = chrono::Duration::from_std(RETENTION).unwrap_or_default();
+        if *start < now - retention {
+            return Err(format!(
+                "backfill {id}: start {} is more than 7 days ago, older than the run ledger's \
+                 records: chronflow cannot tell which of those instants ran",
+                rfc(start)
+            ));
+        }
+        self.task
+            .schedule
+            .between(*start, *end, MAX_BACKFILL)
+            .map_err(|limit| {
+                format!(
+                    "backfill {id}: the range holds more than {limit} instants of the schedule; \
+                     split it into smaller ranges"
+                )
+            })
+    }
+
+    /// Claims `instant` for this term and hands it to the executor if it has not run; `false`
+    /// when the driver must stop (cancelled, or no longer leading).
+    async fn claim_and_submit(&self, instant: DateTime<Utc>) -> bool {
+        let run_id = RunId::new(&self.task.id.key, instant);
+        let mut wait = CLAIM_RETRY;
+        loop {
+            if self.leader.borrow().as_ref() != Some(&self.term) || self.cancel.is_cancelled() {
+                return false;
+            }
+            match self.ledger.claim_past(&run_id, &self.term).await {
+                Ok(Verdict::Accepted) => {
+                    let now = self.clock.now();
+                    self.executor.submit(RunRequest {
+                        task: self.task.id.clone(),
+                        generation: self.generation,
+                        run_id,
+                        scheduled: instant,
+                        // Its starting deadline counts from when it is handed over.
+                        due: now,
+                        spec: self.task.run.clone(),
+                        sequential: true,
+                        trigger: Trigger::Backfill,
+                        term: self.term.clone(),
+                    });
+                    return true;
+                }
+                Ok(Verdict::Held(_)) => return true,
+                Ok(Verdict::Fenced { .. }) => return false,
+                Err(error) => {
+                    warn!(run_id = %run_id, %error, ?wait, "cannot claim a backfill run yet");
+                }
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(30)),
+            }
+        }
+    }
+
+    fn report(&self, phase: BackfillPhase, done: u64, total: u64, message: Option<String>) {
+        self.sink.record(Report::Backfill {
+            task: self.task.id.clone(),
+            progress: BackfillProgress {
+                id: self.request.id.clone(),
+                done,
+                total,
+                phase,
+                message,
+            },
+        });
+    }
+}
