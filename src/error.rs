@@ -38,6 +38,14 @@ pub enum Error {
     #[error("{0}")]
     Startup(String),
 
+    /// `chronflow trigger` could not set the request on the ChronTask.
+    #[error("cannot request a run of ChronTask {task}: {source}")]
+    Trigger {
+        task: String,
+        #[source]
+        source: kube::Error,
+    },
+
     /// Writing output failed (a closed pipe, a full disk).
     #[error("cannot write {path}: {source}")]
     WriteOutput {
@@ -73,6 +81,7 @@ impl Error {
             Error::LogFilter(_) => "log_filter",
             Error::Logging(_) => "logging",
             Error::Startup(_) => "startup",
+            Error::Trigger { .. } => "trigger",
             Error::WriteOutput { .. } => "write_output",
             Error::Serialize { .. } => "serialize",
         }

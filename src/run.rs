@@ -59,8 +59,9 @@ impl fmt::Display for TaskId {
 /// `<namespace>/<name>@<scheduled instant in UTC, RFC 3339>` for a run of the schedule (or of
 /// a backfill: the same instant is the same run), `<namespace>/<name>@manual:<request>` for a
 /// run-now request: the same for every replica and every attempt of one run, so it is the dedup
-/// key and the `Idempotency-Key`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// key and the `Idempotency-Key`. Two ids are the same run when their text is the same (a
+/// request's id carries when it was seen, which differs between replicas).
+#[derive(Clone, Debug)]
 pub struct RunId {
     text: String,
     task: TaskKey,
@@ -107,6 +108,32 @@ impl RunId {
     /// The run-now request this run answers, if it is one.
     pub fn request(&self) -> Option<&str> {
         self.request.as_deref()
+    }
+}
+
+impl PartialEq for RunId {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for RunId {}
+
+impl std::hash::Hash for RunId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for RunId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RunId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
     }
 }
 

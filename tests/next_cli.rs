@@ -382,3 +382,38 @@ fn a_cron_expression_starting_with_a_hyphen_is_read_as_the_expression() {
         &["2026-01-02T00:00:00+00:00"],
     );
 }
+
+#[test]
+fn between_prints_what_a_backfill_of_the_range_would_run() {
+    // Both ends inclusive, in the --tz offset.
+    let lines = [
+        "2026-11-28T03:00:00+01:00",
+        "2026-11-28T03:15:00+01:00",
+        "2026-11-28T03:30:00+01:00",
+    ];
+    let range = ["--between", "2026-11-28T02:00:00Z", "2026-11-28T02:30:00Z"];
+    let mut args = vec!["0 */15 * * * *", "--tz", "Europe/Berlin"];
+    args.extend(range);
+    assert_prints(&args, &lines);
+    // More than a backfill takes (10000): refused, as the operator would refuse it.
+    assert_rejects(
+        &[
+            "* * * * * *",
+            "--between",
+            "2026-11-28T00:00:00Z",
+            "2026-11-28T06:00:00Z",
+        ],
+        "--between",
+        "more than 10000 instants",
+    );
+    assert_rejects(
+        &[
+            "* * * * * *",
+            "--between",
+            "2026-11-28T01:00:00Z",
+            "2026-11-28T00:00:00Z",
+        ],
+        "--between",
+        "END is before START",
+    );
+}

@@ -1,4 +1,4 @@
-//! The command line: `chronflow run | next | crd | check-config`.
+//! The command line: `chronflow run | next | trigger | crd | check-config`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use crate::config::OperatorConfig;
 use crate::{Error, Result};
 
 pub mod next;
+pub mod trigger;
 
 /// chronflow runs scheduled work on Kubernetes with seconds precision, exactly once.
 #[derive(Debug, Parser)]
@@ -29,6 +30,9 @@ pub enum Command {
     },
     /// Print the next instants a schedule fires, to check one before applying it.
     Next(next::NextArgs),
+    /// Run a ChronTask once now, through the API: sets its `chronflow.io/run-now` annotation,
+    /// which the operator runs exactly once.
+    Trigger(trigger::TriggerArgs),
     /// Print the ChronTask CustomResourceDefinition as YAML (what `crds/` holds).
     Crd,
     /// Validate an operator configuration file and print the effective configuration,
@@ -67,6 +71,15 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Next(args) => Ok(next::run(&args)),
+            Command::Trigger(args) => {
+                let request = trigger::run(&args).await?;
+                print_stdout(&format!(
+                    "chrontask/{} run requested ({}={request})\n",
+                    args.name,
+                    crate::crd::RUN_NOW_ANNOTATION
+                ))?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Crd => {
                 print_stdout(&crate::crd::crd_yaml()?)?;
                 Ok(ExitCode::SUCCESS)

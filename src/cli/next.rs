@@ -18,6 +18,7 @@ Forms:
   chronflow next CRON [--tz ZONE] [--after T] [--start T] [--end T] [-n N]
   chronflow next --interval DURATION --start T [--after T] [--end T] [-n N]
   chronflow next --at T [--after T]
+  chronflow next CRON --between START END     (what a backfill of START..END would run)
 
 Prints up to N instants strictly after --after, one per line, in RFC 3339 with the offset of
 --tz. Instants (T) are RFC 3339, e.g. 2026-03-08T03:00:00-04:00 or 2026-12-01T01:00:00Z.
@@ -27,7 +28,8 @@ Examples:
   chronflow next '*/5 * * * * *' --tz Asia/Shanghai -n 3
   chronflow next '30 2 * * *' --tz America/New_York --after 2026-03-07T12:00:00Z
   chronflow next --interval 1m30s --start 2026-01-01T00:00:00Z
-  chronflow next --at 2026-12-01T09:00:00+08:00";
+  chronflow next --at 2026-12-01T09:00:00+08:00
+  chronflow next '0 */15 * * * *' --between 2026-11-28T00:00:00Z 2026-11-28T06:00:00Z";
 
 /// Exit status for invalid input, the same as clap's usage errors.
 const EXIT_INVALID: u8 = 2;
@@ -75,6 +77,11 @@ pub struct NextArgs {
     /// How many instants to print at most.
     #[arg(short = 'n', long = "count", value_name = "N", default_value_t = 10)]
     pub count: usize,
+
+    /// Print every instant from START to END, both inclusive: what a backfill of that range
+    /// would run (ignores --after and -n); a range a backfill would refuse is an error.
+    #[arg(long, num_args = 2, value_names = ["START", "END"], conflicts_with_all = ["after", "count"])]
+    pub between: Option<Vec<String>>,
 }
 
 /// Exit status when standard output cannot be written (a full disk), as for other failures of
@@ -85,16 +92,18 @@ const EXIT_OUTPUT: u8 = 1;
 /// closes the pipe early, as `| head -1` does), 2 on invalid input, 1 when standard output
 /// cannot be written.
 pub fn run(args: &NextArgs) -> ExitCode {
-    match plan(args) {
-        Ok((schedule, tz, after)) => match print_instants(&schedule, tz, after, args.count) {
-            Ok(()) => ExitCode::SUCCESS,
-            // The reader left (`| head -1`): it has what it wanted; not an error of ours.
-            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-            Err(error) => {
-                report(&format!("cannot write stdout: {error}"));
-                ExitCode::from(EXIT_OUTPUT)
-            }
-        },
+    let printed = plan(args).and_then(|(schedule, tz, after)| match &args.between {
+        Some(range) => Ok(print_instants(between(&schedule, range)?, tz)),
+        None => Ok(print_instants(upcoming(&schedule, after, args.count), tz)),
+    });
+    match printed {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        // The reader left (`| head -1`): it has what it wanted; not an error of ours.
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Ok(Err(error)) => {
+            report(&format!("cannot write stdout: {error}"));
+            ExitCode::from(EXIT_OUTPUT)
+        }
         Err(error) => {
             // Exactly one line: scripts read it as "field: reason".
             report(&error.to_string());
@@ -169,24 +178,52 @@ fn on_flag(flag: &str, error: ScheduleError) -> ScheduleError {
     }
 }
 
-/// Writes up to `count` instants, one per line, and flushes: every write error is returned.
-fn print_instants(
+/// Up to `count` instants strictly after `after`, computed as they are printed.
+fn upcoming(
     schedule: &Schedule,
-    tz: Tz,
     after: DateTime<Utc>,
     count: usize,
+) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+    std::iter::successors(schedule.next_after(after), |t| schedule.next_after(*t)).take(count)
+}
+
+/// The instants of `--between START END`, bounded as a backfill is.
+fn between(schedule: &Schedule, range: &[String]) -> Result<Vec<DateTime<Utc>>, ScheduleError> {
+    let [start, end] = range else {
+        return Err(ScheduleError {
+            field: "--between".into(),
+            reason: "takes START and END".into(),
+        });
+    };
+    let start = schedule::parse_instant("--between", start)?;
+    let end = schedule::parse_instant("--between", end)?;
+    if end < start {
+        return Err(ScheduleError {
+            field: "--between".into(),
+            reason: "END is before START".into(),
+        });
+    }
+    schedule
+        .between(start, end, crate::engine::MAX_BACKFILL)
+        .map_err(|limit| ScheduleError {
+            field: "--between".into(),
+            reason: format!(
+                "the range holds more than {limit} instants; a backfill of it would be refused"
+            ),
+        })
+}
+
+/// Writes the instants, one per line, and flushes: every write error is returned.
+fn print_instants(
+    instants: impl IntoIterator<Item = DateTime<Utc>>,
+    tz: Tz,
 ) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut cursor = after;
-    for _ in 0..count {
-        let Some(next) = schedule.next_after(cursor) else {
-            break;
-        };
-        let line = next
+    for instant in instants {
+        let line = instant
             .with_timezone(&tz)
             .to_rfc3339_opts(SecondsFormat::AutoSi, false);
         writeln!(out, "{line}")?;
-        cursor = next;
     }
     out.flush()
 }

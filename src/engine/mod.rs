@@ -537,8 +537,7 @@ impl Engine {
             );
         }
         if !answer.in_flight.is_empty() {
-            let runs = answer.in_flight.iter();
-            let held = runs.map(|at| RunId::new(&task.key, *at)).collect();
+            let held = answer.in_flight;
             self.hold_elsewhere(task.clone(), held, engine_task.run.longest(), term.clone());
         }
         // Already claimed for this term by the take-over itself.

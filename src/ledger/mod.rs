@@ -72,9 +72,10 @@ pub struct TakeOver {
     pub newest: Option<DateTime<Utc>>,
     /// Instants an earlier leader claimed and never started, now claimed by this one: run them.
     pub unstarted: Vec<DateTime<Utc>>,
-    /// Instants an older epoch started and has not finished: its process may still be running
-    /// them (frozen, cut off), so the concurrency policy counts them until they must be over.
-    pub in_flight: Vec<DateTime<Utc>>,
+    /// Runs an older epoch started and has not finished: its process may still be running
+    /// them (frozen, cut off), so the concurrency policy counts them until they must be over,
+    /// then they are settled.
+    pub in_flight: Vec<RunId>,
     /// The task's counts, when the ledger keeps them.
     pub counts: Option<Counts>,
 }

@@ -122,7 +122,7 @@ return counts({'accepted'})
 /// of scheduled instants that never started become this leader's (a run-now claim is adopted
 /// when its request is seen again). Returns `{"taken", NEWEST, runs, succeeded, failed, missed,
 /// manual, N, UNSTARTED×N, IN_FLIGHT…}`: the newest scheduled instant on record (`""` if none),
-/// the claims taken over (run them), and the scheduled runs in flight.
+/// the claims taken over (run them), and the runs in flight.
 const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -137,7 +137,7 @@ for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   -- An earlier leader: an older epoch, or (without leader election, epoch 0) another process.
   if tonumber(owner) < epoch or (tonumber(owner) == epoch and holder ~= ARGV[2]) then
     if state == 'started' and ARGV[3] == 'keep' then
-      if scheduled then table.insert(in_flight, run) end
+      table.insert(in_flight, run)
     elseif state == 'started' then
       redis.call('HSET', KEYS[2], run, 'failed ' .. owner .. ' ' .. ARGV[2])
       redis.call('HINCRBY', KEYS[4], 'runs', 1)
@@ -405,7 +405,10 @@ impl Ledger for RedisLedger {
                         },
                         counts: Some(counts(&reply[2..7])?),
                         unstarted: instants(unstarted)?,
-                        in_flight: instants(in_flight)?,
+                        in_flight: in_flight
+                            .iter()
+                            .map(|run| run_of(task, run))
+                            .collect::<Result<_, _>>()?,
                     })
                 }
                 _ => match verdict(&reply)? {
@@ -441,6 +444,14 @@ fn field(run: &RunId) -> String {
 
 fn millis(instant: DateTime<Utc>) -> String {
     instant.timestamp_millis().to_string()
+}
+
+/// The run a field of the `runs` hash names.
+fn run_of(task: &TaskKey, field: &str) -> Result<RunId, LedgerError> {
+    match field.strip_prefix("m:") {
+        Some(request) => Ok(RunId::manual(task, request, Utc::now())),
+        None => Ok(RunId::new(task, instant_of(field)?)),
+    }
 }
 
 fn instant_of(text: &str) -> Result<DateTime<Utc>, LedgerError> {

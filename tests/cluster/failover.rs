@@ -719,3 +719,80 @@ async fn a_lone_replica_killed_and_restarted_takes_over_from_the_ledger() {
         "only the runs in flight at the kill: {status:?}"
     );
 }
+
+#[tokio::test]
+async fn a_run_now_request_runs_once_across_failovers() {
+    let setup = setup("ha-run-now").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    // Calls take 2 s: a leader killed right after the call started dies with the run in flight.
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(2),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    let names = ["r0", "r1", "r2"];
+    let mut replicas: BTreeMap<String, Replica> = names
+        .iter()
+        .map(|name| (name.to_string(), Replica::start(ns, name, redis, &dir)))
+        .collect();
+    let spec = json!({"schedule": {"cron": "0 0 0 1 1 *"}, "timeout": "5s",
+                      "action": {"http": {"url": receiver.url("/now")}}});
+    create(api, "now", spec).await;
+    status_where(api, "now", "Scheduled", |st| st.next_run_time.is_some()).await;
+    let calls = |request: &str| {
+        let key = format!("{ns}/now@manual:{request}");
+        receiver
+            .hits()
+            .iter()
+            .filter(|h| h.idempotency_key == key)
+            .count()
+    };
+    let annotate = |request: &'static str| async move {
+        let patch = kube::api::Patch::Merge(
+            json!({"metadata": {"annotations": {"chronflow.io/run-now": request}}}),
+        );
+        api.patch("now", &kube::api::PatchParams::default(), &patch)
+            .await
+            .unwrap();
+    };
+
+    // The leader dies as the request arrives: whether it saw it, claimed it or started it, the
+    // next leader runs it or leaves it, and it runs once.
+    let first = leader_among(ns, &names).await;
+    annotate("at-the-kill").await;
+    replicas.get_mut(&first).unwrap().kill();
+    let others: Vec<&str> = names.iter().copied().filter(|n| *n != first).collect();
+    let second = eventually("a new leader", || async {
+        holder(ns).await.filter(|h| others.contains(&h.as_str()))
+    })
+    .await;
+    eventually("the request run once", || async {
+        (calls("at-the-kill") == 1).then_some(())
+    })
+    .await;
+    // Finished (Forbid would skip a request while it runs).
+    status_where(api, "now", "the first request counted", |st| {
+        st.manual_runs == 1
+    })
+    .await;
+
+    // The next leader dies with the run in flight: its successor never sends it again, and
+    // counts it once it cannot be running any more (outcome unknown: failed).
+    annotate("in-flight").await;
+    eventually("the call in flight", || async {
+        (calls("in-flight") == 1).then_some(())
+    })
+    .await;
+    replicas.get_mut(&second).unwrap().kill();
+    let status = status_where(api, "now", "both requests counted", |st| {
+        st.manual_runs == 2 && st.last_run_now.as_deref() == Some("in-flight")
+    })
+    .await;
+    assert_eq!(status.total_runs, 2, "{status:?}");
+    assert_eq!((calls("at-the-kill"), calls("in-flight")), (1, 1));
+    for replica in replicas.values_mut().filter(|r| r.child.is_some()) {
+        assert!(replica.terminate().success(), "{}", replica.logs());
+    }
+}

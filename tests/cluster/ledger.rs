@@ -120,7 +120,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
     let taken = ledger.take_over(&task, &new, false).await.unwrap();
     assert_eq!(taken.newest, Some(at(1)));
     assert_eq!(taken.unstarted, [at(1)]);
-    assert_eq!(taken.in_flight, [at(0)]);
+    assert_eq!(taken.in_flight, [RunId::new(&task, at(0))]);
     assert_eq!(taken.counts, Some(Counts::default()));
     // Once it cannot be running any more, it is settled failed (its outcome is unknown, and it
     // never runs again).
@@ -408,7 +408,7 @@ async fn without_leader_election_a_restarted_process_takes_over_the_previous_one
         [at(1)],
         "the unstarted claim is the new process's now"
     );
-    assert_eq!(taken.in_flight, [at(0)]);
+    assert_eq!(taken.in_flight, [RunId::new(&task, at(0))]);
     // The old process, were it still alive, can no longer start that claim.
     let refused = mark(&ledger, &claimed, &before, Mark::Started).await;
     assert_eq!(state(&refused), Some(RunState::Claimed));
@@ -423,4 +423,57 @@ async fn without_leader_election_a_restarted_process_takes_over_the_previous_one
         state(&claim(&ledger, &race, &after).await),
         Some(RunState::Claimed)
     );
+}
+
+#[tokio::test]
+async fn backfill_claims_run_what_never_ran_and_requests_are_claimed_by_name() {
+    let ledger = &ledger(4);
+    let task = task("past");
+    let leader = term(1, "a");
+    // 10 ran, 11 was missed when due, 12 was never seen.
+    let ran = RunId::new(&task, at(10));
+    assert_eq!(claim(ledger, &ran, &leader).await, Verdict::Accepted);
+    assert_eq!(mark(ledger, &ran, &leader, DONE).await, Verdict::Accepted);
+    let missed = RunId::new(&task, at(11));
+    let skipped = Mark::Missed { count: 1 };
+    assert_eq!(
+        mark(ledger, &missed, &leader, skipped).await,
+        Verdict::Accepted
+    );
+    let newest = RunId::new(&task, at(20));
+    assert_eq!(claim(ledger, &newest, &leader).await, Verdict::Accepted);
+
+    let past = async |run: &RunId| ledger.claim_past(run, &leader).await.unwrap();
+    assert_eq!(state(&past(&ran).await), Some(RunState::Succeeded));
+    assert_eq!(past(&missed).await, Verdict::Accepted);
+    let never = RunId::new(&task, at(12));
+    assert_eq!(past(&never).await, Verdict::Accepted);
+    assert_eq!(state(&past(&never).await), Some(RunState::Claimed));
+    // A scheduled claim never re-runs a missed instant; a backfill just did, once.
+    assert_eq!(
+        state(&claim(ledger, &missed, &leader).await),
+        Some(RunState::Claimed)
+    );
+
+    // A request is claimed by its name, whenever and by whomever it is seen.
+    let request = RunId::manual(&task, "2026-11-29T09:00:00Z", at(30));
+    assert_eq!(claim(ledger, &request, &leader).await, Verdict::Accepted);
+    let seen_later = RunId::manual(&task, "2026-11-29T09:00:00Z", at(40));
+    assert_eq!(
+        state(&claim(ledger, &seen_later, &leader).await),
+        Some(RunState::Claimed)
+    );
+    assert_eq!(
+        mark(ledger, &request, &leader, Mark::Started).await,
+        Verdict::Accepted
+    );
+    assert_eq!(
+        mark(ledger, &request, &leader, DONE).await,
+        Verdict::Accepted
+    );
+    let after = counts(ledger, &task, &leader).await;
+    assert_eq!((after.runs, after.manual, after.missed), (2, 1, 1));
+    // The request does not move where the schedule resumes after a take-over.
+    let taken = ledger.take_over(&task, &term(2, "b"), false).await.unwrap();
+    assert_eq!(taken.newest, Some(at(20)));
 }

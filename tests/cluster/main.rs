@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod backfill;
 mod card;
 mod config_keys;
 mod crd_admission;
@@ -17,4 +18,5 @@ mod load;
 mod logging;
 mod observability;
 mod operator;
+mod run_now;
 mod tenant;
