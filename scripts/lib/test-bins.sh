@@ -9,3 +9,5 @@ ETCD_VERSION=$(sed -n 's/^require go.etcd.io\/etcd\/server\/v3 \(v[0-9.]*\)$/\1/
 GO_VERSION=$(go env GOVERSION 2>/dev/null || echo nogo)
 CACHE_ROOT=${CHRONFLOW_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chronflow}
 BIN_DIR="$CACHE_ROOT/test-bins/kube-${KUBE_VERSION}_etcd-${ETCD_VERSION}_${GO_VERSION}"
+# helm for the end-to-end install test (e2e/), built beside them; its version is checked on use.
+HELM_VERSION=v4.3.1

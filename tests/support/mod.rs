@@ -55,7 +55,7 @@ pub fn test_env() -> &'static TestEnv {
 }
 
 fn start() -> Result<TestEnv, String> {
-    start_in("control-plane")
+    start_in("control-plane", true)
 }
 
 /// The seed node of a 3-master Redis Cluster on loopback (`scripts/redis-cluster`), started once
@@ -88,7 +88,15 @@ impl OwnControlPlane {
     pub fn start(name: &str) -> OwnControlPlane {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        match start_in(&format!("{name}-{n}")) {
+        match start_in(&format!("{name}-{n}"), true) {
+            Ok(env) => OwnControlPlane(env),
+            Err(error) => panic!("control plane unavailable: {error}"),
+        }
+    }
+
+    /// One without the ChronTask CRD, as a cluster is before chronflow is installed.
+    pub fn start_empty(name: &str) -> OwnControlPlane {
+        match start_in(name, false) {
             Ok(env) => OwnControlPlane(env),
             Err(error) => panic!("control plane unavailable: {error}"),
         }
@@ -112,8 +120,9 @@ impl Drop for OwnControlPlane {
     }
 }
 
-/// Starts a control plane in a directory of its own under the test run's, with the CRD.
-fn start_in(name: &str) -> Result<TestEnv, String> {
+/// Starts a control plane in a directory of its own under the test run's, with the CRD if
+/// `crd`.
+fn start_in(name: &str, crd: bool) -> Result<TestEnv, String> {
     let bin_dir = match std::env::var_os("CHRONFLOW_TEST_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
@@ -136,6 +145,9 @@ fn start_in(name: &str) -> Result<TestEnv, String> {
         bin_dir,
         dir,
     };
+    if !crd {
+        return Ok(env);
+    }
     let crd = repo_root().join("crds/chronflow.io_chrontasks.yaml");
     run(env
         .kubectl_command()

@@ -1,0 +1,310 @@
+//! The install a cluster user does, end to end, on a real control plane with no chronflow in it:
+//! `helm lint`, `helm install chronflow charts/chronflow`, then the operator's release binary
+//! (built as the Dockerfile builds it) run as the chart's ServiceAccount with the configuration
+//! the chart rendered — no kubelet runs Pods here — proving the chart's RBAC suffices, and
+//! `kubectl auth can-i` proving it is no more; then kubectl as a user types it, `helm upgrade`
+//! rolling the configuration, and `helm uninstall` leaving the CRD and the ChronTasks.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Instant;
+
+use support::receiver::{Behavior, Receiver};
+use support::{OwnControlPlane, TestEnv, eventually, repo_root};
+
+const NS: &str = "chronflow-system";
+const SA: &str = "system:serviceaccount:chronflow-system:chronflow";
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs a command to success and returns its stdout.
+fn ok(command: &mut Command) -> String {
+    let output = command.output().expect("the command runs");
+    assert!(output.status.success(), "{command:?}: {}", text(&output));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn helm(env: &TestEnv) -> Command {
+    let mut command = Command::new(env.bin_dir.join("helm"));
+    command
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HELM_CACHE_HOME", env.dir.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", env.dir.join("helm/config"))
+        .env("HELM_DATA_HOME", env.dir.join("helm/data"));
+    command
+}
+
+fn kubectl(env: &TestEnv, args: &[&str]) -> String {
+    ok(env.kubectl_command().args(args))
+}
+
+/// The release binary, built by the Dockerfile's command, in a target directory of its own
+/// (the one running this test is locked by the `cargo test` that runs it).
+fn release_binary() -> PathBuf {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-release");
+    ok(Command::new(env!("CARGO"))
+        .args(["build", "--release", "--locked", "--bin", "chronflow"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(repo_root()));
+    target.join("release/chronflow")
+}
+
+/// The admin kubeconfig, acting as the chart's ServiceAccount.
+fn as_service_account(env: &TestEnv) -> PathBuf {
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&env.kubeconfig).unwrap()).unwrap();
+    for user in config["users"].as_sequence_mut().unwrap() {
+        user["user"]["as"] = SA.into();
+    }
+    let path = env.dir.join("kubeconfig-chronflow-sa");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+fn can_i(env: &TestEnv, args: &[&str]) -> bool {
+    let output = env
+        .kubectl_command()
+        .args(["auth", "can-i", "--as", SA])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim() == "yes"
+}
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn task_manifest(url: &str) -> String {
+    format!(
+        "apiVersion: chronflow.io/v1alpha1\nkind: ChronTask\nmetadata:\n  name: every-second\n  \
+         namespace: shop\nspec:\n  schedule:\n    cron: \"* * * * * *\"\n  timeout: 2s\n  \
+         action:\n    http:\n      url: {url}\n      method: GET\n"
+    )
+}
+
+#[tokio::test]
+async fn helm_install_then_kubectl_as_a_user_would() {
+    let started = Instant::now();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let plane = OwnControlPlane::start_empty("e2e");
+    let env = &plane.0;
+    let chart = repo_root().join("charts/chronflow");
+    let binary = release_binary();
+
+    let lint = ok(helm(env).arg("lint").arg(&chart));
+    assert!(
+        !lint.contains("[WARNING]") && !lint.contains("[ERROR]"),
+        "{lint}"
+    );
+    // The chart refuses HA without Redis, saying why.
+    let ha = helm(env)
+        .args(["template", "chronflow"])
+        .arg(&chart)
+        .args(["--set", "replicaCount=2"])
+        .output()
+        .unwrap();
+    assert!(!ha.status.success());
+    assert!(text(&ha).contains("HA needs Redis"), "{}", text(&ha));
+
+    ok(helm(env)
+        .args(["install", "chronflow"])
+        .arg(&chart)
+        .args(["-n", NS, "--create-namespace"]));
+    kubectl(env, &["get", "crd", "chrontasks.chronflow.io"]);
+
+    // What the ServiceAccount may do, and may not.
+    for allowed in [
+        &["list", "chrontasks.chronflow.io", "--all-namespaces"][..],
+        &["watch", "chrontasks.chronflow.io", "--all-namespaces"],
+        &[
+            "patch",
+            "chrontasks.chronflow.io",
+            "--subresource=status",
+            "-n",
+            "shop",
+        ],
+        &["create", "events.events.k8s.io", "-n", "shop"],
+        &["get", "secrets", "-n", "shop"],
+        &["get", "configmaps", "-n", "shop"],
+        &["update", "leases.coordination.k8s.io", "-n", NS],
+    ] {
+        assert!(can_i(env, allowed), "the operator needs {allowed:?}");
+    }
+    for denied in [
+        &["list", "secrets", "--all-namespaces"][..],
+        &["watch", "secrets", "-n", "shop"],
+        &["list", "configmaps", "-n", "shop"],
+        &["update", "chrontasks.chronflow.io", "-n", "shop"],
+        &["patch", "chrontasks.chronflow.io", "-n", "shop"],
+        &["delete", "chrontasks.chronflow.io", "-n", "shop"],
+        &["create", "pods", "-n", "shop"],
+        &["update", "leases.coordination.k8s.io", "-n", "shop"],
+        &["create", "clusterrolebindings"],
+    ] {
+        assert!(!can_i(env, denied), "the operator must not {denied:?}");
+    }
+
+    // The operator, as the Pod would run it: the chart's ConfigMap, the ServiceAccount's rights.
+    let rendered = kubectl(
+        env,
+        &[
+            "get",
+            "configmap",
+            "chronflow",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.data.chronflow\\.yaml}",
+        ],
+    );
+    let config = env.dir.join("chronflow.yaml");
+    std::fs::write(&config, rendered).unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = env.dir.join("operator.log");
+    let operator = Operator(
+        Command::new(&binary)
+            .args(["run", "-f"])
+            .arg(&config)
+            .env("KUBECONFIG", as_service_account(env))
+            .env("POD_NAME", "chronflow-e2e")
+            .env("POD_NAMESPACE", NS)
+            .env("SCHEDULER__METRICS__BIND", metrics.to_string())
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let client = reqwest::Client::new();
+    eventually("the operator ready", || async {
+        let url = format!("http://{metrics}/readyz");
+        let response = client.get(url).send().await.ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
+
+    // The card's flows, with the real kubectl.
+    let receiver = Receiver::start(Behavior::default()).await;
+    kubectl(env, &["create", "namespace", "shop"]);
+    let manifest = env.dir.join("every-second.yaml");
+    std::fs::write(&manifest, task_manifest(&receiver.url("/every-second"))).unwrap();
+    kubectl(env, &["apply", "-f", manifest.to_str().unwrap()]);
+    let row = eventually("runs and a success rate in kubectl get", || async {
+        let out = kubectl(env, &["get", "chrontasks", "-n", "shop", "--no-headers"]);
+        // NAME SCHEDULE (with spaces) PAUSED PHASE LAST-RUN NEXT-RUN RUNS SUCCESS AGE
+        let mut fields = out.split_whitespace().rev().skip(1);
+        let success = fields.next()?;
+        let runs: u64 = fields.next()?.parse().ok()?;
+        (runs >= 2 && success == "100.0%").then_some(out)
+    })
+    .await;
+    assert!(row.starts_with("every-second"), "{row}");
+    kubectl(
+        env,
+        &[
+            "patch",
+            "chrontask",
+            "every-second",
+            "-n",
+            "shop",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"paused":true}}"#,
+        ],
+    );
+    eventually("Paused in kubectl get", || async {
+        let phase = kubectl(
+            env,
+            &[
+                "get",
+                "chrontask",
+                "every-second",
+                "-n",
+                "shop",
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+        );
+        (phase == "Paused").then_some(())
+    })
+    .await;
+    assert!(receiver.count() >= 2);
+    assert!(
+        !logs().to_lowercase().contains("forbidden"),
+        "the ServiceAccount lacked a right:\n{}",
+        logs()
+    );
+
+    // A changed value rolls the Deployment (its Pod template's checksum).
+    let checksum = || {
+        kubectl(
+            env,
+            &[
+                "get",
+                "deployment",
+                "chronflow",
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={.spec.template.metadata.annotations.checksum/config}",
+            ],
+        )
+    };
+    let before = checksum();
+    ok(helm(env).args(["upgrade", "chronflow"]).arg(&chart).args([
+        "-n",
+        NS,
+        "--set",
+        "config.max_workers=20",
+    ]));
+    assert_ne!(
+        checksum(),
+        before,
+        "the configuration change rolls the Pods"
+    );
+
+    drop(operator);
+    ok(helm(env).args(["uninstall", "chronflow", "-n", NS]));
+    kubectl(env, &["get", "crd", "chrontasks.chronflow.io"]);
+    kubectl(env, &["get", "chrontask", "every-second", "-n", "shop"]);
+    for gone in [
+        &["serviceaccount", "chronflow", "-n", NS][..],
+        &["configmap", "chronflow", "-n", NS],
+        &["deployment", "chronflow", "-n", NS],
+        &["clusterrole", "chronflow"],
+        &["clusterrolebinding", "chronflow"],
+        &["role", "chronflow-leader", "-n", NS],
+    ] {
+        let output = env
+            .kubectl_command()
+            .arg("get")
+            .args(gone)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{gone:?} left behind");
+    }
+    eprintln!(
+        "e2e: install, RBAC, kubectl flows, upgrade and uninstall in {:?}",
+        started.elapsed()
+    );
+}
