@@ -111,6 +111,7 @@ async fn helm_install_then_kubectl_as_a_user_would() {
         !lint.contains("[WARNING]") && !lint.contains("[ERROR]"),
         "{lint}"
     );
+    renders_each_option(env);
     // The chart refuses HA without Redis, saying why.
     let ha = helm(env)
         .args(["template", "chronflow"])
@@ -306,5 +307,100 @@ async fn helm_install_then_kubectl_as_a_user_would() {
     eprintln!(
         "e2e: install, RBAC, kubectl flows, upgrade and uninstall in {:?}",
         started.elapsed()
+    );
+}
+
+/// `helm template` with `values`: the rendered manifests, one YAML document each.
+fn render(env: &TestEnv, values: &[&str]) -> Vec<serde_yaml::Value> {
+    let mut command = helm(env);
+    command
+        .args(["template", "chronflow"])
+        .arg(repo_root().join("charts/chronflow"))
+        .args(["-n", NS]);
+    for value in values {
+        command.args(["--set", value]);
+    }
+    let out = ok(&mut command);
+    out.split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok())
+        .filter(|doc| doc.get("kind").is_some())
+        .collect()
+}
+
+fn kinds(docs: &[serde_yaml::Value]) -> Vec<String> {
+    docs.iter()
+        .map(|doc| {
+            let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("");
+            format!("{}/{namespace}", doc["kind"].as_str().unwrap())
+        })
+        .collect()
+}
+
+/// What each option adds to the rendered chart.
+fn renders_each_option(env: &TestEnv) {
+    let defaults = kinds(&render(env, &[]));
+    for expected in [
+        "ClusterRole/",
+        "ClusterRoleBinding/",
+        "Role/chronflow-system",
+        "Deployment/chronflow-system",
+    ] {
+        assert!(defaults.contains(&expected.to_string()), "{defaults:?}");
+    }
+    assert!(
+        !defaults
+            .iter()
+            .any(|k| k.starts_with("PodDisruptionBudget"))
+    );
+
+    // Watching namespaces: a Role per namespace, no cluster-wide rights.
+    let scoped = kinds(&render(env, &["config.watch_namespaces={shop,ops}"]));
+    for expected in [
+        "Role/shop",
+        "RoleBinding/shop",
+        "Role/ops",
+        "RoleBinding/ops",
+    ] {
+        assert!(scoped.contains(&expected.to_string()), "{scoped:?}");
+    }
+    assert!(
+        !scoped.iter().any(|k| k.starts_with("ClusterRole")),
+        "{scoped:?}"
+    );
+
+    // HA: a PodDisruptionBudget, the Redis URL from a Secret.
+    let ha = render(
+        env,
+        &[
+            "replicaCount=2",
+            "config.backend_type=redis",
+            "redis.url=redis://:pw@redis:6379/0",
+        ],
+    );
+    assert!(kinds(&ha).contains(&"PodDisruptionBudget/chronflow-system".to_string()));
+    let deployment = ha.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let env_vars = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    let redis = env_vars
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "SCHEDULER__REDIS__URL")
+        .expect("the Redis URL reaches the operator");
+    assert_eq!(
+        redis["valueFrom"]["secretKeyRef"]["name"],
+        "chronflow-redis"
+    );
+
+    let extras = kinds(&render(
+        env,
+        &["serviceMonitor.enabled=true", "dashboards.enabled=true"],
+    ));
+    assert!(
+        extras.contains(&"ServiceMonitor/chronflow-system".to_string()),
+        "{extras:?}"
+    );
+    assert!(
+        extras.iter().filter(|k| k.starts_with("ConfigMap")).count() == 2,
+        "{extras:?}"
     );
 }
