@@ -24,6 +24,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod controller;
+pub mod core;
 pub mod crd;
 pub mod engine;
 pub mod error;
@@ -36,6 +37,7 @@ pub mod policy;
 pub mod run;
 pub mod schedule;
 pub mod server;
+pub mod standalone;
 pub mod status;
 pub mod telemetry;
 

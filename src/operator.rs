@@ -18,9 +18,9 @@ use crate::clock::Clock;
 use crate::config::BackendType;
 use crate::config::OperatorConfig;
 use crate::controller::{self, Context, KubeValues, TenantLimits};
-use crate::engine::{Engine, EngineParts};
+use crate::core::{Core, CoreParts};
+use crate::executor::ExecutorConfig;
 use crate::executor::http::{AddressPolicy, HttpClient};
-use crate::executor::{Executor, ExecutorConfig};
 use crate::leader::{Elector, Term, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RecordMissed, RedisLedger, RedisSettings};
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
@@ -112,26 +112,27 @@ pub async fn run(
     let http = HttpClient::new(policy)
         .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
     let values = Arc::new(KubeValues::new(client.clone(), config.secrets.cache_ttl));
-    let executor_config = ExecutorConfig {
-        max_workers: config.max_workers,
-        queue_size: config.queue_size,
-        log_success: config.log.log_task_success,
-    };
     let sink: Arc<dyn ReportSink> = Arc::new(Recording {
         metrics: metrics.clone(),
         inner: recorder,
     });
-    let (executor, executor_task) = Executor::new(
-        executor_config,
-        sink.clone(),
-        clock,
+    let mut core = Core::build(CoreParts {
+        executor: ExecutorConfig {
+            max_workers: config.max_workers,
+            queue_size: config.queue_size,
+            log_success: config.log.log_task_success,
+        },
+        max_runs_per_namespace: config.limits.max_runs_per_namespace,
+        backfill_per_second: config.limits.backfill_runs_per_second,
         http,
-        values.clone(),
-        ledger.clone(),
-    );
-    executor.limit_runs_per_namespace(config.limits.max_runs_per_namespace);
+        values: values.clone(),
+        ledger,
+        sink,
+        leader: leader.clone(),
+        clock,
+    });
     metrics.watch(Live {
-        executor: executor.gauge(),
+        executor: core.load.clone(),
         status: index.clone(),
         leader: leader.clone(),
         redis,
@@ -139,7 +140,7 @@ pub async fn run(
     let endpoint = Endpoint {
         metrics: metrics.clone(),
         status: index.clone(),
-        executor: executor.gauge(),
+        executor: core.load.clone(),
         health: health.clone(),
         leader: leader.clone(),
     };
@@ -170,14 +171,6 @@ pub async fn run(
     } else {
         drop(term_tx); // the one term never changes
     }
-    let (engine, engine_handle) = Engine::new(EngineParts {
-        executor,
-        ledger,
-        leader: leader.clone(),
-        sink,
-        clock,
-        backfill_per_second: config.limits.backfill_runs_per_second,
-    });
     let writer = StatusWriter::new(
         client.clone(),
         index.clone(),
@@ -189,7 +182,7 @@ pub async fn run(
     );
     let context = Arc::new(Context {
         client: client.clone(),
-        engine: engine_handle,
+        engine: core.engine.clone(),
         status: index,
         default_timezone: config.timezone,
         limits: TenantLimits {
@@ -206,8 +199,7 @@ pub async fn run(
     // Two supervised groups, stopped in order: first what fires and runs, then what writes.
     let firing = shutdown.child_token();
     let mut firing_tasks = JoinSet::new();
-    firing_tasks.spawn(engine.run(firing.clone()));
-    firing_tasks.spawn(executor_task.run(firing.clone(), config.shutdown.grace_period));
+    core.spawn(&mut firing_tasks, &firing, config.shutdown.grace_period);
     for namespace in namespaces {
         firing_tasks.spawn(controller::run(context.clone(), namespace, firing.clone()));
     }

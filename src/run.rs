@@ -137,6 +137,13 @@ impl Ord for RunId {
     }
 }
 
+/// Set to any new value (a timestamp, say) to run the task once now: the value names the
+/// request, so the same value never runs twice. `chronflow trigger` sets it.
+pub const RUN_NOW_ANNOTATION: &str = "chronflow.io/run-now";
+
+/// `"true"`: a run-now request runs even while the task is paused.
+pub const RUN_NOW_WHILE_PAUSED_ANNOTATION: &str = "chronflow.io/run-now-while-paused";
+
 /// What started a run.
 #[derive(
     Clone,

@@ -7,10 +7,11 @@ const CORE: &[&str] = &[
     "src/schedule",
     "src/engine",
     "src/executor",
-    "src/dedup",
+    "src/ledger",
     "src/run.rs",
     "src/policy.rs",
     "src/clock.rs",
+    "src/core.rs",
 ];
 
 fn rust_files(path: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -1,4 +1,4 @@
-//! The command line: `chronflow run | next | trigger | crd | check-config`.
+//! The command line: `chronflow run | standalone | next | trigger | crd | check-config`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +28,9 @@ pub enum Command {
         #[arg(short = 'f', long = "config", env = "CHRONFLOW_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Run ChronTask manifests from files in the foreground, without Kubernetes: the operator's
+    /// semantics, edits picked up while running, Ctrl+C drains and exits.
+    Standalone(crate::standalone::StandaloneArgs),
     /// Print the next instants a schedule fires, to check one before applying it.
     Next(next::NextArgs),
     /// Run a ChronTask once now, through the API: sets its `chronflow.io/run-now` annotation,
@@ -56,18 +59,13 @@ impl Cli {
                 let client = kube::Client::try_default()
                     .await
                     .map_err(|source| Error::ConnectCluster { source })?;
-                let shutdown = tokio_util::sync::CancellationToken::new();
-                let on_signal = shutdown.clone();
-                tokio::spawn(async move {
-                    crate::operator::shutdown_signal().await;
-                    on_signal.cancel();
-                    // A second signal means "now": no drain, no last status write, no release
-                    // (a standby leads once the lease expires).
-                    crate::operator::shutdown_signal().await;
-                    tracing::warn!("second signal: exiting at once");
-                    std::process::exit(130);
-                });
-                crate::operator::run(config, client, shutdown).await?;
+                crate::operator::run(config, client, on_signals()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Standalone(args) => {
+                let config = OperatorConfig::load(args.config.as_deref())?;
+                let _log = crate::telemetry::init(&config.log)?;
+                crate::standalone::run(&args, config, on_signals()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Next(args) => Ok(next::run(&args)),
@@ -95,6 +93,22 @@ impl Cli {
             }
         }
     }
+}
+
+/// Cancelled by the first SIGINT or SIGTERM (stop, drain, exit 0); a second one exits at once
+/// with status 130: no drain, no last status write, no Lease release (a standby leads once the
+/// lease expires).
+fn on_signals() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        crate::operator::shutdown_signal().await;
+        on_signal.cancel();
+        crate::operator::shutdown_signal().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(130);
+    });
+    shutdown
 }
 
 /// Writes `text` to standard output and flushes, so a full disk is an error (exit 1). A reader

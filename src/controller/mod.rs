@@ -205,7 +205,7 @@ async fn reconcile_task(
 
 /// What status says was done already: the run-now request handled last is not run again, and
 /// each backfill resumes where it stood.
-fn resume_from(valid: &mut ValidTask, status: &ChronTaskStatus) {
+pub(crate) fn resume_from(valid: &mut ValidTask, status: &ChronTaskStatus) {
     let engine = &mut valid.engine;
     if engine.run_now.as_ref().map(|r| &r.request) == status.last_run_now.as_ref() {
         engine.run_now = None;
@@ -220,7 +220,7 @@ fn resume_from(valid: &mut ValidTask, status: &ChronTaskStatus) {
 
 impl TenantLimits {
     /// The operator's limits for tenants, on a task that is valid in itself.
-    fn allow(&self, valid: ValidTask) -> Result<ValidTask, Invalid> {
+    pub fn allow(&self, valid: ValidTask) -> Result<ValidTask, Invalid> {
         if let Some(gap) = valid.engine.schedule.min_gap()
             && gap < self.min_period
         {

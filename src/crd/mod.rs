@@ -14,12 +14,7 @@ pub use status::*;
 /// API group of chronflow's resources.
 pub const GROUP: &str = "chronflow.io";
 
-/// Set to any new value (a timestamp, say) to run the task once now: the value names the
-/// request, so the same value never runs twice. `chronflow trigger` sets it.
-pub const RUN_NOW_ANNOTATION: &str = "chronflow.io/run-now";
-
-/// `"true"`: a run-now request runs even while the task is paused.
-pub const RUN_NOW_WHILE_PAUSED_ANNOTATION: &str = "chronflow.io/run-now-while-paused";
+pub use crate::run::{RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION};
 
 /// Name of the ChronTask CRD.
 pub const CRD_NAME: &str = "chrontasks.chronflow.io";

@@ -352,7 +352,7 @@ impl Engine {
                 reason: format!(
                     "the task is paused; run-now requests run while paused only with the \
                      annotation {}=true",
-                    crate::crd::RUN_NOW_WHILE_PAUSED_ANNOTATION
+                    crate::run::RUN_NOW_WHILE_PAUSED_ANNOTATION
                 ),
             });
             self.parts.sink.record(handled);

@@ -1,17 +1,19 @@
-//! The kube-free core (engine + executor + memory ledger) wired as standalone mode will run it,
+//! The kube-free core (`chronflow::core`, with the memory ledger) as standalone mode runs it,
 //! for tests and benchmarks that call a loopback receiver without a cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chronflow::clock::Clock;
-use chronflow::engine::{Engine, EngineHandle, EngineParts};
+use chronflow::core::CoreParts;
+use chronflow::engine::EngineHandle;
+use chronflow::executor::ExecutorConfig;
 use chronflow::executor::http::NoValues;
-use chronflow::executor::{Executor, ExecutorConfig};
 use chronflow::leader::Term;
-use chronflow::ledger::{Ledger, MemoryLedger};
+use chronflow::ledger::MemoryLedger;
 use chronflow::run::Report;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// A running core; dropping it stops the engine and the executor.
@@ -38,36 +40,29 @@ impl Core {
     pub fn start(max_workers: usize, queue_size: usize) -> Core {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (reports_tx, reports) = mpsc::unbounded_channel();
-        let sink = Arc::new(reports_tx);
-        let config = ExecutorConfig {
-            max_workers,
-            queue_size,
-            log_success: false,
-        };
-        let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new(Duration::from_secs(3600)));
-        let (executor, executor_task) = Executor::new(
-            config,
-            sink.clone(),
-            Clock::System,
-            chronflow::executor::http::client().expect("an HTTP client"),
-            Arc::new(NoValues),
-            ledger.clone(),
-        );
         // The receiver keeps the last value.
         let (_leader_tx, leader) = watch::channel(Some(Term::single("standalone")));
-        let (engine, handle) = Engine::new(EngineParts {
-            executor,
-            ledger,
-            leader,
-            sink,
-            clock: Clock::System,
+        let mut core = chronflow::core::Core::build(CoreParts {
+            executor: ExecutorConfig {
+                max_workers,
+                queue_size,
+                log_success: false,
+            },
+            max_runs_per_namespace: 0,
             backfill_per_second: 10,
+            http: chronflow::executor::http::client().expect("an HTTP client"),
+            values: Arc::new(NoValues),
+            ledger: Arc::new(MemoryLedger::new(Duration::from_secs(3600))),
+            sink: Arc::new(reports_tx),
+            leader,
+            clock: Clock::System,
         });
         let shutdown = CancellationToken::new();
-        tokio::spawn(engine.run(shutdown.clone()));
-        tokio::spawn(executor_task.run(shutdown.clone(), Duration::from_secs(1)));
+        let mut tasks = JoinSet::new();
+        core.spawn(&mut tasks, &shutdown, Duration::from_secs(1));
+        tasks.detach_all();
         Core {
-            engine: handle,
+            engine: core.engine,
             reports,
             shutdown,
         }

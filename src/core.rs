@@ -1,0 +1,83 @@
+//! The run path's core, assembled in one place: the engine (timers, claims, run-now,
+//! backfills) and the executor (the bounded worker pool and the actions) over a ledger. The
+//! operator, standalone mode and the tests build it here and differ only in what they feed it
+//! (tasks from the watch or from files) and where its reports go. Free of `kube`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::engine::{Engine, EngineHandle, EngineParts};
+use crate::executor::http::{HttpClient, ValueSource};
+use crate::executor::{Executor, ExecutorConfig, ExecutorTask, LoadGauge};
+use crate::leader::Term;
+use crate::ledger::Ledger;
+use crate::run::ReportSink;
+
+/// What a core is made of.
+pub struct CoreParts {
+    pub executor: ExecutorConfig,
+    /// `limits.max_runs_per_namespace` (0: no cap).
+    pub max_runs_per_namespace: usize,
+    /// `limits.backfill_runs_per_second`.
+    pub backfill_per_second: u32,
+    pub http: HttpClient,
+    /// Where header values and CA bundles come from.
+    pub values: Arc<dyn ValueSource>,
+    pub ledger: Arc<dyn Ledger>,
+    /// Where every report goes (the status index, history, a channel in tests).
+    pub sink: Arc<dyn ReportSink>,
+    /// The leadership term; `Some` from start to end where no election runs.
+    pub leader: watch::Receiver<Option<Term>>,
+    pub clock: Clock,
+}
+
+/// A built core: feed it through [`Core::engine`], start it with [`Core::spawn`].
+pub struct Core {
+    /// Adds, changes, pauses and removes tasks.
+    pub engine: EngineHandle,
+    /// How busy the worker pool is (for metrics and `/stats`).
+    pub load: LoadGauge,
+    parts: Option<(Engine, ExecutorTask)>,
+}
+
+impl Core {
+    pub fn build(parts: CoreParts) -> Core {
+        let (executor, executor_task) = Executor::new(
+            parts.executor,
+            parts.sink.clone(),
+            parts.clock,
+            parts.http,
+            parts.values,
+            parts.ledger.clone(),
+        );
+        executor.limit_runs_per_namespace(parts.max_runs_per_namespace);
+        let load = executor.gauge();
+        let (engine, handle) = Engine::new(EngineParts {
+            executor,
+            ledger: parts.ledger,
+            leader: parts.leader,
+            sink: parts.sink,
+            clock: parts.clock,
+            backfill_per_second: parts.backfill_per_second,
+        });
+        Core {
+            engine: handle,
+            load,
+            parts: Some((engine, executor_task)),
+        }
+    }
+
+    /// Starts the engine and the workers in `tasks`. On `stop` they stop firing; runs in flight
+    /// may finish within `grace`, then are cancelled; every run ends in a report.
+    pub fn spawn(&mut self, tasks: &mut JoinSet<()>, stop: &CancellationToken, grace: Duration) {
+        if let Some((engine, executor_task)) = self.parts.take() {
+            tasks.spawn(engine.run(stop.clone()));
+            tasks.spawn(executor_task.run(stop.clone(), grace));
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! `chronflow standalone -f PATH`: the ChronTask manifests users apply to a cluster, run in the
+//! foreground without one, with the operator's semantics: the same validation, the same core
+//! (`crate::core`: engine, executor, the in-process ledger), the same status bookkeeping and,
+//! with `--listen`, the same `/metrics`, `/stats`, `/healthz` and `/readyz`. Edits to the files
+//! are picked up while running; an invalid manifest is reported with its file and field and
+//! does not stop the others; SIGINT/SIGTERM drains runs in flight and exits 0.
+
+mod manifests;
+mod values;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::clock::Clock;
+use crate::config::OperatorConfig;
+use crate::core::{Core, CoreParts};
+use crate::executor::ExecutorConfig;
+use crate::executor::http::{AddressPolicy, HttpClient};
+use crate::leader::Term;
+use crate::ledger::MemoryLedger;
+use crate::metrics::{Live, Metrics, Recording};
+use crate::server::{self, Endpoint, Health};
+use crate::status::{StatusIndex, events};
+use crate::{Error, Result};
+pub use manifests::Manifests;
+pub use values::LocalValues;
+
+/// How often the manifests are read again for changes.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// Arguments of `chronflow standalone`.
+#[derive(Debug, clap::Args)]
+pub struct StandaloneArgs {
+    /// A ChronTask manifest, or a directory of them (`*.yaml`, `*.yml`; several documents per
+    /// file allowed), read again every second.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub path: PathBuf,
+
+    /// The operator configuration file (workers, queue, time zone, limits, log, shutdown grace);
+    /// `SCHEDULER__…` variables override it, as for `chronflow run`.
+    #[arg(short = 'c', long = "config", env = "CHRONFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Serve /metrics, /stats, /healthz and /readyz on this address (e.g. 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDRESS")]
+    pub listen: Option<SocketAddr>,
+
+    /// Where header values from `secretKeyRef` are read when no environment variable has them:
+    /// the file `DIR/<secret name>/<key>`, as a Secret mounted in a Pod.
+    #[arg(long, value_name = "DIR", env = "CHRONFLOW_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+}
+
+/// The name standalone mode leads under: it always leads, alone.
+const INSTANCE: &str = "standalone";
+
+/// Runs the manifests under `args.path` until `shutdown`.
+pub async fn run(
+    args: &StandaloneArgs,
+    config: OperatorConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let clock = Clock::System;
+    let (_term, leader) = watch::channel(Some(Term::single(INSTANCE)));
+    // Events have no one to go to here: what they say is logged already.
+    let (events_tx, _events) = mpsc::channel(events::EVENT_QUEUE);
+    let index = StatusIndex::new(events_tx, clock);
+    let metrics = Arc::new(Metrics::new(config.metrics.per_task));
+    let policy = AddressPolicy {
+        deny: config.http.deny_cidrs.clone(),
+        allow: config.http.allow_cidrs.clone(),
+    };
+    let http = HttpClient::new(policy)
+        .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
+    let values = Arc::new(LocalValues::new(args.secrets_dir.clone()));
+    let mut core = Core::build(CoreParts {
+        executor: ExecutorConfig {
+            max_workers: config.max_workers,
+            queue_size: config.queue_size,
+            log_success: config.log.log_task_success,
+        },
+        max_runs_per_namespace: config.limits.max_runs_per_namespace,
+        backfill_per_second: config.limits.backfill_runs_per_second,
+        http,
+        values: values.clone(),
+        ledger: Arc::new(MemoryLedger::new(Duration::from_secs(24 * 3600))),
+        sink: Arc::new(Recording {
+            metrics: metrics.clone(),
+            inner: Arc::new(index.clone()),
+        }),
+        leader: leader.clone(),
+        clock,
+    });
+    let health = Arc::new(Health::new(0));
+    health.crd_served();
+    let firing = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    core.spawn(&mut tasks, &firing, config.shutdown.grace_period);
+    if let Some(address) = args.listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| Error::Startup(format!("--listen: cannot listen on {address}: {e}")))?;
+        metrics.watch(Live {
+            executor: core.load.clone(),
+            status: index.clone(),
+            leader: leader.clone(),
+            redis: None,
+        });
+        let endpoint = Endpoint {
+            metrics,
+            status: index.clone(),
+            executor: core.load.clone(),
+            health: health.clone(),
+            leader,
+        };
+        tasks.spawn(server::serve(listener, endpoint, firing.clone()));
+    }
+    let engine = core.engine.clone();
+    let mut manifests = Manifests::new(args.path.clone(), &config, index, engine, values);
+    info!(path = %args.path.display(), "chronflow standalone started");
+    loop {
+        manifests.reload().await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(RELOAD_EVERY) => {}
+        }
+    }
+    health.stopping();
+    info!("shutting down: no new runs; draining runs in flight");
+    firing.cancel();
+    while tasks.join_next().await.is_some() {}
+    info!("chronflow standalone stopped");
+    Ok(())
+}

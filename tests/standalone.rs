@@ -1,0 +1,264 @@
+//! `chronflow standalone` run as a process on directories of manifests, calling real HTTP
+//! servers on loopback: it fires on time, picks up edits, additions and deletions, reports an
+//! invalid file without stopping the others, and drains on SIGTERM and exits 0.
+
+#[path = "support/receiver.rs"]
+mod receiver;
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use receiver::{Behavior, Receiver};
+
+/// A standalone process; killed if the test ends before it stops.
+struct Standalone {
+    child: Option<Child>,
+    log: std::path::PathBuf,
+    address: std::net::SocketAddr,
+}
+
+impl Standalone {
+    fn start(manifests: &Path, dir: &Path) -> Standalone {
+        let address = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let log = dir.join("standalone.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+            .args(["standalone", "-f"])
+            .arg(manifests)
+            .args(["--listen", &address.to_string()])
+            .env_remove("RUST_LOG")
+            .env("SCHEDULER__LOG__FORMAT", "json")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("chronflow runs");
+        Standalone {
+            child: Some(child),
+            log,
+            address,
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn stats(&self) -> Option<serde_json::Value> {
+        let url = format!("http://{}/stats", self.address);
+        let response = reqwest::get(url).await.ok()?;
+        serde_json::from_str(&response.text().await.ok()?).ok()
+    }
+
+    /// SIGTERM, and the exit status.
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits up to 30 s for `check`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn task(name: &str, schedule: &str, url: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: chronflow.io/v1alpha1\nkind: ChronTask\nmetadata:\n  name: {name}\nspec:\n  \
+         schedule: {schedule}\n  timeout: 5s\n{extra}  action:\n    http:\n      url: {url}\n"
+    )
+}
+
+fn calls(receiver: &Receiver, task: &str) -> usize {
+    let prefix = format!("default/{task}@");
+    receiver
+        .hits()
+        .iter()
+        .filter(|h| h.idempotency_key.starts_with(&prefix))
+        .count()
+}
+
+async fn phase_count(standalone: &Standalone, phase: &str) -> Option<u64> {
+    let stats = standalone.stats().await?;
+    Some(stats["tasks_by_phase"][phase].as_u64().unwrap_or(0))
+}
+
+#[tokio::test]
+async fn fires_on_time_and_follows_edits_additions_deletions_and_bad_files() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let receiver = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("tasks");
+    std::fs::create_dir(&manifests).unwrap();
+    let url = |path: &str| receiver.url(path);
+    std::fs::write(
+        manifests.join("a.yaml"),
+        task("a", "{interval: 1s}", &url("/a"), ""),
+    )
+    .unwrap();
+    let standalone = Standalone::start(&manifests, dir.path());
+
+    eventually("three runs of a", || async {
+        (calls(&receiver, "a") >= 3).then_some(())
+    })
+    .await;
+    // On time: each call within a second of its instant (a generous bound; figures come from
+    // benchmarks), and intervals anchored at the epoch: whole seconds.
+    for hit in receiver.hits() {
+        let late = hit.arrived - hit.scheduled;
+        assert!(late < chrono::Duration::seconds(1), "{hit:?}");
+        assert_eq!(hit.scheduled.timestamp_subsec_nanos(), 0, "{hit:?}");
+    }
+
+    // An edit: paused.
+    std::fs::write(
+        manifests.join("a.yaml"),
+        task("a", "{interval: 1s}", &url("/a"), "  paused: true\n"),
+    )
+    .unwrap();
+    eventually("a paused", || async {
+        (phase_count(&standalone, "Paused").await? == 1).then_some(())
+    })
+    .await;
+
+    // A second file with two documents, and a broken one beside it.
+    let two = format!(
+        "{}---\n{}",
+        task("b", "{cron: \"* * * * * *\"}", &url("/b"), ""),
+        task("c", "{interval: 2s}", &url("/c"), "")
+    );
+    std::fs::write(manifests.join("b.yaml"), two).unwrap();
+    std::fs::write(
+        manifests.join("bad.yaml"),
+        task("bad", "{cron: \"61 * * * * *\"}", &url("/bad"), ""),
+    )
+    .unwrap();
+    std::fs::write(manifests.join("notes.txt"), "not a manifest").unwrap();
+    eventually("b and c running", || async {
+        (calls(&receiver, "b") >= 2 && calls(&receiver, "c") >= 1).then_some(())
+    })
+    .await;
+    let logs = standalone.logs();
+    assert!(
+        logs.contains("bad") && logs.contains("spec.schedule.cron") && logs.contains("61"),
+        "the invalid task is reported with its field:\n{logs}"
+    );
+    assert_eq!(calls(&receiver, "bad"), 0);
+
+    // Deleting a file removes its tasks.
+    std::fs::remove_file(manifests.join("b.yaml")).unwrap();
+    eventually("b and c gone", || async {
+        let total = standalone.stats().await?["total_tasks"].as_u64()?;
+        (total == 2).then_some(())
+    })
+    .await;
+    let (b, c) = (calls(&receiver, "b"), calls(&receiver, "c"));
+    // One more second of a's pause proves nothing runs; the stats above already saw them go.
+    assert!(standalone.logs().contains("task removed"));
+    drop(standalone);
+    assert_eq!((calls(&receiver, "b"), calls(&receiver, "c")), (b, c));
+}
+
+// The receiver answers while the test thread waits for the process to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_runs_in_flight_finish_and_exits_zero() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(2),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("slow.yaml");
+    std::fs::write(
+        &manifest,
+        task("slow", "{interval: 1s}", &receiver.url("/slow"), ""),
+    )
+    .unwrap();
+    let mut standalone = Standalone::start(&manifest, dir.path());
+    eventually("a call in flight", || async {
+        (receiver.count() >= 1).then_some(())
+    })
+    .await;
+    let status = standalone.terminate();
+    assert!(status.success(), "{status:?}\n{}", standalone.logs());
+    let logs = standalone.logs();
+    assert!(
+        logs.contains("run succeeded"),
+        "the run in flight finished:\n{logs}"
+    );
+    assert!(logs.contains("chronflow standalone stopped"), "{logs}");
+}
+
+#[tokio::test]
+async fn the_shipped_examples_run_as_the_readme_says() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("examples.log");
+    // The README's first command, on the address the examples call.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .args(["standalone", "-f"])
+        .arg(&examples)
+        .args(["--listen", "127.0.0.1:8080"])
+        .env_remove("RUST_LOG")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let succeeded = eventually("a successful run of every example", || async {
+        let text = reqwest::get("http://127.0.0.1:8080/metrics")
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let ok = |task: &str| {
+            text.lines().any(|line| {
+                line.starts_with("chronflow_runs_total")
+                    && line.contains(&format!("task=\"{task}\""))
+                    && line.contains("outcome=\"succeeded\"")
+            })
+        };
+        (ok("self-check") && ok("stats") && ok("metrics")).then_some(text)
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!logs.contains("manifest not loaded"), "{logs}");
+    assert!(!succeeded.contains("outcome=\"failed\""), "{succeeded}");
+}
