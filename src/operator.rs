@@ -189,6 +189,7 @@ pub async fn run(
             min_period: config.limits.min_period,
             max_tasks_per_namespace: config.limits.max_tasks_per_namespace,
             allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
+            allow_exec: false,
         },
         values,
         metrics,

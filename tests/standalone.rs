@@ -253,7 +253,7 @@ async fn the_shipped_examples_run_as_the_readme_says() {
                     && line.contains("outcome=\"succeeded\"")
             })
         };
-        (ok("self-check") && ok("stats") && ok("metrics")).then_some(text)
+        (ok("self-check") && ok("stats") && ok("metrics") && ok("uname")).then_some(text)
     })
     .await;
     let _ = child.kill();
@@ -261,4 +261,30 @@ async fn the_shipped_examples_run_as_the_readme_says() {
     let logs = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!logs.contains("manifest not loaded"), "{logs}");
     assert!(!succeeded.contains("outcome=\"failed\""), "{succeeded}");
+}
+
+#[tokio::test]
+async fn a_command_runs_with_its_run_id_in_its_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs.txt");
+    let manifest = dir.path().join("tick.yaml");
+    let spec = format!(
+        "apiVersion: chronflow.io/v1alpha1\nkind: ChronTask\nmetadata:\n  name: tick\nspec:\n  \
+         schedule: {{interval: 1s}}\n  action:\n    exec:\n      command: [sh, -c, \
+         'echo $CHRONFLOW_RUN_ID >> {}']\n",
+        out.display()
+    );
+    std::fs::write(&manifest, spec).unwrap();
+    let standalone = Standalone::start(&manifest, dir.path());
+    let lines = eventually("two runs written", || async {
+        let text = std::fs::read_to_string(&out).ok()?;
+        (text.lines().count() >= 2).then_some(text)
+    })
+    .await;
+    for line in lines.lines() {
+        assert!(line.starts_with("default/tick@"), "{line}");
+    }
+    let unique: std::collections::BTreeSet<&str> = lines.lines().collect();
+    assert_eq!(unique.len(), lines.lines().count(), "each run once");
+    drop(standalone);
 }

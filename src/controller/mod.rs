@@ -94,6 +94,8 @@ pub struct TenantLimits {
     pub max_tasks_per_namespace: usize,
     /// `http.allow_insecure_skip_verify`.
     pub allow_insecure_skip_verify: bool,
+    /// Whether `action.exec` may run: only in standalone mode, never in the operator.
+    pub allow_exec: bool,
 }
 
 /// Failures that are worth retrying (the cluster did not answer); invalid specs are not errors.
@@ -231,8 +233,19 @@ impl TenantLimits {
                 crate::schedule::format_duration(self.min_period)
             )));
         }
-        let RunAction::Http(http) = &valid.engine.run.action;
-        if http.tls == Tls::InsecureSkipVerify && !self.allow_insecure_skip_verify {
+        let action = &valid.engine.run.action;
+        if matches!(action, RunAction::Exec(_)) && !self.allow_exec {
+            return Err(Invalid(
+                "spec.action.exec: commands run only in chronflow standalone; in a cluster a \
+                 command would run inside the operator's Pod with its identity (use http, or \
+                 job for a container)"
+                    .into(),
+            ));
+        }
+        if let RunAction::Http(http) = action
+            && http.tls == Tls::InsecureSkipVerify
+            && !self.allow_insecure_skip_verify
+        {
             return Err(Invalid(
                 "spec.action.http.tls.insecureSkipVerify: this operator verifies every \
                  certificate (http.allow_insecure_skip_verify is false); use tls.caBundle for \
@@ -505,6 +518,7 @@ mod tests {
                 min_period: Duration::from_millis(100),
                 max_tasks_per_namespace: 0,
                 allow_insecure_skip_verify: false,
+                allow_exec: false,
             },
             values,
             metrics: Arc::new(Metrics::new(true)),

@@ -263,8 +263,27 @@ fn schedule(
 
 fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
     let action = &task.spec.action;
-    match (&action.http, &action.job) {
-        (Some(http), None) => {
+    match (&action.http, &action.job, &action.exec) {
+        (None, None, Some(exec)) => {
+            if exec
+                .command
+                .first()
+                .is_none_or(|program| program.is_empty())
+            {
+                return Err(invalid("spec.action.exec.command", "needs a program"));
+            }
+            let action = crate::executor::exec::ExecAction {
+                command: exec.command.clone(),
+                env: exec
+                    .env
+                    .iter()
+                    .map(|var| (var.name.clone(), var.value.clone()))
+                    .collect(),
+                working_dir: exec.working_dir.as_ref().map(Into::into),
+            };
+            Ok((Action::Exec(action), Vec::new()))
+        }
+        (Some(http), None, None) => {
             let url =
                 reqwest::Url::parse(&http.url).map_err(|e| invalid("spec.action.http.url", e))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -328,11 +347,14 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
             };
             Ok((Action::Http(action), references))
         }
-        (None, Some(_)) => Err(invalid(
+        (None, Some(_), None) => Err(invalid(
             "spec.action.job",
             "Job actions are not available in this version of chronflow; use an http action",
         )),
-        _ => Err(invalid("spec.action", "needs exactly one of http or job")),
+        _ => Err(invalid(
+            "spec.action",
+            "needs exactly one of http or job (exec: standalone only)",
+        )),
     }
 }
 

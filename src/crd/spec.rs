@@ -238,10 +238,11 @@ fn default_max_delay() -> String {
     "60s".into()
 }
 
-/// What a run does. Exactly one of `http` or `job`.
+/// What a run does. Exactly one of `http` or `job` (`exec` in `chronflow standalone` only).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.http), has(self.job)].filter(x, x).size() == 1").message("action needs exactly one of http or job"))]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.job), has(self.exec)].filter(x, x).size() == 1").message("action needs exactly one of http or job"))]
+#[x_kube(validation = Rule::new("!has(self.exec)").message("action.exec runs only in chronflow standalone: in a cluster a command would run inside the operator's Pod, with its identity; use http, or job for a container"))]
 pub struct ActionSpec {
     /// Call an HTTP endpoint. Every request carries `Idempotency-Key: <namespace>/<name>@<instant>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,6 +251,38 @@ pub struct ActionSpec {
     /// Create a Job per run, named from the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobAction>,
+
+    /// Run a command: `chronflow standalone` only (the apiserver refuses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecAction>,
+}
+
+/// A command run per attempt, without a shell (`["sh", "-c", "..."]` for one), in a process
+/// group of its own that a timeout kills; `spec.timeout` limits each attempt. It gets
+/// `CHRONFLOW_RUN_ID`, `CHRONFLOW_SCHEDULED_TIME` and `CHRONFLOW_ATTEMPT`; exit status 0 is
+/// success; the end of its output goes into the run's message.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecAction {
+    /// The program and its arguments.
+    #[schemars(length(min = 1, max = 256))]
+    pub command: Vec<String>,
+    /// Variables added to chronflow's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub env: Vec<EnvVar>,
+    /// The directory it runs in (default: chronflow's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+}
+
+/// An environment variable of an `exec` action.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EnvVar {
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 /// An HTTP request per run; the run succeeds when the status code is in `successCodes`.

@@ -5,6 +5,7 @@
 //! one report: finished (succeeded, failed, or cancelled with the reason) or missed. Free of
 //! `kube`.
 
+pub mod exec;
 pub mod http;
 pub mod retry;
 
@@ -30,6 +31,8 @@ pub use retry::RetryPolicy;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     Http(HttpAction),
+    /// A command: standalone mode only.
+    Exec(exec::ExecAction),
 }
 
 /// How a task's runs are executed; shared by all runs of one task version.
@@ -847,16 +850,17 @@ async fn attempt_once(
     run: &RunRequest,
     number: u32,
 ) -> Result<String, String> {
+    let attempt = http::Attempt {
+        namespace: &run.task.key.namespace,
+        run_id: &run.run_id,
+        scheduled: run.scheduled,
+        number,
+    };
     match &run.spec.action {
         Action::Http(action) => {
-            let attempt = http::Attempt {
-                namespace: &run.task.key.namespace,
-                run_id: &run.run_id,
-                scheduled: run.scheduled,
-                number,
-            };
             http::attempt(&context.http, &context.values, action, attempt).await
         }
+        Action::Exec(action) => exec::attempt(action, attempt).await,
     }
 }
 

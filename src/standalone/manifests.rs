@@ -71,6 +71,7 @@ impl Manifests {
                 min_period: config.limits.min_period,
                 max_tasks_per_namespace: 0,
                 allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
+                allow_exec: true,
             },
             index,
             engine,

@@ -244,6 +244,11 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "caBundle needs exactly one of configMapKeyRef or secretKeyRef",
         ),
         (
+            "exec-in-a-cluster",
+            json!({"spec": {"action": {"http": null, "exec": {"command": ["rm", "-rf", "/"]}}}}),
+            "action.exec runs only in chronflow standalone",
+        ),
+        (
             "missing-action",
             json!({"spec": {"action": null}}),
             "spec.action: Required value",
