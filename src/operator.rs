@@ -235,7 +235,7 @@ pub async fn run(
 
 /// This replica's name in the Lease: `POD_NAME`, else one made unique by the process id and
 /// start time (two replicas under one name would both believe they lead).
-fn identity() -> String {
+pub(crate) fn identity() -> String {
     std::env::var("POD_NAME")
         .ok()
         .filter(|name| !name.is_empty())

@@ -20,6 +20,10 @@ struct Standalone {
 
 impl Standalone {
     fn start(manifests: &Path, dir: &Path) -> Standalone {
+        Standalone::start_with(manifests, dir, &[])
+    }
+
+    fn start_with(manifests: &Path, dir: &Path, extra: &[&str]) -> Standalone {
         let address = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -29,9 +33,16 @@ impl Standalone {
             .args(["standalone", "-f"])
             .arg(manifests)
             .args(["--listen", &address.to_string()])
+            .args(extra)
             .env_remove("RUST_LOG")
             .env("SCHEDULER__LOG__FORMAT", "json")
-            .stdout(std::fs::File::create(&log).unwrap())
+            .stdout(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .stderr(Stdio::inherit())
             .spawn()
             .expect("chronflow runs");
@@ -50,6 +61,12 @@ impl Standalone {
         let url = format!("http://{}/stats", self.address);
         let response = reqwest::get(url).await.ok()?;
         serde_json::from_str(&response.text().await.ok()?).ok()
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// SIGTERM, and the exit status.
@@ -287,4 +304,74 @@ async fn a_command_runs_with_its_run_id_in_its_environment() {
     let unique: std::collections::BTreeSet<&str> = lines.lines().collect();
     assert_eq!(unique.len(), lines.lines().count(), "each run once");
     drop(standalone);
+}
+
+/// `chronflow standalone status` on `history`: the task's RUNS column.
+fn runs_in_history(history: &str, task: &str) -> u64 {
+    let output = Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .args(["standalone", "status", "--history", history])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|line| line.starts_with(&format!("default/{task} ")))
+        .unwrap_or_else(|| panic!("no row for {task}:\n{table}"));
+    // NAME SCHEDULE (may hold spaces) PHASE NEXT RUN RUNS SUCCESS LAST
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    fields[fields.len() - 3].parse().unwrap()
+}
+
+// The receiver answers while the test thread waits for processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_history_survives_kill_9_with_its_counts() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let receiver = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("kept.yaml");
+    std::fs::write(
+        &manifest,
+        task("kept", "{interval: 1s}", &receiver.url("/kept"), ""),
+    )
+    .unwrap();
+    let history = format!("sqlite:{}", dir.path().join("history.db").display());
+    let extra = ["--history", history.as_str()];
+
+    let mut first = Standalone::start_with(&manifest, dir.path(), &extra);
+    eventually("three runs", || async {
+        (calls(&receiver, "kept") >= 3).then_some(())
+    })
+    .await;
+    first.kill();
+    let before = calls(&receiver, "kept") as u64;
+    let recorded = runs_in_history(&history, "kept");
+    // Every finished run was written before the kill; one may have been in flight.
+    assert!(
+        recorded + 1 >= before && recorded <= before,
+        "{recorded} of {before}"
+    );
+
+    let mut second = Standalone::start_with(&manifest, dir.path(), &extra);
+    eventually("three more runs", || async {
+        (calls(&receiver, "kept") as u64 >= before + 3).then_some(())
+    })
+    .await;
+    assert!(second.terminate().success(), "{}", second.logs());
+    let after = calls(&receiver, "kept") as u64;
+    let total = runs_in_history(&history, "kept");
+    assert!(
+        total + 1 >= after && total <= after,
+        "{total} recorded, {after} received"
+    );
+    // The restart resumed after the last recorded run: no instant was sent twice.
+    let mut keys: Vec<String> = receiver
+        .hits()
+        .into_iter()
+        .map(|h| h.idempotency_key)
+        .collect();
+    let received = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), received, "an instant ran twice");
 }

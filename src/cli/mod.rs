@@ -63,6 +63,20 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Standalone(args) => {
+                if let Some(crate::standalone::StandaloneCommand::Status { history }) =
+                    &args.command
+                {
+                    return match crate::standalone::history::status(history) {
+                        Ok(table) => {
+                            print_stdout(&table)?;
+                            Ok(ExitCode::SUCCESS)
+                        }
+                        Err(error) => {
+                            eprintln!("error: {error}");
+                            Ok(ExitCode::from(2))
+                        }
+                    };
+                }
                 let config = OperatorConfig::load(args.config.as_deref())?;
                 let _log = crate::telemetry::init(&config.log)?;
                 crate::standalone::run(&args, config, on_signals()).await?;

@@ -16,6 +16,7 @@ use crate::ChronTask;
 use crate::config::OperatorConfig;
 use crate::controller::validate::{Invalid, validate};
 use crate::controller::{TenantLimits, resume_from};
+use crate::crd::ChronTaskStatus;
 use crate::engine::EngineHandle;
 use crate::run::{TaskId, TaskKey};
 use crate::status::{Observed, StatusIndex};
@@ -51,6 +52,8 @@ pub struct Manifests {
     engine: EngineHandle,
     values: std::sync::Arc<super::LocalValues>,
     known: HashMap<TaskKey, Known>,
+    /// What the history held at start, taken by each task when first seen.
+    stored: HashMap<TaskKey, ChronTaskStatus>,
     next_uid: u64,
     /// The problems reported last time: reported again only when they change.
     reported: Vec<String>,
@@ -63,6 +66,7 @@ impl Manifests {
         index: StatusIndex,
         engine: EngineHandle,
         values: std::sync::Arc<super::LocalValues>,
+        stored: HashMap<TaskKey, ChronTaskStatus>,
     ) -> Self {
         Self {
             path,
@@ -77,6 +81,7 @@ impl Manifests {
             engine,
             values,
             known: HashMap::new(),
+            stored,
             next_uid: 0,
             reported: Vec::new(),
         }
@@ -172,7 +177,10 @@ impl Manifests {
         {
             return;
         }
+        // The first time: what the history says of it (counters, where it stopped).
+        let mut seed = None;
         if !self.known.contains_key(key) {
+            seed = self.stored.remove(key);
             self.next_uid += 1;
             let known = Known {
                 uid: format!("standalone-{}", self.next_uid),
@@ -193,7 +201,7 @@ impl Manifests {
             let id = TaskId::new(key.clone(), known.uid.clone());
             (id, known.generation, known.invalid.clone())
         };
-        self.observe(&id, generation, &task);
+        self.observe(&id, generation, &task, seed.clone());
         let outcome = match task {
             Ok(mut task) => {
                 let meta = &mut task.metadata;
@@ -201,6 +209,8 @@ impl Manifests {
                 meta.generation = Some(generation);
                 meta.namespace = Some(key.namespace.clone());
                 meta.creation_timestamp.get_or_insert_with(anchor);
+                // Catch-up starts where the history's last run left off.
+                task.status = seed.clone();
                 self.valid(&task).await
             }
             Err(error) => Err(Invalid(format!("cannot decode the ChronTask: {error}"))),
@@ -214,8 +224,10 @@ impl Manifests {
                 if let Some(status) = self.index.lock().status(key) {
                     resume_from(&mut valid, &status);
                 }
-                // No history of earlier runs here: a task starts from now.
-                valid.engine.catch_up_from = None;
+                // Without history of earlier runs, a task starts from now.
+                if seed.is_none() {
+                    valid.engine.catch_up_from = None;
+                }
                 info!(task = %key, file = %file.display(), schedule = %valid.schedule_text, "task scheduled");
                 self.engine.upsert(valid.engine).await;
             }
@@ -229,7 +241,13 @@ impl Manifests {
     }
 
     /// Tells the status index about the task, as the controller does with what it watches.
-    fn observe(&self, id: &TaskId, generation: i64, task: &Result<ChronTask, String>) {
+    fn observe(
+        &self,
+        id: &TaskId,
+        generation: i64,
+        task: &Result<ChronTask, String>,
+        seed: Option<ChronTaskStatus>,
+    ) {
         let reference = ObjectReference {
             api_version: Some("chronflow.io/v1alpha1".into()),
             kind: Some("ChronTask".into()),
@@ -247,7 +265,7 @@ impl Manifests {
             task: id.clone(),
             reference,
             generation: Some(generation),
-            status: None,
+            status: seed,
             history,
         });
     }

@@ -5,6 +5,7 @@
 //! are picked up while running; an invalid manifest is reported with its file and field and
 //! does not stop the others; SIGINT/SIGTERM drains runs in flight and exits 0.
 
+pub mod history;
 mod manifests;
 mod values;
 
@@ -24,11 +25,11 @@ use crate::core::{Core, CoreParts};
 use crate::executor::ExecutorConfig;
 use crate::executor::http::{AddressPolicy, HttpClient};
 use crate::leader::Term;
-use crate::ledger::MemoryLedger;
 use crate::metrics::{Live, Metrics, Recording};
 use crate::server::{self, Endpoint, Health};
 use crate::status::{StatusIndex, events};
 use crate::{Error, Result};
+pub use history::HistoryKind;
 pub use manifests::Manifests;
 pub use values::LocalValues;
 
@@ -37,11 +38,21 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// Arguments of `chronflow standalone`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct StandaloneArgs {
+    #[command(subcommand)]
+    pub command: Option<StandaloneCommand>,
+
     /// A ChronTask manifest, or a directory of them (`*.yaml`, `*.yml`; several documents per
     /// file allowed), read again every second.
-    #[arg(short = 'f', long = "file", value_name = "PATH")]
-    pub path: PathBuf,
+    #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
+    pub path: Option<PathBuf>,
+
+    /// Where runs are recorded: `memory` (nothing survives a restart), `sqlite:PATH` (every
+    /// run, counters and catch-up survive restarts), or a `redis://` URL (the run ledger shared
+    /// by several standalone processes: each instant runs once among them).
+    #[arg(long, value_name = "HISTORY", default_value = "memory")]
+    pub history: HistoryKind,
 
     /// The operator configuration file (workers, queue, time zone, limits, log, shutdown grace);
     /// `SCHEDULER__…` variables override it, as for `chronflow run`.
@@ -58,8 +69,17 @@ pub struct StandaloneArgs {
     pub secrets_dir: Option<PathBuf>,
 }
 
-/// The name standalone mode leads under: it always leads, alone.
-const INSTANCE: &str = "standalone";
+/// `chronflow standalone status`.
+#[derive(Debug, clap::Subcommand)]
+pub enum StandaloneCommand {
+    /// Print the tasks a history holds, as `kubectl get ct` does: schedule, phase, next run,
+    /// runs, success rate, last outcome.
+    Status {
+        /// The history to read (`sqlite:PATH`).
+        #[arg(long, value_name = "HISTORY")]
+        history: HistoryKind,
+    },
+}
 
 /// Runs the manifests under `args.path` until `shutdown`.
 pub async fn run(
@@ -68,12 +88,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let path = args.path.clone().unwrap_or_default();
     let clock = Clock::System;
-    let (_term, leader) = watch::channel(Some(Term::single(INSTANCE)));
+    // It always leads; under a name of its own, since with a shared Redis ledger others lead too.
+    let (_term, leader) = watch::channel(Some(Term::single(&crate::operator::identity())));
     // Events have no one to go to here: what they say is logged already.
     let (events_tx, _events) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
     let metrics = Arc::new(Metrics::new(config.metrics.per_task));
+    let history::Opened {
+        ledger,
+        recorder,
+        stored,
+        redis,
+    } = history::open_history(&args.history, &config, &index, &leader)?;
     let policy = AddressPolicy {
         deny: config.http.deny_cidrs.clone(),
         allow: config.http.allow_cidrs.clone(),
@@ -91,10 +119,10 @@ pub async fn run(
         backfill_per_second: config.limits.backfill_runs_per_second,
         http,
         values: values.clone(),
-        ledger: Arc::new(MemoryLedger::new(Duration::from_secs(24 * 3600))),
+        ledger,
         sink: Arc::new(Recording {
             metrics: metrics.clone(),
-            inner: Arc::new(index.clone()),
+            inner: recorder,
         }),
         leader: leader.clone(),
         clock,
@@ -112,7 +140,7 @@ pub async fn run(
             executor: core.load.clone(),
             status: index.clone(),
             leader: leader.clone(),
-            redis: None,
+            redis,
         });
         let endpoint = Endpoint {
             metrics,
@@ -124,8 +152,8 @@ pub async fn run(
         tasks.spawn(server::serve(listener, endpoint, firing.clone()));
     }
     let engine = core.engine.clone();
-    let mut manifests = Manifests::new(args.path.clone(), &config, index, engine, values);
-    info!(path = %args.path.display(), "chronflow standalone started");
+    let mut manifests = Manifests::new(path.clone(), &config, index, engine, values, stored);
+    info!(path = %path.display(), history = ?args.history, "chronflow standalone started");
     loop {
         manifests.reload().await;
         tokio::select! {

@@ -19,4 +19,5 @@ mod logging;
 mod observability;
 mod operator;
 mod run_now;
+mod standalone_shared;
 mod tenant;
