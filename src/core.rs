@@ -3,6 +3,8 @@
 //! operator, standalone mode and the tests build it here and differ only in what they feed it
 //! (tasks from the watch or from files) and where its reports go. Free of `kube`.
 
+#![warn(missing_docs)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,19 +22,23 @@ use crate::run::ReportSink;
 
 /// What a core is made of.
 pub struct CoreParts {
+    /// The worker pool's and the queue's sizes.
     pub executor: ExecutorConfig,
     /// `limits.max_runs_per_namespace` (0: no cap).
     pub max_runs_per_namespace: usize,
     /// `limits.backfill_runs_per_second`.
     pub backfill_per_second: u32,
+    /// The client HTTP actions are sent with (its address policy included).
     pub http: HttpClient,
     /// Where header values and CA bundles come from.
     pub values: Arc<dyn ValueSource>,
+    /// Where runs are claimed and their steps recorded.
     pub ledger: Arc<dyn Ledger>,
     /// Where every report goes (the status index, history, a channel in tests).
     pub sink: Arc<dyn ReportSink>,
     /// The leadership term; `Some` from start to end where no election runs.
     pub leader: watch::Receiver<Option<Term>>,
+    /// The time source (paused tokio time in tests).
     pub clock: Clock,
 }
 
@@ -46,6 +52,7 @@ pub struct Core {
 }
 
 impl Core {
+    /// Builds the engine and the executor; nothing runs before [`Core::spawn`].
     pub fn build(parts: CoreParts) -> Core {
         let (executor, executor_task) = Executor::new(
             parts.executor,

@@ -36,6 +36,7 @@ pub mod operator;
 pub mod policy;
 pub mod run;
 pub mod schedule;
+pub mod scheduler;
 pub mod server;
 pub mod standalone;
 pub mod status;

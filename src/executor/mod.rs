@@ -33,6 +33,41 @@ pub enum Action {
     Http(HttpAction),
     /// A command: standalone mode only.
     Exec(exec::ExecAction),
+    /// A function of the embedding program (`crate::scheduler`).
+    Call(CallAction),
+}
+
+/// What a called action learns of its run.
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    /// `<namespace>/<name>@<instant>` (`@manual:<request>` for a run-now request): the same for
+    /// every attempt, so the work can be made idempotent.
+    pub run_id: String,
+    /// The instant the run was scheduled for.
+    pub scheduled: DateTime<Utc>,
+    /// 1 for the first attempt, 2 for the first retry, ...
+    pub attempt: u32,
+}
+
+/// An async function run per attempt: `Ok(message)` succeeds, `Err(message)` fails (and is
+/// retried per the task's retry policy).
+pub type CallFn =
+    dyn Fn(RunInfo) -> futures::future::BoxFuture<'static, Result<String, String>> + Send + Sync;
+
+/// A function as an action; equal only to itself.
+#[derive(Clone)]
+pub struct CallAction(pub Arc<CallFn>);
+
+impl std::fmt::Debug for CallAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallAction")
+    }
+}
+
+impl PartialEq for CallAction {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// How a task's runs are executed; shared by all runs of one task version.
@@ -861,6 +896,14 @@ async fn attempt_once(
             http::attempt(&context.http, &context.values, action, attempt).await
         }
         Action::Exec(action) => exec::attempt(action, attempt).await,
+        Action::Call(call) => {
+            let info = RunInfo {
+                run_id: run.run_id.to_string(),
+                scheduled: run.scheduled,
+                attempt: number,
+            };
+            (call.0)(info).await
+        }
     }
 }
 
