@@ -7,9 +7,13 @@ use crate::policy::Backoff;
 /// Attempts after the first one, and the delays between them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
+    /// Attempts after the first one.
     pub max_retries: u32,
+    /// How the delay grows from one retry to the next.
     pub backoff: Backoff,
+    /// The delay before the first retry.
     pub initial_delay: Duration,
+    /// No delay is longer than this.
     pub max_delay: Duration,
 }
 
