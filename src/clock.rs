@@ -12,7 +12,9 @@ pub enum Clock {
     /// `origin` plus the tokio time elapsed since `start`: follows `tokio::time::pause` and
     /// `advance`, for tests.
     Tokio {
+        /// The wall-clock instant the clock read when it was made.
         origin: DateTime<Utc>,
+        /// The tokio instant it was made at.
         start: tokio::time::Instant,
     },
 }
@@ -26,6 +28,7 @@ impl Clock {
         }
     }
 
+    /// The current instant.
     pub fn now(&self) -> DateTime<Utc> {
         match self {
             Clock::System => Utc::now(),

@@ -3,8 +3,6 @@
 //! operator, standalone mode and the tests build it here and differ only in what they feed it
 //! (tasks from the watch or from files) and where its reports go. Free of `kube`.
 
-#![warn(missing_docs)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

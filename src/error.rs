@@ -13,6 +13,7 @@ pub enum Error {
     /// No cluster could be reached (no in-cluster service account, no usable KUBECONFIG).
     #[error("cannot connect to Kubernetes: {source}")]
     ConnectCluster {
+        /// Why.
         #[source]
         source: kube::Error,
     },
@@ -22,6 +23,7 @@ pub enum Error {
         "cannot list ChronTasks (is the CRD installed? kubectl apply -f crds/chronflow.io_chrontasks.yaml): {source}"
     )]
     CrdUnavailable {
+        /// The apiserver's answer.
         #[source]
         source: kube::Error,
     },
@@ -41,7 +43,9 @@ pub enum Error {
     /// `chronflow trigger` could not set the request on the ChronTask.
     #[error("cannot request a run of ChronTask {task}: {source}")]
     Trigger {
+        /// `<namespace>/<name>` of the task.
         task: String,
+        /// The apiserver's answer.
         #[source]
         source: kube::Error,
     },
@@ -49,7 +53,9 @@ pub enum Error {
     /// Writing output failed (a closed pipe, a full disk).
     #[error("cannot write {path}: {source}")]
     WriteOutput {
+        /// What was being written.
         path: PathBuf,
+        /// Why it failed.
         #[source]
         source: std::io::Error,
     },
@@ -57,7 +63,9 @@ pub enum Error {
     /// Serialising a document (the CRD, the effective configuration) failed.
     #[error("cannot serialise {what}: {source}")]
     Serialize {
+        /// What was being serialised.
         what: &'static str,
+        /// Why it failed.
         #[source]
         source: serde_yaml::Error,
     },

@@ -27,7 +27,9 @@ use crate::config::LeaderElectionConfig;
 /// One leadership: who holds the Lease and the epoch it won it with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Term {
+    /// The replica's identity (`POD_NAME`).
     pub holder: String,
+    /// The fencing epoch: the Lease's transitions when it was won.
     pub epoch: u64,
 }
 
@@ -44,8 +46,11 @@ impl Term {
 /// Timings, in the meaning of client-go's (`lease_duration > renew_deadline > retry_period`).
 #[derive(Clone, Debug)]
 pub struct Timings {
+    /// How long a Lease stays valid without renewal.
     pub lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it steps down.
     pub renew_deadline: Duration,
+    /// The pause between attempts to acquire or renew.
     pub retry_period: Duration,
 }
 
@@ -74,6 +79,7 @@ struct Observed {
 }
 
 impl Elector {
+    /// An elector for the Lease `name` of `api`'s namespace, acting as `identity`.
     pub fn new(api: Api<Lease>, name: &str, identity: &str, timings: Timings) -> Self {
         Self {
             api,

@@ -13,12 +13,17 @@
 //! - [`status`]: the status index (in memory), its budgeted writer and Events.
 //! - [`metrics`]: Prometheus metrics (runs, start lag, queue, workers, status writes).
 //! - [`server`]: `/metrics`, `/stats`, `/healthz`, `/readyz`.
+//! - [`core`]: the run path assembled once (engine + executor over a ledger).
 //! - [`operator`]: `chronflow run` wiring, supervision and shutdown order.
+//! - [`standalone`]: `chronflow standalone`: manifests from files, without a cluster.
+//! - [`scheduler`]: the embedding API: tasks from code (async closures) or manifests.
 //! - [`telemetry`]: logging setup.
 //! - [`config`]: the operator configuration (YAML file + `SCHEDULER__` environment).
-//! - [`cli`]: the command line (`run`, `next`, `crd`, `check-config`).
+//! - [`cli`]: the command line (`run`, `standalone`, `next`, `trigger`, `crd`, `check-config`).
 //! - [`error`]: the crate's error type and exit codes.
 //! - [`policy`]: run policies (concurrency, catch-up, backoff) shared by CRD, engine and executor.
+
+#![warn(missing_docs)]
 
 pub mod cli;
 pub mod clock;

@@ -53,8 +53,11 @@ struct ReasonLabel {
 pub struct Metrics {
     registry: Registry,
     live: Arc<OnceLock<Live>>,
+    /// Runs by outcome, start lag, durations, retries, missed runs.
     pub runs: RunMetrics,
+    /// Claims by result.
     pub claims: ClaimMetrics,
+    /// Reconcile errors by reason.
     pub reconcile: ReconcileMetrics,
 }
 
@@ -223,6 +226,7 @@ impl ReconcileMetrics {
         Self { errors }
     }
 
+    /// Counts a reconcile error of `reason`.
     pub fn error(&self, reason: &'static str) {
         self.errors.get_or_create(&ReasonLabel { reason }).inc();
     }
@@ -230,7 +234,9 @@ impl ReconcileMetrics {
 
 /// A [`ReportSink`] that counts each report, then hands it on.
 pub struct Recording {
+    /// Where runs are counted.
     pub metrics: Arc<Metrics>,
+    /// Where every report goes on.
     pub inner: Arc<dyn ReportSink>,
 }
 
@@ -243,7 +249,9 @@ impl ReportSink for Recording {
 
 /// A [`Ledger`] that counts each claim's result.
 pub struct CountedClaims {
+    /// Where claims are counted.
     pub metrics: Arc<Metrics>,
+    /// The ledger that answers them.
     pub inner: Arc<dyn Ledger>,
 }
 
@@ -306,8 +314,11 @@ impl Ledger for CountedClaims {
 /// What is read when scraped: the executor's queue and workers, the status writer's backlog
 /// and results, leadership.
 pub struct Live {
+    /// The executor's load.
     pub executor: LoadGauge,
+    /// Tasks by phase, status writes.
     pub status: StatusIndex,
+    /// The leadership term.
     pub leader: watch::Receiver<Option<Term>>,
     /// The Redis ledger's pool, when there is one.
     pub redis: Option<Arc<RedisLedger>>,

@@ -9,11 +9,14 @@ use chrono::{DateTime, SecondsFormat, Utc};
 /// A task's name: its namespace and name (the resource name is the unique task name).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskKey {
+    /// The task's namespace.
     pub namespace: String,
+    /// The task's name.
     pub name: String,
 }
 
 impl TaskKey {
+    /// The task `name` of `namespace`.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
@@ -37,11 +40,14 @@ impl fmt::Display for TaskKey {
 /// the same name is another task; reports about the old one must not touch the new one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TaskId {
+    /// The task's name.
     pub key: TaskKey,
+    /// The object's uid.
     pub uid: String,
 }
 
 impl TaskId {
+    /// The incarnation `uid` of `key`.
     pub fn new(key: TaskKey, uid: impl Into<String>) -> Self {
         Self {
             key,
@@ -70,6 +76,7 @@ pub struct RunId {
 }
 
 impl RunId {
+    /// The run of the scheduled instant `scheduled`.
     pub fn new(task: &TaskKey, scheduled: DateTime<Utc>) -> Self {
         Self {
             text: format!(
@@ -92,10 +99,12 @@ impl RunId {
         }
     }
 
+    /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.text
     }
 
+    /// The run's task.
     pub fn task(&self) -> &TaskKey {
         &self.task
     }
@@ -168,6 +177,7 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// Whether the schedule started it.
     pub fn is_schedule(&self) -> bool {
         *self == Trigger::Schedule
     }
@@ -182,7 +192,9 @@ impl fmt::Display for RunId {
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// The last attempt succeeded.
     Succeeded,
+    /// Every attempt failed, or the run was cancelled.
     Failed,
 }
 
@@ -190,13 +202,21 @@ pub enum Outcome {
 /// starts with `cancelled:`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FinishedRun {
+    /// The run's identity.
     pub run_id: RunId,
+    /// What started it.
     pub trigger: Trigger,
+    /// Its instant.
     pub scheduled: DateTime<Utc>,
+    /// When its first attempt started.
     pub started: DateTime<Utc>,
+    /// When its last attempt ended.
     pub finished: DateTime<Utc>,
+    /// How it ended.
     pub outcome: Outcome,
+    /// Attempts made.
     pub attempts: u32,
+    /// What happened (`HTTP 503`, `timed out after 30s`, ...).
     pub message: Option<String>,
 }
 
@@ -208,54 +228,100 @@ pub enum ScheduleState {
     /// `since` is when the task last became schedulable (created, resumed, fixed): catch-up
     /// after an outage never reaches before it.
     Scheduled {
+        /// The schedule as shown in status.
         schedule: String,
+        /// The next instant due.
         next: Option<DateTime<Utc>>,
+        /// When it last became schedulable.
         since: DateTime<Utc>,
     },
     /// `spec.paused`; `reason` may be empty.
-    Paused { schedule: String, reason: String },
+    /// Paused, with the schedule and the pause reason.
+    Paused {
+        /// The schedule as shown in status.
+        schedule: String,
+        /// The pause reason (may be empty).
+        reason: String,
+    },
     /// The spec cannot run; `reason` names the field.
-    Invalid { reason: String },
+    /// Invalid, with the reason (the field and why).
+    Invalid {
+        /// The field and why.
+        reason: String,
+    },
 }
 
 /// What the engine and executor tell the recorder of results, per task incarnation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Report {
     /// The task's schedule state changed (or its next instant moved).
-    Schedule { task: TaskId, state: ScheduleState },
+    /// The task's schedule state changed.
+    Schedule {
+        /// The task.
+        task: TaskId,
+        /// Its new state.
+        state: ScheduleState,
+    },
     /// A run's first attempt started.
     Started {
+        /// The task.
         task: TaskId,
+        /// The run.
         run_id: RunId,
+        /// What started it.
         trigger: Trigger,
+        /// Its instant.
         scheduled: DateTime<Utc>,
         /// When it was due to start (scheduled plus jitter): the start lag counts from here.
         due: DateTime<Utc>,
+        /// When its first attempt started.
         started: DateTime<Utc>,
     },
     /// A run finished.
-    Finished { task: TaskId, run: FinishedRun },
+    /// A run finished.
+    Finished {
+        /// The task.
+        task: TaskId,
+        /// The run, and how it ended.
+        run: FinishedRun,
+    },
     /// `count` runs were not run; `run` is the newest of them (its instant the latest).
     Missed {
+        /// The task.
         task: TaskId,
+        /// How many instants.
         count: u64,
+        /// The newest of them.
         run: RunId,
+        /// What would have started it.
         trigger: Trigger,
+        /// Why, in a few stable words.
         kind: MissKind,
+        /// Why, for people.
         reason: String,
     },
     /// A run-now request was handled (run, refused or found already handled): it is never
     /// acted on again.
-    RequestHandled { task: TaskId, request: String },
+    /// The request was handled.
+    RequestHandled {
+        /// The task.
+        task: TaskId,
+        /// The request (the annotation's value).
+        request: String,
+    },
     /// Progress of a backfill of `spec.backfill`.
     Backfill {
+        /// The task.
         task: TaskId,
+        /// Where the backfill stands.
         progress: BackfillProgress,
     },
     /// The task's counts as the shared ledger keeps them (Redis): they replace what the
     /// recorder counted, so status never runs ahead of the ledger nor forgets a leader's runs.
     Counts {
+        /// The task.
         task: TaskId,
+        /// Its counts in the ledger.
         counts: crate::ledger::Counts,
     },
 }
@@ -269,6 +335,7 @@ pub struct BackfillProgress {
     pub done: u64,
     /// Instants in the range.
     pub total: u64,
+    /// Running, complete or refused.
     pub phase: BackfillPhase,
     /// Why it was refused, or where it stands.
     pub message: Option<String>,
@@ -308,6 +375,7 @@ pub enum MissKind {
 }
 
 impl MissKind {
+    /// The kind as a metric label.
     pub fn label(self) -> &'static str {
         match self {
             MissKind::CatchUp => "catch_up",
@@ -322,6 +390,7 @@ impl MissKind {
 }
 
 impl Report {
+    /// The task the report is about.
     pub fn task(&self) -> &TaskId {
         match self {
             Report::Schedule { task, .. }
@@ -338,6 +407,7 @@ impl Report {
 /// Where reports go. `record` never blocks and never fails: the firing path must not wait for
 /// whoever keeps the results (the status index records in memory; I/O happens elsewhere).
 pub trait ReportSink: Send + Sync {
+    /// Records `report`; returns at once.
     fn record(&self, report: Report);
 }
 

@@ -27,8 +27,6 @@
 //! Tasks can also come from the ChronTask manifests the operator takes
 //! ([`Scheduler::add_manifest`]), validated the same way.
 
-#![warn(missing_docs)]
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -32,6 +32,7 @@ pub struct Health {
 }
 
 impl Health {
+    /// Health of an operator watching `namespaces` namespaces (0 for standalone mode).
     pub fn new(namespaces: usize) -> Self {
         Self {
             namespaces: AtomicUsize::new(namespaces),
@@ -49,6 +50,7 @@ impl Health {
         self.awaiting_lease.store(false, Ordering::SeqCst);
     }
 
+    /// The ChronTask CRD answered a list.
     pub fn crd_served(&self) {
         self.crd_served.store(true, Ordering::SeqCst);
     }
@@ -82,13 +84,19 @@ impl Health {
 /// What the endpoints read.
 #[derive(Clone)]
 pub struct Endpoint {
+    /// What `/metrics` serves.
     pub metrics: Arc<Metrics>,
+    /// Tasks by phase, for `/stats`.
     pub status: StatusIndex,
+    /// The executor's load, for `/stats`.
     pub executor: LoadGauge,
+    /// What `/healthz` and `/readyz` answer.
     pub health: Arc<Health>,
+    /// The leadership term, for `/stats`.
     pub leader: watch::Receiver<Option<Term>>,
 }
 
+/// The routes of the endpoint.
 pub fn router(endpoint: Endpoint) -> Router {
     Router::new()
         .route("/metrics", get(metrics))

@@ -15,10 +15,12 @@ pub mod trigger;
 #[derive(Debug, Parser)]
 #[command(name = "chronflow", version, about, long_about = None)]
 pub struct Cli {
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// chronflow's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the operator: watch ChronTasks (in-cluster, or through KUBECONFIG) and fire them

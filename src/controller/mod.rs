@@ -51,14 +51,21 @@ pub type GuardedTask = DeserializeGuard<ChronTask>;
 
 /// What reconcile needs.
 pub struct Context {
+    /// The client the controller watches and reads with.
     pub client: Client,
+    /// Where valid tasks go.
     pub engine: EngineHandle,
+    /// What the controller observes goes here.
     pub status: StatusIndex,
+    /// The zone of cron schedules that name none (`timezone`).
     pub default_timezone: Tz,
+    /// What tenants' tasks may ask for.
     pub limits: TenantLimits,
     /// Reads the Secrets and ConfigMaps tasks refer to.
     pub values: Arc<KubeValues>,
+    /// Reconcile errors are counted here.
     pub metrics: Arc<Metrics>,
+    /// Readiness: the first list of each watched namespace.
     pub health: Arc<Health>,
     /// Consecutive failed reconciles per object uid, for the retry backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
@@ -101,11 +108,18 @@ pub struct TenantLimits {
 /// Failures that are worth retrying (the cluster did not answer); invalid specs are not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
+    /// A Secret or ConfigMap a task names could not be read.
     #[error("{message}")]
-    Read { kind: RefKind, message: String },
+    Read {
+        /// A Secret or a ConfigMap.
+        kind: RefKind,
+        /// What went wrong, naming the object.
+        message: String,
+    },
 }
 
 impl ReconcileError {
+    /// A short, stable label for `chronflow_reconcile_errors_total`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             ReconcileError::Read {

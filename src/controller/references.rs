@@ -32,6 +32,7 @@ pub enum ReadError {
 }
 
 impl ReadError {
+    /// The message, whatever the kind of error.
     pub fn message(self) -> String {
         match self {
             ReadError::Unusable(message) | ReadError::Unavailable(message) => message,
@@ -57,6 +58,7 @@ pub struct KubeValues {
 }
 
 impl KubeValues {
+    /// Reads with `client`, keeping each object for `cache_ttl`.
     pub fn new(client: Client, cache_ttl: Duration) -> Self {
         Self {
             client,

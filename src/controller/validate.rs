@@ -34,11 +34,13 @@ const MAX_DAY: Duration = Duration::from_secs(24 * 3600);
 /// A ChronTask that can be scheduled.
 #[derive(Debug)]
 pub struct ValidTask {
+    /// The task as the engine schedules it.
     pub engine: EngineTask,
     /// The schedule as shown in status and `kubectl get`.
     pub schedule_text: String,
     /// Secret and ConfigMap keys the action reads, checked for readability by the controller.
     pub references: Vec<ValueRef>,
+    /// How many runs `status.recentRuns` keeps.
     pub history: HistorySpec,
 }
 

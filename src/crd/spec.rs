@@ -279,8 +279,10 @@ pub struct ExecAction {
 /// An environment variable of an `exec` action.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct EnvVar {
+    /// The variable's name.
     #[schemars(length(min = 1, max = 256))]
     pub name: String,
+    /// Its value (empty when omitted).
     #[serde(default)]
     pub value: String,
 }
@@ -337,12 +339,18 @@ fn default_success_codes() -> Vec<String> {
 )]
 #[serde(rename_all = "UPPERCASE")]
 pub enum HttpMethod {
+    /// `GET`.
     Get,
+    /// `POST` (the default).
     #[default]
     Post,
+    /// `PUT`.
     Put,
+    /// `PATCH`.
     Patch,
+    /// `DELETE`.
     Delete,
+    /// `HEAD`.
     Head,
 }
 

@@ -176,8 +176,11 @@ pub struct RunRecord {
 /// How a run ended.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunOutcome {
+    /// Every attempt done, the last one succeeded.
     Succeeded,
+    /// Every attempt failed (or the run was cancelled).
     Failed,
+    /// Due, but not run; the message says why.
     Missed,
 }
 

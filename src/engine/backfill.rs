@@ -27,8 +27,11 @@ pub const MAX_BACKFILL: usize = 10_000;
 /// A range of `spec.backfill`, with where it stood when the task was read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackfillRequest {
+    /// The backfill's `id` in `spec.backfill`.
     pub id: String,
+    /// The first instant of the range (inclusive).
     pub start: DateTime<Utc>,
+    /// The last instant of the range (inclusive).
     pub end: DateTime<Utc>,
     /// Instants already handled (from status): the driver resumes after them.
     pub done: u64,

@@ -40,19 +40,23 @@ const TOMBSTONE_TTL: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 /// A validated task, as the engine schedules it.
 #[derive(Clone, Debug)]
 pub struct EngineTask {
+    /// The task and its incarnation (uid).
     pub id: TaskId,
     /// `metadata.generation`: a new one means the spec changed.
     pub generation: i64,
+    /// When it is due.
     pub schedule: Schedule,
     /// Maximum jitter; each instant is delayed by a fixed fraction of it (shorter than the gap
     /// between instants: validation guarantees it).
     pub jitter: Option<Duration>,
+    /// What to do with instants missed while chronflow was not running.
     pub catch_up: CatchUpPolicy,
     /// When the engine first sees the task, instants after this one that are already due are
     /// caught up by `catch_up`; `None` means from now.
     pub catch_up_from: Option<DateTime<Utc>>,
     /// `Some(reason)` while `spec.paused` (the reason may be empty).
     pub paused: Option<String>,
+    /// How its runs go and what they do.
     pub run: Arc<RunSpec>,
     /// A run-now request not handled yet.
     pub run_now: Option<RunNow>,
@@ -127,12 +131,16 @@ const CLAIMS_IN_FLIGHT: usize = 4096;
 
 /// What the engine needs besides its tasks.
 pub struct EngineParts {
+    /// Where claimed runs go.
     pub executor: Executor,
+    /// Where runs are claimed.
     pub ledger: Arc<dyn Ledger>,
     /// The leadership term, checked when acting: a replica that is not leader (`None`) keeps its
     /// timers but runs nothing.
     pub leader: watch::Receiver<Option<Term>>,
+    /// Where the engine's reports go.
     pub sink: Arc<dyn ReportSink>,
+    /// The time source.
     pub clock: Clock,
     /// The most backfill runs per second, per backfill (`limits.backfill_runs_per_second`).
     pub backfill_per_second: u32,
@@ -226,6 +234,7 @@ enum State {
 }
 
 impl Engine {
+    /// An engine and the handle that feeds it; drive the engine with [`Engine::run`].
     pub fn new(parts: EngineParts) -> (Engine, EngineHandle) {
         let (tx, rx) = mpsc::channel(1024);
         let engine = Engine {

@@ -17,6 +17,7 @@ pub struct ExecAction {
     pub command: Vec<String>,
     /// Variables added to chronflow's environment.
     pub env: Vec<(String, String)>,
+    /// The directory it runs in; chronflow's own when `None`.
     pub working_dir: Option<PathBuf>,
 }
 

@@ -42,12 +42,19 @@ pub fn is_reserved_header(name: &str) -> bool {
 /// A validated HTTP action.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpAction {
+    /// The endpoint.
     pub url: reqwest::Url,
+    /// The request's method.
     pub method: reqwest::Method,
+    /// Headers, by name, with where each value comes from.
     pub headers: Vec<(String, HeaderValue)>,
+    /// The request body, sent as is.
     pub body: Option<String>,
+    /// Status codes that count as success.
     pub success_codes: SuccessCodes,
+    /// Whether a redirect is followed (never to another origin).
     pub follow_redirects: FollowRedirects,
+    /// How an `https://` target's certificate is verified.
     pub tls: Tls,
 }
 
@@ -69,6 +76,7 @@ const MAX_REDIRECTS: usize = 10;
 /// Where actions may connect (`http.deny_cidrs`, `http.allow_cidrs`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AddressPolicy {
+    /// Networks no action may reach (`http.deny_cidrs`).
     pub deny: Vec<ipnet::IpNet>,
     /// Empty: anywhere not denied.
     pub allow: Vec<ipnet::IpNet>,
@@ -139,6 +147,7 @@ pub struct HttpClient {
 const MAX_BUNDLE_CLIENTS: usize = 256;
 
 impl HttpClient {
+    /// Clients that connect only where `policy` allows.
     pub fn new(policy: AddressPolicy) -> Result<Self, reqwest::Error> {
         let policy = Arc::new(policy);
         Ok(Self {
@@ -223,6 +232,7 @@ pub fn client() -> Result<HttpClient, reqwest::Error> {
 /// Where a header's value comes from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HeaderValue {
+    /// A value written in the spec.
     Literal(String),
     /// Read at each attempt, so rotated secrets take effect; never logged. One trailing line
     /// break (`\n` or `\r\n`, as `kubectl create secret --from-file` keeps it) is dropped.
@@ -232,19 +242,25 @@ pub enum HeaderValue {
 /// A key of a Secret or ConfigMap in the task's namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ValueRef {
+    /// A Secret or a ConfigMap.
     pub kind: RefKind,
+    /// The object's name, in the task's namespace.
     pub name: String,
+    /// The key within it.
     pub key: String,
 }
 
 /// The kind of object a [`ValueRef`] names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RefKind {
+    /// A Secret.
     Secret,
+    /// A ConfigMap.
     ConfigMap,
 }
 
 impl ValueRef {
+    /// A key of a Secret.
     pub fn secret(name: impl Into<String>, key: impl Into<String>) -> Self {
         let (name, key) = (name.into(), key.into());
         Self {
@@ -254,6 +270,7 @@ impl ValueRef {
         }
     }
 
+    /// A key of a ConfigMap.
     pub fn config_map(name: impl Into<String>, key: impl Into<String>) -> Self {
         Self {
             kind: RefKind::ConfigMap,
@@ -349,6 +366,7 @@ impl SuccessCodes {
         Ok(Self(parsed))
     }
 
+    /// Whether `status` counts as success.
     pub fn matches(&self, status: u16) -> bool {
         self.0.iter().any(|m| match m {
             CodeMatch::Exact(code) => *code == status,
@@ -359,9 +377,13 @@ impl SuccessCodes {
 
 /// What one attempt needs besides the action.
 pub struct Attempt<'a> {
+    /// The task's namespace (where referenced values are read).
     pub namespace: &'a str,
+    /// The run's id, sent as `Idempotency-Key`.
     pub run_id: &'a RunId,
+    /// The run's instant, sent as `X-Chronflow-Scheduled-Time`.
     pub scheduled: DateTime<Utc>,
+    /// The attempt's number, from 1, sent as `X-Chronflow-Attempt`.
     pub number: u32,
 }
 

@@ -30,6 +30,7 @@ pub use retry::RetryPolicy;
 /// What a run does.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
+    /// An HTTP request.
     Http(HttpAction),
     /// A command: standalone mode only.
     Exec(exec::ExecAction),
@@ -73,9 +74,13 @@ impl PartialEq for CallAction {
 /// How a task's runs are executed; shared by all runs of one task version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunSpec {
+    /// What a run does.
     pub action: Action,
+    /// The time limit of each attempt.
     pub timeout: Duration,
+    /// Retries of a failed attempt.
     pub retry: RetryPolicy,
+    /// What happens to a run due while the previous one still runs.
     pub concurrency: ConcurrencyPolicy,
     /// With `Allow`: how many runs of the task may be in flight or waiting at once.
     pub max_concurrent_runs: u32,
@@ -99,17 +104,22 @@ impl RunSpec {
 /// One scheduled run handed to the executor.
 #[derive(Clone, Debug)]
 pub struct RunRequest {
+    /// The task and its incarnation.
     pub task: TaskId,
     /// The spec generation the run was scheduled under.
     pub generation: i64,
+    /// The run's identity: the ledger key and `Idempotency-Key`.
     pub run_id: RunId,
+    /// The run's instant (a run-now request: when it was seen).
     pub scheduled: DateTime<Utc>,
     /// When it was due to start: `scheduled` plus jitter. The starting deadline counts from here.
     pub due: DateTime<Utc>,
+    /// How it runs and what it does.
     pub spec: Arc<RunSpec>,
     /// Part of a catch-up batch or a backfill: waits for the task's previous run, whatever the
     /// policy.
     pub sequential: bool,
+    /// What started it.
     pub trigger: Trigger,
     /// The leadership term that claimed the run; its steps are recorded in the ledger under it.
     pub term: Term,
@@ -118,7 +128,9 @@ pub struct RunRequest {
 /// Sizes of the executor's bounds.
 #[derive(Clone, Copy, Debug)]
 pub struct ExecutorConfig {
+    /// Size of the worker pool.
     pub max_workers: usize,
+    /// Runs that may wait for a worker, over all tasks.
     pub queue_size: usize,
     /// Whether successful runs are logged at info level (`log.log_task_success`).
     pub log_success: bool,
@@ -129,6 +141,7 @@ pub struct ExecutorConfig {
 pub struct LoadGauge(std::sync::Weak<Shared>);
 
 impl LoadGauge {
+    /// The load now; `None` once the executor is gone.
     pub fn load(&self) -> Option<Load> {
         self.0.upgrade().map(|shared| shared.load())
     }
@@ -139,9 +152,11 @@ impl LoadGauge {
 pub struct Load {
     /// Runs waiting for a worker.
     pub waiting: usize,
+    /// The most runs that may wait.
     pub queue_size: usize,
     /// Workers running a run.
     pub busy_workers: usize,
+    /// Size of the worker pool.
     pub max_workers: usize,
 }
 
@@ -271,6 +286,7 @@ fn missed(run: &RunRequest, kind: MissKind, reason: String) -> Report {
 }
 
 impl Executor {
+    /// An executor and its worker side; drive the workers with [`ExecutorTask::run`].
     pub fn new(
         config: ExecutorConfig,
         sink: Arc<dyn ReportSink>,

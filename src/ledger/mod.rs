@@ -60,7 +60,9 @@ pub trait Ledger: Send + Sync {
 /// The result of a mark, with the task's counts afterwards when the ledger keeps them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Marked {
+    /// Whether the step was recorded.
     pub verdict: Verdict,
+    /// The task's counts after it, when the ledger keeps them.
     pub counts: Option<Counts>,
 }
 
@@ -88,7 +90,11 @@ pub enum Verdict {
     /// Refused: the run's record does not allow it (another claim holds it, or it is over).
     Held(Record),
     /// Refused: a leader of a newer epoch has acted on this task; this one must stop.
-    Fenced { epoch: u64 },
+    /// Fenced at this epoch.
+    Fenced {
+        /// The newer epoch.
+        epoch: u64,
+    },
 }
 
 /// A step of a run, recorded with [`Ledger::mark`].
@@ -97,15 +103,24 @@ pub enum Mark {
     /// The action is about to start: refused (fenced) once a newer leader took the task over.
     Started,
     /// The action ended; counted in `runs` and `succeeded` or `failed`.
-    Finished { succeeded: bool },
+    /// The action ended; whether it succeeded.
+    Finished {
+        /// Whether it succeeded.
+        succeeded: bool,
+    },
     /// The instant could not run (with `count` > 1: a catch-up skipped that many, this run's
     /// instant the newest); counted in `missed`, and never run afterwards.
-    Missed { count: u64 },
+    /// The instant could not run; `count` instants at once for a catch-up.
+    Missed {
+        /// How many instants.
+        count: u64,
+    },
 }
 
 /// One run's record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
+    /// How far the run got.
     pub state: RunState,
     /// The epoch of the leader that made the last step.
     pub epoch: u64,
@@ -113,12 +128,18 @@ pub struct Record {
     pub holder: String,
 }
 
+/// How far a run got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunState {
+    /// Claimed by a leader, not started.
     Claimed,
+    /// Its action started.
     Started,
+    /// It finished and succeeded.
     Succeeded,
+    /// It finished and failed (or its outcome is unknown).
     Failed,
+    /// It did not run.
     Missed,
     /// Older than the retention horizon: handled long ago, its record pruned.
     Unknown,
@@ -129,8 +150,11 @@ pub enum RunState {
 pub struct Counts {
     /// Finished runs (succeeded + failed).
     pub runs: u64,
+    /// Finished runs that succeeded.
     pub succeeded: u64,
+    /// Finished runs that failed.
     pub failed: u64,
+    /// Instants that did not run.
     pub missed: u64,
     /// Finished runs that run-now requests started (part of `runs`).
     pub manual: u64,
@@ -145,8 +169,11 @@ pub struct LedgerError(pub String);
 /// away) is retried with backoff while this replica keeps its term, so instants missed during
 /// an outage are counted once Redis returns; the counts it gets back are reported too.
 pub struct RecordMissed {
+    /// Where missed runs are marked.
     pub ledger: Arc<dyn Ledger>,
+    /// The term missed runs are marked under.
     pub leader: watch::Receiver<Option<Term>>,
+    /// Where every report goes on.
     pub inner: Arc<dyn ReportSink>,
 }
 

@@ -176,6 +176,7 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// PEM of the CA to trust for `rediss://` (else the web PKI roots).
     pub ca: Option<Vec<u8>>,
+    /// Size of the connection pool.
     pub max_connections: usize,
     /// How long one ledger operation may take, connection checkout included.
     pub timeout: Duration,

@@ -29,7 +29,9 @@ use crate::status::conditions::success_rate;
 /// Where standalone mode keeps its run history (`--history`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HistoryKind {
+    /// Nothing kept across restarts.
     Memory,
+    /// An SQLite database at this path.
     Sqlite(PathBuf),
     /// A Redis URL: the shared run ledger, its counts.
     Redis(String),
@@ -114,6 +116,7 @@ pub struct SqliteHistory {
 
 /// What the database holds of one task.
 pub struct Stored {
+    /// The task's status, rebuilt from its runs.
     pub status: ChronTaskStatus,
 }
 
@@ -393,12 +396,19 @@ fn recent(connection: &Connection, key: &str) -> rusqlite::Result<Vec<RunRecord>
 
 /// One row of `chronflow standalone status`.
 pub struct TaskRow {
+    /// `<namespace>/<name>`.
     pub task: String,
+    /// The schedule as read.
     pub schedule: String,
+    /// The latest phase recorded.
     pub phase: String,
+    /// The next instant due, when recorded.
     pub next_run: String,
+    /// Finished runs.
     pub runs: u64,
+    /// Successful runs of the finished ones.
     pub success_rate: String,
+    /// How the latest run ended.
     pub last_outcome: String,
 }
 
@@ -458,6 +468,7 @@ impl ReportSink for Both {
 
 /// What a history gives standalone mode.
 pub struct Opened {
+    /// Where runs are claimed.
     pub ledger: Arc<dyn Ledger>,
     /// Where reports go: the status index, and the history.
     pub recorder: Arc<dyn ReportSink>,

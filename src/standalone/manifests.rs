@@ -60,6 +60,7 @@ pub struct Manifests {
 }
 
 impl Manifests {
+    /// The manifests under `path`, fed to `engine`, observed by `index`.
     pub fn new(
         path: PathBuf,
         config: &OperatorConfig,

@@ -40,6 +40,7 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct StandaloneArgs {
+    /// `chronflow standalone status`, instead of running.
     #[command(subcommand)]
     pub command: Option<StandaloneCommand>,
 

@@ -15,6 +15,7 @@ pub struct LocalValues {
 }
 
 impl LocalValues {
+    /// Values from the environment, else from files under `dir`.
     pub fn new(dir: Option<PathBuf>) -> Self {
         Self { dir }
     }

@@ -14,19 +14,27 @@ pub const READY: &str = "Ready";
 pub enum SpecState {
     /// Seen, not yet validated.
     Pending,
+    /// Valid; paused with this reason, if it is.
     Valid {
+        /// The pause reason, when paused.
         paused: Option<String>,
     },
+    /// Not valid.
     Invalid {
+        /// The field and why.
         reason: String,
     },
 }
 
 /// Everything the phase depends on.
 pub struct PhaseInputs<'a> {
+    /// The spec's state.
     pub spec: &'a SpecState,
+    /// A run is in flight.
     pub running: bool,
+    /// An instant is still due.
     pub has_next_run: bool,
+    /// How the latest run ended.
     pub last_outcome: Option<RunOutcome>,
 }
 

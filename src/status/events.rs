@@ -25,26 +25,39 @@ pub const REPORTING_CONTROLLER: &str = "chronflow.io/operator";
 
 /// Event reasons, stable for alerting and `kubectl get events --field-selector reason=...`.
 pub mod reasons {
+    /// The spec became invalid.
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The task was paused.
     pub const PAUSED: &str = "Paused";
+    /// The task was resumed.
     pub const RESUMED: &str = "Resumed";
+    /// A run failed after all its attempts.
     pub const RUN_FAILED: &str = "RunFailed";
+    /// A due instant was not run.
     pub const RUN_MISSED: &str = "RunMissed";
+    /// The apiserver refused the task's status.
     pub const STATUS_REJECTED: &str = "StatusRejected";
 }
 
+/// An Event's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
+    /// `Normal`.
     Normal,
+    /// `Warning`.
     Warning,
 }
 
 /// One Event to publish.
 #[derive(Debug)]
 pub struct EventRequest {
+    /// The ChronTask it is about.
     pub reference: ObjectReference,
+    /// Its type.
     pub severity: Severity,
+    /// Its reason (one of [`reasons`]).
     pub reason: &'static str,
+    /// What happened.
     pub note: String,
 }
 

@@ -29,12 +29,16 @@ pub const EVENT_WINDOW: Duration = Duration::from_secs(60);
 /// What reconcile saw of a task.
 #[derive(Debug)]
 pub struct Observed {
+    /// The task and its incarnation.
     pub task: TaskId,
+    /// The object, for Events.
     pub reference: ObjectReference,
+    /// The spec's generation.
     pub generation: Option<i64>,
     /// The status stored in the cluster: the first time, it seeds the counters, so they survive
     /// an operator restart.
     pub status: Option<ChronTaskStatus>,
+    /// How many runs `status.recentRuns` keeps.
     pub history: HistorySpec,
 }
 
@@ -79,13 +83,16 @@ struct EventWindow {
 
 /// One status to write.
 pub struct Snapshot {
+    /// The task.
     pub task: TaskId,
+    /// Its status to write.
     pub status: ChronTaskStatus,
 }
 
 /// How a status write ended.
 #[derive(Debug)]
 pub enum WriteResult {
+    /// Written.
     Written,
     /// The object is gone.
     Gone,
@@ -104,8 +111,11 @@ pub struct Counts {
     pub events_dropped: u64,
     /// Status writes by how they ended.
     pub written: u64,
+    /// Writes that failed and will be retried.
     pub failed: u64,
+    /// Writes the apiserver refused (422).
     pub rejected: u64,
+    /// Writes to an object that was gone.
     pub gone: u64,
 }
 
@@ -125,6 +135,7 @@ pub struct Index {
 pub struct StatusIndex(Arc<Mutex<Index>>);
 
 impl StatusIndex {
+    /// An empty index that queues Events on `events`.
     pub fn new(events: mpsc::Sender<EventRequest>, clock: Clock) -> Self {
         Self(Arc::new(Mutex::new(Index {
             tasks: HashMap::new(),
@@ -141,12 +152,14 @@ impl StatusIndex {
         self.lock().ledger_counts = true;
     }
 
+    /// The index, for a moment (never held across an await).
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The controller saw the task (created, edited, or at a re-list).
     pub fn observe(&self, observed: Observed) {
         self.lock().observe(observed);
     }
@@ -539,6 +552,7 @@ impl Index {
             .count()
     }
 
+    /// Counts of what the index did.
     pub fn counts(&self) -> Counts {
         self.counts
     }
