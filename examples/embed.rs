@@ -27,7 +27,7 @@ struct App {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Arc::new(App {
-        scheduler: Scheduler::builder().max_workers(4).start(),
+        scheduler: Scheduler::builder().max_workers(4).start()?,
         heartbeats: AtomicU64::new(0),
     });
 

@@ -7,7 +7,7 @@
 //! use chronflow::scheduler::{Scheduler, Task};
 //!
 //! # async fn example() -> Result<(), chronflow::scheduler::SchedulerError> {
-//! let scheduler = Scheduler::builder().max_workers(4).start();
+//! let scheduler = Scheduler::builder().max_workers(4).start()?;
 //! scheduler
 //!     .add(Task::every("heartbeat", Duration::from_secs(5))?.run(|run| async move {
 //!         println!("{} (attempt {})", run.run_id, run.attempt);
@@ -209,13 +209,14 @@ impl SchedulerBuilder {
     }
 
     /// Starts the scheduler on the current tokio runtime.
-    pub fn start(self) -> Scheduler {
+    pub fn start(self) -> Result<Scheduler, SchedulerError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let clock = Clock::System;
         let (_term, leader) = watch::channel(Some(Term::single("embedded")));
         let (events_tx, _events) = mpsc::channel(events::EVENT_QUEUE);
         let index = StatusIndex::new(events_tx, clock);
-        let http = HttpClient::new(Default::default()).expect("the default HTTP client builds");
+        let http = HttpClient::new(Default::default())
+            .map_err(|e| SchedulerError(format!("cannot build the HTTP client: {e}")))?;
         let mut core = Core::build(CoreParts {
             executor: ExecutorConfig {
                 max_workers: self.max_workers,
@@ -234,14 +235,14 @@ impl SchedulerBuilder {
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         core.spawn(&mut tasks, &stop, self.grace);
-        Scheduler {
+        Ok(Scheduler {
             engine: core.engine,
             load: core.load,
             index,
             stop,
             running: Mutex::new(tasks),
             registered: Mutex::new(HashMap::new()),
-        }
+        })
     }
 }
 
@@ -431,7 +432,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closure_runs_on_schedule_pauses_resumes_and_is_counted() {
-        let scheduler = Scheduler::builder().max_workers(2).start();
+        let scheduler = Scheduler::builder().max_workers(2).start().unwrap();
         let calls = Arc::new(AtomicU32::new(0));
         let counter = calls.clone();
         let task = Task::every("count", Duration::from_millis(200))
@@ -470,7 +471,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_manifest_is_validated_as_the_operator_does() {
-        let scheduler = Scheduler::builder().start();
+        let scheduler = Scheduler::builder().start().unwrap();
         let bad = "apiVersion: chronflow.io/v1alpha1\nkind: ChronTask\nmetadata: {name: bad}\n\
                    spec: {schedule: {cron: '61 * * * * *'}, action: {http: {url: 'http://x/'}}}\n";
         let error = scheduler.add_manifest(bad).await.unwrap_err();
