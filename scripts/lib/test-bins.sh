@@ -11,3 +11,6 @@ CACHE_ROOT=${CHRONFLOW_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chronflow}
 BIN_DIR="$CACHE_ROOT/test-bins/kube-${KUBE_VERSION}_etcd-${ETCD_VERSION}_${GO_VERSION}"
 # helm for the end-to-end install test (e2e/), built beside them; its version is checked on use.
 HELM_VERSION=v4.3.1
+# kwok (a fake kubelet) for the Job action's tier: with kube-controller-manager and
+# kube-scheduler, Jobs get Pods that are scheduled, run and complete without a real node.
+KWOK_VERSION=v0.8.0

@@ -10,6 +10,7 @@ mod config_keys;
 mod crd_admission;
 mod failover;
 mod hard_path;
+mod job_tier;
 mod kubectl;
 mod leader;
 mod ledger;

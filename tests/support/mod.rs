@@ -94,6 +94,15 @@ impl OwnControlPlane {
         }
     }
 
+    /// One with the Job tier: kube-controller-manager, kube-scheduler and kwok's fake node (a
+    /// Job's Pod runs, then Succeeded, or Failed with the label `chronflowfail: "true"`).
+    pub fn start_with_jobs(name: &str) -> OwnControlPlane {
+        let plane = OwnControlPlane::start(name);
+        let script = repo_root().join("scripts/control-plane");
+        run(Command::new(script).arg("jobs").arg(&plane.0.dir)).expect("the Job tier starts");
+        plane
+    }
+
     /// One without the ChronTask CRD, as a cluster is before chronflow is installed.
     pub fn start_empty(name: &str) -> OwnControlPlane {
         match start_in(name, false) {
