@@ -14,9 +14,9 @@ use crate::clock::Clock;
 use crate::engine::{Engine, EngineHandle, EngineParts};
 use crate::executor::http::{HttpClient, ValueSource};
 use crate::executor::{Executor, ExecutorConfig, ExecutorTask, LoadGauge};
-use crate::leader::Term;
 use crate::ledger::Ledger;
 use crate::run::ReportSink;
+use crate::run::Term;
 
 /// What a core is made of.
 pub struct CoreParts {

@@ -24,24 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::LeaderElectionConfig;
 
-/// One leadership: who holds the Lease and the epoch it won it with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Term {
-    /// The replica's identity (`POD_NAME`).
-    pub holder: String,
-    /// The fencing epoch: the Lease's transitions when it was won.
-    pub epoch: u64,
-}
-
-impl Term {
-    /// The one term of a replica that runs without leader election.
-    pub fn single(holder: &str) -> Self {
-        Self {
-            holder: holder.to_string(),
-            epoch: 0,
-        }
-    }
-}
+pub use crate::run::Term;
 
 /// Timings, in the meaning of client-go's (`lease_duration > renew_deadline > retry_period`).
 #[derive(Clone, Debug)]

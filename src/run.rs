@@ -146,6 +146,25 @@ impl Ord for RunId {
     }
 }
 
+/// One leadership: who holds the Lease and the epoch it won it with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Term {
+    /// The replica's identity (`POD_NAME`).
+    pub holder: String,
+    /// The fencing epoch: the Lease's transitions when it was won.
+    pub epoch: u64,
+}
+
+impl Term {
+    /// The one term of a replica that runs without leader election.
+    pub fn single(holder: &str) -> Self {
+        Self {
+            holder: holder.to_string(),
+            epoch: 0,
+        }
+    }
+}
+
 /// Set to any new value (a timestamp, say) to run the task once now: the value names the
 /// request, so the same value never runs twice. `chronflow trigger` sets it.
 pub const RUN_NOW_ANNOTATION: &str = "chronflow.io/run-now";

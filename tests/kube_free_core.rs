@@ -39,6 +39,23 @@ fn the_core_does_not_depend_on_kube() {
             let names_kube = code
                 .split(|c: char| !(c.is_alphanumeric() || c == '_'))
                 .any(|word| word == "kube" || word == "k8s_openapi" || word == "kube_runtime");
+            // Nor does it reach into the crate's kube side.
+            let kube_side = [
+                "crd",
+                "controller",
+                "leader",
+                "operator",
+                "status",
+                "server",
+            ]
+            .iter()
+            .any(|module| code.contains(&format!("crate::{module}")));
+            assert!(
+                !kube_side,
+                "{}:{}: the kube-free core uses a kube-side module: {line}",
+                file.display(),
+                number + 1
+            );
             assert!(
                 !names_kube,
                 "{}:{}: the kube-free core names kube: {line}",

@@ -13,13 +13,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::EngineTask;
+use super::{Backfilling, EngineTask, State};
 use crate::clock::Clock;
 use crate::executor::{Executor, RunRequest};
-use crate::leader::Term;
 use crate::ledger::redis::RETENTION;
 use crate::ledger::{Ledger, Verdict};
-use crate::run::{BackfillPhase, BackfillProgress, Report, ReportSink, RunId, Trigger};
+use crate::run::Term;
+use crate::run::{BackfillPhase, BackfillProgress, Report, ReportSink, RunId, TaskKey, Trigger};
 
 /// The most instants one backfill range may hold.
 pub const MAX_BACKFILL: usize = 10_000;
@@ -185,5 +185,81 @@ impl Driver {
                 message,
             },
         });
+    }
+}
+
+impl super::Engine {
+    /// Starts, keeps or stops the task's backfill drivers: they run while this replica leads a
+    /// scheduled task that is not being taken over, each from where it stopped.
+    pub(super) fn sync_backfills(&mut self, key: &TaskKey) {
+        let term = self.leading();
+        let shutdown = self.shutdown.clone();
+        let Some(entry) = self.tasks.get_mut(key) else {
+            return;
+        };
+        let (task, term) = match (&entry.state, term) {
+            (State::Scheduled { task, .. }, Some(term)) if !entry.taking_over => (task, term),
+            _ => return entry.extras.stop_backfills(),
+        };
+        let generation = entry.generation;
+        let backfills = &mut entry.extras.backfills;
+        backfills.retain(|id, backfill| {
+            let wanted = task.backfills.iter().any(|b| &b.id == id);
+            if !wanted {
+                backfill.cancel.cancel();
+            }
+            wanted
+        });
+        for request in &task.backfills {
+            let progress = match backfills.get(&request.id) {
+                None if request.over => continue,
+                None => Arc::new(Progress::default()),
+                Some(known)
+                    if known
+                        .progress
+                        .over
+                        .load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    continue;
+                }
+                Some(running)
+                    if running.generation == generation
+                        && running.term == term
+                        && !running.cancel.is_cancelled() =>
+                {
+                    continue;
+                }
+                Some(stopped) => {
+                    stopped.cancel.cancel();
+                    stopped.progress.clone()
+                }
+            };
+            progress
+                .done
+                .fetch_max(request.done, std::sync::atomic::Ordering::SeqCst);
+            let cancel = shutdown.child_token();
+            let driver = Driver {
+                ledger: self.parts.ledger.clone(),
+                executor: self.parts.executor.clone(),
+                sink: self.parts.sink.clone(),
+                leader: self.parts.leader.clone(),
+                clock: self.parts.clock,
+                task: (**task).clone(),
+                generation,
+                term: term.clone(),
+                request: request.clone(),
+                progress: progress.clone(),
+                per_second: self.parts.backfill_per_second,
+                cancel: cancel.clone(),
+            };
+            tokio::spawn(driver.run());
+            let backfill = Backfilling {
+                cancel,
+                generation,
+                term: term.clone(),
+                progress,
+            };
+            backfills.insert(request.id.clone(), backfill);
+        }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod backfill;
 pub mod catch_up;
+mod run_now;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -25,13 +26,13 @@ use tracing::{debug, warn};
 
 use crate::clock::Clock;
 use crate::executor::{Executor, Retire, RunRequest, RunSpec};
-use crate::leader::Term;
 use crate::ledger::{Ledger, LedgerError, TakeOver, Verdict};
 use crate::policy::CatchUpPolicy;
+use crate::run::Term;
 use crate::run::{MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, Trigger};
 use crate::schedule::{Schedule, jitter};
+use backfill::Progress;
 pub use backfill::{BackfillRequest, MAX_BACKFILL};
-use backfill::{Driver, Progress};
 
 /// How long a deleted task's uid is remembered, so that a reconcile that was still running when
 /// the delete arrived cannot bring the task back.
@@ -190,7 +191,7 @@ struct Entry {
 #[derive(Default)]
 struct Extras {
     /// A request that waits for this replica to lead.
-    request: Option<Request>,
+    request: Option<run_now::Request>,
     /// The latest request handled by this process: seen again, it is not run again.
     served: Option<String>,
     /// Backfills by id: running, or where they stopped.
@@ -203,14 +204,6 @@ impl Extras {
             backfill.cancel.cancel();
         }
     }
-}
-
-struct Request {
-    request: String,
-    spec: Arc<RunSpec>,
-    generation: i64,
-    /// Paused, without `run-now-while-paused`: the request is not run.
-    refused_while_paused: bool,
 }
 
 struct Backfilling {
@@ -329,139 +322,6 @@ impl Engine {
         self.term
             .clone()
             .filter(|t| Some(t) == self.parts.leader.borrow().as_ref())
-    }
-
-    /// Runs the task's waiting run-now request, if this replica leads and the task is not being
-    /// taken over: claimed in the ledger by its request, so it runs once whoever sees it.
-    fn serve_request(&mut self, key: &TaskKey) {
-        let Some(term) = self.leading() else {
-            return;
-        };
-        let now = self.parts.clock.now();
-        let Some(entry) = self.tasks.get_mut(key).filter(|e| !e.taking_over) else {
-            return;
-        };
-        let Some(request) = entry.extras.request.take() else {
-            return;
-        };
-        entry.extras.served = Some(request.request.clone());
-        let task = TaskId::new(key.clone(), entry.uid.clone());
-        let run_id = RunId::manual(key, &request.request, now);
-        let handled = Report::RequestHandled {
-            task: task.clone(),
-            request: request.request.clone(),
-        };
-        if request.refused_while_paused {
-            self.parts.sink.record(Report::Missed {
-                task,
-                count: 1,
-                run: run_id,
-                trigger: Trigger::Manual,
-                kind: MissKind::Withdrawn,
-                reason: format!(
-                    "the task is paused; run-now requests run while paused only with the \
-                     annotation {}=true",
-                    crate::run::RUN_NOW_WHILE_PAUSED_ANNOTATION
-                ),
-            });
-            self.parts.sink.record(handled);
-            return;
-        }
-        let run = RunRequest {
-            task,
-            generation: request.generation,
-            run_id,
-            scheduled: now,
-            due: now,
-            spec: request.spec,
-            sequential: false,
-            trigger: Trigger::Manual,
-            term: term.clone(),
-        };
-        let (ledger, executor, sink) = (
-            self.parts.ledger.clone(),
-            self.parts.executor.clone(),
-            self.parts.sink.clone(),
-        );
-        tokio::spawn(async move {
-            let verdict = ledger.claim(&run.run_id, &term).await;
-            claimed(&executor, sink.as_ref(), run, verdict);
-            sink.record(handled);
-        });
-    }
-
-    /// Starts, keeps or stops the task's backfill drivers: they run while this replica leads a
-    /// scheduled task that is not being taken over, each from where it stopped.
-    fn sync_backfills(&mut self, key: &TaskKey) {
-        let term = self.leading();
-        let shutdown = self.shutdown.clone();
-        let Some(entry) = self.tasks.get_mut(key) else {
-            return;
-        };
-        let (task, term) = match (&entry.state, term) {
-            (State::Scheduled { task, .. }, Some(term)) if !entry.taking_over => (task, term),
-            _ => return entry.extras.stop_backfills(),
-        };
-        let generation = entry.generation;
-        let backfills = &mut entry.extras.backfills;
-        backfills.retain(|id, backfill| {
-            let wanted = task.backfills.iter().any(|b| &b.id == id);
-            if !wanted {
-                backfill.cancel.cancel();
-            }
-            wanted
-        });
-        for request in &task.backfills {
-            let progress = match backfills.get(&request.id) {
-                None if request.over => continue,
-                None => Arc::new(Progress::default()),
-                Some(known)
-                    if known
-                        .progress
-                        .over
-                        .load(std::sync::atomic::Ordering::SeqCst) =>
-                {
-                    continue;
-                }
-                Some(running)
-                    if running.generation == generation
-                        && running.term == term
-                        && !running.cancel.is_cancelled() =>
-                {
-                    continue;
-                }
-                Some(stopped) => {
-                    stopped.cancel.cancel();
-                    stopped.progress.clone()
-                }
-            };
-            progress
-                .done
-                .fetch_max(request.done, std::sync::atomic::Ordering::SeqCst);
-            let cancel = shutdown.child_token();
-            let driver = Driver {
-                ledger: self.parts.ledger.clone(),
-                executor: self.parts.executor.clone(),
-                sink: self.parts.sink.clone(),
-                leader: self.parts.leader.clone(),
-                clock: self.parts.clock,
-                task: (**task).clone(),
-                generation,
-                term: term.clone(),
-                request: request.clone(),
-                progress: progress.clone(),
-                per_second: self.parts.backfill_per_second,
-                cancel: cancel.clone(),
-            };
-            tokio::spawn(driver.run());
-            let backfill = Backfilling {
-                cancel,
-                generation,
-                term: term.clone(),
-                progress,
-            };
-            backfills.insert(request.id.clone(), backfill);
-        }
     }
 
     /// Asks the ledger about `task` off the loop, retrying while `term` lasts.
@@ -689,7 +549,7 @@ impl Engine {
         if let Some(run_now) = &task.run_now
             && extras.served.as_ref() != Some(&run_now.request)
         {
-            extras.request = Some(Request {
+            extras.request = Some(run_now::Request {
                 request: run_now.request.clone(),
                 spec: task.run.clone(),
                 generation,

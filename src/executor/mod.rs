@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::clock::Clock;
-use crate::leader::Term;
 use crate::ledger::{Ledger, Mark, Verdict};
 use crate::policy::ConcurrencyPolicy;
+use crate::run::Term;
 use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink, RunId, TaskId, Trigger};
 pub use http::{HttpAction, ValueSource};
 pub use retry::RetryPolicy;

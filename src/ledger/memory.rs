@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use futures::future::{BoxFuture, FutureExt};
 
 use super::{Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
-use crate::leader::Term;
+use crate::run::Term;
 use crate::run::{RunId, TaskKey};
 
 /// Run-now requests remembered per task.

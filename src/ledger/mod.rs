@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 pub use self::memory::MemoryLedger;
 pub use self::redis::{RedisLedger, RedisSettings};
-use crate::leader::Term;
+use crate::run::Term;
 use crate::run::{Report, ReportSink, RunId, TaskKey};
 
 /// Where runs are claimed and their steps recorded. The engine claims; the executor marks a run

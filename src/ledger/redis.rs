@@ -27,7 +27,7 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::{Counts, Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
 use crate::config::{ConfigError, RedisConfig};
-use crate::leader::Term;
+use crate::run::Term;
 use crate::run::{RunId, TaskKey};
 
 /// Records older than this are pruned; a claim for an instant before the pruned horizon is

@@ -1,0 +1,82 @@
+//! Run-now requests (`chronflow.io/run-now`): served when this replica leads and the task is
+//! not being taken over, claimed in the ledger by the request's value, so a request runs once
+//! whichever replica sees it and however often.
+
+use std::sync::Arc;
+
+use super::{Engine, claimed};
+use crate::executor::{RunRequest, RunSpec};
+use crate::run::{MissKind, Report, RunId, TaskId, TaskKey, Trigger};
+
+/// A request waiting for this replica to lead.
+pub(super) struct Request {
+    /// The annotation's value.
+    pub request: String,
+    /// The task's run spec when the request came.
+    pub spec: Arc<RunSpec>,
+    /// The task's generation then.
+    pub generation: i64,
+    /// Paused, without `run-now-while-paused`: the request is not run.
+    pub refused_while_paused: bool,
+}
+
+impl Engine {
+    /// Runs the task's waiting run-now request, if this replica leads and the task is not being
+    /// taken over: claimed in the ledger by its request, so it runs once whoever sees it.
+    pub(super) fn serve_request(&mut self, key: &TaskKey) {
+        let Some(term) = self.leading() else {
+            return;
+        };
+        let now = self.parts.clock.now();
+        let Some(entry) = self.tasks.get_mut(key).filter(|e| !e.taking_over) else {
+            return;
+        };
+        let Some(request) = entry.extras.request.take() else {
+            return;
+        };
+        entry.extras.served = Some(request.request.clone());
+        let task = TaskId::new(key.clone(), entry.uid.clone());
+        let run_id = RunId::manual(key, &request.request, now);
+        let handled = Report::RequestHandled {
+            task: task.clone(),
+            request: request.request.clone(),
+        };
+        if request.refused_while_paused {
+            self.parts.sink.record(Report::Missed {
+                task,
+                count: 1,
+                run: run_id,
+                trigger: Trigger::Manual,
+                kind: MissKind::Withdrawn,
+                reason: format!(
+                    "the task is paused; run-now requests run while paused only with the \
+                     annotation {}=true",
+                    crate::run::RUN_NOW_WHILE_PAUSED_ANNOTATION
+                ),
+            });
+            self.parts.sink.record(handled);
+            return;
+        }
+        let run = RunRequest {
+            task,
+            generation: request.generation,
+            run_id,
+            scheduled: now,
+            due: now,
+            spec: request.spec,
+            sequential: false,
+            trigger: Trigger::Manual,
+            term: term.clone(),
+        };
+        let (ledger, executor, sink) = (
+            self.parts.ledger.clone(),
+            self.parts.executor.clone(),
+            self.parts.sink.clone(),
+        );
+        tokio::spawn(async move {
+            let verdict = ledger.claim(&run.run_id, &term).await;
+            claimed(&executor, sink.as_ref(), run, verdict);
+            sink.record(handled);
+        });
+    }
+}
