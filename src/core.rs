@@ -10,9 +10,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::Error;
 use crate::clock::Clock;
+use crate::config::OperatorConfig;
 use crate::engine::{Engine, EngineHandle, EngineParts};
-use crate::executor::http::{HttpClient, ValueSource};
+use crate::executor::http::{AddressPolicy, HttpClient, ValueSource};
 use crate::executor::{Executor, ExecutorConfig, ExecutorTask, LoadGauge};
 use crate::ledger::Ledger;
 use crate::run::ReportSink;
@@ -38,6 +40,40 @@ pub struct CoreParts {
     pub leader: watch::Receiver<Option<Term>>,
     /// The time source (paused tokio time in tests).
     pub clock: Clock,
+}
+
+impl CoreParts {
+    /// The parts the configuration sets (workers, queue, limits, where HTTP actions may
+    /// connect), around the host's values, ledger, sink and leadership.
+    pub fn from_config(
+        config: &OperatorConfig,
+        values: Arc<dyn ValueSource>,
+        ledger: Arc<dyn Ledger>,
+        sink: Arc<dyn ReportSink>,
+        leader: watch::Receiver<Option<Term>>,
+    ) -> Result<CoreParts, Error> {
+        let policy = AddressPolicy {
+            deny: config.http.deny_cidrs.clone(),
+            allow: config.http.allow_cidrs.clone(),
+        };
+        let http = HttpClient::new(policy)
+            .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
+        Ok(CoreParts {
+            executor: ExecutorConfig {
+                max_workers: config.max_workers,
+                queue_size: config.queue_size,
+                log_success: config.log.log_task_success,
+            },
+            max_runs_per_namespace: config.limits.max_runs_per_namespace,
+            backfill_per_second: config.limits.backfill_runs_per_second,
+            http,
+            values,
+            ledger,
+            sink,
+            leader,
+            clock: Clock::System,
+        })
+    }
 }
 
 /// A built core: feed it through [`Core::engine`], start it with [`Core::spawn`].

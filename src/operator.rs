@@ -19,18 +19,13 @@ use crate::config::BackendType;
 use crate::config::OperatorConfig;
 use crate::controller::{self, Context, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
-use crate::executor::ExecutorConfig;
-use crate::executor::http::{AddressPolicy, HttpClient};
 use crate::leader::{Elector, Term, Timings};
-use crate::ledger::{Ledger, MemoryLedger, RecordMissed, RedisLedger, RedisSettings};
+use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::run::ReportSink;
 use crate::server::{self, Endpoint, Health};
 use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
-
-/// How long the memory ledger remembers a task that stopped claiming (deleted tasks).
-const MEMORY_LEDGER_IDLE: Duration = Duration::from_secs(24 * 3600);
 
 /// How long the Lease release at exit may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,48 +84,22 @@ pub async fn run(
         metrics: metrics.clone(),
         inner: match &redis {
             Some(redis) => redis.clone(),
-            None => Arc::new(MemoryLedger::new(MEMORY_LEDGER_IDLE)),
+            None => Arc::new(MemoryLedger::new(MemoryLedger::IDLE)),
         },
     });
     // With a shared ledger, run counts are the ledger's: every leader's runs, once each.
     let recorder: Arc<dyn ReportSink> = match config.backend_type {
         BackendType::Memory => Arc::new(index.clone()),
-        BackendType::Redis => {
-            index.count_from_ledger();
-            Arc::new(RecordMissed {
-                ledger: ledger.clone(),
-                leader: leader.clone(),
-                inner: Arc::new(index.clone()),
-            })
-        }
+        BackendType::Redis => index.counting_from(ledger.clone(), leader.clone()),
     };
 
-    let policy = AddressPolicy {
-        deny: config.http.deny_cidrs.clone(),
-        allow: config.http.allow_cidrs.clone(),
-    };
-    let http = HttpClient::new(policy)
-        .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
     let values = Arc::new(KubeValues::new(client.clone(), config.secrets.cache_ttl));
     let sink: Arc<dyn ReportSink> = Arc::new(Recording {
         metrics: metrics.clone(),
         inner: recorder,
     });
-    let mut core = Core::build(CoreParts {
-        executor: ExecutorConfig {
-            max_workers: config.max_workers,
-            queue_size: config.queue_size,
-            log_success: config.log.log_task_success,
-        },
-        max_runs_per_namespace: config.limits.max_runs_per_namespace,
-        backfill_per_second: config.limits.backfill_runs_per_second,
-        http,
-        values: values.clone(),
-        ledger,
-        sink,
-        leader: leader.clone(),
-        clock,
-    });
+    let parts = CoreParts::from_config(&config, values.clone(), ledger, sink, leader.clone())?;
+    let mut core = Core::build(parts);
     metrics.watch(Live {
         executor: core.load.clone(),
         status: index.clone(),

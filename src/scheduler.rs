@@ -227,7 +227,7 @@ impl SchedulerBuilder {
             backfill_per_second: 10,
             http,
             values: Arc::new(NoValues),
-            ledger: Arc::new(MemoryLedger::new(Duration::from_secs(24 * 3600))),
+            ledger: Arc::new(MemoryLedger::new(MemoryLedger::IDLE)),
             sink: Arc::new(index.clone()),
             leader,
             clock,

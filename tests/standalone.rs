@@ -2,14 +2,15 @@
 //! servers on loopback: it fires on time, picks up edits, additions and deletions, reports an
 //! invalid file without stopping the others, and drains on SIGTERM and exits 0.
 
-#[path = "support/receiver.rs"]
-mod receiver;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use receiver::{Behavior, Receiver};
+use support::eventually;
+use support::receiver::{Behavior, Receiver};
 
 /// A standalone process; killed if the test ends before it stops.
 struct Standalone {
@@ -90,25 +91,6 @@ impl Drop for Standalone {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// Waits up to 30 s for `check`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -552,6 +552,19 @@ pub fn redacted_url(url: &reqwest::Url) -> String {
 mod tests {
     use super::*;
 
+    /// A POST to `url` with no header or body, redirects not followed, 2xx a success.
+    fn post(url: &str) -> HttpAction {
+        HttpAction {
+            url: url.parse().unwrap(),
+            method: reqwest::Method::POST,
+            headers: Vec::new(),
+            body: None,
+            success_codes: SuccessCodes::parse(&[]).unwrap(),
+            follow_redirects: FollowRedirects::Never,
+            tls: Tls::default(),
+        }
+    }
+
     #[test]
     fn success_codes_match_exact_codes_and_classes() {
         let codes = SuccessCodes::parse(&["2xx".into(), "304".into()]).unwrap();
@@ -602,15 +615,7 @@ mod tests {
             format!("{base}/hook"),
             format!("http://localhost:{port}/hook"),
         ] {
-            let action = HttpAction {
-                url: url.parse().unwrap(),
-                method: reqwest::Method::POST,
-                headers: Vec::new(),
-                body: None,
-                success_codes: SuccessCodes::parse(&[]).unwrap(),
-                follow_redirects: FollowRedirects::Never,
-                tls: Tls::default(),
-            };
+            let action = post(&url);
             let one = Attempt {
                 namespace: "ns",
                 run_id: &run_id,
@@ -809,15 +814,7 @@ mod tests {
         let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
-        let action = HttpAction {
-            url: format!("{base}/hook").parse().unwrap(),
-            method: reqwest::Method::POST,
-            headers: Vec::new(),
-            body: None,
-            success_codes: SuccessCodes::parse(&[]).unwrap(),
-            follow_redirects: FollowRedirects::Never,
-            tls: Tls::default(),
-        };
+        let action = post(&format!("{base}/hook"));
         for number in 1..=3 {
             let one = Attempt {
                 namespace: "ns",
@@ -921,13 +918,10 @@ mod tests {
         let secrets: Arc<dyn ValueSource> =
             Arc::new(FakeSecrets(HashMap::from([(("s", "token"), secret)])));
         let action = HttpAction {
-            url,
-            method: reqwest::Method::POST,
             headers: vec![(header.0.to_string(), header.1)],
             body: Some("payload".into()),
-            success_codes: SuccessCodes::parse(&[]).unwrap(),
             follow_redirects,
-            tls: Tls::default(),
+            ..post(url.as_str())
         };
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);

@@ -55,6 +55,9 @@ fn held() -> Verdict {
 }
 
 impl MemoryLedger {
+    /// How long a task's claims are kept after its last claim, unless said otherwise: a day.
+    pub const IDLE: Duration = Duration::from_secs(24 * 3600);
+
     /// `idle`: how long a task's claims are kept after its last claim. A task that fires less
     /// often than that could, after it is forgotten, claim an old instant again; the engine
     /// never asks for one, so `idle` only bounds memory for deleted tasks.

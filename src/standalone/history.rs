@@ -21,7 +21,7 @@ use crate::Error;
 use crate::config::OperatorConfig;
 use crate::crd::{ChronTaskStatus, RunOutcome, RunRecord};
 use crate::leader::Term;
-use crate::ledger::{Ledger, MemoryLedger, RecordMissed, RedisLedger, RedisSettings};
+use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
 use crate::run::{Outcome, Report, ReportSink, ScheduleState, TaskKey, Trigger};
 use crate::status::StatusIndex;
 use crate::status::conditions::success_rate;
@@ -485,7 +485,7 @@ pub fn open_history(
     index: &StatusIndex,
     leader: &watch::Receiver<Option<Term>>,
 ) -> Result<Opened, Error> {
-    let memory = || -> Arc<dyn Ledger> { Arc::new(MemoryLedger::new(MEMORY_IDLE)) };
+    let memory = || -> Arc<dyn Ledger> { Arc::new(MemoryLedger::new(MemoryLedger::IDLE)) };
     Ok(match kind {
         HistoryKind::Memory => Opened {
             ledger: memory(),
@@ -515,24 +515,15 @@ pub fn open_history(
                     .map_err(|e| Error::Startup(format!("--history: {e}")))?,
             );
             // The counts are the ledger's: every process's runs, once each.
-            index.count_from_ledger();
-            let recorder = Arc::new(RecordMissed {
-                ledger: redis.clone(),
-                leader: leader.clone(),
-                inner: Arc::new(index.clone()),
-            });
             Opened {
                 ledger: redis.clone(),
-                recorder,
+                recorder: index.counting_from(redis.clone(), leader.clone()),
                 stored: HashMap::new(),
                 redis: Some(redis),
             }
         }
     })
 }
-
-/// How long the memory ledger remembers a task that stopped claiming.
-const MEMORY_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// `chronflow standalone status`: the table, or why there is none.
 pub fn status(kind: &HistoryKind) -> Result<String, String> {

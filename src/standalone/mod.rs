@@ -22,10 +22,8 @@ use tracing::info;
 use crate::clock::Clock;
 use crate::config::OperatorConfig;
 use crate::core::{Core, CoreParts};
-use crate::executor::ExecutorConfig;
-use crate::executor::http::{AddressPolicy, HttpClient};
 use crate::leader::Term;
-use crate::metrics::{Live, Metrics, Recording};
+use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::server::{self, Endpoint, Health};
 use crate::status::{StatusIndex, events};
 use crate::{Error, Result};
@@ -103,31 +101,18 @@ pub async fn run(
         stored,
         redis,
     } = history::open_history(&args.history, &config, &index, &leader)?;
-    let policy = AddressPolicy {
-        deny: config.http.deny_cidrs.clone(),
-        allow: config.http.allow_cidrs.clone(),
-    };
-    let http = HttpClient::new(policy)
-        .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
     let values = Arc::new(LocalValues::new(args.secrets_dir.clone()));
-    let mut core = Core::build(CoreParts {
-        executor: ExecutorConfig {
-            max_workers: config.max_workers,
-            queue_size: config.queue_size,
-            log_success: config.log.log_task_success,
-        },
-        max_runs_per_namespace: config.limits.max_runs_per_namespace,
-        backfill_per_second: config.limits.backfill_runs_per_second,
-        http,
-        values: values.clone(),
-        ledger,
-        sink: Arc::new(Recording {
-            metrics: metrics.clone(),
-            inner: recorder,
-        }),
-        leader: leader.clone(),
-        clock,
+    // Claims counted in /metrics, as the operator counts them.
+    let ledger = Arc::new(CountedClaims {
+        metrics: metrics.clone(),
+        inner: ledger,
     });
+    let sink = Arc::new(Recording {
+        metrics: metrics.clone(),
+        inner: recorder,
+    });
+    let parts = CoreParts::from_config(&config, values.clone(), ledger, sink, leader.clone())?;
+    let mut core = Core::build(parts);
     let health = Arc::new(Health::new(0));
     health.crd_served();
     let firing = CancellationToken::new();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::ObjectReference;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -20,7 +20,8 @@ use crate::clock::Clock;
 use crate::crd::{
     ActiveRun, BackfillStatus, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord,
 };
-use crate::run::{Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey};
+use crate::ledger::{Ledger, RecordMissed};
+use crate::run::{Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, Term};
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
 /// summed up in the next.
@@ -150,6 +151,21 @@ impl StatusIndex {
     /// several replicas, only the ledger counts every leader's runs exactly once.
     pub fn count_from_ledger(&self) {
         self.lock().ledger_counts = true;
+    }
+
+    /// The sink of reports when `ledger` is shared: counts come from it, and missed runs are
+    /// marked in it (under the current `leader` term) before they reach this index.
+    pub fn counting_from(
+        &self,
+        ledger: Arc<dyn Ledger>,
+        leader: watch::Receiver<Option<Term>>,
+    ) -> Arc<dyn ReportSink> {
+        self.count_from_ledger();
+        Arc::new(RecordMissed {
+            ledger,
+            leader,
+            inner: Arc::new(self.clone()),
+        })
     }
 
     /// The index, for a moment (never held across an await).

@@ -393,7 +393,8 @@ async fn sigterm_to_the_leader_finishes_its_runs_and_hands_over_at_once() {
         (receiver.max_in_flight() > 0).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // A few instants before the handover, so the contiguity check spans it.
+    more_calls(&receiver, 2).await;
 
     let index = replicas.iter().position(|r| r.name == leader).unwrap();
     replicas[index].signal("-TERM");
@@ -601,7 +602,10 @@ async fn a_second_signal_exits_at_once_without_draining() {
     })
     .await;
     replica.signal("-TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the first signal's drain to begin", || async {
+        replica.logs().contains("shutting down").then_some(())
+    })
+    .await;
     let second = Instant::now();
     replica.signal("-TERM");
     let status = replica.child.take().unwrap().wait().unwrap();
