@@ -85,6 +85,7 @@ async fn main() {
                 }),
                 run_now: None,
                 backfills: Vec::new(),
+                adopt: Vec::new(),
             })
             .await;
     }

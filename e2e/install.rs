@@ -154,6 +154,7 @@ async fn helm_install_then_kubectl_as_a_user_would() {
         &["patch", "chrontasks.chronflow.io", "-n", "shop"],
         &["delete", "chrontasks.chronflow.io", "-n", "shop"],
         &["create", "pods", "-n", "shop"],
+        &["create", "jobs.batch", "-n", "shop"],
         &["update", "leases.coordination.k8s.io", "-n", "shop"],
         &["create", "clusterrolebindings"],
     ] {
@@ -367,6 +368,21 @@ fn renders_each_option(env: &TestEnv) {
         !scoped.iter().any(|k| k.starts_with("ClusterRole")),
         "{scoped:?}"
     );
+
+    // Rights on Jobs only with the Job action enabled.
+    let job_rules = |docs: &[serde_yaml::Value]| {
+        docs.iter()
+            .filter(|d| d["kind"] == "ClusterRole")
+            .flat_map(|d| d["rules"].as_sequence().cloned().unwrap_or_default())
+            .filter(|rule| rule["resources"][0] == "jobs")
+            .count()
+    };
+    assert_eq!(job_rules(&render(env, &[])), 0);
+    let jobs = render(env, &["config.jobs.enabled=true"]);
+    assert_eq!(job_rules(&jobs), 1);
+    let config = jobs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let file = config["data"]["chronflow.yaml"].as_str().unwrap();
+    assert!(file.contains("jobs:\n  enabled: true"), "{file}");
 
     // HA: a PodDisruptionBudget, the Redis URL from a Secret.
     let ha = render(

@@ -87,6 +87,18 @@ pub struct OperatorConfig {
     /// What tenants' tasks may ask for.
     #[serde(deserialize_with = "section")]
     pub limits: LimitsConfig,
+    /// The Job action.
+    #[serde(deserialize_with = "section")]
+    pub jobs: JobsConfig,
+}
+
+/// The Job action (`action.job`): a Kubernetes Job per run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Whether tasks may create Jobs; the operator then watches Jobs it labeled and needs the
+    /// rights to create, watch and delete them. When false, Job tasks are Invalid.
+    pub enabled: bool,
 }
 
 /// What tenants' tasks may ask for.
@@ -1221,7 +1233,7 @@ mod tests {
     #[test]
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
-                   leader_election, log, metrics, status, shutdown, secrets, http, limits";
+                   leader_election, log, metrics, status, shutdown, secrets, http, limits, jobs";
         let redis = "url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster";
         let cases = [
             (

@@ -15,6 +15,7 @@ use crate::clock::Clock;
 use crate::config::OperatorConfig;
 use crate::engine::{Engine, EngineHandle, EngineParts};
 use crate::executor::http::{AddressPolicy, HttpClient, ValueSource};
+use crate::executor::job::{JobRunner, NoJobs};
 use crate::executor::{Executor, ExecutorConfig, ExecutorTask, LoadGauge};
 use crate::ledger::Ledger;
 use crate::run::ReportSink;
@@ -32,6 +33,8 @@ pub struct CoreParts {
     pub http: HttpClient,
     /// Where header values and CA bundles come from.
     pub values: Arc<dyn ValueSource>,
+    /// Creates and watches the Jobs of Job actions (the operator's; elsewhere [`NoJobs`]).
+    pub jobs: Arc<dyn JobRunner>,
     /// Where runs are claimed and their steps recorded.
     pub ledger: Arc<dyn Ledger>,
     /// Where every report goes (the status index, history, a channel in tests).
@@ -68,6 +71,7 @@ impl CoreParts {
             backfill_per_second: config.limits.backfill_runs_per_second,
             http,
             values,
+            jobs: Arc::new(NoJobs),
             ledger,
             sink,
             leader,
@@ -94,6 +98,7 @@ impl Core {
             parts.clock,
             parts.http,
             parts.values,
+            parts.jobs,
             parts.ledger.clone(),
         );
         executor.limit_runs_per_namespace(parts.max_runs_per_namespace);

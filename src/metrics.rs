@@ -301,6 +301,14 @@ impl Ledger for CountedClaims {
         self.inner.mark(run, term, mark)
     }
 
+    fn adopt<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
+        self.inner.adopt(run, term)
+    }
+
     fn take_over<'a>(
         &'a self,
         task: &'a TaskKey,

@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 use crate::config::BackendType;
 use crate::config::OperatorConfig;
+use crate::controller::jobs::KubeJobs;
 use crate::controller::{self, Context, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
 use crate::leader::{Elector, Term, Timings};
@@ -98,7 +99,13 @@ pub async fn run(
         metrics: metrics.clone(),
         inner: recorder,
     });
-    let parts = CoreParts::from_config(&config, values.clone(), ledger, sink, leader.clone())?;
+    let mut parts = CoreParts::from_config(&config, values.clone(), ledger, sink, leader.clone())?;
+    // Jobs are watched (and need RBAC) only when Job actions are enabled.
+    let job_informers = config.jobs.enabled.then(|| {
+        let (jobs, informers) = KubeJobs::new(client.clone(), &namespaces);
+        parts.jobs = jobs;
+        informers
+    });
     let mut core = Core::build(parts);
     metrics.watch(Live {
         executor: core.load.clone(),
@@ -159,6 +166,7 @@ pub async fn run(
             max_tasks_per_namespace: config.limits.max_tasks_per_namespace,
             allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
             allow_exec: false,
+            allow_jobs: config.jobs.enabled,
         },
         values,
         metrics,
@@ -170,6 +178,9 @@ pub async fn run(
     let firing = shutdown.child_token();
     let mut firing_tasks = JoinSet::new();
     core.spawn(&mut firing_tasks, &firing, config.shutdown.grace_period);
+    if let Some(informers) = job_informers {
+        firing_tasks.spawn(informers.run(firing.clone()));
+    }
     for namespace in namespaces {
         firing_tasks.spawn(controller::run(context.clone(), namespace, firing.clone()));
     }

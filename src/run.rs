@@ -99,6 +99,18 @@ impl RunId {
         }
     }
 
+    /// The run of `task` whose id is `text` (as [`RunId::as_str`] wrote it); a run-now
+    /// request's is taken as seen at `seen`. `None` if `text` is no run id of `task`.
+    pub fn parse(task: &TaskKey, text: &str, seen: DateTime<Utc>) -> Option<Self> {
+        let rest = text.strip_prefix(&format!("{task}@"))?;
+        match rest.strip_prefix("manual:") {
+            Some(request) => Some(Self::manual(task, request, seen)),
+            None => DateTime::parse_from_rfc3339(rest)
+                .ok()
+                .map(|at| Self::new(task, at.with_timezone(&Utc))),
+        }
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -295,6 +307,8 @@ pub enum Report {
         due: DateTime<Utc>,
         /// When its first attempt started.
         started: DateTime<Utc>,
+        /// The run's Job, for a Job action.
+        job: Option<String>,
     },
     /// A run finished.
     /// A run finished.
@@ -461,5 +475,21 @@ mod tests {
             RunId::new(&task, half).as_str(),
             "shop/report@2026-11-24T09:00:00.500Z"
         );
+    }
+
+    #[test]
+    fn run_ids_read_back_from_their_text() {
+        let task = TaskKey::new("shop", "report");
+        let at = Utc.with_ymd_and_hms(2026, 11, 24, 9, 0, 0).unwrap();
+        for id in [
+            RunId::new(&task, at + chrono::Duration::milliseconds(500)),
+            RunId::manual(&task, "deploy-42", at),
+        ] {
+            let back = RunId::parse(&task, id.as_str(), at).unwrap();
+            assert_eq!((&back, back.instant()), (&id, id.instant()));
+        }
+        let other = TaskKey::new("shop", "other");
+        assert!(RunId::parse(&other, "shop/report@2026-11-24T09:00:00Z", at).is_none());
+        assert!(RunId::parse(&task, "shop/report@yesterday", at).is_none());
     }
 }

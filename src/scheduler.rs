@@ -227,6 +227,7 @@ impl SchedulerBuilder {
             backfill_per_second: 10,
             http,
             values: Arc::new(NoValues),
+            jobs: Arc::new(crate::executor::job::NoJobs),
             ledger: Arc::new(MemoryLedger::new(MemoryLedger::IDLE)),
             sink: Arc::new(index.clone()),
             leader,
@@ -298,6 +299,7 @@ impl Scheduler {
             }),
             run_now: None,
             backfills: Vec::new(),
+            adopt: Vec::new(),
         };
         self.upsert(engine_task).await;
         Ok(())

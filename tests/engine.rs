@@ -55,6 +55,7 @@ fn task(
         }),
         run_now: None,
         backfills: Vec::new(),
+        adopt: Vec::new(),
     }
 }
 

@@ -195,6 +195,7 @@ const KEYS: &[&str] = &[
     "limits.max_runs_per_namespace",
     "limits.max_tasks_per_namespace",
     "limits.backfill_runs_per_second",
+    "jobs.enabled",
     "no_such_key",
     "redis.no_such_key",
 ];

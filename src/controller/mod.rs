@@ -4,6 +4,7 @@
 //! are watched through `DeserializeGuard`: one that cannot be decoded is marked Invalid with
 //! the decode error, and every other task keeps running.
 
+pub mod jobs;
 pub mod references;
 pub mod validate;
 
@@ -30,7 +31,7 @@ use crate::engine::EngineHandle;
 use crate::executor::Action as RunAction;
 use crate::executor::http::{RefKind, Tls, ValueRef};
 use crate::metrics::Metrics;
-use crate::run::{TaskId, TaskKey};
+use crate::run::{RunId, TaskId, TaskKey};
 use crate::server::Health;
 use crate::status::{Observed, StatusIndex};
 use references::ReadError;
@@ -103,6 +104,8 @@ pub struct TenantLimits {
     pub allow_insecure_skip_verify: bool,
     /// Whether `action.exec` may run: only in standalone mode, never in the operator.
     pub allow_exec: bool,
+    /// Whether `action.job` may run: the operator with `jobs.enabled` (and its RBAC).
+    pub allow_jobs: bool,
 }
 
 /// Failures that are worth retrying (the cluster did not answer); invalid specs are not errors.
@@ -208,6 +211,7 @@ async fn reconcile_task(
             if let Some(status) = ctx.status.lock().status(&id.key) {
                 resume_from(&mut valid, &status);
             }
+            adopt_jobs(&mut valid, task.status.as_ref());
             ctx.engine.upsert(valid.engine).await;
             Ok(Action::await_change())
         }
@@ -234,6 +238,23 @@ pub(crate) fn resume_from(valid: &mut ValidTask, status: &ChronTaskStatus) {
     }
 }
 
+/// The runs of a Job action the stored status shows in flight: whoever leads waits for their
+/// Jobs and records how they ended (a restart mid-run neither loses nor repeats them).
+fn adopt_jobs(valid: &mut ValidTask, stored: Option<&ChronTaskStatus>) {
+    let engine = &mut valid.engine;
+    if !matches!(engine.run.action, RunAction::Job(_)) {
+        return;
+    }
+    let active = stored
+        .map(|status| status.active.as_slice())
+        .unwrap_or_default();
+    engine.adopt = active
+        .iter()
+        .filter(|run| run.job_name.is_some())
+        .filter_map(|run| RunId::parse(&engine.id.key, &run.run_id, run.scheduled_time))
+        .collect();
+}
+
 impl TenantLimits {
     /// The operator's limits for tenants, on a task that is valid in itself.
     pub fn allow(&self, valid: ValidTask) -> Result<ValidTask, Invalid> {
@@ -253,6 +274,14 @@ impl TenantLimits {
                 "spec.action.exec: commands run only in chronflow standalone; in a cluster a \
                  command would run inside the operator's Pod with its identity (use http, or \
                  job for a container)"
+                    .into(),
+            ));
+        }
+        if matches!(action, RunAction::Job(_)) && !self.allow_jobs {
+            return Err(Invalid(
+                "spec.action.job: Job actions are not enabled here: the operator runs them with \
+                 jobs.enabled true (the Helm chart's config.jobs.enabled, which also grants the \
+                 rights on Jobs); chronflow standalone has no cluster to run them in"
                     .into(),
             ));
         }
@@ -510,6 +539,7 @@ mod tests {
             clock,
             http,
             values.clone(),
+            Arc::new(crate::executor::job::NoJobs),
             ledger.clone(),
         );
         let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
@@ -533,6 +563,7 @@ mod tests {
                 max_tasks_per_namespace: 0,
                 allow_insecure_skip_verify: false,
                 allow_exec: false,
+                allow_jobs: false,
             },
             values,
             metrics: Arc::new(Metrics::new(true)),

@@ -13,7 +13,8 @@ use crate::crd::{ChronTask, HistorySpec, HttpMethod, HttpTls, Phase};
 use crate::crd::{RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION};
 use crate::engine::{BackfillRequest, EngineTask, RunNow};
 use crate::executor::http::{HeaderValue, SuccessCodes, Tls, ValueRef, is_reserved_header};
-use crate::executor::{Action, HttpAction, RetryPolicy, RunSpec};
+use crate::executor::job::JOB_DEADLINE_GRACE;
+use crate::executor::{Action, HttpAction, JobAction, RetryPolicy, RunSpec};
 use crate::schedule::jitter::MAX_JITTER;
 use crate::schedule::{
     IntervalAnchor, Schedule, format_duration, parse_duration, parse_instant, parse_timezone,
@@ -102,7 +103,16 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
             max_delay: at_most("spec.retry.maxDelay", &retry.max_delay, "")?,
         },
     };
-    let (action, references) = action(task)?;
+    let (mut action, references) = action(task)?;
+    let history = spec.history.unwrap_or_default();
+    // Kubernetes times out and retries a Job: the task's timeout and retries go into it.
+    let (timeout, retry) = match &mut action {
+        Action::Job(job) => {
+            apply_to_job(job, timeout, retry.max_retries, history);
+            (job.deadline + JOB_DEADLINE_GRACE, RetryPolicy::default())
+        }
+        _ => (timeout, retry),
+    };
     let starting_deadline = match spec.starting_deadline_seconds {
         Some(seconds) if seconds > MAX_STARTING_DEADLINE_SECONDS => {
             return Err(invalid(
@@ -135,13 +145,33 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         }),
         run_now: run_now(task),
         backfills: backfills(task)?,
+        adopt: Vec::new(),
     };
     Ok(ValidTask {
         engine,
         schedule_text,
         references,
-        history: spec.history.unwrap_or_default(),
+        history,
     })
+}
+
+/// Sets the Job's `activeDeadlineSeconds` to the task's timeout and its `backoffLimit` to its
+/// retries, where the template leaves them unset (the template wins), and the Jobs kept to the
+/// task's history limits.
+fn apply_to_job(job: &mut JobAction, timeout: Duration, max_retries: u32, history: HistorySpec) {
+    let mut template = (*job.template).clone();
+    let spec = &mut template["spec"];
+    if spec["activeDeadlineSeconds"].as_u64().is_none() {
+        let seconds = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+        spec["activeDeadlineSeconds"] = seconds.max(1).into();
+    }
+    if spec["backoffLimit"].as_u64().is_none() {
+        spec["backoffLimit"] = max_retries.into();
+    }
+    job.deadline = Duration::from_secs(spec["activeDeadlineSeconds"].as_u64().unwrap_or(1));
+    job.template = Arc::new(template);
+    job.keep_succeeded = history.successful_runs_limit;
+    job.keep_failed = history.failed_runs_limit;
 }
 
 /// A jitter is at most [`MAX_JITTER`] and shorter than the smallest gap between two runs, so a
@@ -349,10 +379,29 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
             };
             Ok((Action::Http(action), references))
         }
-        (None, Some(_), None) => Err(invalid(
-            "spec.action.job",
-            "Job actions are not available in this version of chronflow; use an http action",
-        )),
+        (None, Some(job), None) => {
+            let containers = job
+                .template
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.template.spec.as_ref())
+                .map_or(0, |pod| pod.containers.len());
+            if containers == 0 {
+                return Err(invalid(
+                    "spec.action.job.template.spec.template.spec.containers",
+                    "needs at least one container",
+                ));
+            }
+            let template = serde_json::to_value(&job.template)
+                .map_err(|e| invalid("spec.action.job.template", e))?;
+            let action = JobAction {
+                template: Arc::new(template),
+                deadline: Duration::ZERO,
+                keep_succeeded: 0,
+                keep_failed: 0,
+            };
+            Ok((Action::Job(action), Vec::new()))
+        }
         _ => Err(invalid(
             "spec.action",
             "needs exactly one of http or job (exec: standalone only)",
@@ -471,6 +520,43 @@ mod tests {
     }
 
     #[test]
+    fn a_job_gets_the_tasks_timeout_and_retries_unless_its_template_sets_them() {
+        let job = |template: serde_json::Value| {
+            let valid = validate(
+                &task(json!({"schedule": {"cron": "@daily"}, "timeout": "90s",
+                    "retry": {"maxRetries": 2}, "history": {"successfulRunsLimit": 5},
+                    "action": {"job": {"template": template}}})),
+                Tz::UTC,
+            )
+            .unwrap();
+            let Action::Job(action) = &valid.engine.run.action else {
+                panic!("not a Job action")
+            };
+            let spec = &action.template["spec"];
+            (
+                spec["activeDeadlineSeconds"].clone(),
+                spec["backoffLimit"].clone(),
+                action.deadline,
+                valid.engine.run.clone(),
+                (action.keep_succeeded, action.keep_failed),
+            )
+        };
+        let pod = json!({"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}});
+        let (deadline, backoff, kept, run, keep) = job(json!({"spec": {"template": pod}}));
+        assert_eq!((deadline, backoff), (json!(90), json!(2)));
+        assert_eq!(kept, Duration::from_secs(90));
+        // Kubernetes retries and times the Job out; the executor only waits for it, a little
+        // longer than its deadline.
+        assert_eq!(run.retry.max_attempts(), 1);
+        assert_eq!(run.timeout, Duration::from_secs(90) + JOB_DEADLINE_GRACE);
+        assert_eq!(keep, (5, 1));
+        let (deadline, backoff, kept, _, _) = job(json!({"spec": {
+            "activeDeadlineSeconds": 7200, "backoffLimit": 0, "template": pod}}));
+        assert_eq!((deadline, backoff), (json!(7200), json!(0)));
+        assert_eq!(kept, Duration::from_secs(7200));
+    }
+
+    #[test]
     fn a_valid_task_becomes_an_engine_task() {
         let valid = validate(
             &http(json!({"cron": "*/5 * * * * *", "jitter": "2s"})),
@@ -523,7 +609,9 @@ mod tests {
         );
         let job =
             task(json!({"schedule": {"cron": "@daily"}, "action": {"job": {"template": {}}}}));
-        assert!(reason(job).starts_with("spec.action.job: "));
+        assert!(
+            reason(job).starts_with("spec.action.job.template.spec.template.spec.containers: ")
+        );
         let bad_header = task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
             "url": "http://x.example/", "headers": [{"name": "X", "value": "a\nb"}]}}}));
         assert!(reason(bad_header).starts_with("spec.action.http.headers[0]: "));

@@ -101,20 +101,23 @@ pub struct ChronTaskSpec {
     #[serde(default)]
     pub catch_up: CatchUpPolicy,
 
-    /// Time limit of each attempt, e.g. `30s`, `2m` (`h m s ms` units, at most 24h).
+    /// Time limit of each attempt, e.g. `30s`, `2m` (`h m s ms` units, at most 24h). For a
+    /// Job: its `activeDeadlineSeconds`, unless the template sets one.
     #[serde(default = "default_timeout")]
     #[x_kube(validation = Rule::new("duration(self) <= duration('24h')").message("timeout must be at most 24h (it limits each attempt)"))]
     #[schemars(regex(pattern = SHORT_DURATION_PATTERN), length(min = 2, max = 32))]
     pub timeout: String,
 
-    /// Retries of a failed attempt. Default: no retry.
+    /// Retries of a failed attempt. Default: no retry. For a Job: `maxRetries` is its
+    /// `backoffLimit`, unless the template sets one (Kubernetes retries the Pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
 
     /// What a run does: exactly one of `http` or `job`.
     pub action: ActionSpec,
 
-    /// How many finished runs to keep in `status.recentRuns` (and, for Jobs, in the cluster).
+    /// How many finished runs to keep in `status.recentRuns` and, for a Job action, how many
+    /// finished Jobs to keep in the cluster (older ones are deleted; the counts stay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistorySpec>,
 
@@ -429,7 +432,11 @@ pub struct CaBundleSource {
     pub secret_key_ref: Option<SecretKeyRef>,
 }
 
-/// A Job per run, named from the run id so a run can never create two Jobs.
+/// A Job per run (the operator with `jobs.enabled`), named `<task>-<hash of the run>` so a run
+/// can never create two Jobs, owned by the ChronTask (deleting the task deletes its Jobs) and
+/// labeled `chronflow.io/task`, `chronflow.io/task-uid` and `chronflow.io/scheduled-time`. The
+/// run succeeds when the Job is Complete and fails when it is Failed, with its reason
+/// (`BackoffLimitExceeded`, `DeadlineExceeded`, ...).
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct JobAction {
@@ -442,11 +449,11 @@ pub struct JobAction {
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct HistorySpec {
-    /// Successful runs kept in `status.recentRuns` (0 to 50).
+    /// Successful runs kept in `status.recentRuns`, and succeeded Jobs in the cluster (0 to 50).
     #[serde(default = "default_successful_runs_limit")]
     #[schemars(range(min = 0, max = 50))]
     pub successful_runs_limit: u32,
-    /// Failed or missed runs kept in `status.recentRuns` (0 to 50).
+    /// Failed or missed runs kept in `status.recentRuns`, and failed Jobs in the cluster (0 to 50).
     #[serde(default = "default_failed_runs_limit")]
     #[schemars(range(min = 0, max = 50))]
     pub failed_runs_limit: u32,

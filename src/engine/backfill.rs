@@ -158,6 +158,7 @@ impl Driver {
                         sequential: true,
                         trigger: Trigger::Backfill,
                         term: self.term.clone(),
+                        adopted: false,
                     });
                     return true;
                 }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::clock::Clock;
-use crate::executor::{Executor, Retire, RunRequest, RunSpec};
+use crate::executor::{Action, Executor, Retire, RunRequest, RunSpec};
 use crate::ledger::{Ledger, LedgerError, TakeOver, Verdict};
 use crate::policy::CatchUpPolicy;
 use crate::run::Term;
@@ -63,6 +63,9 @@ pub struct EngineTask {
     pub run_now: Option<RunNow>,
     /// `spec.backfill`.
     pub backfills: Vec<BackfillRequest>,
+    /// Runs a previous process started and may not have seen end (`status.active`), for a
+    /// Job action: the leader waits for their Jobs and records how they ended.
+    pub adopt: Vec<RunId>,
 }
 
 /// A run-now request (`chronflow.io/run-now`).
@@ -405,7 +408,20 @@ impl Engine {
                 },
             );
         }
-        if !answer.in_flight.is_empty() {
+        if let Action::Job(_) = engine_task.run.action {
+            // A Job outlives the process that created it: this term waits for it and records
+            // its end, whether the ledger or the task's status says it was in flight.
+            let mut runs = answer.in_flight;
+            for run in &engine_task.adopt {
+                if !runs.contains(run) {
+                    runs.push(run.clone());
+                }
+            }
+            for run_id in runs {
+                let run = self.adopted(&engine_task, generation, run_id, &term);
+                self.parts.executor.submit(run);
+            }
+        } else if !answer.in_flight.is_empty() {
             let held = answer.in_flight;
             self.hold_elsewhere(task.clone(), held, engine_task.run.longest(), term.clone());
         }
@@ -762,6 +778,35 @@ impl Engine {
             spec: task.run.clone(),
             sequential,
             term: term.clone(),
+            adopted: false,
+        }
+    }
+
+    /// A run an earlier leader or process started, for this term to wait for.
+    fn adopted(
+        &self,
+        task: &EngineTask,
+        generation: i64,
+        run_id: RunId,
+        term: &Term,
+    ) -> RunRequest {
+        let scheduled = run_id.instant();
+        RunRequest {
+            trigger: match run_id.request() {
+                Some(_) => Trigger::Manual,
+                None => Trigger::Schedule,
+            },
+            task: task.id.clone(),
+            generation,
+            run_id,
+            scheduled,
+            // Due now for this term: its start lag is this term's, not the time since the run
+            // began elsewhere.
+            due: self.parts.clock.now(),
+            spec: task.run.clone(),
+            sequential: false,
+            term: term.clone(),
+            adopted: true,
         }
     }
 
@@ -897,6 +942,7 @@ mod tests {
             clock,
             http,
             Arc::new(NoValues),
+            Arc::new(crate::executor::job::NoJobs),
             memory_ledger(),
         );
         let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
@@ -936,6 +982,7 @@ mod tests {
             )),
             run_now: None,
             backfills: Vec::new(),
+            adopt: Vec::new(),
         }
     }
 

@@ -67,6 +67,7 @@ impl Engine {
             sequential: false,
             trigger: Trigger::Manual,
             term: term.clone(),
+            adopted: false,
         };
         let (ledger, executor, sink) = (
             self.parts.ledger.clone(),

@@ -7,6 +7,7 @@
 
 pub mod exec;
 pub mod http;
+pub mod job;
 pub mod retry;
 
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +26,7 @@ use crate::policy::ConcurrencyPolicy;
 use crate::run::Term;
 use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink, RunId, TaskId, Trigger};
 pub use http::{HttpAction, ValueSource};
+pub use job::{JobAction, JobRunner};
 pub use retry::RetryPolicy;
 
 /// What a run does.
@@ -36,6 +38,8 @@ pub enum Action {
     Exec(exec::ExecAction),
     /// A function of the embedding program (`crate::scheduler`).
     Call(CallAction),
+    /// A Kubernetes Job per run: the operator only.
+    Job(JobAction),
 }
 
 /// What a called action learns of its run.
@@ -123,6 +127,9 @@ pub struct RunRequest {
     pub trigger: Trigger,
     /// The leadership term that claimed the run; its steps are recorded in the ledger under it.
     pub term: Term,
+    /// An earlier leader or process started the run and its work lives on outside it (a Job):
+    /// this term takes it over in the ledger ([`Ledger::adopt`]) and waits for its end.
+    pub adopted: bool,
 }
 
 /// Sizes of the executor's bounds.
@@ -201,6 +208,8 @@ impl std::fmt::Display for CancelReason {
 struct Cancel {
     token: CancellationToken,
     reason: Arc<OnceLock<CancelReason>>,
+    /// The run's work goes on without this process (a Job): a shutdown lets go of it at once.
+    outlives_process: bool,
 }
 
 impl Cancel {
@@ -268,6 +277,7 @@ pub struct ExecutorTask {
 struct WorkerContext {
     http: http::HttpClient,
     values: Arc<dyn ValueSource>,
+    jobs: Arc<dyn JobRunner>,
     ledger: Arc<dyn Ledger>,
     log_success: bool,
     sink: Arc<dyn ReportSink>,
@@ -293,6 +303,7 @@ impl Executor {
         clock: Clock,
         http: http::HttpClient,
         values: Arc<dyn ValueSource>,
+        jobs: Arc<dyn JobRunner>,
         ledger: Arc<dyn Ledger>,
     ) -> (Executor, ExecutorTask) {
         let max_workers = config.max_workers.max(1);
@@ -313,6 +324,7 @@ impl Executor {
             context: Arc::new(WorkerContext {
                 http,
                 values,
+                jobs,
                 ledger,
                 log_success: config.log_success,
                 sink,
@@ -521,7 +533,8 @@ impl Shared {
             }
         }
         let runs = state.tasks.entry(run.task.clone()).or_default();
-        if run.sequential {
+        // An adopted run is in flight already (its Job exists): no policy can refuse it.
+        if run.sequential || run.adopted {
             return Ok(());
         }
         let busy = runs.active.len() + runs.waiting.len() + runs.elsewhere.len();
@@ -589,7 +602,8 @@ impl Shared {
             while let Some(run) = runs.waiting.front() {
                 let late = (now - run.due).to_std().unwrap_or_default();
                 match run.spec.starting_deadline {
-                    Some(deadline) if late > deadline => {
+                    // An adopted run started long ago, in another process.
+                    Some(deadline) if late > deadline && !run.adopted => {
                         let reason = format!(
                             "could not start within the starting deadline ({late:.1?} late)"
                         );
@@ -608,7 +622,9 @@ impl Shared {
                 }
                 continue;
             };
-            let limit = if run.sequential {
+            let limit = if run.adopted {
+                self.per_task_workers
+            } else if run.sequential {
                 1
             } else {
                 self.task_limit(&run.spec)
@@ -620,7 +636,10 @@ impl Shared {
             let run = runs.waiting.pop_front()?;
             state.waiting -= 1;
             self.left_queue.notify_waiters();
-            let cancel = Cancel::default();
+            let cancel = Cancel {
+                outlives_process: matches!(run.spec.action, Action::Job(_)),
+                ..Cancel::default()
+            };
             runs.active.push((run.run_id.clone(), cancel.clone()));
             if runs.waiting.is_empty() {
                 runs.has_turn = false;
@@ -741,6 +760,12 @@ impl ExecutorTask {
                 .map(|run| missed(run, MissKind::Shutdown, reason.to_string()))
                 .collect(),
         );
+        // Jobs run on, and whoever leads next records their end: no need to wait for them.
+        for runs in self.shared.lock().tasks.values() {
+            for (_, cancel) in runs.active.iter().filter(|(_, c)| c.outlives_process) {
+                cancel.cancel(CancelReason::Shutdown);
+            }
+        }
         let drained = tokio::time::timeout(grace, async {
             while workers.join_next().await.is_some() {}
         })
@@ -809,11 +834,15 @@ fn finished_report(
 /// (fencing), then its end, which carries the task's counts.
 async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel) {
     let run = &guard.run;
-    let refusal = match context
-        .ledger
-        .mark(&run.run_id, &run.term, Mark::Started)
-        .await
-    {
+    let starting = if run.adopted {
+        context.ledger.adopt(&run.run_id, &run.term).await
+    } else {
+        context
+            .ledger
+            .mark(&run.run_id, &run.term, Mark::Started)
+            .await
+    };
+    let refusal = match starting {
         Ok(marked) if marked.verdict == Verdict::Accepted => None,
         Ok(marked) => Some(format!(
             "the ledger refused its start ({:?})",
@@ -832,6 +861,10 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
         guard.reported = true;
         return;
     }
+    let job = match &run.spec.action {
+        Action::Job(action) => Some((job::job_name(&run.task, &run.run_id), action)),
+        _ => None,
+    };
     context.sink.record(Report::Started {
         task: run.task.clone(),
         run_id: run.run_id.clone(),
@@ -839,29 +872,21 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
         scheduled: run.scheduled,
         due: run.due,
         started: guard.started,
+        job: job.as_ref().map(|(name, _)| name.clone()),
     });
-    let spec = &run.spec;
-    let mut attempts = 0;
-    let result = loop {
-        attempts += 1;
-        let attempt = attempt_once(context, run, attempts);
-        let result = tokio::select! {
-            _ = cancel.token.cancelled() => break Err(String::new()),
-            result = tokio::time::timeout(spec.timeout, attempt) => result
-                .unwrap_or_else(|_| Err(format!("timed out after {}", crate::schedule::format_duration(spec.timeout)))),
-        };
-        match result {
-            Ok(message) => break Ok(message),
-            Err(message) if attempts >= spec.retry.max_attempts() => break Err(message),
-            Err(message) => {
-                let delay = spec.retry.delay(attempts);
-                debug!(attempt = attempts, error = %message, ?delay, "attempt failed; retrying");
-                tokio::select! {
-                    _ = cancel.token.cancelled() => break Err(message),
-                    _ = tokio::time::sleep(delay) => {}
-                }
+    let (attempts, result) = match job {
+        Some((name, action)) => match run_job(context, run, &name, action, cancel).await {
+            Some(end) => end,
+            None => {
+                // Shut down with the Job running: it runs on, and whoever leads next finds it
+                // by name and records its end (the run stays started in the ledger and in
+                // status.active).
+                info!(job = %name, "shutting down; the run's Job runs on and is adopted by the next leader");
+                guard.reported = true;
+                return;
             }
-        }
+        },
+        None => attempt_all(context, run, cancel).await,
     };
     let result = match cancel.reason.get() {
         Some(reason) => Err(reason.to_string()),
@@ -896,6 +921,82 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
     }
 }
 
+/// Every attempt of a run, with the task's timeout on each and its retry policy between them.
+async fn attempt_all(
+    context: &WorkerContext,
+    run: &RunRequest,
+    cancel: &Cancel,
+) -> (u32, Result<String, String>) {
+    let spec = &run.spec;
+    let mut attempts = 0;
+    let result = loop {
+        attempts += 1;
+        let attempt = attempt_once(context, run, attempts);
+        let result = tokio::select! {
+            _ = cancel.token.cancelled() => break Err(String::new()),
+            result = tokio::time::timeout(spec.timeout, attempt) => result
+                .unwrap_or_else(|_| Err(format!("timed out after {}", crate::schedule::format_duration(spec.timeout)))),
+        };
+        match result {
+            Ok(message) => break Ok(message),
+            Err(message) if attempts >= spec.retry.max_attempts() => break Err(message),
+            Err(message) => {
+                let delay = spec.retry.delay(attempts);
+                debug!(attempt = attempts, error = %message, ?delay, "attempt failed; retrying");
+                tokio::select! {
+                    _ = cancel.token.cancelled() => break Err(message),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
+    (attempts, result)
+}
+
+/// A Job run: its Job is created (or found) and watched until it ends; Kubernetes retries and
+/// times it out (`backoffLimit`, `activeDeadlineSeconds`). Cancelled by Replace or an invalid
+/// spec, the Job is deleted; by a shutdown, it runs on and `None` is returned.
+async fn run_job(
+    context: &WorkerContext,
+    run: &RunRequest,
+    name: &str,
+    action: &JobAction,
+    cancel: &Cancel,
+) -> Option<(u32, Result<String, String>)> {
+    let job = job::JobRun {
+        task: &run.task,
+        run_id: &run.run_id,
+        scheduled: run.scheduled,
+        name,
+        action,
+        adopted: run.adopted,
+    };
+    // The spec's timeout is the Job's deadline and a grace (`JobAction::deadline`).
+    let waited = tokio::select! {
+        _ = cancel.token.cancelled() => None,
+        end = tokio::time::timeout(run.spec.timeout, context.jobs.run(job)) => Some(end),
+    };
+    match waited {
+        Some(Ok(end)) => Some((end.attempts, end.result)),
+        Some(Err(_)) => Some((
+            1,
+            Err(format!(
+                "Job {name} did not end within its activeDeadlineSeconds ({}) and {} more: is \
+                 the cluster's Job controller running?",
+                crate::schedule::format_duration(action.deadline),
+                crate::schedule::format_duration(job::JOB_DEADLINE_GRACE)
+            )),
+        )),
+        None => match cancel.reason.get() {
+            Some(CancelReason::Shutdown) => None,
+            _ => {
+                context.jobs.stop(&run.task.key.namespace, name).await;
+                Some((1, Err(String::new())))
+            }
+        },
+    }
+}
+
 async fn attempt_once(
     context: &WorkerContext,
     run: &RunRequest,
@@ -912,6 +1013,7 @@ async fn attempt_once(
             http::attempt(&context.http, &context.values, action, attempt).await
         }
         Action::Exec(action) => exec::attempt(action, attempt).await,
+        Action::Job(_) => Err("internal error: a Job run has no attempts of its own".into()),
         Action::Call(call) => {
             let info = RunInfo {
                 run_id: run.run_id.to_string(),
@@ -976,6 +1078,7 @@ mod tests {
             Clock::System,
             http::client().unwrap(),
             Arc::new(NoValues),
+            Arc::new(job::NoJobs),
             fixtures::memory_ledger(),
         );
         (executor, reports)
@@ -1001,6 +1104,7 @@ mod tests {
             sequential: false,
             trigger: Trigger::Schedule,
             term: Term::single("test"),
+            adopted: false,
         }
     }
 

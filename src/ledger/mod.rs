@@ -46,6 +46,15 @@ pub trait Ledger: Send + Sync {
         mark: Mark,
     ) -> BoxFuture<'a, Result<Marked, LedgerError>>;
 
+    /// Takes over a run an earlier leader or process started whose work lives on outside it (a
+    /// Job): accepted, it is this term's started run and its end is recorded by this term;
+    /// held when it is over or already this term's.
+    fn adopt<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Marked, LedgerError>>;
+
     /// A new leader takes `task` over: older epochs are fenced from now on. Runs an older epoch
     /// started are reported in flight, or with `settle` (once they cannot be running any more)
     /// counted failed, their outcome unknown.

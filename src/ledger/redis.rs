@@ -166,6 +166,27 @@ for _, run in ipairs(in_flight) do table.insert(out, run) end
 return out
 "#;
 
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, the run's
+/// instant (ms). A run whose work lives on outside its leader (a Job) is taken over as started
+/// by this leader, which then records its end: accepted unless it is over, or already this
+/// leader's. Returns `{"accepted"}`, `{"held", RECORD}` or `{"fenced", EPOCH}`.
+const ADOPT: &str = r#"
+local epoch = tonumber(ARGV[1])
+local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
+if epoch < stored then return {'fenced', tostring(stored)} end
+if epoch > stored then redis.call('SET', KEYS[1], epoch) end
+local record = redis.call('HGET', KEYS[2], ARGV[2])
+local state, owner, holder = 'none', '0', ''
+if record then state, owner, holder = string.match(record, '^(%S+) (%S+) (.*)$') end
+local mine = owner == ARGV[1] and holder == ARGV[3]
+local open = state == 'none' or state == 'claimed' or state == 'started'
+if mine or not open then return {'held', record or 'none 0 -'} end
+redis.call('HSET', KEYS[2], ARGV[2], 'started ' .. ARGV[1] .. ' ' .. ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[2])
+return {'accepted'}
+"#;
+
 /// Connection settings, from `redis.*`.
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
@@ -216,6 +237,7 @@ pub struct RedisLedger {
     claim: Script,
     mark: Script,
     take_over: Script,
+    adopt: Script,
 }
 
 impl RedisLedger {
@@ -264,6 +286,7 @@ impl RedisLedger {
             claim: Script::new(CLAIM),
             mark: Script::new(MARK),
             take_over: Script::new(TAKE_OVER),
+            adopt: Script::new(ADOPT),
         })
     }
 
@@ -373,6 +396,27 @@ impl Ledger for RedisLedger {
             Ok(Marked {
                 verdict: verdict(head)?,
                 counts: Some(counts(tail)?),
+            })
+        }
+        .boxed()
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        run: &'a RunId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
+        async move {
+            let args = [
+                term.epoch.to_string(),
+                field(run),
+                term.holder.clone(),
+                millis(run.instant()),
+            ];
+            let reply = self.invoke(&self.adopt, run.task(), &args).await?;
+            Ok(Marked {
+                verdict: verdict(&reply)?,
+                counts: None,
             })
         }
         .boxed()

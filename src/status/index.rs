@@ -281,6 +281,7 @@ impl Index {
                 run_id,
                 scheduled,
                 started,
+                job,
                 ..
             } => {
                 // A run-now request's time is not an instant of the schedule: catch-up after a
@@ -292,7 +293,7 @@ impl Index {
                     run_id: run_id.to_string(),
                     scheduled_time: scheduled,
                     start_time: Some(started),
-                    job_name: None,
+                    job_name: job,
                 };
                 state.active.insert(run_id, active);
             }

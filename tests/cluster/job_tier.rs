@@ -7,7 +7,7 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
-use crate::support::{OwnControlPlane, eventually};
+use crate::support::{eventually, job_env};
 
 fn job(name: &str, fail: bool) -> Job {
     let labels = if fail {
@@ -39,8 +39,7 @@ async fn outcome(jobs: &Api<Job>, name: &str) -> String {
 
 #[tokio::test]
 async fn jobs_complete_or_fail_on_the_fake_node() {
-    let plane = OwnControlPlane::start_with_jobs("jobs");
-    let jobs: Api<Job> = Api::namespaced(plane.0.client().await, "default");
+    let jobs: Api<Job> = Api::namespaced(job_env().client().await, "default");
     for (name, fail) in [("succeeds", false), ("fails", true)] {
         jobs.create(&PostParams::default(), &job(name, fail))
             .await

@@ -477,3 +477,36 @@ async fn backfill_claims_run_what_never_ran_and_requests_are_claimed_by_name() {
     let taken = ledger.take_over(&task, &term(2, "b"), false).await.unwrap();
     assert_eq!(taken.newest, Some(at(20)));
 }
+
+#[tokio::test]
+async fn a_new_leader_adopts_a_started_job_run_and_records_its_end_once() {
+    let ledger = ledger(4);
+    let task = task("adopt");
+    let (old, new) = (term(1, "old"), term(2, "new"));
+    let run = RunId::new(&task, at(0));
+    claim(&ledger, &run, &old).await;
+    mark(&ledger, &run, &old, Mark::Started).await;
+    let taken = ledger.take_over(&task, &new, false).await.unwrap();
+    assert_eq!(taken.in_flight, vec![run.clone()]);
+
+    // The new leader takes the run over (its Job runs on); a second adoption is refused.
+    let adopt = |term: Term| {
+        let (ledger, run) = (&ledger, &run);
+        async move { ledger.adopt(run, &term).await.unwrap().verdict }
+    };
+    assert_eq!(adopt(new.clone()).await, Verdict::Accepted);
+    assert_eq!(state(&adopt(new.clone()).await), Some(RunState::Started));
+    // The old leader is fenced from then on; the new one records the end, counted once.
+    assert_eq!(adopt(old.clone()).await, Verdict::Fenced { epoch: 2 });
+    let marked = ledger.mark(&run, &new, DONE).await.unwrap();
+    assert_eq!(marked.verdict, Verdict::Accepted);
+    assert_eq!(marked.counts.map(|c| (c.runs, c.succeeded)), Some((1, 1)));
+    // Settling no longer counts it failed, and a finished run is never adopted again.
+    let settled = ledger.take_over(&task, &new, true).await.unwrap();
+    assert!(settled.in_flight.is_empty());
+    assert_eq!(settled.counts.map(|c| (c.runs, c.failed)), Some((1, 0)));
+    assert_eq!(
+        state(&adopt(term(3, "later")).await),
+        Some(RunState::Succeeded)
+    );
+}

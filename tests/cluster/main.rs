@@ -11,6 +11,7 @@ mod crd_admission;
 mod failover;
 mod hard_path;
 mod job_tier;
+mod jobs;
 mod kubectl;
 mod leader;
 mod ledger;

@@ -50,6 +50,13 @@ impl Operator {
         }
     }
 
+    /// A crash: the process is gone at once, nothing drained or written.
+    pub fn crash(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
     /// SIGTERM-equivalent: stop firing, drain, write the last status; it must succeed.
     pub async fn stop(mut self) {
         self.shutdown.cancel();

@@ -52,6 +52,7 @@ impl Core {
             backfill_per_second: 10,
             http: chronflow::executor::http::client().expect("an HTTP client"),
             values: Arc::new(NoValues),
+            jobs: Arc::new(chronflow::executor::job::NoJobs),
             ledger: Arc::new(MemoryLedger::new(Duration::from_secs(3600))),
             sink: Arc::new(reports_tx),
             leader,

@@ -58,6 +58,14 @@ fn start() -> Result<TestEnv, String> {
     start_in("control-plane", true)
 }
 
+/// A control plane with the Job tier (kube-controller-manager, kube-scheduler, kwok's fake
+/// node), started on first use and shared by the Job tests of this test binary.
+pub fn job_env() -> &'static TestEnv {
+    static ENV: OnceLock<OwnControlPlane> = OnceLock::new();
+    &ENV.get_or_init(|| OwnControlPlane::start_with_jobs("jobs"))
+        .0
+}
+
 /// The seed node of a 3-master Redis Cluster on loopback (`scripts/redis-cluster`), started once
 /// per test binary and stopped with it.
 pub fn redis_cluster_url() -> String {

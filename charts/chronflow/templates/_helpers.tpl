@@ -68,4 +68,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [secrets, configmaps]
   verbs: [get]
+{{- if .Values.config.jobs.enabled }}
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+{{- end }}
 {{- end -}}
