@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::ChronTask;
-use crate::executor::job::{JobEnd, JobRun, JobRunner};
+use crate::executor::JobAction;
+use crate::executor::job::{JobEnd, JobRun, JobRunner, job_name};
+use crate::run::{RunId, TaskId};
 
 /// Every Job chronflow creates carries its task's uid here; the informer selects on it.
 pub const TASK_UID_LABEL: &str = "chronflow.io/task-uid";
@@ -97,7 +99,26 @@ impl KubeJobs {
         }
     }
 
-    async fn run_job(&self, run: JobRun<'_>) -> JobEnd {
+    async fn create_job(&self, run: JobRun<'_>) -> Result<(), String> {
+        match self
+            .api(&run.task.key.namespace)
+            .create(&PostParams::default(), &job_of(&run))
+            .await
+        {
+            Ok(_) => {
+                debug!(job = run.name, "Job created");
+                Ok(())
+            }
+            // Created before a restart or a failover: waited for, never created twice.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                debug!(job = run.name, "the run's Job exists already");
+                Ok(())
+            }
+            Err(error) => Err(format!("cannot create Job {}: {error}", run.name)),
+        }
+    }
+
+    async fn wait_job(&self, run: JobRun<'_>) -> JobEnd {
         let namespace = run.task.key.namespace.as_str();
         let failed = |message: String| JobEnd {
             result: Err(message),
@@ -107,6 +128,7 @@ impl KubeJobs {
             return failed(format!("namespace {namespace} is not watched for Jobs"));
         };
         let key = (namespace.to_string(), run.name.to_string());
+        // Subscribed before the store is read: a change after the read wakes this wait.
         let mut changes = {
             let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
             let waiter = waiters
@@ -121,21 +143,6 @@ impl KubeJobs {
         // Until the first list, a Job missing from the store may exist.
         if store.wait_until_ready().await.is_err() {
             return failed("the Job informer stopped".into());
-        }
-        if !run.adopted {
-            match self
-                .api(namespace)
-                .create(&PostParams::default(), &job_of(&run))
-                .await
-            {
-                Ok(_) => debug!(job = run.name, "Job created"),
-                // The run's Job exists: created before a restart or a failover. It is waited
-                // for, never created twice.
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    debug!(job = run.name, "the run's Job exists already")
-                }
-                Err(error) => return failed(format!("cannot create Job {}: {error}", run.name)),
-            }
         }
         let reference = ObjectRef::new(run.name).within(namespace);
         let mut seen = false;
@@ -152,7 +159,7 @@ impl KubeJobs {
                     }
                     seen = true;
                     if let Some(end) = ended(&job) {
-                        self.prune(&run).await;
+                        self.prune(run).await;
                         return end;
                     }
                 }
@@ -177,7 +184,7 @@ impl KubeJobs {
 
     /// Deletes the task's finished Jobs beyond its history limits, oldest first; the counts in
     /// status are not affected.
-    async fn prune(&self, run: &JobRun<'_>) {
+    async fn prune(&self, run: JobRun<'_>) {
         let namespace = &run.task.key.namespace;
         let Some(store) = self.store(namespace) else {
             return;
@@ -234,8 +241,12 @@ impl Drop for Unsubscribe<'_> {
 }
 
 impl JobRunner for KubeJobs {
-    fn run<'a>(&'a self, run: JobRun<'a>) -> BoxFuture<'a, JobEnd> {
-        self.run_job(run).boxed()
+    fn create<'a>(&'a self, run: JobRun<'a>) -> BoxFuture<'a, Result<(), String>> {
+        self.create_job(run).boxed()
+    }
+
+    fn wait<'a>(&'a self, run: JobRun<'a>) -> BoxFuture<'a, JobEnd> {
+        self.wait_job(run).boxed()
     }
 
     fn stop<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, ()> {
@@ -267,6 +278,44 @@ impl JobInformers {
                 None => return,
             }
         }
+    }
+}
+
+/// Asks the apiserver, in a dry run, whether it would create the task's Jobs: a template it
+/// refuses (a Pod without a container, `restartPolicy: Always`, ...) makes the task Invalid with
+/// the apiserver's reason instead of failing every run. `None` when it accepts, or cannot say
+/// (no answer, no right to ask): the runs then fail with the reason.
+pub async fn refused_template(
+    client: &Client,
+    task: &TaskId,
+    action: &JobAction,
+) -> Option<String> {
+    let scheduled = chrono::Utc::now();
+    let run_id = RunId::new(&task.key, scheduled);
+    let name = job_name(task, &run_id);
+    let run = JobRun {
+        task,
+        run_id: &run_id,
+        scheduled,
+        name: &name,
+        action,
+        adopted: false,
+    };
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let api: Api<Job> = Api::namespaced(client.clone(), &task.key.namespace);
+    match api.create(&dry_run, &job_of(&run)).await {
+        Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => Some(format!(
+            "spec.action.job.template: the apiserver refuses the Job: {}",
+            status.message
+        )),
+        Err(error) => {
+            debug!(task = %task, %error, "cannot check the Job template (dry run)");
+            None
+        }
+        Ok(_) => None,
     }
 }
 

@@ -199,7 +199,10 @@ async fn reconcile_task(
         Ok(valid) => match within_task_cap(guarded, tasks, ctx.limits).await {
             Err(invalid) => Err((invalid, Action::requeue(RECHECK))),
             Ok(()) => match check_references(&ctx.values, namespace, &valid.references).await? {
-                Ok(()) => Ok(valid),
+                Ok(()) => match refused_job(&ctx.client, &valid).await {
+                    None => Ok(valid),
+                    Some(invalid) => Err((invalid, Action::await_change())),
+                },
                 Err(invalid) => Err((invalid, Action::requeue(RECHECK))),
             },
         },
@@ -373,6 +376,16 @@ async fn stored_status(client: &Client, id: &TaskId) -> Option<ChronTaskStatus> 
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), &id.key.namespace, &resource);
     let object = api.get(&id.key.name).await.ok()?;
     serde_json::from_value(object.data.get("status")?.clone()).ok()
+}
+
+/// Why the apiserver would refuse a Job action's Jobs, if it would.
+async fn refused_job(client: &Client, valid: &ValidTask) -> Option<Invalid> {
+    let RunAction::Job(action) = &valid.engine.run.action else {
+        return None;
+    };
+    jobs::refused_template(client, &valid.engine.id, action)
+        .await
+        .map(Invalid)
 }
 
 /// `Ok(Err(..))`: a referenced Secret or ConfigMap is missing, not opted in or lacks the key

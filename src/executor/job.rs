@@ -58,9 +58,12 @@ pub struct JobEnd {
 
 /// Creates a run's Job and waits for its end; implemented by the operator.
 pub trait JobRunner: Send + Sync {
-    /// Creates the Job (an existing one of the same name is this run's) and waits until it
-    /// completes or fails.
-    fn run<'a>(&'a self, run: JobRun<'a>) -> BoxFuture<'a, JobEnd>;
+    /// Creates the run's Job; one that exists already (created before a restart or a
+    /// failover) is this run's. `Err` says why it cannot be created.
+    fn create<'a>(&'a self, run: JobRun<'a>) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Waits until the run's Job completes or fails.
+    fn wait<'a>(&'a self, run: JobRun<'a>) -> BoxFuture<'a, JobEnd>;
 
     /// Deletes a run's Job and its Pods (Replace, or a task that became invalid).
     fn stop<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, ()>;
@@ -70,7 +73,11 @@ pub trait JobRunner: Send + Sync {
 pub struct NoJobs;
 
 impl JobRunner for NoJobs {
-    fn run<'a>(&'a self, _run: JobRun<'a>) -> BoxFuture<'a, JobEnd> {
+    fn create<'a>(&'a self, _run: JobRun<'a>) -> BoxFuture<'a, Result<(), String>> {
+        async { Err("Job actions run only in the operator, in a cluster".into()) }.boxed()
+    }
+
+    fn wait<'a>(&'a self, _run: JobRun<'a>) -> BoxFuture<'a, JobEnd> {
         let end = JobEnd {
             result: Err("Job actions run only in the operator, in a cluster".into()),
             attempts: 1,

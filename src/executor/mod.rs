@@ -11,11 +11,12 @@ pub mod job;
 pub mod retry;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -235,8 +236,10 @@ struct Shared {
     /// The most runs one task may have in flight: half the workers, at least one.
     per_task_workers: usize,
     /// The most runs one namespace may have in flight or waiting (`limits`); 0: no cap.
-    per_namespace: std::sync::atomic::AtomicUsize,
+    per_namespace: AtomicUsize,
     max_workers: usize,
+    /// Job runs in flight that hold no worker (their Job was created).
+    job_waits: Arc<AtomicUsize>,
     sink: Arc<dyn ReportSink>,
     clock: Clock,
 }
@@ -278,6 +281,7 @@ struct WorkerContext {
     http: http::HttpClient,
     values: Arc<dyn ValueSource>,
     jobs: Arc<dyn JobRunner>,
+    job_waits: Arc<AtomicUsize>,
     ledger: Arc<dyn Ledger>,
     log_success: bool,
     sink: Arc<dyn ReportSink>,
@@ -307,14 +311,16 @@ impl Executor {
         ledger: Arc<dyn Ledger>,
     ) -> (Executor, ExecutorTask) {
         let max_workers = config.max_workers.max(1);
+        let job_waits = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             state: Mutex::default(),
             changed: Notify::new(),
             left_queue: Notify::new(),
             queue_size: config.queue_size.max(1),
             per_task_workers: (max_workers / 2).max(1),
-            per_namespace: std::sync::atomic::AtomicUsize::new(0),
+            per_namespace: AtomicUsize::new(0),
             max_workers,
+            job_waits: job_waits.clone(),
             sink: sink.clone(),
             clock,
         });
@@ -325,6 +331,7 @@ impl Executor {
                 http,
                 values,
                 jobs,
+                job_waits,
                 ledger,
                 log_success: config.log_success,
                 sink,
@@ -379,7 +386,7 @@ impl Executor {
     /// 0 lifts the cap. A run over it is missed, saying so.
     pub fn limit_runs_per_namespace(&self, most: usize) {
         let limit = &self.shared.per_namespace;
-        limit.store(most, std::sync::atomic::Ordering::Relaxed);
+        limit.store(most, Ordering::Relaxed);
     }
 
     /// Runs of `task` that a previous leader started and may still be running: `Forbid` skips
@@ -468,7 +475,12 @@ impl Shared {
         Load {
             waiting: state.waiting,
             queue_size: self.queue_size,
-            busy_workers: state.tasks.values().map(|runs| runs.active.len()).sum(),
+            busy_workers: state
+                .tasks
+                .values()
+                .map(|runs| runs.active.len())
+                .sum::<usize>()
+                .saturating_sub(self.job_waits.load(Ordering::Relaxed)),
             max_workers: self.max_workers,
         }
     }
@@ -489,6 +501,10 @@ impl Shared {
     /// The most runs of this task that may be in flight or waiting at once.
     fn task_limit(&self, spec: &RunSpec) -> usize {
         match spec.concurrency {
+            // A Job run holds no worker while its Job runs.
+            ConcurrencyPolicy::Allow if matches!(spec.action, Action::Job(_)) => {
+                spec.max_concurrent_runs.max(1) as usize
+            }
             ConcurrencyPolicy::Allow => {
                 (spec.max_concurrent_runs.max(1) as usize).min(self.per_task_workers)
             }
@@ -513,9 +529,7 @@ impl Shared {
             );
             return Err((MissKind::QueueFull, reason));
         }
-        let most = self
-            .per_namespace
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let most = self.per_namespace.load(Ordering::Relaxed);
         if most > 0 {
             let namespace = &run.task.key.namespace;
             let busy: usize = state
@@ -730,8 +744,7 @@ impl ExecutorTask {
             workers.spawn(
                 async move {
                     let mut guard = guard;
-                    execute(&context, &mut guard, &cancel).await;
-                    drop(permit);
+                    execute(&context, &mut guard, &cancel, permit).await;
                 }
                 .instrument(span),
             );
@@ -832,7 +845,12 @@ fn finished_report(
 /// Runs all attempts of one run and reports its start and finish, recording both in the
 /// ledger: its start first, which the ledger refuses once a newer leader took the task over
 /// (fencing), then its end, which carries the task's counts.
-async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel) {
+async fn execute(
+    context: &WorkerContext,
+    guard: &mut RunGuard,
+    cancel: &Cancel,
+    worker: OwnedSemaphorePermit,
+) {
     let run = &guard.run;
     let starting = if run.adopted {
         context.ledger.adopt(&run.run_id, &run.term).await
@@ -875,7 +893,7 @@ async fn execute(context: &WorkerContext, guard: &mut RunGuard, cancel: &Cancel)
         job: job.as_ref().map(|(name, _)| name.clone()),
     });
     let (attempts, result) = match job {
-        Some((name, action)) => match run_job(context, run, &name, action, cancel).await {
+        Some((name, action)) => match run_job(context, run, &name, action, cancel, worker).await {
             Some(end) => end,
             None => {
                 // Shut down with the Job running: it runs on, and whoever leads next finds it
@@ -953,8 +971,25 @@ async fn attempt_all(
     (attempts, result)
 }
 
+/// Counts a Job run that waits without a worker, for as long as it lives.
+struct JobWait<'a>(&'a AtomicUsize);
+
+impl<'a> JobWait<'a> {
+    fn count(waits: &'a AtomicUsize) -> Self {
+        waits.fetch_add(1, Ordering::Relaxed);
+        JobWait(waits)
+    }
+}
+
+impl Drop for JobWait<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A Job run: its Job is created (or found) and watched until it ends; Kubernetes retries and
-/// times it out (`backoffLimit`, `activeDeadlineSeconds`). Cancelled by Replace or an invalid
+/// times it out (`backoffLimit`, `activeDeadlineSeconds`). The worker is held only to create
+/// the Job: waiting for it costs a watch, not a worker. Cancelled by Replace or an invalid
 /// spec, the Job is deleted; by a shutdown, it runs on and `None` is returned.
 async fn run_job(
     context: &WorkerContext,
@@ -962,6 +997,7 @@ async fn run_job(
     name: &str,
     action: &JobAction,
     cancel: &Cancel,
+    worker: OwnedSemaphorePermit,
 ) -> Option<(u32, Result<String, String>)> {
     let job = job::JobRun {
         task: &run.task,
@@ -972,12 +1008,21 @@ async fn run_job(
         adopted: run.adopted,
     };
     // The spec's timeout is the Job's deadline and a grace (`JobAction::deadline`).
+    let run_job = async {
+        if !run.adopted {
+            context.jobs.create(job).await?;
+        }
+        drop(worker);
+        let _counted = JobWait::count(&context.job_waits);
+        Ok(context.jobs.wait(job).await)
+    };
     let waited = tokio::select! {
         _ = cancel.token.cancelled() => None,
-        end = tokio::time::timeout(run.spec.timeout, context.jobs.run(job)) => Some(end),
+        end = tokio::time::timeout(run.spec.timeout, run_job) => Some(end),
     };
     match waited {
-        Some(Ok(end)) => Some((end.attempts, end.result)),
+        Some(Ok(Ok(end))) => Some((end.attempts, end.result)),
+        Some(Ok(Err(cannot_create))) => Some((1, Err(cannot_create))),
         Some(Err(_)) => Some((
             1,
             Err(format!(

@@ -370,3 +370,51 @@ async fn a_restart_mid_run_records_the_run_once() {
         operator.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_template_the_apiserver_refuses_makes_the_task_invalid_with_its_reason() {
+    let s = setup("jobs-refused").await;
+    let _operator = s.operator().await;
+    let mut action = job_action("", false);
+    action["job"]["template"]["spec"]["template"]["spec"]["restartPolicy"] = json!("Always");
+    let spec = json!({"schedule": {"interval": "2s"}, "action": action});
+    create(&s.tasks, "always", spec).await;
+    let status = status_where(&s.tasks, "always", "Invalid", |st| {
+        st.phase == Some(Phase::Invalid)
+    })
+    .await;
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.starts_with("spec.action.job.template: the apiserver refuses the Job: ")
+            && message.contains("restartPolicy"),
+        "{message}"
+    );
+    assert!(s.jobs_of("always").await.is_empty());
+}
+
+#[tokio::test]
+async fn job_runs_hold_no_worker_while_their_jobs_run() {
+    let s = setup("jobs-workers").await;
+    let _operator = Operator::start_with(&s.ns, s.client.clone(), |config| {
+        config.jobs.enabled = true;
+        config.max_workers = 2;
+    })
+    .await;
+    let names = ["one", "two", "three"];
+    for name in names {
+        let spec = json!({"schedule": {"interval": "1h", "startAt": soon()}, "timeout": "1h",
+                          "action": job_action("1h", false)});
+        create(&s.tasks, name, spec).await;
+    }
+    // Three Jobs in flight at once on two workers: a worker only creates a Job.
+    for name in names {
+        let status = status_where(&s.tasks, name, "its Job in flight", |st| {
+            !st.active.is_empty()
+        })
+        .await;
+        assert_eq!(status.missed_runs, 0, "{name}: {status:?}");
+    }
+    for name in names {
+        assert_eq!(s.jobs_of(name).await.len(), 1, "{name}");
+    }
+}
