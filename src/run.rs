@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 
 /// A task's name: its namespace and name (the resource name is the unique task name).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,8 +76,10 @@ pub struct RunId {
 }
 
 impl RunId {
-    /// The run of the scheduled instant `scheduled`.
+    /// The run of the scheduled instant `scheduled`, to the millisecond: the precision of
+    /// schedules and of the Redis ledger, so every replica names a run alike.
     pub fn new(task: &TaskKey, scheduled: DateTime<Utc>) -> Self {
+        let scheduled = scheduled.trunc_subsecs(3);
         Self {
             text: format!(
                 "{task}@{}",
@@ -475,6 +477,9 @@ mod tests {
             RunId::new(&task, half).as_str(),
             "shop/report@2026-11-24T09:00:00.500Z"
         );
+        // Below the millisecond, an instant is named as the Redis ledger stores it.
+        let fine = half + chrono::Duration::nanoseconds(123_456);
+        assert_eq!(RunId::new(&task, fine), RunId::new(&task, half));
     }
 
     #[test]

@@ -800,3 +800,60 @@ async fn a_run_now_request_runs_once_across_failovers() {
         assert!(replica.terminate().success(), "{}", replica.logs());
     }
 }
+
+/// A Job outlives the leader that created it: the next leader adopts the run from the ledger
+/// and records the Job's end once; no second Job is created.
+#[tokio::test]
+async fn a_job_in_flight_when_the_leader_dies_is_recorded_once_by_the_next() {
+    let env = crate::support::job_env();
+    let client = env.client().await;
+    let ns = namespace(&client, "ha-job").await;
+    let tasks: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let jobs = "jobs:\n  enabled: true\n";
+        Replica::start_with(&ns, name, &env.redis_url, &dir, jobs, &env.kubeconfig, &[])
+    };
+    let mut replicas = vec![start("j0"), start("j1")];
+    let leader = eventually("a leader", || async {
+        holder_in(client.clone(), &ns).await
+    })
+    .await;
+    let at = (Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let spec = json!({"schedule": {"interval": "1h", "startAt": at}, "timeout": "2m",
+    "action": {"job": {"template": {"spec": {"template": {
+        "metadata": {"annotations": {"chronflow-test/run-for": "10s"}},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "w", "image": "busybox"}]}
+    }}}}}});
+    create(&tasks, "nightly", spec).await;
+    let running = status_where(&tasks, "nightly", "the Job in flight", |st| {
+        !st.active.is_empty()
+    })
+    .await;
+    let job = running.active[0].job_name.clone().unwrap();
+    let index = replicas.iter().position(|r| r.name == leader).unwrap();
+    replicas.remove(index).kill();
+
+    let status = status_where(&tasks, "nightly", "the run recorded", |st| {
+        st.total_runs >= 1 && st.active.is_empty()
+    })
+    .await;
+    assert_eq!(
+        (
+            status.total_runs,
+            status.successful_runs,
+            status.failed_runs
+        ),
+        (1, 1, 0),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.last_run.unwrap().message.as_deref(),
+        Some(format!("Job {job} completed").as_str())
+    );
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, &ns);
+    assert_eq!(jobs.list(&Default::default()).await.unwrap().items.len(), 1);
+    for replica in &mut replicas {
+        assert!(replica.terminate().success(), "{}", replica.logs());
+    }
+}
