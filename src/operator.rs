@@ -101,11 +101,14 @@ pub async fn run(
     });
     let mut parts = CoreParts::from_config(&config, values.clone(), ledger, sink, leader.clone())?;
     // Jobs are watched (and need RBAC) only when Job actions are enabled.
-    let job_informers = config.jobs.enabled.then(|| {
-        let (jobs, informers) = KubeJobs::new(client.clone(), &namespaces);
-        parts.jobs = jobs;
-        informers
-    });
+    let (jobs, job_informers) = match config.jobs.enabled {
+        true => {
+            let (jobs, informers) = KubeJobs::new(client.clone(), &namespaces);
+            parts.jobs = jobs.clone();
+            (Some(jobs), Some(informers))
+        }
+        false => (None, None),
+    };
     let mut core = Core::build(parts);
     metrics.watch(Live {
         executor: core.load.clone(),
@@ -169,6 +172,7 @@ pub async fn run(
             allow_jobs: config.jobs.enabled,
         },
         values,
+        jobs,
         metrics,
         health: health.clone(),
         failures: Default::default(),

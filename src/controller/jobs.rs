@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt};
@@ -69,6 +70,34 @@ impl KubeJobs {
             writers,
         };
         (jobs, informers)
+    }
+
+    /// The runs of `task` whose Jobs exist and have not ended: in flight whatever status says
+    /// (a process that crashed right after creating one never wrote it down). Waits up to 10 s
+    /// for the informer's first list.
+    pub async fn in_flight(&self, task: &TaskId) -> Vec<RunId> {
+        let Some(store) = self.store(&task.key.namespace) else {
+            return Vec::new();
+        };
+        let ready = tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready());
+        if !matches!(ready.await, Ok(Ok(()))) {
+            warn!(task = %task, "the Job informer has not listed Jobs yet; in-flight Jobs are taken from status only");
+            return Vec::new();
+        }
+        store
+            .state()
+            .iter()
+            .filter(|job| {
+                job.metadata.namespace.as_deref() == Some(task.key.namespace.as_str())
+                    && job.labels().get(TASK_UID_LABEL) == Some(&task.uid)
+                    && job.metadata.deletion_timestamp.is_none()
+                    && ended(job).is_none()
+            })
+            .filter_map(|job| {
+                let id = job.annotations().get(RUN_ID_ANNOTATION)?;
+                RunId::parse(&task.key, id, chrono::Utc::now())
+            })
+            .collect()
     }
 
     fn store(&self, namespace: &str) -> Option<&Store<Job>> {

@@ -64,6 +64,8 @@ pub struct Context {
     pub limits: TenantLimits,
     /// Reads the Secrets and ConfigMaps tasks refer to.
     pub values: Arc<KubeValues>,
+    /// The Job action's runner, with `jobs.enabled`.
+    pub jobs: Option<Arc<jobs::KubeJobs>>,
     /// Reconcile errors are counted here.
     pub metrics: Arc<Metrics>,
     /// Readiness: the first list of each watched namespace.
@@ -214,7 +216,7 @@ async fn reconcile_task(
             if let Some(status) = ctx.status.lock().status(&id.key) {
                 resume_from(&mut valid, &status);
             }
-            adopt_jobs(&mut valid, task.status.as_ref());
+            adopt_jobs(&mut valid, task.status.as_ref(), ctx.jobs.as_deref()).await;
             ctx.engine.upsert(valid.engine).await;
             Ok(Action::await_change())
         }
@@ -241,21 +243,32 @@ pub(crate) fn resume_from(valid: &mut ValidTask, status: &ChronTaskStatus) {
     }
 }
 
-/// The runs of a Job action the stored status shows in flight: whoever leads waits for their
-/// Jobs and records how they ended (a restart mid-run neither loses nor repeats them).
-fn adopt_jobs(valid: &mut ValidTask, stored: Option<&ChronTaskStatus>) {
+/// The runs of a Job action in flight: those the stored status shows, and those whose Jobs
+/// exist and have not ended. Whoever leads waits for their Jobs and records how they ended (a
+/// restart mid-run neither loses nor repeats them).
+async fn adopt_jobs(
+    valid: &mut ValidTask,
+    stored: Option<&ChronTaskStatus>,
+    jobs: Option<&jobs::KubeJobs>,
+) {
     let engine = &mut valid.engine;
-    if !matches!(engine.run.action, RunAction::Job(_)) {
+    let (RunAction::Job(_), Some(jobs)) = (&engine.run.action, jobs) else {
         return;
-    }
+    };
     let active = stored
         .map(|status| status.active.as_slice())
         .unwrap_or_default();
-    engine.adopt = active
+    let mut runs: Vec<RunId> = active
         .iter()
         .filter(|run| run.job_name.is_some())
         .filter_map(|run| RunId::parse(&engine.id.key, &run.run_id, run.scheduled_time))
         .collect();
+    for run in jobs.in_flight(&engine.id).await {
+        if !runs.contains(&run) {
+            runs.push(run);
+        }
+    }
+    engine.adopt = runs;
 }
 
 impl TenantLimits {
@@ -579,6 +592,7 @@ mod tests {
                 allow_jobs: false,
             },
             values,
+            jobs: None,
             metrics: Arc::new(Metrics::new(true)),
             health: Arc::new(Health::new(1)),
             failures: Default::default(),

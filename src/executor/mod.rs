@@ -347,6 +347,15 @@ impl Executor {
         let mut reports = Vec::new();
         {
             let mut state = self.shared.lock();
+            // A new term adopts what this very process may still be waiting for.
+            let known = |runs: &TaskRuns| {
+                runs.active.iter().any(|(id, _)| *id == run.run_id)
+                    || runs.waiting.iter().any(|r| r.run_id == run.run_id)
+            };
+            if run.adopted && state.tasks.get(&run.task).is_some_and(known) {
+                debug!(run_id = %run.run_id, "already in flight here; not adopted twice");
+                return;
+            }
             if let Err((kind, reason)) = self.shared.admit(&mut state, &run, &mut reports) {
                 warn!(run_id = %run.run_id, %reason, "run missed");
                 reports.push(missed(&run, kind, reason));

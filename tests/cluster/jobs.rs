@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use chronflow::ChronTask;
 use chronflow::crd::{ChronTaskStatus, Phase, RunOutcome};
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -328,7 +328,8 @@ async fn finished_jobs_are_pruned_to_the_history_limits_and_go_with_their_task()
 async fn a_restart_mid_run_records_the_run_once() {
     let s = setup("jobs-restart").await;
     // Due once in the next hour: the run below is the only one.
-    for (task, stop) in [("graceful", true), ("crashed", false)] {
+    // "unwritten": crashed before status said the run was in flight; its Job says so.
+    for (task, stop) in [("graceful", true), ("crashed", false), ("unwritten", false)] {
         let operator = s.operator().await;
         let spec = json!({"schedule": {"interval": "1h", "startAt": soon()},
                           "timeout": "2m", "action": job_action("8s", false)});
@@ -349,6 +350,11 @@ async fn a_restart_mid_run_records_the_run_once() {
             None,
             "{task}: the Job runs on without the operator"
         );
+        if task == "unwritten" {
+            let forget = Patch::Merge(json!({"status": {"active": []}}));
+            let params = PatchParams::default();
+            s.tasks.patch_status(task, &params, &forget).await.unwrap();
+        }
 
         let operator = s.operator().await;
         let status = status_where(&s.tasks, task, "the run recorded", |st| {
