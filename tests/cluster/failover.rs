@@ -821,10 +821,7 @@ async fn a_job_in_flight_when_the_leader_dies_is_recorded_once_by_the_next() {
     .await;
     let at = (Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
     let spec = json!({"schedule": {"interval": "1h", "startAt": at}, "timeout": "2m",
-    "action": {"job": {"template": {"spec": {"template": {
-        "metadata": {"annotations": {"chronflow-test/run-for": "10s"}},
-        "spec": {"restartPolicy": "Never", "containers": [{"name": "w", "image": "busybox"}]}
-    }}}}}});
+                      "action": crate::jobs::job_action("10s", false)});
     create(&tasks, "nightly", spec).await;
     let running = status_where(&tasks, "nightly", "the Job in flight", |st| {
         !st.active.is_empty()
@@ -834,23 +831,7 @@ async fn a_job_in_flight_when_the_leader_dies_is_recorded_once_by_the_next() {
     let index = replicas.iter().position(|r| r.name == leader).unwrap();
     replicas.remove(index).kill();
 
-    let status = status_where(&tasks, "nightly", "the run recorded", |st| {
-        st.total_runs >= 1 && st.active.is_empty()
-    })
-    .await;
-    assert_eq!(
-        (
-            status.total_runs,
-            status.successful_runs,
-            status.failed_runs
-        ),
-        (1, 1, 0),
-        "{status:?}"
-    );
-    assert_eq!(
-        status.last_run.unwrap().message.as_deref(),
-        Some(format!("Job {job} completed").as_str())
-    );
+    crate::jobs::recorded_once(&tasks, "nightly", &job).await;
     let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, &ns);
     assert_eq!(jobs.list(&Default::default()).await.unwrap().items.len(), 1);
     for replica in &mut replicas {

@@ -57,7 +57,7 @@ impl JobSetup {
 
 /// A Job action whose Pod runs for `run_for` (kwok's stage reads the annotation; "" ends it at
 /// once) and fails when `fail`.
-fn job_action(run_for: &str, fail: bool) -> Value {
+pub fn job_action(run_for: &str, fail: bool) -> Value {
     let labels = if fail {
         json!({"chronflowfail": "true"})
     } else {
@@ -78,6 +78,22 @@ fn finished(job: &Job) -> Option<String> {
         .flatten()
         .find(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"))
         .map(|c| c.type_.clone())
+}
+
+/// Waits until the task's one run is recorded, and checks it was once, as its Job's success.
+pub async fn recorded_once(tasks: &Api<ChronTask>, task: &str, job: &str) {
+    let status = status_where(tasks, task, "the run recorded", |st| {
+        st.total_runs >= 1 && st.active.is_empty()
+    })
+    .await;
+    let counts = (
+        status.total_runs,
+        status.successful_runs,
+        status.failed_runs,
+    );
+    assert_eq!(counts, (1, 1, 0), "{task}: {status:?}");
+    let message = status.last_run.unwrap().message.unwrap_or_default();
+    assert_eq!(message, format!("Job {job} completed"), "{task}");
 }
 
 /// Pauses the task and waits until nothing of it is in flight; returns that status.
@@ -357,22 +373,8 @@ async fn a_restart_mid_run_records_the_run_once() {
         }
 
         let operator = s.operator().await;
-        let status = status_where(&s.tasks, task, "the run recorded", |st| {
-            st.total_runs >= 1 && st.active.is_empty()
-        })
-        .await;
-        assert_eq!(
-            (
-                status.total_runs,
-                status.successful_runs,
-                status.failed_runs
-            ),
-            (1, 1, 0),
-            "{task}: {status:?}"
-        );
+        recorded_once(&s.tasks, task, &job_name).await;
         assert_eq!(s.jobs_of(task).await.len(), 1, "{task}: one Job");
-        let message = status.last_run.unwrap().message.unwrap_or_default();
-        assert_eq!(message, format!("Job {job_name} completed"), "{task}");
         operator.stop().await;
     }
 }
