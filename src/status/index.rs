@@ -64,9 +64,15 @@ struct TaskState {
     events: HashMap<&'static str, EventWindow>,
 }
 
+/// How long a new task's status waits for the engine's first fact before it is written Pending.
+const PENDING_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct WriteState {
     dirty: bool,
+    /// When the task was first seen: until the engine's first fact, or [`PENDING_GRACE`], its
+    /// status is not written (a Pending write would only be followed by the Scheduled one).
+    observed: Option<Instant>,
     in_flight: bool,
     last_write: Option<Instant>,
     written_phase: Option<PhaseKey>,
@@ -232,6 +238,7 @@ impl Index {
                 },
                 write: WriteState {
                     dirty: true,
+                    observed: Some(Instant::now()),
                     ..WriteState::default()
                 },
                 events: HashMap::new(),
@@ -481,6 +488,8 @@ impl Index {
                 let w = &s.write;
                 w.dirty
                     && !w.in_flight
+                    && (s.schedule.is_some()
+                        || w.observed.is_none_or(|at| now - at >= PENDING_GRACE))
                     && w.retry_at.is_none_or(|at| at <= now)
                     && w.last_write.is_none_or(|at| now - at >= min_interval)
             })
@@ -885,6 +894,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_new_task_is_written_once_the_engine_has_scheduled_it() {
+        // At start-up every task is new: writing each one Pending and then Scheduled would
+        // spend two writes of the budget on it.
+        let (index, _events) = index();
+        let (quick, slow) = (id("quick"), id("slow"));
+        observe(&index, &quick, None);
+        observe(&index, &slow, None);
+        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        schedule(&index, &quick, scheduled(1));
+        let batch = index.lock().take(10, Duration::ZERO);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].status.phase, Some(Phase::Scheduled));
+        // A task the engine says nothing about is still written, Pending, after a while.
+        tokio::time::advance(PENDING_GRACE).await;
+        let batch = index.lock().take(10, Duration::ZERO);
+        assert_eq!(batch[0].task, slow);
+        assert_eq!(batch[0].status.phase, Some(Phase::Pending));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_rejected_status_is_surfaced_and_not_retried_until_it_changes() {
         let (index, mut rx) = index();
         let task = id("t");
@@ -909,6 +938,7 @@ mod tests {
         let (index, _events) = index();
         let task = id("t");
         observe(&index, &task, None);
+        schedule(&index, &task, scheduled(1));
         index.lock().take(10, Duration::ZERO);
         let failed = WriteResult::Failed("connection reset".into());
         let backoff = Duration::from_secs(1);

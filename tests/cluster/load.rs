@@ -314,3 +314,166 @@ async fn jobs_per_second() {
     }
     println!("jobs: status: {runs} runs recorded, {missed} missed");
 }
+
+/// Requests the apiserver has served so far, all resources and verbs.
+async fn apiserver_requests(client: &Client) -> f64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("apiserver_request_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A line of `/proc/PID/status` in kB (`VmRSS`, `VmHWM`).
+fn memory_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The operator at scale: `CHRONFLOW_SCALE_TASKS` (1000) ChronTasks due every second, spread
+/// over the second, and `chronflow run` as a process of its own (release build when the tests
+/// are). Prints the time from its start until every task is Scheduled with a nextRunTime, its
+/// memory, the status writes and apiserver requests a second over `CHRONFLOW_LOAD_SECONDS` (45),
+/// and how many runs status counts lag behind what the receiver got.
+#[tokio::test]
+#[ignore = "load measurement: run by hand (see the module doc)"]
+async fn operator_at_scale() {
+    let tasks = setting("CHRONFLOW_SCALE_TASKS", 1000) as usize;
+    let seconds = setting("CHRONFLOW_LOAD_SECONDS", 45) as u64;
+    let client = test_env().client().await;
+    let ns = namespace(&client, "scale").await;
+    let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
+    let receiver = Receiver::start(Behavior::default()).await;
+    let creating = std::time::Instant::now();
+    futures::stream::iter(0..tasks)
+        .map(|n| {
+            let (api, url) = (api.clone(), receiver.url(&format!("/t{n}")));
+            async move {
+                let task: ChronTask = serde_json::from_value(json!({
+                    "apiVersion": "chronflow.io/v1alpha1",
+                    "kind": "ChronTask",
+                    "metadata": {"name": format!("t{n}")},
+                    "spec": {"schedule": {"interval": "1s"}, "action": {"http": {"url": url}}}
+                }))
+                .unwrap();
+                api.create(&PostParams::default(), &task).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    let created_in = creating.elapsed();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("chronflow.yaml");
+    let metrics = crate::observability::free_address();
+    std::fs::write(
+        &config,
+        format!(
+            "watch_namespaces: [{ns}]\nmax_workers: 64\nqueue_size: 10000\n\
+             metrics:\n  bind: {metrics}\nlog:\n  format: json\n  level: warn\n"
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_chronflow"))
+        .args(["run", "-f"])
+        .arg(&config)
+        .env("KUBECONFIG", &test_env().kubeconfig)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = operator.id();
+    let scheduled_in = loop {
+        let list = api.list(&ListParams::default()).await.unwrap();
+        let scheduled = list
+            .items
+            .iter()
+            .filter_map(|t| t.status.as_ref())
+            .filter(|s| {
+                s.phase == Some(chronflow::crd::Phase::Scheduled) && s.next_run_time.is_some()
+            })
+            .count();
+        if scheduled == tasks {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "{scheduled} of {tasks} scheduled"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let rss_scheduled = memory_kb(pid, "VmRSS");
+
+    let (writes_before, requests_before) = (
+        status_writes(&client).await,
+        apiserver_requests(&client).await,
+    );
+    let received_before = receiver.count();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (writes_after, requests_after) = (
+        status_writes(&client).await,
+        apiserver_requests(&client).await,
+    );
+    let received = receiver.count() - received_before;
+    // Staleness: runs the receiver got that status does not count yet, per task.
+    let hits = receiver.hits();
+    let list = api.list(&ListParams::default()).await.unwrap();
+    let mut per_task: HashMap<String, i64> = HashMap::new();
+    for hit in &hits {
+        let task = hit
+            .idempotency_key
+            .split(['/', '@'])
+            .nth(1)
+            .unwrap_or_default();
+        *per_task.entry(task.to_string()).or_default() += 1;
+    }
+    let mut behind: Vec<i64> = list
+        .items
+        .iter()
+        .map(|t| {
+            let counted = t.status.as_ref().map_or(0, |s| s.total_runs as i64);
+            per_task
+                .get(&t.metadata.name.clone().unwrap_or_default())
+                .copied()
+                .unwrap_or(0)
+                - counted
+        })
+        .collect();
+    behind.sort_unstable();
+    let (rss, peak) = (memory_kb(pid, "VmRSS"), memory_kb(pid, "VmHWM"));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = operator.wait();
+
+    let window = seconds as f64;
+    println!("scale: {tasks} ChronTasks x 1 s (created in {created_in:.1?})");
+    println!(
+        "scale: all Scheduled with a nextRunTime {scheduled_in:.1?} after the operator started"
+    );
+    println!(
+        "scale: operator RSS {} MB when scheduled, {} MB after the window (peak {} MB)",
+        rss_scheduled / 1024,
+        rss / 1024,
+        peak / 1024
+    );
+    println!(
+        "scale: runs received {:.0}/s (target {tasks}/s); status writes {:.1}/s (budget status.max_writes_per_second 50); apiserver requests {:.1}/s (all clients)",
+        received as f64 / window,
+        (writes_after - writes_before) / window,
+        (requests_after - requests_before) / window
+    );
+    println!(
+        "scale: status counts behind the receiver, in runs (= seconds at 1/s): p50 {}, p99 {}, max {}",
+        percentile(&behind, 0.5),
+        percentile(&behind, 0.99),
+        percentile(&behind, 1.0)
+    );
+}
