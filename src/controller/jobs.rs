@@ -289,7 +289,10 @@ impl JobInformers {
         let JobInformers { jobs, writers } = self;
         let selector = watcher::Config::default().labels(TASK_UID_LABEL);
         let streams = writers.into_iter().map(|(api, writer)| {
-            reflector::reflector(writer, watcher(api, selector.clone()).default_backoff()).boxed()
+            let jobs = watcher(api, selector.clone())
+                .default_backoff()
+                .modify(|job| job.managed_fields_mut().clear());
+            reflector::reflector(writer, jobs).boxed()
         });
         let mut events = futures::stream::select_all(streams);
         loop {

@@ -19,7 +19,7 @@ use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -447,6 +447,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     // hide them (a deleted object keeps its generation).
     let applied = watcher(api, watcher::Config::default())
         .default_backoff()
+        // managedFields are most of an object's size and nothing here reads them.
+        .modify(|task| task.managed_fields_mut().clear())
         .reflect(writer)
         .and_then(move |event| {
             let ctx = events_ctx.clone();
