@@ -1,0 +1,422 @@
+//! Scheduling benchmark (issue #23): chronflow's core and tokio-cron-scheduler under the same
+//! load in the same run, each in a process of its own, and a Markdown report with an SVG chart.
+//! `scripts/bench` runs it; docs/benchmarks.md explains the figures.
+//!
+//! - `scheduling [report] [--smoke] [--tasks ..] [--http-tasks ..] [--seconds S] [--out DIR]`:
+//!   every run, one child process each, then `DIR/report.md` and `DIR/lag.svg`; exits 1 when a
+//!   chronflow run missed an instant.
+//! - `scheduling run ...`: one contender, one shape, one size; prints `RESULT <json>`.
+//! - `scheduling receiver`: the HTTP runs' loopback receiver.
+
+mod contenders;
+mod measure;
+mod receiver;
+mod report;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use contenders::{Contender, Kind, RunParams, RunResult, Shape};
+
+#[derive(Parser)]
+#[command(about = "chronflow and tokio-cron-scheduler under the same load")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    report: ReportArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct ReportArgs {
+    /// A short run for the test suite: 1000 tasks, 3 s measured, both parts.
+    #[arg(long)]
+    smoke: bool,
+    /// Task counts of the engine part (comma-separated; empty skips the part).
+    #[arg(long, value_delimiter = ',')]
+    tasks: Option<Vec<usize>>,
+    /// Task counts of the HTTP part (comma-separated; empty skips the part).
+    #[arg(long, value_delimiter = ',')]
+    http_tasks: Option<Vec<usize>>,
+    /// Seconds measured per run.
+    #[arg(long)]
+    seconds: Option<u32>,
+    /// Seconds of warm-up before the measured ones.
+    #[arg(long)]
+    warmup: Option<u32>,
+    /// chronflow's max_workers (its configuration's default is 10).
+    #[arg(long, default_value_t = 10)]
+    workers: usize,
+    /// Skip tokio-cron-scheduler (the report then has no ratios).
+    #[arg(long)]
+    no_peer: bool,
+    /// Where report.md, lag.svg and results.json go [default: $CARGO_TARGET_DIR/bench-report,
+    /// else target/bench-report].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every run, then the report (the default).
+    Report,
+    /// One run of one contender (a child of `report`).
+    Run {
+        #[arg(long, value_enum)]
+        contender: Contender,
+        #[arg(long, value_enum)]
+        kind: Kind,
+        #[arg(long, value_enum)]
+        shape: Shape,
+        #[arg(long)]
+        tasks: usize,
+        #[arg(long)]
+        seconds: u32,
+        #[arg(long)]
+        warmup: u32,
+        #[arg(long)]
+        workers: usize,
+        #[arg(long)]
+        receiver: Option<String>,
+    },
+    /// The HTTP runs' receiver (a child of `report`).
+    Receiver,
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; it means nothing here.
+    let args = std::env::args().filter(|a| a != "--bench");
+    let cli = Cli::parse_from(args);
+    match cli.command {
+        Some(Cmd::Run {
+            contender,
+            kind,
+            shape,
+            tasks,
+            seconds,
+            warmup,
+            workers,
+            receiver,
+        }) => {
+            let params = RunParams {
+                contender,
+                kind,
+                shape,
+                tasks,
+                seconds,
+                warmup,
+                workers,
+                receiver,
+            };
+            let result = runtime().block_on(contenders::run(params));
+            println!(
+                "RESULT {}",
+                serde_json::to_string(&result).expect("a result serialises")
+            );
+        }
+        Some(Cmd::Receiver) => runtime().block_on(receiver::serve()),
+        Some(Cmd::Report) | None => std::process::exit(report(cli.report)),
+    }
+}
+
+/// tokio's default multi-threaded runtime (one worker per core), as both schedulers get it.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+fn report(args: ReportArgs) -> i32 {
+    let started = Instant::now();
+    let (tasks, http_tasks, seconds, warmup) = if args.smoke {
+        (vec![1000], vec![1000], 3, 1)
+    } else {
+        (vec![100, 1000, 10_000, 50_000], vec![1000, 10_000], 20, 5)
+    };
+    let tasks = args.tasks.clone().unwrap_or(tasks);
+    let http_tasks = args.http_tasks.clone().unwrap_or(http_tasks);
+    let seconds = args.seconds.unwrap_or(seconds);
+    let warmup = args.warmup.unwrap_or(warmup);
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
+            .join("bench-report")
+    });
+
+    let mut plan = Vec::new();
+    for (kind, sizes) in [(Kind::Engine, &tasks), (Kind::Http, &http_tasks)] {
+        for &n in sizes.iter().filter(|&&n| n > 0) {
+            for shape in [Shape::Spread, Shape::Aligned] {
+                plan.push((Contender::Chronflow, kind, shape, n));
+            }
+            // The peer's instants are whole seconds: it has the aligned shape only.
+            if !args.no_peer {
+                plan.push((Contender::Peer, kind, Shape::Aligned, n));
+            }
+        }
+    }
+
+    let mut results = Vec::new();
+    for (contender, kind, shape, n) in plan {
+        let params = RunParams {
+            contender,
+            kind,
+            shape,
+            tasks: n,
+            seconds,
+            warmup,
+            workers: args.workers,
+            receiver: None,
+        };
+        match run_child(params) {
+            Ok(r) => {
+                let s = &r.summary;
+                eprintln!(
+                    "{:?} {:?} {:?} {n}: fired {}/{} never {} dup {} missed {} failed {}; lag p50 {:.2} p99 {:.2} max {:.2} ms; {:.2} µs CPU/fire; {:.0} B/task",
+                    contender,
+                    kind,
+                    shape,
+                    s.fired,
+                    s.expected,
+                    s.never_fired,
+                    s.duplicates,
+                    r.reported_missed,
+                    r.failed,
+                    s.p50_ms,
+                    s.p99_ms,
+                    s.max_ms,
+                    r.cpu_us_per_fire,
+                    r.rss_idle.saturating_sub(r.rss_before) as f64 / n as f64
+                );
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("{contender:?} {kind:?} {shape:?} {n}: {e}");
+                if contender == Contender::Chronflow {
+                    return 1;
+                }
+            }
+        }
+    }
+
+    let context = report::Context {
+        started: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        command: command_line(&args),
+        machine: machine(),
+        versions: versions(),
+        seconds,
+        warmup,
+        workers: args.workers,
+    };
+    if let Err(e) = report::write(&out, &context, &results) {
+        eprintln!("cannot write the report into {}: {e}", out.display());
+        return 1;
+    }
+    let _ = std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results).expect("results serialise"),
+    );
+    eprintln!(
+        "report: {} ({} runs, {:.0} s)",
+        out.join("report.md").display(),
+        results.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // Every chronflow run must fire every instant: that is what the smoke run guards.
+    let failures: Vec<&RunResult> = results
+        .iter()
+        .filter(|r| r.params.contender == Contender::Chronflow)
+        .filter(|r| {
+            r.summary.fired < r.summary.expected
+                || r.summary.never_fired > 0
+                || r.reported_missed > 0
+                || r.failed > 0
+        })
+        .collect();
+    for r in &failures {
+        eprintln!(
+            "chronflow {:?} {:?} {}: {} of {} instants fired, {} reported missed, {} failed",
+            r.params.kind,
+            r.params.shape,
+            r.params.tasks,
+            r.summary.fired,
+            r.summary.expected,
+            r.reported_missed,
+            r.failed
+        );
+    }
+    i32::from(!failures.is_empty())
+}
+
+/// Kills the child when dropped (an interrupted benchmark leaves no process behind).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn myself() -> Command {
+    Command::new(std::env::current_exe().expect("the benchmark's own path"))
+}
+
+/// Runs one contender in a child process (and, for HTTP, a receiver in another).
+fn run_child(mut params: RunParams) -> Result<RunResult, String> {
+    let _receiver = if params.kind == Kind::Http {
+        let mut child = myself()
+            .arg("receiver")
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the receiver: {e}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let guard = KillOnDrop(child);
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| format!("the receiver: {e}"))?;
+        let addr = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .ok_or_else(|| format!("the receiver said {line:?}"))?;
+        params.receiver = Some(format!("http://{addr}"));
+        Some(guard)
+    } else {
+        None
+    };
+    let mut command = myself();
+    command.args([
+        "run",
+        "--contender",
+        enum_arg(&params.contender),
+        "--kind",
+        enum_arg(&params.kind),
+        "--shape",
+        enum_arg(&params.shape),
+        "--tasks",
+        &params.tasks.to_string(),
+        "--seconds",
+        &params.seconds.to_string(),
+        "--warmup",
+        &params.warmup.to_string(),
+        "--workers",
+        &params.workers.to_string(),
+    ]);
+    if let Some(url) = &params.receiver {
+        command.args(["--receiver", url]);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the run: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut guard = KillOnDrop(child);
+    // A run that hangs must not hang the benchmark.
+    let limit = Duration::from_secs(params.seconds as u64 + params.warmup as u64 + 120);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(json) = line.strip_prefix("RESULT ") {
+                let _ = tx.send(json.to_string());
+            }
+        }
+    });
+    let json = rx
+        .recv_timeout(limit)
+        .map_err(|_| format!("no result within {} s", limit.as_secs()))?;
+    let _ = guard.0.wait();
+    serde_json::from_str(&json).map_err(|e| format!("an unreadable result: {e}"))
+}
+
+fn enum_arg<T: clap::ValueEnum>(value: &T) -> &'static str {
+    let name = value
+        .to_possible_value()
+        .expect("no skipped variants")
+        .get_name()
+        .to_string();
+    Box::leak(name.into_boxed_str())
+}
+
+fn command_line(args: &ReportArgs) -> String {
+    let mut line = String::from("scripts/bench");
+    if args.smoke {
+        line.push_str(" --smoke");
+    }
+    for a in std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench" && a != "--smoke")
+    {
+        line.push(' ');
+        line.push_str(&a);
+    }
+    line
+}
+
+fn machine() -> Vec<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / 1048576.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    vec![format!(
+        "machine: {model}, {cores} cores, {memory} RAM, Linux {}; shared with other work, so absolute times move between runs: compare the ratios",
+        kernel.trim()
+    )]
+}
+
+fn versions() -> Vec<String> {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock"))
+        .unwrap_or_default();
+    let version = |name: &str| {
+        let header = format!("name = \"{name}\"\nversion = \"");
+        lock.find(&header)
+            .map(|at| {
+                let rest = &lock[at + header.len()..];
+                rest[..rest.find('"').unwrap_or(0)].to_string()
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    let rustc = Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "rustc ?".into());
+    vec![format!(
+        "versions: chronflow {} (git {}), tokio-cron-scheduler {}, tokio {}, reqwest {}, {rustc}, {} build",
+        env!("CARGO_PKG_VERSION"),
+        git_commit(),
+        version("tokio-cron-scheduler"),
+        version("tokio"),
+        version("reqwest"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release (cargo bench profile)"
+        }
+    )]
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".into())
+}
