@@ -476,7 +476,7 @@ fn chart(path: &Path, runs: &[RunResult]) -> Result<(), Box<dyn std::error::Erro
         if part.is_empty() {
             continue;
         }
-        let floor = 0.01;
+        let floor = 0.1;
         let lag = |v: f64| if v.is_nan() { floor } else { v.max(floor) };
         let max_n = part.iter().map(|r| r.params.tasks).max().unwrap_or(10) as f64;
         let min_n = part.iter().map(|r| r.params.tasks).min().unwrap_or(1) as f64;
@@ -491,7 +491,8 @@ fn chart(path: &Path, runs: &[RunResult]) -> Result<(), Box<dyn std::error::Erro
             .y_label_area_size(60)
             .build_cartesian_2d(
                 ((min_n / 2.0)..(max_n * 2.0)).log_scale(),
-                (floor..max_lag * 2.0).log_scale(),
+                // Head room above the lines for the legend.
+                (floor..max_lag * 40.0).log_scale(),
             )?;
         chart
             .configure_mesh()
