@@ -174,14 +174,6 @@ async fn run_chronflow(params: RunParams) -> RunResult {
     let added = measure::now_ns();
     let end = DateTime::from_timestamp_nanos(window.t0_ns + params.seconds as i64 * NS - 1);
     for i in 0..n {
-        let offset = match params.shape {
-            Shape::Aligned => 0,
-            Shape::Spread => i as i64 * NS / n as i64,
-        };
-        let anchor = DateTime::from_timestamp_nanos(base + offset);
-        let schedule = Schedule::interval(Duration::from_secs(1), IntervalAnchor::Start(anchor))
-            .and_then(|s| s.with_bounds(None, Some(end)))
-            .expect("a valid schedule");
         let action = match &params.receiver {
             None => {
                 let recorder = recorder.clone();
@@ -204,25 +196,7 @@ async fn run_chronflow(params: RunParams) -> RunResult {
             }),
         };
         core.engine
-            .upsert(EngineTask {
-                id: TaskId::new(TaskKey::new("bench", format!("t-{i}")), format!("uid-{i}")),
-                generation: 1,
-                paused: None,
-                schedule,
-                jitter: None,
-                catch_up: CatchUpPolicy::Skip,
-                catch_up_from: None,
-                run: Arc::new(RunSpec {
-                    action,
-                    timeout: Duration::from_secs(10),
-                    retry: RetryPolicy::default(),
-                    concurrency: ConcurrencyPolicy::Forbid,
-                    max_concurrent_runs: 1,
-                    starting_deadline: None,
-                }),
-                run_now: None,
-                backfills: Vec::new(),
-            })
+            .upsert(engine_task(i, n, params.shape, base, end, action))
             .await;
     }
     // Each task is scheduled once the engine reports it so.
@@ -255,6 +229,75 @@ async fn run_chronflow(params: RunParams) -> RunResult {
         add_seconds,
         notes,
     )
+}
+
+/// Task `i` of `n`: due every second from `base` (plus its offset when spread) until `end`.
+fn engine_task(
+    i: usize,
+    n: usize,
+    shape: Shape,
+    base: i64,
+    end: DateTime<Utc>,
+    action: Action,
+) -> EngineTask {
+    let offset = match shape {
+        Shape::Aligned => 0,
+        Shape::Spread => i as i64 * NS / n as i64,
+    };
+    let anchor = DateTime::from_timestamp_nanos(base + offset);
+    let schedule = Schedule::interval(Duration::from_secs(1), IntervalAnchor::Start(anchor))
+        .and_then(|s| s.with_bounds(None, Some(end)))
+        .expect("a valid schedule");
+    EngineTask {
+        id: TaskId::new(TaskKey::new("bench", format!("t-{i}")), format!("uid-{i}")),
+        generation: 1,
+        paused: None,
+        schedule,
+        jitter: None,
+        catch_up: CatchUpPolicy::Skip,
+        catch_up_from: None,
+        run: Arc::new(RunSpec {
+            action,
+            timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+            concurrency: ConcurrencyPolicy::Forbid,
+            max_concurrent_runs: 1,
+            starting_deadline: None,
+        }),
+        run_now: None,
+        backfills: Vec::new(),
+    }
+}
+
+/// Where an idle task's memory goes: the sizes of what the engine keeps per task, and the
+/// resident memory of `n` tasks as the engine receives them (boxed), before the engine, the
+/// ledger and the executor add their own entries.
+pub fn sizes(n: usize) {
+    use std::mem::size_of;
+    println!(
+        "size_of: EngineTask {} B, Schedule {} B, RunSpec {} B, Action {} B, TaskId {} B",
+        size_of::<EngineTask>(),
+        size_of::<Schedule>(),
+        size_of::<RunSpec>(),
+        size_of::<Action>(),
+        size_of::<TaskId>()
+    );
+    let before = measure::rss_bytes();
+    let end = DateTime::from_timestamp_nanos(i64::MAX / 2);
+    let tasks: Vec<Box<EngineTask>> = (0..n)
+        .map(|i| {
+            let action = Action::Call(CallAction(Arc::new(move |_| {
+                Box::pin(async move { Ok(i.to_string()) })
+            })));
+            Box::new(engine_task(i, n, Shape::Spread, 0, end, action))
+        })
+        .collect();
+    let after = measure::rss_bytes();
+    println!(
+        "{n} boxed EngineTasks with a call action: {:.0} B resident per task",
+        after.saturating_sub(before) as f64 / n as f64
+    );
+    drop(tasks);
 }
 
 /// CPU used between the window's start and end, and the resident memory at its end.

@@ -84,6 +84,11 @@ enum Cmd {
     },
     /// The HTTP runs' receiver (a child of `report`).
     Receiver,
+    /// Where an idle task's memory goes (the tasks alone, before the engine keeps them).
+    Sizes {
+        #[arg(long, default_value_t = 50_000)]
+        tasks: usize,
+    },
 }
 
 fn main() {
@@ -118,6 +123,7 @@ fn main() {
             );
         }
         Some(Cmd::Receiver) => runtime().block_on(receiver::serve()),
+        Some(Cmd::Sizes { tasks }) => contenders::sizes(tasks),
         Some(Cmd::Report) | None => std::process::exit(report(cli.report)),
     }
 }
