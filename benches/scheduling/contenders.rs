@@ -13,6 +13,7 @@ use chronflow::executor::http::{NoValues, SCHEDULED_TIME, SuccessCodes};
 use chronflow::executor::{Action, CallAction, ExecutorConfig, HttpAction, RetryPolicy, RunSpec};
 use chronflow::leader::Term;
 use chronflow::ledger::MemoryLedger;
+use chronflow::ledger::redis::{RedisLedger, RedisSettings};
 use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy, FollowRedirects};
 use chronflow::run::{Outcome, Report, ReportSink, TaskId, TaskKey};
 use chronflow::schedule::{IntervalAnchor, Schedule};
@@ -63,6 +64,9 @@ pub struct RunParams {
     pub workers: usize,
     /// The receiver's base URL (HTTP runs).
     pub receiver: Option<String>,
+    /// chronflow's ledger: Redis at this URL, else memory.
+    #[serde(default)]
+    pub redis: Option<String>,
 }
 
 /// One run's result.
@@ -88,6 +92,15 @@ pub struct RunResult {
     pub add_seconds: f64,
     /// Anything the reader must know about this run.
     pub notes: Vec<String>,
+    /// With the Redis ledger, per fire over the window: round trips (commands clients sent:
+    /// scripts, pings, connection setup; the ledger pipelines nothing), commands Redis ran
+    /// (those its Lua scripts call included), and Redis's own CPU in µs.
+    #[serde(default)]
+    pub redis_round_trips_per_fire: Option<f64>,
+    #[serde(default)]
+    pub redis_commands_per_fire: Option<f64>,
+    #[serde(default)]
+    pub redis_cpu_us_per_fire: Option<f64>,
 }
 
 const NS: i64 = 1_000_000_000;
@@ -160,7 +173,20 @@ async fn run_chronflow(params: RunParams) -> RunResult {
         backfill_per_second: 10,
         http: chronflow::executor::http::client().expect("an HTTP client"),
         values: Arc::new(NoValues),
-        ledger: Arc::new(MemoryLedger::new(Duration::from_secs(3600))),
+        ledger: match &params.redis {
+            None => Arc::new(MemoryLedger::new(Duration::from_secs(3600))),
+            // The configuration's defaults: 10 connections, 2 s per operation.
+            Some(url) => Arc::new(
+                RedisLedger::new(&RedisSettings {
+                    url: url.clone(),
+                    cluster: false,
+                    ca: None,
+                    max_connections: 10,
+                    timeout: Duration::from_secs(2),
+                })
+                .expect("a Redis ledger"),
+            ),
+        },
         sink: counts.clone(),
         leader,
         clock: Clock::System,
@@ -210,7 +236,29 @@ async fn run_chronflow(params: RunParams) -> RunResult {
         notes.push("adding the tasks overran the first instant".into());
     }
 
+    // One connection for both readings, opened before the window: only the first INFO counts.
+    let mut redis_before = None;
+    if let Some(url) = &params.redis {
+        let client = redis::Client::open(url.as_str()).expect("a Redis URL");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis answers");
+        measure::sleep_until_ns(window.t0_ns).await;
+        let before = redis_stats(&mut connection).await;
+        redis_before = Some((connection, before));
+    }
     let (cpu, rss_end) = measure_window(window).await;
+    let mut redis_used = None;
+    if let Some((mut connection, before)) = redis_before {
+        let after = redis_stats(&mut connection).await;
+        // The first INFO is counted once, as a command and as a round trip.
+        redis_used = Some(RedisStats {
+            round_trips: after.round_trips - before.round_trips - 1.0,
+            commands: after.commands - before.commands - 1.0,
+            cpu_us: after.cpu_us - before.cpu_us,
+        });
+    }
     // Runs of the window's last second may still be in flight (its lags are milliseconds).
     measure::sleep_until_ns(window.t0_ns + (params.seconds as i64 + 1) * NS).await;
     let summary = match &params.receiver {
@@ -218,7 +266,8 @@ async fn run_chronflow(params: RunParams) -> RunResult {
         Some(receiver) => fetch_summary(receiver, window, n).await,
     };
     stop.cancel();
-    finish(
+    let fired = summary.fired.max(1) as f64;
+    let mut result = finish(
         params,
         summary,
         counts.missed.load(Ordering::Relaxed),
@@ -228,7 +277,75 @@ async fn run_chronflow(params: RunParams) -> RunResult {
         (rss_before, rss_idle, rss_end),
         add_seconds,
         notes,
-    )
+    );
+    if let Some(used) = redis_used {
+        result.redis_round_trips_per_fire = Some(used.round_trips / fired);
+        result.redis_commands_per_fire = Some(used.commands / fired);
+        result.redis_cpu_us_per_fire = Some(used.cpu_us / fired);
+    }
+    result
+}
+
+/// What Redis has done so far.
+struct RedisStats {
+    /// Commands clients sent (each a round trip).
+    round_trips: f64,
+    /// Commands run, those Lua scripts call included.
+    commands: f64,
+    /// Its CPU time, user + system, µs.
+    cpu_us: f64,
+}
+
+/// Commands a client sends itself; the rest of what Redis counts is called from scripts
+/// (`INFO commandstats` counts both).
+const CLIENT_COMMANDS: [&str; 12] = [
+    "eval",
+    "evalsha",
+    "eval_ro",
+    "evalsha_ro",
+    "fcall",
+    "ping",
+    "hello",
+    "select",
+    "auth",
+    "info",
+    "multi",
+    "exec",
+];
+
+async fn redis_stats(connection: &mut redis::aio::MultiplexedConnection) -> RedisStats {
+    let info: String = redis::cmd("INFO")
+        .arg("everything")
+        .query_async(connection)
+        .await
+        .expect("INFO");
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let round_trips = info
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_")?.split_once(':'))
+        .filter(|(name, _)| {
+            let family = name.split('|').next().unwrap_or(name);
+            CLIENT_COMMANDS.contains(&family) || family == "client" || family == "script"
+        })
+        .filter_map(|(_, stats)| {
+            stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum();
+    RedisStats {
+        round_trips,
+        commands: field("total_commands_processed"),
+        cpu_us: (field("used_cpu_user") + field("used_cpu_sys")) * 1e6,
+    }
 }
 
 /// Task `i` of `n`: due every second from `base` (plus its offset when spread) until `end`.
@@ -335,6 +452,9 @@ fn finish(
         rss_end,
         add_seconds,
         notes,
+        redis_round_trips_per_fire: None,
+        redis_commands_per_fire: None,
+        redis_cpu_us_per_fire: None,
     }
 }
 

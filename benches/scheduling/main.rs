@@ -36,17 +36,21 @@ struct ReportArgs {
     #[arg(long)]
     smoke: bool,
     /// Task counts of the engine part (comma-separated; empty skips the part).
-    #[arg(long, value_delimiter = ',')]
-    tasks: Option<Vec<usize>>,
+    #[arg(long, value_parser = sizes)]
+    tasks: Option<Sizes>,
     /// Task counts of the HTTP part (comma-separated; empty skips the part).
-    #[arg(long, value_delimiter = ',')]
-    http_tasks: Option<Vec<usize>>,
+    #[arg(long, value_parser = sizes)]
+    http_tasks: Option<Sizes>,
     /// Seconds measured per run.
     #[arg(long)]
     seconds: Option<u32>,
     /// Seconds of warm-up before the measured ones.
     #[arg(long)]
     warmup: Option<u32>,
+    /// Rates (tasks spread over each second) of the Redis-ledger part, chronflow only, against
+    /// a redis-server of its own (comma-separated; empty skips the part; needs redis-server).
+    #[arg(long, value_parser = sizes)]
+    redis_rates: Option<Sizes>,
     /// chronflow's max_workers (its configuration's default is 10).
     #[arg(long, default_value_t = 10)]
     workers: usize,
@@ -57,6 +61,19 @@ struct ReportArgs {
     /// else target/bench-report].
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// A comma-separated list of counts; empty means none.
+#[derive(Clone)]
+struct Sizes(Vec<usize>);
+
+fn sizes(text: &str) -> Result<Sizes, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|e| format!("{s:?}: {e}")))
+        .collect::<Result<_, _>>()
+        .map(Sizes)
 }
 
 #[derive(Subcommand)]
@@ -81,6 +98,8 @@ enum Cmd {
         workers: usize,
         #[arg(long)]
         receiver: Option<String>,
+        #[arg(long)]
+        redis: Option<String>,
     },
     /// The HTTP runs' receiver (a child of `report`).
     Receiver,
@@ -105,6 +124,7 @@ fn main() {
             warmup,
             workers,
             receiver,
+            redis,
         }) => {
             let params = RunParams {
                 contender,
@@ -115,6 +135,7 @@ fn main() {
                 warmup,
                 workers,
                 receiver,
+                redis,
             };
             let result = runtime().block_on(contenders::run(params));
             println!(
@@ -138,13 +159,33 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn report(args: ReportArgs) -> i32 {
     let started = Instant::now();
-    let (tasks, http_tasks, seconds, warmup) = if args.smoke {
-        (vec![1000], vec![1000], 3, 1)
+    let (tasks, http_tasks, redis_rates, seconds, warmup) = if args.smoke {
+        (vec![1000], vec![1000], vec![], 3, 1)
     } else {
-        (vec![100, 1000, 10_000, 50_000], vec![1000, 10_000], 20, 5)
+        let rates = vec![1000, 2000, 5000, 10_000, 15_000, 20_000];
+        (
+            vec![100, 1000, 10_000, 50_000],
+            vec![1000, 10_000],
+            rates,
+            20,
+            5,
+        )
     };
-    let tasks = args.tasks.clone().unwrap_or(tasks);
-    let http_tasks = args.http_tasks.clone().unwrap_or(http_tasks);
+    let tasks = args.tasks.clone().map_or(tasks, |s| s.0);
+    let http_tasks = args.http_tasks.clone().map_or(http_tasks, |s| s.0);
+    let mut redis_rates = args.redis_rates.clone().map_or(redis_rates, |s| s.0);
+    redis_rates.retain(|&n| n > 0);
+    let redis = if redis_rates.is_empty() {
+        None
+    } else {
+        match RedisServer::start() {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("skipping the Redis-ledger part: {e}");
+                None
+            }
+        }
+    };
     let seconds = args.seconds.unwrap_or(seconds);
     let warmup = args.warmup.unwrap_or(warmup);
     let out = args.out.clone().unwrap_or_else(|| {
@@ -152,36 +193,59 @@ fn report(args: ReportArgs) -> i32 {
             .join("bench-report")
     });
 
+    let params = |contender, kind, shape, tasks| RunParams {
+        contender,
+        kind,
+        shape,
+        tasks,
+        seconds,
+        warmup,
+        workers: args.workers,
+        receiver: None,
+        redis: None,
+    };
     let mut plan = Vec::new();
     for (kind, sizes) in [(Kind::Engine, &tasks), (Kind::Http, &http_tasks)] {
         for &n in sizes.iter().filter(|&&n| n > 0) {
             for shape in [Shape::Spread, Shape::Aligned] {
-                plan.push((Contender::Chronflow, kind, shape, n));
+                plan.push(params(Contender::Chronflow, kind, shape, n));
             }
             // The peer's instants are whole seconds: it has the aligned shape only.
             if !args.no_peer {
-                plan.push((Contender::Peer, kind, Shape::Aligned, n));
+                plan.push(params(Contender::Peer, kind, Shape::Aligned, n));
             }
+        }
+    }
+    if let Some(server) = &redis {
+        for &n in &redis_rates {
+            plan.push(RunParams {
+                redis: Some(server.url()),
+                ..params(Contender::Chronflow, Kind::Engine, Shape::Spread, n)
+            });
         }
     }
 
     let mut results = Vec::new();
-    for (contender, kind, shape, n) in plan {
-        let params = RunParams {
-            contender,
-            kind,
-            shape,
-            tasks: n,
-            seconds,
-            warmup,
-            workers: args.workers,
-            receiver: None,
+    for params in plan {
+        let (contender, kind, shape, n) =
+            (params.contender, params.kind, params.shape, params.tasks);
+        if let (Some(server), true) = (&redis, params.redis.is_some()) {
+            // Every rate starts from an empty ledger.
+            if let Err(e) = server.command("FLUSHALL") {
+                eprintln!("Redis: {e}");
+                return 1;
+            }
+        }
+        let ledger = if params.redis.is_some() {
+            " (Redis ledger)"
+        } else {
+            ""
         };
         match run_child(params) {
             Ok(r) => {
                 let s = &r.summary;
                 eprintln!(
-                    "{:?} {:?} {:?} {n}: fired {}/{} never {} dup {} missed {} failed {}; lag p50 {:.2} p99 {:.2} max {:.2} ms; {:.2} µs CPU/fire; {:.0} B/task",
+                    "{:?} {:?} {:?} {n}{ledger}: fired {}/{} never {} dup {} missed {} failed {}; lag p50 {:.2} p99 {:.2} max {:.2} ms; {:.2} µs CPU/fire; {:.0} B/task",
                     contender,
                     kind,
                     shape,
@@ -231,10 +295,11 @@ fn report(args: ReportArgs) -> i32 {
         results.len(),
         started.elapsed().as_secs_f64()
     );
-    // Every chronflow run must fire every instant: that is what the smoke run guards.
+    // Every chronflow run must fire every instant: that is what the smoke run guards. The
+    // Redis part looks for the highest rate that holds, so its top rates may not.
     let failures: Vec<&RunResult> = results
         .iter()
-        .filter(|r| r.params.contender == Contender::Chronflow)
+        .filter(|r| r.params.contender == Contender::Chronflow && r.params.redis.is_none())
         .filter(|r| {
             r.summary.fired < r.summary.expected
                 || r.summary.never_fired > 0
@@ -315,6 +380,9 @@ fn run_child(mut params: RunParams) -> Result<RunResult, String> {
     if let Some(url) = &params.receiver {
         command.args(["--receiver", url]);
     }
+    if let Some(url) = &params.redis {
+        command.args(["--redis", url]);
+    }
     let mut child = command
         .stdout(Stdio::piped())
         .spawn()
@@ -336,6 +404,67 @@ fn run_child(mut params: RunParams) -> Result<RunResult, String> {
         .map_err(|_| format!("no result within {} s", limit.as_secs()))?;
     let _ = guard.0.wait();
     serde_json::from_str(&json).map_err(|e| format!("an unreadable result: {e}"))
+}
+
+/// A redis-server of the benchmark's own on a free loopback port, without persistence;
+/// stopped when dropped.
+struct RedisServer {
+    port: u16,
+    _process: KillOnDrop,
+}
+
+impl RedisServer {
+    fn start() -> Result<RedisServer, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let process = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("cannot start redis-server (scripts/test-deps installs it): {e}")
+            })?;
+        let server = RedisServer {
+            port,
+            _process: KillOnDrop(process),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.command("PING").is_err() {
+            if Instant::now() > deadline {
+                return Err("redis-server did not answer PING within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends an inline command; Ok when Redis answers with a status reply.
+    fn command(&self, command: &str) -> Result<(), String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))
+            .map_err(|e| format!("redis-server: {e}"))?;
+        stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .map_err(|e| format!("redis-server: {e}"))?;
+        let mut answer = [0u8; 64];
+        let read = stream
+            .read(&mut answer)
+            .map_err(|e| format!("redis-server: {e}"))?;
+        match answer.first() {
+            Some(b'+') => Ok(()),
+            _ => Err(format!(
+                "redis-server answered {command} with {:?}",
+                String::from_utf8_lossy(&answer[..read])
+            )),
+        }
+    }
 }
 
 fn enum_arg<T: clap::ValueEnum>(value: &T) -> &'static str {

@@ -368,8 +368,11 @@ fn targets(runs: &[RunResult]) -> Vec<Target> {
 }
 
 /// Writes `report.md` and `lag.svg` into `dir`; returns the report.
-pub fn write(dir: &Path, context: &Context, runs: &[RunResult]) -> std::io::Result<String> {
+pub fn write(dir: &Path, context: &Context, all: &[RunResult]) -> std::io::Result<String> {
     std::fs::create_dir_all(dir)?;
+    let (redis, runs): (Vec<RunResult>, Vec<RunResult>) =
+        all.iter().cloned().partition(|r| r.params.redis.is_some());
+    let runs = &runs[..];
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -404,6 +407,7 @@ pub fn write(dir: &Path, context: &Context, runs: &[RunResult]) -> std::io::Resu
         ratios(&mut out, runs, kind);
         out.push('\n');
     }
+    redis_section(&mut out, &redis, runs);
     let _ = writeln!(out, "## Targets (chronflow)\n");
     let _ = writeln!(out, "| target | measured | met |\n| --- | --- | --- |");
     for t in targets(runs) {
@@ -449,6 +453,93 @@ pub fn write(dir: &Path, context: &Context, runs: &[RunResult]) -> std::io::Resu
     std::fs::write(dir.join("report.md"), &out)?;
     chart(&dir.join("lag.svg"), runs).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(out)
+}
+
+/// The Redis-ledger part: chronflow alone (the peer has no shared ledger), tasks spread over
+/// the second at rising rates, beside the memory ledger's runs of the same run.
+fn redis_section(out: &mut String, redis: &[RunResult], runs: &[RunResult]) {
+    if redis.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Redis ledger: chronflow, a no-op action, tasks spread over each second\n\nA redis-server of the benchmark's own on loopback (no persistence), emptied before each rate; the ledger's defaults (10 connections, 2 s per operation). tokio-cron-scheduler has no shared ledger: the comparison is chronflow's memory ledger in the same run.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| runs/s | ledger | fired / expected | never fired | reported missed | p50 ms | p90 ms | p99 ms | max ms | chronflow CPU µs / run | RSS / idle task B | Redis round trips / run | Redis commands / run (in scripts too) | Redis CPU µs / run |"
+    );
+    let _ = writeln!(
+        out,
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let memory = |n: usize| {
+        runs.iter().find(|r| {
+            r.params.contender == Contender::Chronflow
+                && r.params.kind == Kind::Engine
+                && r.params.shape == Shape::Spread
+                && r.params.tasks == n
+        })
+    };
+    let row = |out: &mut String, r: &RunResult, ledger: &str| {
+        let s = &r.summary;
+        let opt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            out,
+            "| {} | {ledger} | {} / {} ({:.2} %) | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {} | {} | {} |",
+            r.params.tasks,
+            s.fired,
+            s.expected,
+            100.0 * s.fired as f64 / s.expected.max(1) as f64,
+            s.never_fired,
+            r.reported_missed,
+            ms(s.p50_ms),
+            ms(s.p90_ms),
+            ms(s.p99_ms),
+            ms(s.max_ms),
+            r.cpu_us_per_fire,
+            per_task_bytes(r),
+            opt(r.redis_round_trips_per_fire),
+            opt(r.redis_commands_per_fire),
+            opt(r.redis_cpu_us_per_fire),
+        );
+    };
+    for r in redis {
+        row(out, r, "Redis");
+        if let Some(m) = memory(r.params.tasks) {
+            row(out, m, "memory");
+        }
+    }
+    let holds = |r: &&RunResult| {
+        r.summary.fired == r.summary.expected && r.reported_missed == 0 && r.summary.p99_ms <= 10.0
+    };
+    let best = redis.iter().filter(holds).map(|r| r.params.tasks).max();
+    let tried: Vec<String> = redis.iter().map(|r| r.params.tasks.to_string()).collect();
+    let _ = writeln!(
+        out,
+        "\nHighest sustained rate with every run fired and start lag p99 ≤ 10 ms: {} (rates tried: {}).",
+        best.map_or("none of the rates tried".into(), |n| format!("{n} runs/s")),
+        tried.join(", ")
+    );
+    if let Some(r) = redis.iter().find(|r| r.params.tasks == 1000) {
+        let _ = write!(
+            out,
+            "At 1 000 runs/s: p50 {} ms, p99 {} ms, max {} ms",
+            ms(r.summary.p50_ms),
+            ms(r.summary.p99_ms),
+            ms(r.summary.max_ms)
+        );
+        if let Some(m) = memory(1000) {
+            let _ = write!(
+                out,
+                " (memory ledger, same run: p50 {} ms, p99 {} ms)",
+                ms(m.summary.p50_ms),
+                ms(m.summary.p99_ms)
+            );
+        }
+        let _ = writeln!(out, ".");
+    }
+    out.push('\n');
 }
 
 fn kind_name(kind: Kind) -> &'static str {
