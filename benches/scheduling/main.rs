@@ -9,6 +9,7 @@
 //! - `scheduling receiver`: the HTTP runs' loopback receiver.
 
 mod contenders;
+mod failover;
 mod measure;
 mod receiver;
 mod report;
@@ -51,6 +52,13 @@ struct ReportArgs {
     /// a redis-server of its own (comma-separated; empty skips the part; needs redis-server).
     #[arg(long, value_parser = sizes)]
     redis_rates: Option<Sizes>,
+    /// Kill the leader of three `chronflow run` replicas this many times (part 5; needs the
+    /// control plane of scripts/test-deps; 0 skips it).
+    #[arg(long, default_value_t = 0)]
+    failover: usize,
+    /// Tasks due every second during the failover run.
+    #[arg(long, default_value_t = 10)]
+    failover_tasks: usize,
     /// chronflow's max_workers (its configuration's default is 10).
     #[arg(long, default_value_t = 10)]
     workers: usize,
@@ -103,6 +111,11 @@ enum Cmd {
     },
     /// The HTTP runs' receiver (a child of `report`).
     Receiver,
+    /// `chronflow ARGS…`: the chronflow binary's own command line (the failover's replicas).
+    Chronflow {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Where an idle task's memory goes (the tasks alone, before the engine keeps them).
     Sizes {
         #[arg(long, default_value_t = 50_000)]
@@ -145,6 +158,14 @@ fn main() {
         }
         Some(Cmd::Receiver) => runtime().block_on(receiver::serve()),
         Some(Cmd::Sizes { tasks }) => contenders::sizes(tasks),
+        Some(Cmd::Chronflow { args }) => {
+            let cli =
+                chronflow::cli::Cli::parse_from(std::iter::once("chronflow".into()).chain(args));
+            if let Err(e) = runtime().block_on(cli.run()) {
+                eprintln!("chronflow: {e}");
+                std::process::exit(e.exit_code().into());
+            }
+        }
         Some(Cmd::Report) | None => std::process::exit(report(cli.report)),
     }
 }
@@ -272,6 +293,18 @@ fn report(args: ReportArgs) -> i32 {
         }
     }
 
+    let failover = if args.failover > 0 {
+        match failover_run(&args) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("failover: {e}");
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
+
     let context = report::Context {
         started: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
         command: command_line(&args),
@@ -281,13 +314,14 @@ fn report(args: ReportArgs) -> i32 {
         warmup,
         workers: args.workers,
     };
-    if let Err(e) = report::write(&out, &context, &results) {
+    if let Err(e) = report::write(&out, &context, &results, failover.as_ref()) {
         eprintln!("cannot write the report into {}: {e}", out.display());
         return 1;
     }
     let _ = std::fs::write(
         out.join("results.json"),
-        serde_json::to_string_pretty(&results).expect("results serialise"),
+        serde_json::to_string_pretty(&serde_json::json!({"runs": results, "failover": failover}))
+            .expect("results serialise"),
     );
     eprintln!(
         "report: {} ({} runs, {:.0} s)",
@@ -319,7 +353,35 @@ fn report(args: ReportArgs) -> i32 {
             r.failed
         );
     }
-    i32::from(!failures.is_empty())
+    let lost = failover
+        .as_ref()
+        .is_some_and(|f| f.lost > 0 || f.duplicated > 0);
+    if lost {
+        eprintln!("failover: instants lost or run twice");
+    }
+    i32::from(!failures.is_empty() || lost)
+}
+
+/// Part 5, with its own receiver; the configuration's default lease timing.
+fn failover_run(args: &ReportArgs) -> Result<failover::FailoverResult, String> {
+    let mut child = myself()
+        .arg("receiver")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the receiver: {e}"))?;
+    let url = failover::receiver_address(&mut child)?;
+    let _receiver = KillOnDrop(child);
+    let result = failover::run(
+        args.failover_tasks,
+        args.failover,
+        ("15s", "10s", "2s"),
+        &url,
+    )?;
+    eprintln!(
+        "failover: lease taken after {:?} s, first run after {:?} s; {} instants received, {} lost, {} run twice",
+        result.lease_taken_s, result.first_run_s, result.received, result.lost, result.duplicated
+    );
+    Ok(result)
 }
 
 /// Kills the child when dropped (an interrupted benchmark leaves no process behind).

@@ -21,6 +21,7 @@ pub async fn serve() {
     let app = axum::Router::new()
         .route("/t/{task}", post(hit))
         .route("/summary", get(summary))
+        .route("/hits", get(all_hits))
         .with_state(hits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -75,4 +76,14 @@ async fn summary(State(hits): State<Hits>, uri: Uri) -> String {
         .collect();
     serde_json::to_string(&measure::summarise(&samples, tasks, window.seconds))
         .expect("a summary serialises")
+}
+
+/// Every call so far, one per line: `task instant_ns arrival_ns`.
+async fn all_hits(State(hits): State<Hits>) -> String {
+    let hits = hits.lock().expect("not poisoned");
+    let mut out = String::with_capacity(hits.len() * 40);
+    for (task, due, at) in hits.iter() {
+        out.push_str(&format!("{task} {due} {at}\n"));
+    }
+    out
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::contenders::{Contender, Kind, RunResult, Shape};
+use crate::failover::FailoverResult;
 
 /// Where and how the benchmark ran (for the report's header).
 pub struct Context {
@@ -368,7 +369,12 @@ fn targets(runs: &[RunResult]) -> Vec<Target> {
 }
 
 /// Writes `report.md` and `lag.svg` into `dir`; returns the report.
-pub fn write(dir: &Path, context: &Context, all: &[RunResult]) -> std::io::Result<String> {
+pub fn write(
+    dir: &Path,
+    context: &Context,
+    all: &[RunResult],
+    failover: Option<&FailoverResult>,
+) -> std::io::Result<String> {
     std::fs::create_dir_all(dir)?;
     let (redis, runs): (Vec<RunResult>, Vec<RunResult>) =
         all.iter().cloned().partition(|r| r.params.redis.is_some());
@@ -408,9 +414,15 @@ pub fn write(dir: &Path, context: &Context, all: &[RunResult]) -> std::io::Resul
         out.push('\n');
     }
     redis_section(&mut out, &redis, runs);
-    let _ = writeln!(out, "## Targets (chronflow)\n");
-    let _ = writeln!(out, "| target | measured | met |\n| --- | --- | --- |");
-    for t in targets(runs) {
+    if let Some(f) = failover {
+        failover_section(&mut out, f);
+    }
+    let targets = targets(runs);
+    if !targets.is_empty() {
+        let _ = writeln!(out, "## Targets (chronflow)\n");
+        let _ = writeln!(out, "| target | measured | met |\n| --- | --- | --- |");
+    }
+    for t in targets {
         let _ = writeln!(
             out,
             "| {} | {} | {} |",
@@ -540,6 +552,33 @@ fn redis_section(out: &mut String, redis: &[RunResult], runs: &[RunResult]) {
         let _ = writeln!(out, ".");
     }
     out.push('\n');
+}
+
+fn failover_section(out: &mut String, f: &FailoverResult) {
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let _ = writeln!(
+        out,
+        "## Failover: kill -9 on the leader, {} times\n\nThree `chronflow run` replicas (the same library as the binary) on a real kube-apiserver and etcd (`scripts/control-plane`), sharing a real redis-server as their ledger; {} tasks due every second (`catchUp: All`, `concurrencyPolicy: Allow`) call the loopback receiver. The leader is killed with SIGKILL, a replacement standby joins, and the next kill waits 5 s after a new leader holds the Lease. Lease timing: the configuration's defaults, `lease_duration` {}, `renew_deadline` {}, `retry_period` {}.\n",
+        f.kills, f.tasks, f.lease_duration, f.renew_deadline, f.retry_period
+    );
+    let _ = writeln!(
+        out,
+        "| measured | value |\n| --- | --- |\n| a standby holds the Lease, s after the kill (each kill) | {} (max {:.1}) |\n| first run received, s after the kill (each kill) | {} (max {:.1}) |\n| instants received | {} |\n| instants lost (between each task's first and last) | {} |\n| instants run twice | {} |\n| largest lag, scheduled → received (the gap's catch-up) | {:.1} s |\n",
+        list(&f.lease_taken_s),
+        max(&f.lease_taken_s),
+        list(&f.first_run_s),
+        max(&f.first_run_s),
+        f.received,
+        f.lost,
+        f.duplicated,
+        f.max_lag_s
+    );
 }
 
 fn kind_name(kind: Kind) -> &'static str {
