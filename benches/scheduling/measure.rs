@@ -119,6 +119,11 @@ impl Recorder {
     }
 }
 
+/// JSON has no NaN nor infinity (serde_json writes null): read null back as NaN.
+fn nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// What a run measured; the same fields for every contender.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
@@ -131,16 +136,24 @@ pub struct Summary {
     /// Tasks with no fire at all in the window.
     pub never_fired: u64,
     /// Start lag percentiles over the fires, in milliseconds.
+    #[serde(deserialize_with = "nullable")]
     pub p50_ms: f64,
+    #[serde(deserialize_with = "nullable")]
     pub p90_ms: f64,
+    #[serde(deserialize_with = "nullable")]
     pub p99_ms: f64,
+    #[serde(deserialize_with = "nullable")]
     pub max_ms: f64,
     /// Least-squares slope of each second's median lag over the window, µs per second, and
     /// its standard error (how much of the slope noise alone explains).
+    #[serde(deserialize_with = "nullable")]
     pub drift_us_per_s: f64,
+    #[serde(deserialize_with = "nullable")]
     pub drift_stderr_us_per_s: f64,
     /// Median lag of the first and of the last second, ms (the drift in plain numbers).
+    #[serde(deserialize_with = "nullable")]
     pub first_second_p50_ms: f64,
+    #[serde(deserialize_with = "nullable")]
     pub last_second_p50_ms: f64,
 }
 

@@ -374,6 +374,7 @@ pub fn write(
     context: &Context,
     all: &[RunResult],
     failover: Option<&FailoverResult>,
+    errors: &[String],
 ) -> std::io::Result<String> {
     std::fs::create_dir_all(dir)?;
     let (redis, runs): (Vec<RunResult>, Vec<RunResult>) =
@@ -456,6 +457,11 @@ pub fn write(
             })
         }))
         .collect();
+    let notes: Vec<String> = errors
+        .iter()
+        .map(|e| format!("a run that gave no result: {e}"))
+        .chain(notes)
+        .collect();
     if !notes.is_empty() {
         let _ = writeln!(out, "\n## Notes\n");
         for n in notes {
@@ -529,7 +535,7 @@ fn redis_section(out: &mut String, redis: &[RunResult], runs: &[RunResult]) {
     let tried: Vec<String> = redis.iter().map(|r| r.params.tasks.to_string()).collect();
     let _ = writeln!(
         out,
-        "\nHighest sustained rate with every run fired and start lag p99 ≤ 10 ms: {} (rates tried: {}).",
+        "\nHighest sustained rate with every run fired and start lag p99 ≤ 10 ms: {} (rates tried: {}; the part stops at the first rate that misses runs).",
         best.map_or("none of the rates tried".into(), |n| format!("{n} runs/s")),
         tried.join(", ")
     );
