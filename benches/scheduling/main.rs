@@ -116,6 +116,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Writes DIR/report.md and DIR/lag.svg again from DIR/results.json (no runs).
+    Render { dir: PathBuf },
     /// Where an idle task's memory goes (the tasks alone, before the engine keeps them).
     Sizes {
         #[arg(long, default_value_t = 50_000)]
@@ -158,6 +160,12 @@ fn main() {
         }
         Some(Cmd::Receiver) => runtime().block_on(receiver::serve()),
         Some(Cmd::Sizes { tasks }) => contenders::sizes(tasks),
+        Some(Cmd::Render { dir }) => {
+            if let Err(e) = render(&dir) {
+                eprintln!("cannot render {}: {e}", dir.display());
+                std::process::exit(1);
+            }
+        }
         Some(Cmd::Chronflow { args }) => {
             let cli =
                 chronflow::cli::Cli::parse_from(std::iter::once("chronflow".into()).chain(args));
@@ -337,8 +345,13 @@ fn report(args: ReportArgs) -> i32 {
     }
     let _ = std::fs::write(
         out.join("results.json"),
-        serde_json::to_string_pretty(&serde_json::json!({"runs": results, "failover": failover}))
-            .expect("results serialise"),
+        serde_json::to_string_pretty(&Saved {
+            context,
+            runs: results.clone(),
+            failover: failover.clone(),
+            errors: errors.clone(),
+        })
+        .expect("results serialise"),
     );
     eprintln!(
         "report: {} ({} runs, {:.0} s)",
@@ -377,6 +390,31 @@ fn report(args: ReportArgs) -> i32 {
         eprintln!("failover: instants lost or run twice");
     }
     i32::from(!failures.is_empty() || lost || broken)
+}
+
+/// What `results.json` holds: enough to write the report again (`scheduling render DIR`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    context: report::Context,
+    runs: Vec<RunResult>,
+    failover: Option<failover::FailoverResult>,
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+/// Writes `DIR/report.md` and `DIR/lag.svg` again from `DIR/results.json`.
+fn render(dir: &std::path::Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(dir.join("results.json")).map_err(|e| e.to_string())?;
+    let saved: Saved = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    report::write(
+        dir,
+        &saved.context,
+        &saved.runs,
+        saved.failover.as_ref(),
+        &saved.errors,
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// Part 5, with its own receiver; the configuration's default lease timing.

@@ -9,6 +9,7 @@ use crate::contenders::{Contender, Kind, RunResult, Shape};
 use crate::failover::FailoverResult;
 
 /// Where and how the benchmark ran (for the report's header).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Context {
     pub started: String,
     pub command: String,
@@ -653,7 +654,16 @@ fn chart(path: &Path, runs: &[RunResult]) -> Result<(), Box<dyn std::error::Erro
             .configure_mesh()
             .x_desc("tasks due every second")
             .y_desc("lag, ms (log)")
-            .x_label_formatter(&|v| format!("{v:.0}"))
+            // Powers of ten only: a log axis over less than a decade labels every step.
+            .x_label_formatter(&|v| {
+                let exponent = v.log10();
+                if (exponent - exponent.round()).abs() < 1e-9 {
+                    format!("{v:.0}")
+                } else {
+                    String::new()
+                }
+            })
+            .max_light_lines(4)
             .y_label_formatter(&|v| format!("{v}"))
             .draw()?;
         for (contender, shape, label, color) in series {
