@@ -40,10 +40,10 @@ pub struct FailoverResult {
     pub max_lag_s: f64,
 }
 
-struct Plane {
-    dir: PathBuf,
+pub(crate) struct Plane {
+    pub(crate) dir: PathBuf,
     path: String,
-    kubeconfig: PathBuf,
+    pub(crate) kubeconfig: PathBuf,
     redis_url: String,
 }
 
@@ -57,12 +57,12 @@ impl Drop for Plane {
     }
 }
 
-fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 impl Plane {
-    fn up() -> Result<Plane, String> {
+    pub(crate) fn up() -> Result<Plane, String> {
         let dir =
             std::env::temp_dir().join(format!("chronflow-bench-failover-{}", std::process::id()));
         let status = Command::new(repo().join("scripts/control-plane"))
@@ -94,7 +94,7 @@ impl Plane {
         })
     }
 
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    pub(crate) fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         let mut child = Command::new("kubectl")
             .args(args)
             .env("PATH", &self.path)
@@ -181,7 +181,7 @@ fn signal(child: &Child, signal: &str) {
         .status();
 }
 
-fn wait_for<T>(
+pub(crate) fn wait_for<T>(
     what: &str,
     limit: Duration,
     mut check: impl FnMut() -> Option<T>,

@@ -11,6 +11,7 @@
 mod contenders;
 mod failover;
 mod measure;
+mod operator;
 mod receiver;
 mod report;
 
@@ -56,6 +57,13 @@ struct ReportArgs {
     /// control plane of scripts/test-deps; 0 skips it).
     #[arg(long, default_value_t = 0)]
     failover: usize,
+    /// Part 3: one `chronflow run` over this many ChronTasks due every second, each count a
+    /// control plane of its own (comma-separated; needs scripts/test-deps' binaries).
+    #[arg(long, value_parser = sizes)]
+    operator: Option<Sizes>,
+    /// Seconds measured in each operator run once every task is scheduled.
+    #[arg(long, default_value_t = 20)]
+    operator_window: u64,
     /// Tasks due every second during the failover run.
     #[arg(long, default_value_t = 10)]
     failover_tasks: usize,
@@ -316,6 +324,17 @@ fn report(args: ReportArgs) -> i32 {
         }
     }
 
+    let mut operator_runs = Vec::new();
+    for &n in args.operator.as_ref().map_or(&[][..], |s| &s.0[..]) {
+        match operator_run(n, args.operator_window) {
+            Ok(r) => operator_runs.push(r),
+            Err(e) => {
+                eprintln!("operator {n}: {e}");
+                errors.push(format!("operator {n}: {e}"));
+                broken = true;
+            }
+        }
+    }
     let failover = if args.failover > 0 {
         match failover_run(&args) {
             Ok(f) => Some(f),
@@ -339,7 +358,14 @@ fn report(args: ReportArgs) -> i32 {
         warmup,
         workers: args.workers,
     };
-    if let Err(e) = report::write(&out, &context, &results, failover.as_ref(), &errors) {
+    if let Err(e) = report::write(
+        &out,
+        &context,
+        &results,
+        &operator_runs,
+        failover.as_ref(),
+        &errors,
+    ) {
         eprintln!("cannot write the report into {}: {e}", out.display());
         return 1;
     }
@@ -348,6 +374,7 @@ fn report(args: ReportArgs) -> i32 {
         serde_json::to_string_pretty(&Saved {
             context,
             runs: results.clone(),
+            operator: operator_runs.clone(),
             failover: failover.clone(),
             errors: errors.clone(),
         })
@@ -397,6 +424,8 @@ fn report(args: ReportArgs) -> i32 {
 struct Saved {
     context: report::Context,
     runs: Vec<RunResult>,
+    #[serde(default)]
+    operator: Vec<operator::OperatorResult>,
     failover: Option<failover::FailoverResult>,
     #[serde(default)]
     errors: Vec<String>,
@@ -410,11 +439,34 @@ fn render(dir: &std::path::Path) -> Result<(), String> {
         dir,
         &saved.context,
         &saved.runs,
+        &saved.operator,
         saved.failover.as_ref(),
         &saved.errors,
     )
     .map(|_| ())
     .map_err(|e| e.to_string())
+}
+
+/// Part 3, with its own receiver.
+fn operator_run(tasks: usize, window: u64) -> Result<operator::OperatorResult, String> {
+    let mut child = myself()
+        .arg("receiver")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the receiver: {e}"))?;
+    let url = failover::receiver_address(&mut child)?;
+    let _receiver = KillOnDrop(child);
+    let r = operator::run(tasks, &url, window)?;
+    eprintln!(
+        "operator {tasks}: created in {:.1} s, all scheduled after {:.1} s, {:.0} MiB resident, {:.1} status writes/s, {:.0} apiserver requests/s, {:.0} calls/s",
+        r.create_s,
+        r.scheduled_s,
+        r.rss_bytes as f64 / 1048576.0,
+        r.status_writes_per_s,
+        r.apiserver_requests_per_s,
+        r.calls_per_s
+    );
+    Ok(r)
 }
 
 /// Part 5, with its own receiver; the configuration's default lease timing.

@@ -22,6 +22,7 @@ pub async fn serve() {
         .route("/t/{task}", post(hit))
         .route("/summary", get(summary))
         .route("/hits", get(all_hits))
+        .route("/count", get(count))
         .with_state(hits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -86,4 +87,9 @@ async fn all_hits(State(hits): State<Hits>) -> String {
         out.push_str(&format!("{task} {due} {at}\n"));
     }
     out
+}
+
+/// How many calls so far.
+async fn count(State(hits): State<Hits>) -> String {
+    hits.lock().expect("not poisoned").len().to_string()
 }

@@ -7,6 +7,7 @@ use plotters::prelude::*;
 
 use crate::contenders::{Contender, Kind, RunResult, Shape};
 use crate::failover::FailoverResult;
+use crate::operator::OperatorResult;
 
 /// Where and how the benchmark ran (for the report's header).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -374,6 +375,7 @@ pub fn write(
     dir: &Path,
     context: &Context,
     all: &[RunResult],
+    operator: &[OperatorResult],
     failover: Option<&FailoverResult>,
     errors: &[String],
 ) -> std::io::Result<String> {
@@ -416,6 +418,7 @@ pub fn write(
         out.push('\n');
     }
     redis_section(&mut out, &redis, runs);
+    operator_section(&mut out, operator);
     if let Some(f) = failover {
         failover_section(&mut out, f);
     }
@@ -557,6 +560,36 @@ fn redis_section(out: &mut String, redis: &[RunResult], runs: &[RunResult]) {
             );
         }
         let _ = writeln!(out, ".");
+    }
+    out.push('\n');
+}
+
+fn operator_section(out: &mut String, runs: &[OperatorResult]) {
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## The operator on a real control plane\n\nOne `chronflow run` (memory ledger, no election; the configuration's defaults, so at most 50 status writes a second, and `queue_size` max(1000, N)) on a kube-apiserver and etcd of its own (`scripts/control-plane`), over N ChronTasks due every second (`* * * * * *`) that POST to the loopback receiver. \"Scheduled\" is when the apiserver shows every task past `Pending` (listed every 2 s), counted from the operator's start; the rates are over a window after that, from the apiserver's `apiserver_request_total` (this measurement's own few requests included).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| ChronTasks | created in s | all scheduled after s | operator RSS MiB (÷ N, KB) | status writes/s | apiserver requests/s | calls received/s | window s |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in runs {
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.1} | {:.0} ({:.1}) | {:.1} | {:.0} | {:.0} | {:.0} |",
+            r.tasks,
+            r.create_s,
+            r.scheduled_s,
+            r.rss_bytes as f64 / 1048576.0,
+            r.rss_per_task / 1024.0,
+            r.status_writes_per_s,
+            r.apiserver_requests_per_s,
+            r.calls_per_s,
+            r.window_s
+        );
     }
     out.push('\n');
 }
