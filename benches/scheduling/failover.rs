@@ -104,18 +104,18 @@ impl Plane {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("kubectl: {e}"))?;
-        if let Some(text) = stdin {
+        // Written from a thread: kubectl answers while it reads, and a full stdout pipe would
+        // otherwise block both sides.
+        let mut input = child.stdin.take().expect("piped");
+        let text = stdin.unwrap_or_default().to_string();
+        let writer = std::thread::spawn(move || {
             use std::io::Write;
-            let _ = child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(text.as_bytes());
-        }
-        drop(child.stdin.take());
+            let _ = input.write_all(text.as_bytes());
+        });
         let out = child
             .wait_with_output()
             .map_err(|e| format!("kubectl: {e}"))?;
+        let _ = writer.join();
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
