@@ -31,7 +31,6 @@ impl Drop for Core {
 
 impl Core {
     /// Stops the engine and the executor (as SIGTERM does), keeping the reports.
-    #[allow(dead_code)] // the benchmark only drops its core
     pub fn stop(&self) {
         self.shutdown.cancel();
     }

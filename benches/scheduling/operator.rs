@@ -1,0 +1,176 @@
+//! The operator on the real control plane (issue #23, part 3): one `chronflow run` (this
+//! binary's `chronflow` sub-command; memory ledger, no election, the configuration's status
+//! budget) over N ChronTasks due every second that call the loopback receiver, on a kube-apiserver
+//! and etcd of its own (`scripts/control-plane`). Measured: how long until the apiserver shows
+//! every task past Pending, the operator's resident memory, and status writes and apiserver
+//! requests per second (the apiserver's own `/metrics`) over a window once they all are.
+
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::failover::{Plane, repo, wait_for};
+
+const NS: &str = "bench-operator";
+
+/// What one operator run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OperatorResult {
+    pub tasks: usize,
+    /// `kubectl create` of every ChronTask, seconds.
+    pub create_s: f64,
+    /// From the operator's start until the apiserver shows every task past Pending, seconds.
+    pub scheduled_s: f64,
+    /// The operator's resident memory once every task is scheduled, and per task.
+    pub rss_bytes: u64,
+    pub rss_per_task: f64,
+    /// Over the window: status writes (the status subresource's PATCH/APPLY), every request the
+    /// apiserver served (this measurement's own few included), and calls the receiver got.
+    pub window_s: f64,
+    pub status_writes_per_s: f64,
+    pub apiserver_requests_per_s: f64,
+    pub calls_per_s: f64,
+}
+
+/// The apiserver's request counters: (status writes of ChronTasks, all requests).
+fn counters(plane: &Plane) -> Result<(f64, f64), String> {
+    let metrics = plane.kubectl(&["get", "--raw", "/metrics"], None)?;
+    let (mut status, mut total) = (0.0, 0.0);
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        total += value;
+        let write = ["verb=\"PATCH\"", "verb=\"APPLY\"", "verb=\"PUT\""]
+            .iter()
+            .any(|v| line.contains(v));
+        if write
+            && line.contains("resource=\"chrontasks\"")
+            && line.contains("subresource=\"status\"")
+        {
+            status += value;
+        }
+    }
+    Ok((status, total))
+}
+
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn calls(receiver: &str) -> Result<usize, String> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("{receiver}/count")])
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("the receiver's count: {e}"))
+}
+
+/// One run with `tasks` ChronTasks and a measured window of `window` seconds.
+pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, String> {
+    let plane = Plane::up()?;
+    plane.kubectl(
+        &["apply", "-f", &repo().join("crds").to_string_lossy()],
+        None,
+    )?;
+    plane.kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/chrontasks.chronflow.io",
+            "--timeout=60s",
+        ],
+        None,
+    )?;
+    plane.kubectl(&["create", "namespace", NS], None)?;
+    let mut manifests = String::new();
+    for i in 0..tasks {
+        let _ = write!(
+            manifests,
+            "---\napiVersion: chronflow.io/v1alpha1\nkind: ChronTask\nmetadata: {{name: t-{i}, namespace: {NS}}}\n\
+             spec:\n  schedule: {{cron: \"* * * * * *\"}}\n  timeout: 5s\n  \
+             action: {{http: {{url: \"{receiver}/t/{i}\", method: POST}}}}\n"
+        );
+    }
+    let created = Instant::now();
+    plane.kubectl(&["create", "-f", "-", "-o", "name"], Some(&manifests))?;
+    let create_s = created.elapsed().as_secs_f64();
+
+    let config = plane.dir.join("operator.yaml");
+    // The configuration's defaults otherwise; the queue holds an aligned second of runs.
+    std::fs::write(
+        &config,
+        format!(
+            "watch_namespaces: [{NS}]\nqueue_size: {}\nmetrics:\n  bind: 127.0.0.1:0\n\
+             log:\n  format: json\n  log_task_success: false\n",
+            tasks.max(1000)
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(plane.dir.join("operator.log")).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut operator = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .args(["chronflow", "run", "-f"])
+        .arg(&config)
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .env_remove("RUST_LOG")
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("the operator: {e}"))?;
+    let result = (|| {
+        let jsonpath = "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}";
+        wait_for("every task scheduled", Duration::from_secs(900), || {
+            let phases = plane
+                .kubectl(&["get", "chrontasks", "-n", NS, "-o", jsonpath], None)
+                .ok()?;
+            let past = phases
+                .lines()
+                .filter(|p| !p.is_empty() && *p != "Pending")
+                .count();
+            // Polling lists every object: not more often than every 2 s.
+            std::thread::sleep(Duration::from_secs(2));
+            (past >= tasks).then_some(())
+        })?;
+        let scheduled_s = started.elapsed().as_secs_f64();
+        let rss_bytes = rss(operator.id());
+        let (status0, total0) = counters(&plane)?;
+        let calls0 = calls(receiver)?;
+        let at0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(window));
+        let (status1, total1) = counters(&plane)?;
+        let calls1 = calls(receiver)?;
+        let window_s = at0.elapsed().as_secs_f64();
+        Ok(OperatorResult {
+            tasks,
+            create_s,
+            scheduled_s,
+            rss_bytes,
+            rss_per_task: rss_bytes as f64 / tasks as f64,
+            window_s,
+            status_writes_per_s: (status1 - status0) / window_s,
+            apiserver_requests_per_s: (total1 - total0) / window_s,
+            calls_per_s: (calls1 - calls0) as f64 / window_s,
+        })
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &operator.id().to_string()])
+        .status();
+    let _ = operator.wait();
+    result
+}
