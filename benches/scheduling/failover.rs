@@ -94,6 +94,18 @@ impl Plane {
         })
     }
 
+    /// A plane with the ChronTask CRD established and the namespace `ns`.
+    pub(crate) fn with_crd(ns: &str) -> Result<Plane, String> {
+        let plane = Plane::up()?;
+        let crds = repo().join("crds");
+        plane.kubectl(&["apply", "-f", &crds.to_string_lossy()], None)?;
+        let crd = "crd/chrontasks.chronflow.io";
+        let established = ["wait", "--for=condition=Established", crd, "--timeout=60s"];
+        plane.kubectl(&established, None)?;
+        plane.kubectl(&["create", "namespace", ns], None)?;
+        Ok(plane)
+    }
+
     pub(crate) fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         let mut child = Command::new("kubectl")
             .args(args)
@@ -221,21 +233,7 @@ pub fn run(
     lease: (&str, &str, &str),
     receiver: &str,
 ) -> Result<FailoverResult, String> {
-    let plane = Plane::up()?;
-    plane.kubectl(
-        &["apply", "-f", &repo().join("crds").to_string_lossy()],
-        None,
-    )?;
-    plane.kubectl(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/chrontasks.chronflow.io",
-            "--timeout=60s",
-        ],
-        None,
-    )?;
-    plane.kubectl(&["create", "namespace", NS], None)?;
+    let plane = Plane::with_crd(NS)?;
     let (lease_duration, renew_deadline, retry_period) = lease;
     let config = plane.dir.join("chronflow.yaml");
     std::fs::write(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::failover::{Plane, repo, wait_for};
+use crate::failover::{Plane, wait_for};
 
 const NS: &str = "bench-operator";
 
@@ -83,21 +83,7 @@ fn calls(receiver: &str) -> Result<usize, String> {
 
 /// One run with `tasks` ChronTasks and a measured window of `window` seconds.
 pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, String> {
-    let plane = Plane::up()?;
-    plane.kubectl(
-        &["apply", "-f", &repo().join("crds").to_string_lossy()],
-        None,
-    )?;
-    plane.kubectl(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/chrontasks.chronflow.io",
-            "--timeout=60s",
-        ],
-        None,
-    )?;
-    plane.kubectl(&["create", "namespace", NS], None)?;
+    let plane = Plane::with_crd(NS)?;
     let mut manifests = String::new();
     for i in 0..tasks {
         let _ = write!(

@@ -67,12 +67,19 @@ struct TaskState {
 /// How long a new task's status waits for the engine's first fact before it is written Pending.
 const PENDING_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a new leader's writes of a task wait for the ledger's counts of it.
+const COUNTS_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 struct WriteState {
     dirty: bool,
     /// When the task was first seen: until the engine's first fact, or [`PENDING_GRACE`], its
     /// status is not written (a Pending write would only be followed by the Scheduled one).
     observed: Option<Instant>,
+    /// With counts from the shared ledger: since when this term waits for the task's counts
+    /// (its take-over). Until they come, or [`COUNTS_GRACE`], the status is not written: this
+    /// replica's counts may be older than the stored ones, and a write would set them back.
+    counts_awaited: Option<Instant>,
     in_flight: bool,
     last_write: Option<Instant>,
     written_phase: Option<PhaseKey>,
@@ -151,6 +158,18 @@ impl StatusIndex {
             counts: Counts::default(),
             ledger_counts: false,
         })))
+    }
+
+    /// This replica leads in a new term: with counts from the shared ledger, no task's status
+    /// is written before its counts came from the ledger (its take-over), or for a while.
+    pub fn new_term(&self) {
+        let mut index = self.lock();
+        if index.ledger_counts {
+            let now = Instant::now();
+            for state in index.tasks.values_mut() {
+                state.write.counts_awaited = Some(now);
+            }
+        }
     }
 
     /// Run counters are taken from the shared ledger's [`Report::Counts`] from now on: with
@@ -384,6 +403,7 @@ impl Index {
             }
             // Never backwards: a late answer may carry older counts than one already applied.
             Report::Counts { counts, .. } => {
+                state.write.counts_awaited = None;
                 status.total_runs = status.total_runs.max(counts.runs);
                 status.successful_runs = status.successful_runs.max(counts.succeeded);
                 status.failed_runs = status.failed_runs.max(counts.failed);
@@ -490,6 +510,7 @@ impl Index {
                     && !w.in_flight
                     && (s.schedule.is_some()
                         || w.observed.is_none_or(|at| now - at >= PENDING_GRACE))
+                    && w.counts_awaited.is_none_or(|at| now - at >= COUNTS_GRACE)
                     && w.retry_at.is_none_or(|at| at <= now)
                     && w.last_write.is_none_or(|at| now - at >= min_interval)
             })
@@ -911,6 +932,36 @@ mod tests {
         let batch = index.lock().take(10, Duration::ZERO);
         assert_eq!(batch[0].task, slow);
         assert_eq!(batch[0].status.phase, Some(Phase::Pending));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_writes_a_task_once_the_ledger_gave_its_counts() {
+        // Its own counts date from when it last observed the task; written first, they would
+        // set the stored ones back (seen in killing_the_leader_five_times: 25 runs, 15 shown).
+        let (index, _events) = index();
+        index.count_from_ledger();
+        let (counted, silent) = (id("counted"), id("silent"));
+        for task in [&counted, &silent] {
+            observe(&index, task, None);
+            schedule(&index, task, scheduled(1));
+        }
+        index.new_term();
+        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        let counts = crate::ledger::Counts {
+            runs: 25,
+            succeeded: 25,
+            ..Default::default()
+        };
+        index.record(Report::Counts {
+            task: counted.clone(),
+            counts,
+        });
+        let batch = index.lock().take(10, Duration::ZERO);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].status.total_runs, 25);
+        // A ledger that does not answer does not freeze status for good.
+        tokio::time::advance(COUNTS_GRACE).await;
+        assert_eq!(index.lock().take(10, Duration::ZERO)[0].task, silent);
     }
 
     #[tokio::test(start_paused = true)]

@@ -81,6 +81,7 @@ impl StatusWriter {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
+        let mut term = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -93,7 +94,12 @@ impl StatusWriter {
                     if ticks.is_multiple_of(20) {
                         self.index.lock().release_events();
                     }
-                    if self.leader.borrow().is_none() {
+                    let leading = self.leader.borrow().clone();
+                    if leading.is_some() && leading != term {
+                        self.index.new_term();
+                    }
+                    term = leading;
+                    if term.is_none() {
                         continue;
                     }
                     let room = CONCURRENT_PATCHES.saturating_sub(writes.len());

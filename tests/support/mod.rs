@@ -170,13 +170,22 @@ fn start_in(name: &str, crd: bool) -> Result<TestEnv, String> {
         .kubectl_command()
         .args(["apply", "--server-side", "-f"])
         .arg(&crd))?;
-    run(env.kubectl_command().args([
-        "wait",
-        "--for=condition=Established",
-        "crd/chrontasks.chronflow.io",
-        &format!("--timeout={}s", timeout().as_secs()),
-    ]))?;
-    Ok(env)
+    // Right after the apply, `kubectl wait` can fail on a CRD whose status has no conditions
+    // yet ("accessor error: <nil>") instead of waiting: ask again until the bound.
+    let deadline = std::time::Instant::now() + timeout();
+    loop {
+        let waited = run(env.kubectl_command().args([
+            "wait",
+            "--for=condition=Established",
+            "crd/chrontasks.chronflow.io",
+            &format!("--timeout={}s", timeout().as_secs()),
+        ]));
+        match waited {
+            Ok(_) => return Ok(env),
+            Err(error) if std::time::Instant::now() >= deadline => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 fn run(command: &mut Command) -> Result<Output, String> {
