@@ -51,21 +51,30 @@ pub enum Kind {
     Http,
 }
 
-/// One run's parameters.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One run's parameters (also the `run` sub-command's flags).
+#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
 pub struct RunParams {
+    #[arg(long, value_enum)]
     pub contender: Contender,
+    #[arg(long, value_enum)]
     pub kind: Kind,
+    #[arg(long, value_enum)]
     pub shape: Shape,
+    #[arg(long)]
     pub tasks: usize,
+    #[arg(long)]
     pub seconds: u32,
+    #[arg(long)]
     pub warmup: u32,
     /// chronflow's `max_workers`.
+    #[arg(long)]
     pub workers: usize,
     /// The receiver's base URL (HTTP runs).
+    #[arg(long)]
     pub receiver: Option<String>,
     /// chronflow's ledger: Redis at this URL, else memory.
     #[serde(default)]
+    #[arg(long)]
     pub redis: Option<String>,
 }
 

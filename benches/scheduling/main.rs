@@ -97,26 +97,7 @@ enum Cmd {
     /// Every run, then the report (the default).
     Report,
     /// One run of one contender (a child of `report`).
-    Run {
-        #[arg(long, value_enum)]
-        contender: Contender,
-        #[arg(long, value_enum)]
-        kind: Kind,
-        #[arg(long, value_enum)]
-        shape: Shape,
-        #[arg(long)]
-        tasks: usize,
-        #[arg(long)]
-        seconds: u32,
-        #[arg(long)]
-        warmup: u32,
-        #[arg(long)]
-        workers: usize,
-        #[arg(long)]
-        receiver: Option<String>,
-        #[arg(long)]
-        redis: Option<String>,
-    },
+    Run(RunParams),
     /// The HTTP runs' receiver (a child of `report`).
     Receiver,
     /// `chronflow ARGS…`: the chronflow binary's own command line (the failover's replicas).
@@ -138,28 +119,7 @@ fn main() {
     let args = std::env::args().filter(|a| a != "--bench");
     let cli = Cli::parse_from(args);
     match cli.command {
-        Some(Cmd::Run {
-            contender,
-            kind,
-            shape,
-            tasks,
-            seconds,
-            warmup,
-            workers,
-            receiver,
-            redis,
-        }) => {
-            let params = RunParams {
-                contender,
-                kind,
-                shape,
-                tasks,
-                seconds,
-                warmup,
-                workers,
-                receiver,
-                redis,
-            };
+        Some(Cmd::Run(params)) => {
             let result = runtime().block_on(contenders::run(params));
             println!(
                 "RESULT {}",

@@ -790,23 +790,17 @@ impl Engine {
         run_id: RunId,
         term: &Term,
     ) -> RunRequest {
-        let scheduled = run_id.instant();
         RunRequest {
             trigger: match run_id.request() {
                 Some(_) => Trigger::Manual,
                 None => Trigger::Schedule,
             },
-            task: task.id.clone(),
-            generation,
-            run_id,
-            scheduled,
             // Due now for this term: its start lag is this term's, not the time since the run
             // began elsewhere.
             due: self.parts.clock.now(),
-            spec: task.run.clone(),
-            sequential: false,
-            term: term.clone(),
             adopted: true,
+            run_id: run_id.clone(),
+            ..self.request(task, generation, run_id.instant(), false, term)
         }
     }
 

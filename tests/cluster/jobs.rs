@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use chronflow::ChronTask;
+use chronflow::config::OperatorConfig;
 use chronflow::crd::{ChronTaskStatus, Phase, RunOutcome};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -34,8 +35,14 @@ async fn setup(prefix: &str) -> JobSetup {
 
 impl JobSetup {
     async fn operator(&self) -> Operator {
+        self.operator_with(|_| {}).await
+    }
+
+    /// An operator running Job actions, with other settings as `adjust` says.
+    async fn operator_with(&self, adjust: impl FnOnce(&mut OperatorConfig)) -> Operator {
         Operator::start_with(&self.ns, self.client.clone(), |config| {
             config.jobs.enabled = true;
+            adjust(config);
         })
         .await
     }
@@ -403,11 +410,7 @@ async fn a_template_the_apiserver_refuses_makes_the_task_invalid_with_its_reason
 #[tokio::test]
 async fn job_runs_hold_no_worker_while_their_jobs_run() {
     let s = setup("jobs-workers").await;
-    let _operator = Operator::start_with(&s.ns, s.client.clone(), |config| {
-        config.jobs.enabled = true;
-        config.max_workers = 2;
-    })
-    .await;
+    let _operator = s.operator_with(|config| config.max_workers = 2).await;
     let names = ["one", "two", "three"];
     for name in names {
         let spec = json!({"schedule": {"interval": "1h", "startAt": soon()}, "timeout": "1h",
