@@ -1,16 +1,21 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, as client-go's leaderelection does,
-//! with one difference: leadership is a [`Term`], not a bool. Each acquisition raises the
-//! Lease's `leaseTransitions`, and that number is the term's epoch: the run ledger refuses
-//! claims from an older epoch, so a leader that was frozen past its lease and wakes up cannot
-//! run anything (fencing, see `docs/operations.md`).
+//! with one difference: leadership is a [`Term`], not a bool. Each acquisition takes a new
+//! epoch from the run ledger ([`Ledger::next_epoch`]: a Redis counter that only goes up), at
+//! least one above what the Lease shows (`leaseTransitions` and the [`EPOCH_ANNOTATION`] of the
+//! last term), and writes it into the Lease. The run ledger refuses claims from an older epoch,
+//! so a leader that was frozen past its lease and wakes up cannot run anything (fencing, see
+//! `docs/operations.md`); and since epochs come from the ledger, deleting the Lease, moving it to
+//! another namespace or renaming it never hands out an epoch the ledger has already seen.
 //!
 //! Written here rather than with `kube-lease-manager`, whose API hands out a bool: the epoch
-//! must come from the very update that won the Lease. Every write is a `replace` carrying the
-//! `resourceVersion` read just before, so of two candidates exactly one wins.
+//! must belong to the very update that won the Lease. Every write is a `replace` carrying the
+//! `resourceVersion` read just before, so of two candidates exactly one wins (the loser's epoch
+//! is never used).
 //!
 //! Expiry is judged on the local clock, from when this process last saw the Lease change (as
 //! client-go does), never by comparing the holder's timestamps with ours: clocks may disagree.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -23,8 +28,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::LeaderElectionConfig;
+use crate::ledger::Ledger;
 
 pub use crate::run::Term;
+
+/// The Lease annotation that carries the current term's epoch: the next candidate starts above
+/// it even when the ledger lost its counter (a Redis restarted empty).
+pub const EPOCH_ANNOTATION: &str = "chronflow.io/epoch";
 
 /// Timings, in the meaning of client-go's (`lease_duration > renew_deadline > retry_period`).
 #[derive(Clone, Debug)]
@@ -51,8 +61,49 @@ impl From<&LeaderElectionConfig> for Timings {
 pub struct Elector {
     api: Api<Lease>,
     name: String,
-    identity: String,
+    identity: Identity,
     timings: Timings,
+    epochs: Arc<dyn Ledger>,
+}
+
+/// This process among the replicas: its pod's name and a nonce drawn at start, so a container
+/// restarted in place (same `POD_NAME`) or a second pod under one name is another holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// `POD_NAME`, or a name made from the process id.
+    pub name: String,
+    /// Drawn at start.
+    pub nonce: String,
+}
+
+impl Identity {
+    /// `name` with a fresh nonce.
+    pub fn new(name: &str) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // std's hasher keys are random per process; the clock and pid make two draws differ
+        // even where they are not.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_i64(chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+        hasher.write_u32(std::process::id());
+        Self {
+            name: name.to_string(),
+            nonce: format!("{:08x}", hasher.finish() as u32),
+        }
+    }
+
+    /// Whether `holder` (a Lease's or a ledger record's) is an earlier process of this pod.
+    pub fn earlier_self(&self, holder: &str) -> bool {
+        holder
+            .rsplit_once('#')
+            .is_some_and(|(name, nonce)| name == self.name && nonce != self.nonce)
+    }
+}
+
+impl std::fmt::Display for Identity {
+    /// `name#nonce`: the Lease's holder and the ledger's.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.name, self.nonce)
+    }
 }
 
 /// What this process last saw of the Lease, and when it saw it change.
@@ -62,13 +113,21 @@ struct Observed {
 }
 
 impl Elector {
-    /// An elector for the Lease `name` of `api`'s namespace, acting as `identity`.
-    pub fn new(api: Api<Lease>, name: &str, identity: &str, timings: Timings) -> Self {
+    /// An elector for the Lease `name` of `api`'s namespace, acting as `identity`, whose terms'
+    /// epochs come from `epochs`.
+    pub fn new(
+        api: Api<Lease>,
+        name: &str,
+        identity: Identity,
+        timings: Timings,
+        epochs: Arc<dyn Ledger>,
+    ) -> Self {
         Self {
             api,
             name: name.to_string(),
-            identity: identity.to_string(),
+            identity,
             timings,
+            epochs,
         }
     }
 
@@ -98,10 +157,13 @@ impl Elector {
                 // Woken after a freeze (SIGSTOP, a starved node): too late to renew.
                 Err("the renew deadline passed before this replica could renew".to_string())
             } else {
-                let attempt = tokio::time::timeout(budget, self.attempt(&mut observed, leading));
-                match attempt.await {
-                    Ok(outcome) => outcome.map_err(|error| error.to_string()),
-                    Err(_) => Err(format!("no answer from the apiserver within {budget:?}")),
+                let current = term.borrow().clone();
+                let attempt = self.attempt(&mut observed, current);
+                match tokio::time::timeout(budget, attempt).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(format!(
+                        "no answer from the apiserver or the ledger within {budget:?}"
+                    )),
                 }
             };
             if outcome.is_ok()
@@ -147,10 +209,12 @@ impl Elector {
     async fn attempt(
         &self,
         observed: &mut Option<Observed>,
-        leading: bool,
-    ) -> Result<Option<Term>, kube::Error> {
-        let Some(lease) = self.api.get_opt(&self.name).await? else {
-            return self.create().await.map(Some);
+        current: Option<Term>,
+    ) -> Result<Option<Term>, String> {
+        let api_error = |error: kube::Error| error.to_string();
+        let Some(lease) = self.api.get_opt(&self.name).await.map_err(api_error)? else {
+            let epoch = self.new_epoch(1).await?;
+            return self.create(epoch).await.map(Some).map_err(api_error);
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let now = Instant::now();
@@ -165,10 +229,11 @@ impl Elector {
         }
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let transitions = spec.lease_transitions.unwrap_or(0).max(0) as u64;
-        let held_by_me = holder == self.identity;
-        if held_by_me && leading {
-            self.write(lease, transitions, false).await?;
-            return Ok(Some(self.term(transitions)));
+        if let Some(term) = current.filter(|_| holder == self.identity.to_string()) {
+            self.write(lease, transitions, None)
+                .await
+                .map_err(api_error)?;
+            return Ok(Some(term));
         }
         let duration = spec
             .lease_duration_seconds
@@ -177,61 +242,89 @@ impl Elector {
             });
         let changed_at = observed.as_ref().map_or(now, |seen| seen.changed_at);
         let expired = holder.is_empty() || now.duration_since(changed_at) >= duration;
-        // A Lease naming this identity that this process does not hold is a previous life's
-        // (a restart under the same POD_NAME): take it over at once, in a new term.
-        if !(expired || held_by_me) {
+        // A Lease held by an earlier process of this pod (a container restarted in place), or by
+        // this one after it stepped down, is taken at once, in a new term: that process is gone
+        // or no longer acts.
+        let mine = holder == self.identity.to_string() || self.identity.earlier_self(&holder);
+        if !(expired || mine) {
             return Ok(None);
         }
-        let epoch = transitions + 1;
-        self.write(lease, epoch, true).await?;
+        let shown = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(EPOCH_ANNOTATION))
+            .and_then(|epoch| epoch.parse::<u64>().ok())
+            .unwrap_or(0);
+        let epoch = self.new_epoch(shown.max(transitions) + 1).await?;
+        self.write(lease, transitions + 1, Some(epoch))
+            .await
+            .map_err(api_error)?;
         Ok(Some(self.term(epoch)))
+    }
+
+    /// A new term's epoch, from the ledger.
+    async fn new_epoch(&self, floor: u64) -> Result<u64, String> {
+        self.epochs
+            .next_epoch(floor)
+            .await
+            .map_err(|error| format!("cannot draw a new epoch from the ledger: {error}"))
     }
 
     fn term(&self, epoch: u64) -> Term {
         Term {
-            holder: self.identity.clone(),
+            holder: self.identity.to_string(),
             epoch,
         }
     }
 
-    /// Creates the Lease held by this replica, in epoch 1.
-    async fn create(&self) -> Result<Term, kube::Error> {
-        let lease = Lease {
+    /// Creates the Lease held by this replica, in `epoch`.
+    async fn create(&self, epoch: u64) -> Result<Term, kube::Error> {
+        let mut lease = Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 ..ObjectMeta::default()
             },
             spec: Some(self.spec(1, None)),
         };
+        annotate(&mut lease, epoch);
         self.api.create(&PostParams::default(), &lease).await?;
-        Ok(self.term(1))
+        Ok(self.term(epoch))
     }
 
-    /// Replaces the Lease (guarded by its resourceVersion) with this replica as holder.
-    async fn write(&self, mut lease: Lease, epoch: u64, acquire: bool) -> Result<(), kube::Error> {
-        let acquired = if acquire {
-            None
-        } else {
-            lease
+    /// Replaces the Lease (guarded by its resourceVersion) with this replica as holder:
+    /// acquired in a new term when `acquired` has its epoch, else renewed.
+    async fn write(
+        &self,
+        mut lease: Lease,
+        transitions: u64,
+        acquired: Option<u64>,
+    ) -> Result<(), kube::Error> {
+        let since = match acquired {
+            Some(epoch) => {
+                annotate(&mut lease, epoch);
+                None
+            }
+            None => lease
                 .spec
                 .as_ref()
-                .and_then(|spec| spec.acquire_time.clone())
+                .and_then(|spec| spec.acquire_time.clone()),
         };
-        lease.spec = Some(self.spec(epoch, acquired));
+        lease.spec = Some(self.spec(transitions, since));
         self.api
             .replace(&self.name, &PostParams::default(), &lease)
             .await
             .map(|_| ())
     }
 
-    fn spec(&self, epoch: u64, acquired: Option<MicroTime>) -> LeaseSpec {
+    fn spec(&self, transitions: u64, acquired: Option<MicroTime>) -> LeaseSpec {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
         LeaseSpec {
-            holder_identity: Some(self.identity.clone()),
+            holder_identity: Some(self.identity.to_string()),
             lease_duration_seconds: Some(self.timings.lease_duration.as_secs().max(1) as i32),
             acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
             renew_time: Some(now),
-            lease_transitions: Some(i32::try_from(epoch).unwrap_or(i32::MAX)),
+            lease_transitions: Some(i32::try_from(transitions).unwrap_or(i32::MAX)),
             ..LeaseSpec::default()
         }
     }
@@ -245,7 +338,7 @@ impl Elector {
         let Some(spec) = lease.spec.as_mut() else {
             return Ok(());
         };
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+        if spec.holder_identity.as_deref() != Some(self.identity.to_string().as_str()) {
             return Ok(());
         }
         spec.holder_identity = None;
@@ -255,5 +348,31 @@ impl Elector {
             .await?;
         info!("released the lease");
         Ok(())
+    }
+}
+
+/// Writes the term's epoch into the Lease, for the next candidate and for whoever reads it.
+fn annotate(lease: &mut Lease, epoch: u64) {
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(EPOCH_ANNOTATION.to_string(), epoch.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_identity_knows_its_earlier_processes_and_no_one_else() {
+        let me = Identity::new("chronflow-0");
+        let again = Identity::new("chronflow-0");
+        assert_ne!(me.nonce, again.nonce, "each start draws a nonce");
+        assert!(again.earlier_self(&me.to_string()));
+        assert!(!me.earlier_self(&me.to_string()), "not itself");
+        assert!(!me.earlier_self(&Identity::new("chronflow-1").to_string()));
+        assert!(!me.earlier_self("chronflow-0"), "a holder without a nonce");
+        assert!(!me.earlier_self(""));
     }
 }

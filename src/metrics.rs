@@ -8,6 +8,7 @@
 //! large installations. Every other label has a fixed, small set of values.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use prometheus_client::collector::Collector;
@@ -21,8 +22,8 @@ use tokio::sync::watch;
 
 use crate::executor::LoadGauge;
 use crate::leader::Term;
-use crate::ledger::{Ledger, LedgerError, Mark, Marked, RedisLedger, TakeOver, Verdict};
-use crate::run::{Outcome, Report, ReportSink, RunId, TaskId, TaskKey};
+use crate::ledger::{Counts, Ledger, LedgerError, Mark, Marked, RedisLedger, TakeOver, Verdict};
+use crate::run::{Outcome, Report, ReportSink, RunId, TaskId};
 use crate::status::StatusIndex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -311,11 +312,24 @@ impl Ledger for CountedClaims {
 
     fn take_over<'a>(
         &'a self,
-        task: &'a TaskKey,
+        task: &'a TaskId,
         term: &'a Term,
         settle: bool,
+        seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
-        self.inner.take_over(task, term, settle)
+        self.inner.take_over(task, term, settle, seed)
+    }
+
+    fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>> {
+        self.inner.next_epoch(floor)
+    }
+
+    fn forget<'a>(
+        &'a self,
+        task: &'a TaskId,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+        self.inner.forget(task, grace)
     }
 }
 

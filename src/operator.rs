@@ -20,7 +20,7 @@ use crate::config::OperatorConfig;
 use crate::controller::jobs::KubeJobs;
 use crate::controller::{self, Context, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
-use crate::leader::{Elector, Term, Timings};
+use crate::leader::{Elector, Identity, Term, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::run::ReportSink;
@@ -70,7 +70,8 @@ pub async fn run(
     let instance = identity();
     // Without leader election this replica leads, in one term, from start to exit.
     let election = config.leader_election.enabled;
-    let (term_tx, leader) = watch::channel((!election).then(|| Term::single(&instance)));
+    let holder = instance.to_string();
+    let (term_tx, leader) = watch::channel((!election).then(|| Term::single(&holder)));
     let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
     let metrics = Arc::new(Metrics::new(config.metrics.per_task));
@@ -99,7 +100,13 @@ pub async fn run(
         metrics: metrics.clone(),
         inner: recorder,
     });
-    let mut parts = CoreParts::from_config(&config, values.clone(), ledger, sink, leader.clone())?;
+    let mut parts = CoreParts::from_config(
+        &config,
+        values.clone(),
+        ledger.clone(),
+        sink,
+        leader.clone(),
+    )?;
     // Jobs are watched (and need RBAC) only when Job actions are enabled.
     let (jobs, job_informers) = match config.jobs.enabled {
         true => {
@@ -110,6 +117,9 @@ pub async fn run(
         false => (None, None),
     };
     let mut core = Core::build(parts);
+    if let Some(redis) = &redis {
+        tokio::spawn(warn_if_evicting(redis.clone()));
+    }
     metrics.watch(Live {
         executor: core.load.clone(),
         status: index.clone(),
@@ -140,7 +150,14 @@ pub async fn run(
         let lease = &config.leader_election;
         let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
         let timings = Timings::from(lease);
-        Arc::new(Elector::new(api, &lease.lease_name, &instance, timings))
+        let epochs = ledger.clone();
+        Arc::new(Elector::new(
+            api,
+            &lease.lease_name,
+            instance.clone(),
+            timings,
+            epochs,
+        ))
     });
     if let Some(elector) = &elector {
         let (elector, stop, health) = (elector.clone(), writing.clone(), health.clone());
@@ -191,7 +208,14 @@ pub async fn run(
     drop(context);
     let final_flush = config.shutdown.grace_period.max(MIN_FINAL_FLUSH);
     writing_tasks.spawn(writer.run(writing.clone(), final_flush));
-    let publisher = events::publish(client, events_rx, leader, instance, clock, writing.clone());
+    let publisher = events::publish(
+        client,
+        events_rx,
+        leader,
+        instance.name,
+        clock,
+        writing.clone(),
+    );
     writing_tasks.spawn(publisher);
     info!(
         max_workers = config.max_workers,
@@ -217,16 +241,45 @@ pub async fn run(
     result
 }
 
-/// This replica's name in the Lease: `POD_NAME`, else one made unique by the process id and
-/// start time (two replicas under one name would both believe they lead).
-pub(crate) fn identity() -> String {
-    std::env::var("POD_NAME")
+/// Warns when the Redis ledger's server may evict keys under memory pressure: an evicted run
+/// record or epoch lets an instant run twice. Asked once Redis answers; a server that refuses
+/// `CONFIG` (managed services) is reported as unknown.
+async fn warn_if_evicting(redis: Arc<RedisLedger>) {
+    let mut wait = Duration::from_secs(1);
+    for tries_left in (0..6).rev() {
+        match redis.eviction_policy().await {
+            Ok(policy) if policy == "noeviction" => return,
+            Ok(policy) => {
+                return warn!(
+                    %policy,
+                    "the Redis ledger's maxmemory-policy may evict its keys, and an evicted run \
+                     record can let an instant run twice: set maxmemory-policy noeviction \
+                     (docs/operations.md)"
+                );
+            }
+            Err(error) if tries_left == 0 => {
+                return warn!(
+                    %error,
+                    "cannot read the Redis ledger's maxmemory-policy; make sure it is noeviction \
+                     (docs/operations.md)"
+                );
+            }
+            // Redis may not be up yet.
+            Err(_) => tokio::time::sleep(wait).await,
+        }
+        wait *= 4;
+    }
+}
+
+/// This process among the replicas: `POD_NAME` (else a name made from the process id) and a
+/// nonce drawn now, so a container restarted in place is another holder in the Lease and the
+/// ledger than its earlier self.
+pub(crate) fn identity() -> Identity {
+    let name = std::env::var("POD_NAME")
         .ok()
         .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| {
-            let started = chrono::Utc::now().timestamp_micros();
-            format!("chronflow-{}-{started}", std::process::id())
-        })
+        .unwrap_or_else(|| format!("chronflow-{}", std::process::id()));
+    Identity::new(&name)
 }
 
 /// Checks that ChronTasks can be listed where the operator will watch, with its own rights: a

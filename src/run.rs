@@ -70,7 +70,7 @@ impl fmt::Display for TaskId {
 #[derive(Clone, Debug)]
 pub struct RunId {
     text: String,
-    task: TaskKey,
+    task: TaskId,
     instant: DateTime<Utc>,
     request: Option<String>,
 }
@@ -78,11 +78,12 @@ pub struct RunId {
 impl RunId {
     /// The run of the scheduled instant `scheduled`, to the millisecond: the precision of
     /// schedules and of the Redis ledger, so every replica names a run alike.
-    pub fn new(task: &TaskKey, scheduled: DateTime<Utc>) -> Self {
+    pub fn new(task: &TaskId, scheduled: DateTime<Utc>) -> Self {
         let scheduled = scheduled.trunc_subsecs(3);
         Self {
             text: format!(
-                "{task}@{}",
+                "{}@{}",
+                task.key,
                 scheduled.to_rfc3339_opts(SecondsFormat::AutoSi, true)
             ),
             task: task.clone(),
@@ -92,9 +93,9 @@ impl RunId {
     }
 
     /// The run of run-now request `request` (the annotation's value), seen at `seen`.
-    pub fn manual(task: &TaskKey, request: &str, seen: DateTime<Utc>) -> Self {
+    pub fn manual(task: &TaskId, request: &str, seen: DateTime<Utc>) -> Self {
         Self {
-            text: format!("{task}@manual:{request}"),
+            text: format!("{}@manual:{request}", task.key),
             task: task.clone(),
             instant: seen,
             request: Some(request.to_string()),
@@ -103,8 +104,8 @@ impl RunId {
 
     /// The run of `task` whose id is `text` (as [`RunId::as_str`] wrote it); a run-now
     /// request's is taken as seen at `seen`. `None` if `text` is no run id of `task`.
-    pub fn parse(task: &TaskKey, text: &str, seen: DateTime<Utc>) -> Option<Self> {
-        let rest = text.strip_prefix(&format!("{task}@"))?;
+    pub fn parse(task: &TaskId, text: &str, seen: DateTime<Utc>) -> Option<Self> {
+        let rest = text.strip_prefix(&format!("{}@", task.key))?;
         match rest.strip_prefix("manual:") {
             Some(request) => Some(Self::manual(task, request, seen)),
             None => DateTime::parse_from_rfc3339(rest)
@@ -120,6 +121,12 @@ impl RunId {
 
     /// The run's task.
     pub fn task(&self) -> &TaskKey {
+        &self.task.key
+    }
+
+    /// The incarnation of the task the run belongs to: a task deleted and re-created under the
+    /// same name has other runs (and another ledger record), though their ids read alike.
+    pub fn task_id(&self) -> &TaskId {
         &self.task
     }
 
@@ -467,11 +474,11 @@ mod tests {
 
     #[test]
     fn run_id_is_namespace_name_and_utc_instant() {
-        let task = TaskKey::new("shop", "report");
+        let task = TaskId::new(TaskKey::new("shop", "report"), "u1");
         let at = Utc.with_ymd_and_hms(2026, 11, 24, 9, 0, 0).unwrap();
         let id = RunId::new(&task, at);
         assert_eq!(id.as_str(), "shop/report@2026-11-24T09:00:00Z");
-        assert_eq!((id.task(), id.instant()), (&task, at));
+        assert_eq!((id.task_id(), id.instant()), (&task, at));
         let half = at + chrono::Duration::milliseconds(500);
         assert_eq!(
             RunId::new(&task, half).as_str(),
@@ -484,7 +491,7 @@ mod tests {
 
     #[test]
     fn run_ids_read_back_from_their_text() {
-        let task = TaskKey::new("shop", "report");
+        let task = TaskId::new(TaskKey::new("shop", "report"), "u1");
         let at = Utc.with_ymd_and_hms(2026, 11, 24, 9, 0, 0).unwrap();
         for id in [
             RunId::new(&task, at + chrono::Duration::milliseconds(500)),
@@ -493,7 +500,7 @@ mod tests {
             let back = RunId::parse(&task, id.as_str(), at).unwrap();
             assert_eq!((&back, back.instant()), (&id, id.instant()));
         }
-        let other = TaskKey::new("shop", "other");
+        let other = TaskId::new(TaskKey::new("shop", "other"), "u2");
         assert!(RunId::parse(&other, "shop/report@2026-11-24T09:00:00Z", at).is_none());
         assert!(RunId::parse(&task, "shop/report@yesterday", at).is_none());
     }

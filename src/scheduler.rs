@@ -300,6 +300,7 @@ impl Scheduler {
             run_now: None,
             backfills: Vec::new(),
             adopt: Vec::new(),
+            counts: None,
         };
         self.upsert(engine_task).await;
         Ok(())

@@ -56,6 +56,7 @@ fn task(
         run_now: None,
         backfills: Vec::new(),
         adopt: Vec::new(),
+        counts: None,
     }
 }
 

@@ -394,6 +394,7 @@ fn engine_task(
         run_now: None,
         backfills: Vec::new(),
         adopt: Vec::new(),
+        counts: None,
     }
 }
 

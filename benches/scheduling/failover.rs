@@ -154,6 +154,8 @@ impl Plane {
         )
         .ok()
         .filter(|h| !h.is_empty())
+        // `POD_NAME#nonce`: the replica's name is the pod's.
+        .map(|h| h.split('#').next().unwrap_or_default().to_string())
     }
 }
 

@@ -95,7 +95,7 @@ impl KubeJobs {
             })
             .filter_map(|job| {
                 let id = job.annotations().get(RUN_ID_ANNOTATION)?;
-                RunId::parse(&task.key, id, chrono::Utc::now())
+                RunId::parse(&task, id, chrono::Utc::now())
             })
             .collect()
     }
@@ -323,7 +323,7 @@ pub async fn refused_template(
     action: &JobAction,
 ) -> Option<String> {
     let scheduled = chrono::Utc::now();
-    let run_id = RunId::new(&task.key, scheduled);
+    let run_id = RunId::new(&task, scheduled);
     let name = job_name(task, &run_id);
     let run = JobRun {
         task,

@@ -261,7 +261,7 @@ async fn adopt_jobs(
     let mut runs: Vec<RunId> = active
         .iter()
         .filter(|run| run.job_name.is_some())
-        .filter_map(|run| RunId::parse(&engine.id.key, &run.run_id, run.scheduled_time))
+        .filter_map(|run| RunId::parse(&engine.id, &run.run_id, run.scheduled_time))
         .collect();
     for run in jobs.in_flight(&engine.id).await {
         if !runs.contains(&run) {

@@ -15,6 +15,7 @@ use crate::engine::{BackfillRequest, EngineTask, RunNow};
 use crate::executor::http::{HeaderValue, SuccessCodes, Tls, ValueRef, is_reserved_header};
 use crate::executor::job::JOB_DEADLINE_GRACE;
 use crate::executor::{Action, HttpAction, JobAction, RetryPolicy, RunSpec};
+use crate::ledger::Counts;
 use crate::schedule::jitter::MAX_JITTER;
 use crate::schedule::{
     IntervalAnchor, Schedule, format_duration, parse_duration, parse_instant, parse_timezone,
@@ -146,6 +147,13 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
         run_now: run_now(task),
         backfills: backfills(task)?,
         adopt: Vec::new(),
+        counts: task.status.as_ref().map(|status| Counts {
+            runs: status.total_runs,
+            succeeded: status.successful_runs,
+            failed: status.failed_runs,
+            missed: status.missed_runs,
+            manual: status.manual_runs,
+        }),
     };
     Ok(ValidTask {
         engine,

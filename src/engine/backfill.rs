@@ -138,7 +138,7 @@ impl Driver {
     /// Claims `instant` for this term and hands it to the executor if it has not run; `false`
     /// when the driver must stop (cancelled, or no longer leading).
     async fn claim_and_submit(&self, instant: DateTime<Utc>) -> bool {
-        let run_id = RunId::new(&self.task.id.key, instant);
+        let run_id = RunId::new(&self.task.id, instant);
         let mut wait = CLAIM_RETRY;
         loop {
             if self.leader.borrow().as_ref() != Some(&self.term) || self.cancel.is_cancelled() {

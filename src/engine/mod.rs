@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use crate::clock::Clock;
 use crate::executor::{Action, Executor, Retire, RunRequest, RunSpec};
-use crate::ledger::{Ledger, LedgerError, TakeOver, Verdict};
+use crate::ledger::{Counts, Ledger, LedgerError, TakeOver, Verdict};
 use crate::policy::CatchUpPolicy;
 use crate::run::Term;
 use crate::run::{MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, Trigger};
@@ -66,6 +66,9 @@ pub struct EngineTask {
     /// Runs a previous process started and may not have seen end (`status.active`), for a
     /// Job action: the leader waits for their Jobs and records how they ended.
     pub adopt: Vec<RunId>,
+    /// The counts its stored status shows: a ledger that has none for the task starts from
+    /// them (see [`Ledger::take_over`](crate::ledger::Ledger::take_over)).
+    pub counts: Option<Counts>,
 }
 
 /// A run-now request (`chronflow.io/run-now`).
@@ -297,16 +300,16 @@ impl Engine {
         };
         let mut asks = Vec::new();
         for (key, entry) in &mut self.tasks {
-            if let State::Scheduled { fire_at, .. } = &entry.state {
+            if let State::Scheduled { fire_at, task, .. } = &entry.state {
                 if let Some(at) = fire_at {
                     self.timers.remove(&(*at, key.clone()));
                 }
                 entry.taking_over = true;
-                asks.push(TaskId::new(key.clone(), entry.uid.clone()));
+                asks.push((task.id.clone(), task.counts));
             }
         }
-        for task in asks {
-            self.spawn_take_over(task, term.clone());
+        for (task, seed) in asks {
+            self.spawn_take_over(task, term.clone(), seed);
         }
         // Tasks not taken over (paused) may have a request waiting for this replica to lead.
         let waiting: Vec<TaskKey> = self
@@ -328,7 +331,7 @@ impl Engine {
     }
 
     /// Asks the ledger about `task` off the loop, retrying while `term` lasts.
-    fn spawn_take_over(&self, task: TaskId, term: Term) {
+    fn spawn_take_over(&self, task: TaskId, term: Term, seed: Option<Counts>) {
         let shutdown = self.shutdown.clone();
         let ledger = self.parts.ledger.clone();
         let mut leader = self.parts.leader.clone();
@@ -336,7 +339,7 @@ impl Engine {
         tokio::spawn(async move {
             let mut wait = TAKE_OVER_RETRY;
             loop {
-                match ledger.take_over(&task.key, &term, false).await {
+                match ledger.take_over(&task, &term, false, seed).await {
                     Ok(answer) => {
                         let _ = answers.send(TookOver { task, term, answer });
                         return;
@@ -453,7 +456,7 @@ impl Engine {
                 _ = leader.wait_for(|now| now.as_ref() != Some(&term)) => {}
             }
             if leader.borrow().as_ref() == Some(&term) {
-                match ledger.take_over(&task.key, &term, true).await {
+                match ledger.take_over(&task, &term, true, None).await {
                     Ok(TakeOver {
                         counts: Some(counts),
                         ..
@@ -482,7 +485,7 @@ impl Engine {
                 if self.tasks.get(&task.key).is_some_and(|e| e.uid == task.uid) {
                     self.remove(&task.key, now);
                 } else {
-                    self.bury(&task.uid, now);
+                    self.bury(&task, now);
                 }
             }
             Command::Retain { namespace, keep } => {
@@ -517,13 +520,23 @@ impl Engine {
             entry.extras.stop_backfills();
             let id = TaskId::new(key.clone(), entry.uid.clone());
             self.parts.executor.retire(&id, Retire::Deleted);
-            self.bury(&entry.uid, now);
+            self.bury(&id, now);
         }
     }
 
-    fn bury(&mut self, uid: &str, now: DateTime<Utc>) {
+    /// Remembers a deleted incarnation (a late reconcile must not bring it back) and has the
+    /// ledger forget it after the same grace.
+    fn bury(&mut self, id: &TaskId, now: DateTime<Utc>) {
         self.tombstones.retain(|_, at| now - *at < TOMBSTONE_TTL);
-        self.tombstones.insert(uid.to_string(), now);
+        self.tombstones.insert(id.uid.clone(), now);
+        let (ledger, id) = (self.parts.ledger.clone(), id.clone());
+        let grace = TOMBSTONE_TTL.to_std().unwrap_or_default();
+        tokio::spawn(async move {
+            // Missed, its keys still expire by themselves (the Redis ledger's KEY_TTL).
+            if let Err(error) = ledger.forget(&id, grace).await {
+                debug!(task = %id, %error, "could not forget a deleted task in the ledger");
+            }
+        });
     }
 
     /// The current entry of `id`, taken out; an entry of another incarnation is retired.
@@ -555,7 +568,7 @@ impl Engine {
                 self.parts.executor.retire(&id, Retire::Edited);
             }
         }
-        let generation = task.generation;
+        let (generation, counts) = (task.generation, task.counts);
         let was_taking_over = previous.as_ref().is_some_and(|e| e.taking_over);
         let first_sight = previous.is_none();
         let (state, mut extras) = match previous {
@@ -610,7 +623,7 @@ impl Engine {
         let scheduled = matches!(state, State::Scheduled { .. });
         let ask = first_sight && scheduled && self.term.is_some();
         if let (true, Some(term)) = (ask, self.term.clone()) {
-            self.spawn_take_over(id.clone(), term);
+            self.spawn_take_over(id.clone(), term, counts);
         }
         let taking_over = scheduled && (ask || was_taking_over);
         self.insert(id, generation, state, taking_over, extras);
@@ -734,7 +747,7 @@ impl Engine {
                 self.parts.sink.record(Report::Missed {
                     task: task.id.clone(),
                     count: plan.missed,
-                    run: RunId::new(&task.id.key, latest),
+                    run: RunId::new(&task.id, latest),
                     trigger: Trigger::Schedule,
                     kind: MissKind::CatchUp,
                     reason: format!(
@@ -772,7 +785,7 @@ impl Engine {
             trigger: Trigger::Schedule,
             task: task.id.clone(),
             generation,
-            run_id: RunId::new(&task.id.key, scheduled),
+            run_id: RunId::new(&task.id, scheduled),
             scheduled,
             due: fire_time(task, scheduled),
             spec: task.run.clone(),
@@ -977,6 +990,7 @@ mod tests {
             run_now: None,
             backfills: Vec::new(),
             adopt: Vec::new(),
+            counts: None,
         }
     }
 

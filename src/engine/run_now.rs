@@ -36,7 +36,7 @@ impl Engine {
         };
         entry.extras.served = Some(request.request.clone());
         let task = TaskId::new(key.clone(), entry.uid.clone());
-        let run_id = RunId::manual(key, &request.request, now);
+        let run_id = RunId::manual(&task, &request.request, now);
         let handled = Report::RequestHandled {
             task: task.clone(),
             request: request.request.clone(),

@@ -123,7 +123,10 @@ mod tests {
 
     async fn once(action: &ExecAction) -> Result<String, String> {
         let scheduled = DateTime::<Utc>::from_timestamp(1_767_225_600, 0).unwrap();
-        let run_id = RunId::new(&TaskKey::new("default", "t"), scheduled);
+        let run_id = RunId::new(
+            &crate::run::TaskId::new(TaskKey::new("default", "t"), "uid"),
+            scheduled,
+        );
         let one = Attempt {
             namespace: "default",
             run_id: &run_id,

@@ -610,7 +610,10 @@ mod tests {
         let denied = HttpClient::new(policy(&["127.0.0.0/8", "::1/128"], &[])).unwrap();
         let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
-        let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
+        let run_id = RunId::new(
+            &crate::run::TaskId::new(TaskKey::new("ns", "t"), "uid"),
+            scheduled,
+        );
         for url in [
             format!("{base}/hook"),
             format!("http://localhost:{port}/hook"),
@@ -813,7 +816,10 @@ mod tests {
         let http = client().unwrap();
         let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
-        let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
+        let run_id = RunId::new(
+            &crate::run::TaskId::new(TaskKey::new("ns", "t"), "uid"),
+            scheduled,
+        );
         let action = post(&format!("{base}/hook"));
         for number in 1..=3 {
             let one = Attempt {
@@ -924,7 +930,10 @@ mod tests {
             ..post(url.as_str())
         };
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
-        let run_id = RunId::new(&TaskKey::new("ns", "t"), scheduled);
+        let run_id = RunId::new(
+            &crate::run::TaskId::new(TaskKey::new("ns", "t"), "uid"),
+            scheduled,
+        );
         let client = client().unwrap();
         let one = Attempt {
             namespace: "ns",

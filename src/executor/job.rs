@@ -150,19 +150,19 @@ mod tests {
             "x-----------------------------------------------------------------y",
         ] {
             let task = TaskId::new(TaskKey::new("ns", name), "uid-1");
-            let first = job_name(&task, &RunId::new(&task.key, at(0)));
+            let first = job_name(&task, &RunId::new(&task, at(0)));
             assert!(dns_label(&first), "{first}");
-            assert_eq!(first, job_name(&task, &RunId::new(&task.key, at(0))));
-            assert_ne!(first, job_name(&task, &RunId::new(&task.key, at(1))));
+            assert_eq!(first, job_name(&task, &RunId::new(&task, at(0))));
+            assert_ne!(first, job_name(&task, &RunId::new(&task, at(1))));
             let again = TaskId::new(task.key.clone(), "uid-2");
-            assert_ne!(first, job_name(&again, &RunId::new(&task.key, at(0))));
-            let manual = RunId::manual(&task.key, "r1", at(0));
+            assert_ne!(first, job_name(&again, &RunId::new(&task, at(0))));
+            let manual = RunId::manual(&task, "r1", at(0));
             assert!(dns_label(&job_name(&task, &manual)));
         }
         let task = TaskId::new(TaskKey::new("ns", "backup"), "uid-1");
         // Fixed, so a new build finds the Jobs an older one created.
         assert_eq!(
-            job_name(&task, &RunId::new(&task.key, at(0))),
+            job_name(&task, &RunId::new(&task, at(0))),
             "backup-8997756e9f"
         );
     }

@@ -1145,7 +1145,7 @@ mod tests {
     ) -> RunRequest {
         let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
         RunRequest {
-            run_id: RunId::new(&task.key, scheduled),
+            run_id: RunId::new(&task, scheduled),
             task,
             generation: 1,
             scheduled,
@@ -1182,7 +1182,7 @@ mod tests {
         let now = Utc::now();
         let first = request(now, now, None); // Forbid
         let task = first.task.clone();
-        let theirs = RunId::new(&task.key, now - chrono::Duration::seconds(1));
+        let theirs = RunId::new(&task, now - chrono::Duration::seconds(1));
         executor.hold_elsewhere(&task, vec![theirs.clone()]);
         executor.submit(first);
         match reports.try_recv() {
@@ -1232,7 +1232,7 @@ mod tests {
         let mut missed = Vec::new();
         assert!(executor.shared.next_run(&mut missed).is_some(), "in flight");
         let mut queued = request(now + chrono::Duration::seconds(1), now, None);
-        queued.run_id = RunId::new(&old.task.key, queued.scheduled);
+        queued.run_id = RunId::new(&old.task, queued.scheduled);
         // The old object is deleted while one of its runs is in flight; a new one of the same
         // name (another uid) is due at once. Forbid looks at its own runs only.
         executor.retire(&old.task, Retire::Deleted);
@@ -1273,7 +1273,7 @@ mod tests {
         }
         assert!(executor.shared.lock().tasks.is_empty(), "the task is free");
         let mut next = run;
-        next.run_id = RunId::new(&task.key, at + chrono::Duration::seconds(1));
+        next.run_id = RunId::new(&task, at + chrono::Duration::seconds(1));
         executor.submit(next);
         assert!(
             executor.shared.next_run(&mut dropped).is_some(),

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::future::{BoxFuture, FutureExt};
 
-use super::{Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
+use super::{Counts, Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
 use crate::run::Term;
-use crate::run::{RunId, TaskKey};
+use crate::run::{RunId, TaskId};
 
 /// Run-now requests remembered per task.
 const REQUESTS_KEPT: usize = 32;
@@ -29,7 +29,7 @@ pub struct MemoryLedger {
 
 #[derive(Default)]
 struct State {
-    tasks: HashMap<TaskKey, Claims>,
+    tasks: HashMap<TaskId, Claims>,
     last_prune: Option<Instant>,
 }
 
@@ -85,7 +85,7 @@ impl MemoryLedger {
         }
         let claims = state
             .tasks
-            .entry(run.task().clone())
+            .entry(run.task_id().clone())
             .or_insert_with(|| Claims {
                 first: None,
                 newest: None,
@@ -181,11 +181,30 @@ impl Ledger for MemoryLedger {
 
     fn take_over<'a>(
         &'a self,
-        _task: &'a TaskKey,
+        _task: &'a TaskId,
         _term: &'a Term,
         _settle: bool,
+        _seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         async move { Ok(TakeOver::default()) }.boxed()
+    }
+
+    /// One process: nobody else hands out epochs, so the Lease's count is enough.
+    fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>> {
+        async move { Ok(floor) }.boxed()
+    }
+
+    fn forget<'a>(
+        &'a self,
+        task: &'a TaskId,
+        _grace: Duration,
+    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.tasks.remove(task);
+        async move { Ok(()) }.boxed()
     }
 }
 
@@ -203,7 +222,7 @@ mod tests {
     #[test]
     fn backfills_run_what_this_process_did_not_and_requests_run_once() {
         let dedup = MemoryLedger::new(Duration::from_secs(3600));
-        let task = TaskKey::new("ns", "t");
+        let task = id("t");
         let t0 = Instant::now();
         let claim =
             |second: i64, past: bool| dedup.claim_now(&RunId::new(&task, at(second)), past, t0);
@@ -232,6 +251,10 @@ mod tests {
         );
     }
 
+    fn id(name: &str) -> TaskId {
+        TaskId::new(crate::run::TaskKey::new("ns", name), format!("uid-{name}"))
+    }
+
     fn at(second: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(second)
     }
@@ -239,7 +262,7 @@ mod tests {
     #[test]
     fn an_instant_is_claimed_once_and_older_ones_never_again() {
         let dedup = MemoryLedger::new(Duration::from_secs(3600));
-        let task = TaskKey::new("ns", "t");
+        let task = id("t");
         let t0 = Instant::now();
         assert_eq!(
             dedup.claim_now(&RunId::new(&task, at(1)), false, t0),
@@ -257,7 +280,7 @@ mod tests {
             dedup.claim_now(&RunId::new(&task, at(1)), false, t0),
             DUPLICATE
         );
-        let other = TaskKey::new("ns", "other");
+        let other = id("other");
         assert_eq!(
             dedup.claim_now(&RunId::new(&other, at(1)), false, t0),
             Verdict::Accepted
@@ -269,7 +292,7 @@ mod tests {
         // An hour of a 1 s task: 3600 claims, one entry. The set of run ids it replaces held
         // all 3600 for a day (~257 B each).
         let dedup = MemoryLedger::new(Duration::from_secs(24 * 3600));
-        let task = TaskKey::new("ns", "every-second");
+        let task = id("every-second");
         let t0 = Instant::now();
         for second in 0..3600 {
             let now = t0 + Duration::from_secs(second as u64);
@@ -285,13 +308,31 @@ mod tests {
     fn idle_tasks_are_forgotten() {
         let dedup = MemoryLedger::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        dedup.claim_now(&RunId::new(&TaskKey::new("ns", "gone"), at(0)), false, t0);
+        dedup.claim_now(&RunId::new(&id("gone"), at(0)), false, t0);
         let later = t0 + Duration::from_secs(61);
-        dedup.claim_now(
-            &RunId::new(&TaskKey::new("ns", "alive"), at(61)),
-            false,
-            later,
+        dedup.claim_now(&RunId::new(&id("alive"), at(61)), false, later);
+        assert_eq!(dedup.len(), 1);
+    }
+
+    #[test]
+    fn a_task_created_again_under_its_name_starts_afresh() {
+        let dedup = MemoryLedger::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let old = id("t");
+        let new = TaskId::new(old.key.clone(), "uid-again");
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&old, at(5)), false, t0),
+            Verdict::Accepted
         );
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&new, at(3)), false, t0),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            dedup.claim_now(&RunId::new(&old, at(4)), false, t0),
+            DUPLICATE
+        );
+        let _ = dedup.forget(&old, Duration::ZERO);
         assert_eq!(dedup.len(), 1);
     }
 }

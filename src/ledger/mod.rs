@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 pub use self::memory::MemoryLedger;
 pub use self::redis::{RedisLedger, RedisSettings};
 use crate::run::Term;
-use crate::run::{Report, ReportSink, RunId, TaskKey};
+use crate::run::{Report, ReportSink, RunId, TaskId};
 
 /// Where runs are claimed and their steps recorded. The engine claims; the executor marks a run
 /// started before its action and finished after it; missed instants are marked missed.
@@ -57,13 +57,29 @@ pub trait Ledger: Send + Sync {
 
     /// A new leader takes `task` over: older epochs are fenced from now on. Runs an older epoch
     /// started are reported in flight, or with `settle` (once they cannot be running any more)
-    /// counted failed, their outcome unknown.
+    /// counted failed, their outcome unknown. `seed`: the counts the task's stored status shows,
+    /// which a ledger with no counts of the task starts from (records keyed another way by an
+    /// older release, a flushed or evicted Redis); a new task has none.
     fn take_over<'a>(
         &'a self,
-        task: &'a TaskKey,
+        task: &'a TaskId,
         term: &'a Term,
         settle: bool,
+        seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>>;
+
+    /// The fencing epoch of a new term: higher than every epoch this ledger handed out, and at
+    /// least `floor`. A ledger shared by replicas is the authority for epochs, so they only go up
+    /// whatever happens to the Lease (deleted, moved to another namespace, re-created).
+    fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>>;
+
+    /// Forgets a deleted task: claims of its runs are refused from now on, and its records are
+    /// dropped after `grace` (a replica that has not seen the deletion yet is fenced meanwhile).
+    fn forget<'a>(
+        &'a self,
+        task: &'a TaskId,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), LedgerError>>;
 }
 
 /// The result of a mark, with the task's counts afterwards when the ledger keeps them.

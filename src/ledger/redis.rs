@@ -1,15 +1,22 @@
 //! The run ledger in Redis: exactly once across replicas, fenced by the leader's epoch.
 //!
-//! Keys of one task share the hash tag `{<namespace>/<name>}`, so each script touches one slot
+//! Keys of one task share the hash tag `{<namespace>/<name>/<uid>}` (the operator: a task
+//! deleted and re-created under its name starts from nothing) or `{<namespace>/<name>}`
+//! (standalone processes, whose tasks have no uid they share), so each script touches one slot
 //! and the layout works on Redis Cluster too:
 //!
 //! | key | type | holds |
 //! |-----|------|-------|
-//! | `chronflow:{ns/name}:epoch` | string | the highest epoch that acted on the task |
-//! | `chronflow:{ns/name}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now) |
-//! | `chronflow:{ns/name}:order` | sorted set | runs by instant (a request: when it was seen), for take-over and pruning |
-//! | `chronflow:{ns/name}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `manual`, `pruned_before` |
-//! | `chronflow:{ns/name}:open` | sorted set | runs claimed or started, not yet final |
+//! | `chronflow:{task}:epoch` | string | the highest epoch that acted on the task |
+//! | `chronflow:{task}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now) |
+//! | `chronflow:{task}:order` | sorted set | runs by instant (a request: when it was seen), for take-over and pruning |
+//! | `chronflow:{task}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `manual`, `pruned_before` |
+//! | `chronflow:{task}:open` | sorted set | runs claimed or started, not yet final |
+//! | `chronflow:epoch` | string | the newest epoch handed to a leader ([`Ledger::next_epoch`]) |
+//!
+//! Every write gives the task's keys [`KEY_TTL`] to live again, so the records of a task nobody
+//! deleted through chronflow (deleted while no replica ran) go by themselves; a deleted task's
+//! keys are fenced and go after the deletion grace ([`Ledger::forget`]).
 //!
 //! Fencing is per task: a claim or a `started`/`missed` mark from an epoch below the task's
 //! stored epoch is refused, and any accepted one raises it. A leader that takes over raises
@@ -28,11 +35,53 @@ use futures::future::{BoxFuture, FutureExt};
 use super::{Counts, Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
 use crate::config::{ConfigError, RedisConfig};
 use crate::run::Term;
-use crate::run::{RunId, TaskKey};
+use crate::run::{RunId, TaskId};
 
 /// Records older than this are pruned; a claim for an instant before the pruned horizon is
 /// refused as already handled, so a long catch-up cannot replay a pruned run.
 pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long a task's keys live after the last write to them: twice [`RETENTION`], so a task
+/// that runs at least weekly never loses them. One idle longer (paused, or a yearly schedule)
+/// starts again from the counts its status shows (the take-over's seed).
+pub const KEY_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// The epoch a deleted task's keys are fenced with until they expire: above any term's.
+const FORGOTTEN: u64 = 1 << 53;
+
+/// The key of the epoch counter: one for every task, so one leader's epochs only go up.
+const EPOCH_COUNTER: &str = "chronflow:epoch";
+
+/// Stands in the scripts that write a task's keys where each key is given [`KEY_TTL`] again.
+const KEEP_KEYS: &str = "@KEEP@";
+
+/// A script of the task's keys, each key kept [`KEY_TTL`] from its end.
+fn task_script(source: &str) -> Script {
+    // Not for a deleted task's keys: they go after the deletion grace.
+    let keep = format!(
+        "if tonumber(redis.call('GET', KEYS[1]) or '0') < {FORGOTTEN} then \
+         for i = 1, 5 do redis.call('EXPIRE', KEYS[i], {}) end end",
+        KEY_TTL.as_secs()
+    );
+    Script::new(&source.replace(KEEP_KEYS, &keep))
+}
+
+/// `KEYS`: the counter. `ARGV`: the floor. The next epoch: above every one handed out, at least
+/// the floor.
+const NEXT_EPOCH: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local epoch = math.max(current + 1, tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], string.format('%d', epoch))
+return epoch
+"#;
+
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: the fencing epoch, the grace (s). A deleted
+/// task: every later claim or start is fenced, and its keys go after the grace.
+const FORGET: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2])) end
+return 1
+"#;
 
 /// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, prune
 /// horizon (ms), the run's instant (ms), `next` or `past` (a backfill). Returns `{"accepted"}`,
@@ -68,6 +117,7 @@ if #old > 0 then
   redis.call('ZREM', KEYS[5], unpack(runs))
   redis.call('HSET', KEYS[4], 'pruned_before', string.format('%d', horizon))
 end
+@KEEP@
 return {'accepted'}
 "#;
 
@@ -111,11 +161,13 @@ if to ~= 'started' then
     if string.sub(ARGV[2], 1, 2) == 'm:' then redis.call('HINCRBY', KEYS[4], 'manual', 1) end
   end
 end
+@KEEP@
 return counts({'accepted'})
 "#;
 
-/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder, `settle` or `keep`.
-/// Take-over of the task by a new leader: raises its epoch (or returns `{"fenced", EPOCH}`);
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder, `settle` or `keep`, and
+/// (or nothing) the seed counts `runs succeeded failed missed manual`, set when the task has no
+/// counts yet. Take-over of the task by a new leader: raises its epoch (or returns `{"fenced", EPOCH}`);
 /// an earlier leader is an older epoch or, without leader election (every process in epoch 0),
 /// another process. Runs an earlier leader started are kept open (reported in flight) or, with
 /// `settle`, counted failed (their outcome is unknown; they are never run again); its claims
@@ -128,6 +180,10 @@ local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if epoch < stored then return {'fenced', tostring(stored)} end
 redis.call('SET', KEYS[1], epoch)
+if ARGV[4] and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('HSET', KEYS[4], 'runs', ARGV[4], 'succeeded', ARGV[5], 'failed', ARGV[6],
+    'missed', ARGV[7], 'manual', ARGV[8])
+end
 local unstarted, in_flight = {}, {}
 for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   local record = redis.call('HGET', KEYS[2], run)
@@ -163,6 +219,7 @@ for i = 1, 5 do table.insert(out, c[i] or '0') end
 table.insert(out, tostring(#unstarted))
 for _, run in ipairs(unstarted) do table.insert(out, run) end
 for _, run in ipairs(in_flight) do table.insert(out, run) end
+@KEEP@
 return out
 "#;
 
@@ -184,6 +241,7 @@ if mine or not open then return {'held', record or 'none 0 -'} end
 redis.call('HSET', KEYS[2], ARGV[2], 'started ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[4], ARGV[2])
+@KEEP@
 return {'accepted'}
 "#;
 
@@ -234,10 +292,13 @@ enum Pool {
 pub struct RedisLedger {
     pool: Pool,
     timeout: Duration,
+    by_uid: bool,
     claim: Script,
     mark: Script,
     take_over: Script,
     adopt: Script,
+    next_epoch: Script,
+    forget: Script,
 }
 
 impl RedisLedger {
@@ -283,11 +344,46 @@ impl RedisLedger {
         Ok(Self {
             pool,
             timeout: settings.timeout,
-            claim: Script::new(CLAIM),
-            mark: Script::new(MARK),
-            take_over: Script::new(TAKE_OVER),
-            adopt: Script::new(ADOPT),
+            by_uid: true,
+            claim: task_script(CLAIM),
+            mark: task_script(MARK),
+            take_over: task_script(TAKE_OVER),
+            adopt: task_script(ADOPT),
+            next_epoch: Script::new(NEXT_EPOCH),
+            forget: Script::new(FORGET),
         })
+    }
+
+    /// Keys tasks by name alone, for processes whose tasks carry no uid they share (standalone
+    /// processes reading the same manifests): a task re-created under its name goes on from
+    /// its record.
+    pub fn keyed_by_name(mut self) -> Self {
+        self.by_uid = false;
+        self
+    }
+
+    /// The task's keys, in the order the scripts take them.
+    fn keys(&self, task: &TaskId) -> Vec<String> {
+        let tag = match self.by_uid {
+            true => format!("chronflow:{{{}/{}}}", task.key, task.uid),
+            false => format!("chronflow:{{{}}}", task.key),
+        };
+        ["epoch", "runs", "order", "counts", "open"]
+            .iter()
+            .map(|key| format!("{tag}:{key}"))
+            .collect()
+    }
+
+    /// The server's `maxmemory-policy`, when it lets clients read it (managed services may
+    /// refuse `CONFIG`).
+    pub async fn eviction_policy(&self) -> Result<String, LedgerError> {
+        let mut command = redis::cmd("CONFIG");
+        command.arg("GET").arg("maxmemory-policy");
+        let reply: Vec<String> = self.query(&command).await?;
+        reply
+            .get(1)
+            .cloned()
+            .ok_or_else(|| redis_error(format!("unexpected CONFIG GET reply {reply:?}")))
     }
 
     /// Pool size and connections in use, for metrics.
@@ -303,11 +399,21 @@ impl RedisLedger {
     async fn invoke(
         &self,
         script: &Script,
-        task: &TaskKey,
+        task: &TaskId,
         args: &[String],
     ) -> Result<Vec<String>, LedgerError> {
+        self.invoke_on(script, &self.keys(task), args).await
+    }
+
+    /// Runs `script` on `keys`, within the timeout (connection checkout included).
+    async fn invoke_on<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, LedgerError> {
         let mut invocation = script.prepare_invoke();
-        for key in keys(task) {
+        for key in keys {
             invocation.key(key);
         }
         for arg in args {
@@ -326,6 +432,34 @@ impl RedisLedger {
             }
             .map_err(redis_error)
         };
+        self.within(run).await
+    }
+
+    /// Sends one command, within the timeout.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<T, LedgerError> {
+        let run = async {
+            match &self.pool {
+                Pool::Single(pool) => {
+                    let mut connection = pool.get().await.map_err(redis_error)?;
+                    command.query_async(&mut connection).await
+                }
+                Pool::Cluster(pool) => {
+                    let mut connection = pool.get().await.map_err(redis_error)?;
+                    command.query_async(&mut connection).await
+                }
+            }
+            .map_err(redis_error)
+        };
+        self.within(run).await
+    }
+
+    async fn within<T>(
+        &self,
+        run: impl Future<Output = Result<T, LedgerError>>,
+    ) -> Result<T, LedgerError> {
         tokio::time::timeout(self.timeout, run)
             .await
             .map_err(|_| LedgerError(format!("redis: no answer within {:?}", self.timeout)))?
@@ -348,7 +482,7 @@ impl RedisLedger {
             millis(run.instant()),
             mode.to_string(),
         ];
-        let reply = self.invoke(&self.claim, run.task(), &args).await?;
+        let reply = self.invoke(&self.claim, run.task_id(), &args).await?;
         verdict(&reply)
     }
 }
@@ -391,7 +525,7 @@ impl Ledger for RedisLedger {
                 count.to_string(),
                 millis(run.instant()),
             ];
-            let reply = self.invoke(&self.mark, run.task(), &args).await?;
+            let reply = self.invoke(&self.mark, run.task_id(), &args).await?;
             let (head, tail) = reply.split_at(reply.len().saturating_sub(5));
             Ok(Marked {
                 verdict: verdict(head)?,
@@ -413,7 +547,7 @@ impl Ledger for RedisLedger {
                 term.holder.clone(),
                 millis(run.instant()),
             ];
-            let reply = self.invoke(&self.adopt, run.task(), &args).await?;
+            let reply = self.invoke(&self.adopt, run.task_id(), &args).await?;
             Ok(Marked {
                 verdict: verdict(&reply)?,
                 counts: None,
@@ -424,13 +558,24 @@ impl Ledger for RedisLedger {
 
     fn take_over<'a>(
         &'a self,
-        task: &'a TaskKey,
+        task: &'a TaskId,
         term: &'a Term,
         settle: bool,
+        seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         async move {
             let mode = if settle { "settle" } else { "keep" };
-            let args = [term.epoch.to_string(), term.holder.clone(), mode.into()];
+            let mut args = vec![term.epoch.to_string(), term.holder.clone(), mode.into()];
+            if let Some(seed) = seed {
+                let Counts {
+                    runs,
+                    succeeded,
+                    failed,
+                    missed,
+                    manual,
+                } = seed;
+                args.extend([runs, succeeded, failed, missed, manual].map(|n| n.to_string()));
+            }
             let reply = self.invoke(&self.take_over, task, &args).await?;
             match reply.first().map(String::as_str) {
                 Some("taken") if reply.len() >= 8 => {
@@ -467,16 +612,34 @@ impl Ledger for RedisLedger {
         }
         .boxed()
     }
+
+    fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>> {
+        async move {
+            let keys = [EPOCH_COUNTER.to_string()];
+            self.invoke_on(&self.next_epoch, &keys, &[floor.to_string()])
+                .await
+        }
+        .boxed()
+    }
+
+    fn forget<'a>(
+        &'a self,
+        task: &'a TaskId,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), LedgerError>> {
+        async move {
+            let args = [FORGOTTEN.to_string(), grace.as_secs().max(1).to_string()];
+            let _: i64 = self
+                .invoke_on(&self.forget, &self.keys(task), &args)
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
 }
 
 fn redis_error(error: impl std::fmt::Display) -> LedgerError {
     LedgerError(format!("redis: {error}"))
-}
-
-/// The task's keys, in the order the scripts take them.
-fn keys(task: &TaskKey) -> [String; 5] {
-    let tag = format!("chronflow:{{{task}}}");
-    ["epoch", "runs", "order", "counts", "open"].map(|key| format!("{tag}:{key}"))
 }
 
 /// A run's field in the task's `runs` hash: its instant in Unix ms, or `m:<request>`.
@@ -492,7 +655,7 @@ fn millis(instant: DateTime<Utc>) -> String {
 }
 
 /// The run a field of the `runs` hash names.
-fn run_of(task: &TaskKey, field: &str) -> Result<RunId, LedgerError> {
+fn run_of(task: &TaskId, field: &str) -> Result<RunId, LedgerError> {
     match field.strip_prefix("m:") {
         Some(request) => Ok(RunId::manual(task, request, Utc::now())),
         None => Ok(RunId::new(task, instant_of(field)?)),

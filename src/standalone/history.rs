@@ -512,7 +512,9 @@ pub fn open_history(
             };
             let redis = Arc::new(
                 RedisLedger::new(&settings)
-                    .map_err(|e| Error::Startup(format!("--history: {e}")))?,
+                    .map_err(|e| Error::Startup(format!("--history: {e}")))?
+                    // Standalone tasks have no uid that processes share: their name is theirs.
+                    .keyed_by_name(),
             );
             // The counts are the ledger's: every process's runs, once each.
             Opened {

@@ -9,7 +9,7 @@ use chronflow::ChronTask;
 use chronflow::config::RedisConfig;
 use chronflow::leader::Term;
 use chronflow::ledger::{Ledger, RedisLedger, RedisSettings, Verdict};
-use chronflow::run::{RunId, TaskKey};
+use chronflow::run::{RunId, TaskId, TaskKey};
 use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -252,7 +252,10 @@ async fn redis_host_port_db_password_and_password_file_make_the_connection() {
         password: Some(chronflow::config::Secret::new(password)),
         ..RedisConfig::default()
     };
-    let run = RunId::new(&TaskKey::new("keys", "t"), Utc.timestamp_opt(0, 0).unwrap());
+    let run = RunId::new(
+        &TaskId::new(TaskKey::new("keys", "t"), "uid"),
+        Utc.timestamp_opt(0, 0).unwrap(),
+    );
     let term = Term::single("test");
     let ledger = RedisLedger::new(&RedisSettings::from_config(&config(password)).unwrap()).unwrap();
     let claimed = eventually("redis-server to answer", || async {
@@ -283,7 +286,10 @@ async fn redis_host_port_db_password_and_password_file_make_the_connection() {
         ..config("ignored")
     };
     let ledger = RedisLedger::new(&RedisSettings::from_config(&from_file).unwrap()).unwrap();
-    let other = RunId::new(&TaskKey::new("keys", "t"), Utc.timestamp_opt(1, 0).unwrap());
+    let other = RunId::new(
+        &TaskId::new(TaskKey::new("keys", "t"), "uid"),
+        Utc.timestamp_opt(1, 0).unwrap(),
+    );
     assert_eq!(
         ledger.claim(&other, &term).await.unwrap(),
         Verdict::Accepted
@@ -383,7 +389,10 @@ async fn redis_ca_file_trusts_a_private_ca_over_tls() {
         let config = chronflow::config::OperatorConfig::load_from(None, env).unwrap();
         RedisSettings::from_config(&config.redis).unwrap()
     };
-    let run = RunId::new(&TaskKey::new("tls", "t"), Utc.timestamp_opt(0, 0).unwrap());
+    let run = RunId::new(
+        &TaskId::new(TaskKey::new("tls", "t"), "uid"),
+        Utc.timestamp_opt(0, 0).unwrap(),
+    );
     let term = Term::single("test");
     let trusting = RedisLedger::new(&settings(Some(path("ca.crt")))).unwrap();
     let claimed = eventually("redis-server to answer over TLS", || async {

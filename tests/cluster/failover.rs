@@ -108,7 +108,7 @@ impl Drop for Replica {
     }
 }
 
-/// The Lease's holder, if any.
+/// The Lease's holder, if any: the replica's name (its `POD_NAME`, without the process's nonce).
 async fn holder(ns: &str) -> Option<String> {
     holder_in(test_env().client().await, ns).await
 }
@@ -116,7 +116,8 @@ async fn holder(ns: &str) -> Option<String> {
 async fn holder_in(client: kube::Client, ns: &str) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(client, ns);
     let lease = leases.get_opt(LEASE).await.ok()??;
-    lease.spec?.holder_identity.filter(|h| !h.is_empty())
+    let holder = lease.spec?.holder_identity.filter(|h| !h.is_empty())?;
+    Some(holder.split('#').next()?.to_string())
 }
 
 async fn leader_among(ns: &str, names: &[&str]) -> String {
@@ -837,4 +838,149 @@ async fn a_job_in_flight_when_the_leader_dies_is_recorded_once_by_the_next() {
     for replica in &mut replicas {
         assert!(replica.terminate().success(), "{}", replica.logs());
     }
+}
+
+/// `kubectl delete lease` after a few terms: the replicas compete for a new Lease, and the term
+/// that wins draws its epoch from the ledger, above every earlier one, so the existing task
+/// goes on (within about a failover interval) and no instant runs twice. Its epoch used to
+/// restart at 1 with the Lease's `leaseTransitions`, and every existing task stayed fenced.
+#[tokio::test]
+async fn deleting_the_lease_keeps_every_task_running_and_runs_nothing_twice() {
+    let setup = setup("ha-lease-deleted").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    let receiver = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    let mut replicas = vec![
+        Replica::start(ns, "l0", redis, &dir),
+        Replica::start(ns, "l1", redis, &dir),
+    ];
+    let first = leader_among(ns, &["l0", "l1"]).await;
+    every_second(api, "kept", &receiver).await;
+    more_calls(&receiver, 2).await;
+    // A second term (SIGTERM hands over at once), so the ledger has seen an epoch above 1.
+    let index = replicas.iter().position(|r| r.name == first).unwrap();
+    assert!(replicas[index].terminate().success());
+    replicas[index] = Replica::start(ns, &first, redis, &dir);
+    let second = eventually("the standby to lead", || async {
+        holder(ns).await.filter(|h| *h != first)
+    })
+    .await;
+    more_calls(&receiver, 2).await;
+
+    let leases: Api<Lease> = Api::namespaced(test_env().client().await, ns);
+    leases.delete(LEASE, &Default::default()).await.unwrap();
+    let deleted = Utc::now();
+    // A run arrives for an instant after the deletion, then a few more.
+    eventually(
+        "a run of an instant after the Lease was deleted",
+        || async {
+            receiver
+                .hits()
+                .iter()
+                .any(|hit| hit.scheduled > deleted + chrono::Duration::seconds(1))
+                .then_some(())
+        },
+    )
+    .await;
+    more_calls(&receiver, 3).await;
+    for replica in &mut replicas {
+        assert!(replica.terminate().success(), "{}", replica.logs());
+    }
+    let seen = instants(&receiver.hits(), ns, "kept");
+    assert_counted_once(api, "kept", &seen).await;
+    let logs: String = replicas.iter().map(Replica::logs).collect();
+    assert!(!logs.contains("fenced"), "a term was fenced: {logs}");
+    eprintln!("lease deleted under {second}: runs went on");
+}
+
+/// A task deleted and created again under its name is another task: its counts and records
+/// start from nothing (the ledger is keyed by the object's uid). They used to be the old
+/// task's, so a task with 15 runs showed 16 after its first run again.
+#[tokio::test]
+async fn a_task_created_again_under_its_name_starts_from_zero() {
+    let setup = setup("ha-recreated").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    let receiver = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut replica = Replica::start(ns, "u0", &test_env().redis_url, &dir);
+    leader_among(ns, &["u0"]).await;
+    every_second(api, "again", &receiver).await;
+    let old = status_where(api, "again", "15 runs", |s| s.total_runs >= 15).await;
+    api.delete("again", &Default::default()).await.unwrap();
+    eventually("the task gone", || async {
+        api.get_opt("again").await.unwrap().is_none().then_some(())
+    })
+    .await;
+
+    every_second(api, "again", &receiver).await;
+    let created = Instant::now();
+    let fresh = status_where(api, "again", "a run of the new task", |s| s.total_runs >= 1).await;
+    let bound = created.elapsed().as_secs() + 2;
+    assert!(
+        fresh.total_runs <= bound,
+        "{} runs {:?} after it was created again (the old one had {})",
+        fresh.total_runs,
+        created.elapsed(),
+        old.total_runs
+    );
+    assert!(replica.terminate().success(), "{}", replica.logs());
+}
+
+/// Without leader election, a container restarted in place under the same POD_NAME is another
+/// process: what its earlier self started and never finished is settled (counted failed, its
+/// outcome unknown) once it cannot be running any more. It used to count as the new process's
+/// own and stay open, uncounted, forever.
+#[tokio::test]
+async fn a_process_restarted_under_its_pod_name_settles_what_its_earlier_self_started() {
+    let setup = setup("ha-restart-in-place").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    // Each call takes 3 s: the kill lands while one is in flight.
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(3),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    let kubeconfig = &test_env().kubeconfig;
+    let alone = [("SCHEDULER__LEADER_ELECTION__ENABLED", "false")];
+    let start = || Replica::start_with(ns, "same", redis, &dir, "", kubeconfig, &alone);
+    let mut replica = start();
+    let spec = json!({
+        "schedule": {"cron": "*/5 * * * * *"},
+        "concurrencyPolicy": "Forbid",
+        "timeout": "4s",
+        "action": {"http": {"url": receiver.url("/hook"), "method": "POST"}},
+    });
+    create(api, "slow", spec).await;
+    more_calls(&receiver, 1).await;
+    replica.kill();
+    let hits = receiver.hits();
+    let killed_run = hits.last().unwrap().idempotency_key.clone();
+
+    let mut replica = start();
+    // Settled once it cannot be running any more (its timeout), then counted failed; later
+    // instants run.
+    let status = status_where(api, "slow", "the earlier run settled", |s| {
+        s.failed_runs >= 1
+    })
+    .await;
+    more_calls(&receiver, 1).await;
+    assert!(replica.terminate().success(), "{}", replica.logs());
+    assert_eq!(
+        status.total_runs,
+        status.successful_runs + status.failed_runs,
+        "{status:?}"
+    );
+    let keys: Vec<_> = receiver
+        .hits()
+        .into_iter()
+        .map(|h| h.idempotency_key)
+        .collect();
+    assert_eq!(
+        keys.iter().filter(|k| **k == killed_run).count(),
+        1,
+        "the killed run was sent once: {keys:?}"
+    );
 }

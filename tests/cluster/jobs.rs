@@ -272,13 +272,12 @@ async fn forbid_skips_while_a_job_runs_and_replace_deletes_the_running_job() {
     assert!(message.contains("replaced by"), "{message}");
     let first_job = {
         let task = s.tasks.get("replace").await.unwrap();
-        let run = chronflow::run::RunId::parse(
-            &chronflow::run::TaskKey::new(&s.ns, "replace"),
-            &replaced.run_id,
-            replaced.scheduled_time,
-        )
-        .unwrap();
-        let id = chronflow::run::TaskId::new(run.task().clone(), task.uid().unwrap());
+        let id = chronflow::run::TaskId::new(
+            chronflow::run::TaskKey::new(&s.ns, "replace"),
+            task.uid().unwrap(),
+        );
+        let run =
+            chronflow::run::RunId::parse(&id, &replaced.run_id, replaced.scheduled_time).unwrap();
         chronflow::executor::job::job_name(&id, &run)
     };
     eventually(&format!("Job {first_job} deleted"), || async {

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronflow::leader::{Elector, Term, Timings};
+use chronflow::leader::{Elector, Identity, Term, Timings};
+use chronflow::ledger::{Ledger, MemoryLedger};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -34,9 +35,16 @@ struct Candidate {
 }
 
 impl Candidate {
-    fn start(client: Client, ns: &str, identity: &str) -> Candidate {
+    fn start(client: Client, ns: &str, name: &str) -> Candidate {
+        let memory = Arc::new(MemoryLedger::new(MemoryLedger::IDLE));
+        Candidate::start_with(client, ns, name, memory)
+    }
+
+    /// A candidate whose epochs come from `epochs`.
+    fn start_with(client: Client, ns: &str, name: &str, epochs: Arc<dyn Ledger>) -> Candidate {
         let api: Api<Lease> = Api::namespaced(client, ns);
-        let elector = Arc::new(Elector::new(api, LEASE, identity, timings()));
+        let identity = Identity::new(name);
+        let elector = Arc::new(Elector::new(api, LEASE, identity, timings(), epochs));
         let (tx, term) = watch::channel(None);
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -177,4 +185,85 @@ async fn a_leader_cut_off_from_the_apiserver_stops_acting_within_its_renew_deadl
     assert_eq!(next.epoch, term.epoch + 1);
     a.halt().await;
     b.halt().await;
+}
+
+/// Epochs come from the ledger, so they only go up whatever happens to the Lease: deleted after
+/// several terms, or a second Lease elsewhere (a reinstall in another namespace, another
+/// `lease_name`), never hands out an epoch a term already had. With epochs from
+/// `leaseTransitions` the re-created Lease started at 1 again, below what the ledger had seen,
+/// and every existing task stayed fenced.
+#[tokio::test]
+async fn epochs_only_go_up_when_the_lease_is_deleted_or_moved() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "leader-epochs").await;
+    let redis: Arc<dyn Ledger> = Arc::new(
+        chronflow::ledger::RedisLedger::new(&chronflow::ledger::RedisSettings {
+            url: test_env().redis_url.clone(),
+            cluster: false,
+            ca: None,
+            max_connections: 2,
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap(),
+    );
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let a = Candidate::start_with(client.clone(), &ns, "replica-a", redis.clone());
+        let (_, term) = leader_of(&[&a]).await;
+        seen.push(term.epoch);
+        let elector = a.elector.clone();
+        a.halt().await;
+        if round < 2 {
+            elector.release().await.unwrap();
+        }
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease = leases.get(LEASE).await.unwrap();
+    let transitions = lease.spec.unwrap().lease_transitions.unwrap();
+    assert_eq!(transitions, 3, "three terms on this Lease");
+    let annotation = lease.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotation.get(chronflow::leader::EPOCH_ANNOTATION),
+        Some(&seen[2].to_string()),
+        "the Lease shows its term's epoch"
+    );
+    leases
+        .delete(LEASE, &Default::default())
+        .await
+        .expect("delete the lease");
+
+    let b = Candidate::start_with(client.clone(), &ns, "replica-b", redis.clone());
+    let (_, after_delete) = leader_of(&[&b]).await;
+    b.halt().await;
+    let elsewhere = namespace(&client, "leader-epochs-moved").await;
+    let c = Candidate::start_with(client.clone(), &elsewhere, "replica-c", redis.clone());
+    let (_, moved) = leader_of(&[&c]).await;
+    c.halt().await;
+    seen.extend([after_delete.epoch, moved.epoch]);
+    assert!(
+        seen.windows(2).all(|pair| pair[0] < pair[1]),
+        "epochs of successive terms: {seen:?}"
+    );
+}
+
+/// A container restarted in place keeps its POD_NAME but is another process: the Lease its
+/// earlier self holds is taken at once, in a new term, and the two are different holders.
+#[tokio::test]
+async fn a_process_restarted_under_its_pod_name_takes_its_lease_at_once_in_a_new_term() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "leader-restart").await;
+    let before = Candidate::start(client.clone(), &ns, "chronflow-0");
+    let (_, old) = leader_of(&[&before]).await;
+    before.halt().await; // killed: the Lease still names it
+    let restarted = Instant::now();
+    let after = Candidate::start(client.clone(), &ns, "chronflow-0");
+    let (_, new) = leader_of(&[&after]).await;
+    assert!(
+        restarted.elapsed() < timings().lease_duration,
+        "waited {:?} for a Lease of its own pod",
+        restarted.elapsed()
+    );
+    assert!(new.epoch > old.epoch, "{old:?} then {new:?}");
+    assert_ne!(new.holder, old.holder, "each process is its own holder");
+    after.halt().await;
 }

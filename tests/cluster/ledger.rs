@@ -9,7 +9,7 @@ use chronflow::leader::Term;
 use chronflow::ledger::{
     Counts, Ledger, Mark, RedisLedger, RedisSettings, RunState, TakeOver, Verdict,
 };
-use chronflow::run::{RunId, TaskKey};
+use chronflow::run::{RunId, TaskId, TaskKey};
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::join_all;
 
@@ -34,12 +34,15 @@ fn term(epoch: u64, holder: &str) -> Term {
 }
 
 /// A task no other test uses.
-fn task(prefix: &str) -> TaskKey {
+fn task(prefix: &str) -> TaskId {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    TaskKey::new(
-        format!("ledger-{}", std::process::id()),
-        format!("{prefix}-{n}"),
+    TaskId::new(
+        TaskKey::new(
+            format!("ledger-{}", std::process::id()),
+            format!("{prefix}-{n}"),
+        ),
+        format!("uid-{n}"),
     )
 }
 
@@ -66,9 +69,9 @@ async fn mark(ledger: &RedisLedger, run: &RunId, term: &Term, mark: Mark) -> Ver
         .verdict
 }
 
-async fn counts(ledger: &RedisLedger, task: &TaskKey, term: &Term) -> Counts {
+async fn counts(ledger: &RedisLedger, task: &TaskId, term: &Term) -> Counts {
     let taken: TakeOver = ledger
-        .take_over(task, term, false)
+        .take_over(task, term, false, None)
         .await
         .expect("redis answers");
     taken.counts.expect("redis keeps counts")
@@ -103,7 +106,7 @@ async fn a_take_over_fences_the_old_leader_settles_its_runs_and_adopts_its_claim
 
 /// Claims, starts and a take-over by a newer epoch: what the old leader may still do, what the
 /// new one adopts, and the counts.
-async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
+async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
     let (old, new) = (term(1, "old"), term(2, "new"));
     let started = RunId::new(&task, at(0));
     let claimed = RunId::new(&task, at(1));
@@ -117,14 +120,14 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
 
     // The new leader takes the task over: the unstarted claim is handed over; the started run
     // may still be in flight in the old leader's process.
-    let taken = ledger.take_over(&task, &new, false).await.unwrap();
+    let taken = ledger.take_over(&task, &new, false, None).await.unwrap();
     assert_eq!(taken.newest, Some(at(1)));
     assert_eq!(taken.unstarted, [at(1)]);
     assert_eq!(taken.in_flight, [RunId::new(&task, at(0))]);
     assert_eq!(taken.counts, Some(Counts::default()));
     // Once it cannot be running any more, it is settled failed (its outcome is unknown, and it
     // never runs again).
-    let taken = ledger.take_over(&task, &new, true).await.unwrap();
+    let taken = ledger.take_over(&task, &new, true, None).await.unwrap();
     assert!(taken.in_flight.is_empty());
     let settled = Counts {
         runs: 1,
@@ -176,7 +179,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskKey) {
     // Nothing is left open.
     assert!(
         ledger
-            .take_over(&task, &term(3, "next"), true)
+            .take_over(&task, &term(3, "next"), true, None)
             .await
             .unwrap()
             .unstarted
@@ -253,7 +256,10 @@ async fn missed_instants_are_counted_once_and_never_run() {
         manual: 0,
     };
     assert_eq!(counts(&ledger, &task, &leader).await, expected);
-    let taken = ledger.take_over(&task, &term(2, "b"), true).await.unwrap();
+    let taken = ledger
+        .take_over(&task, &term(2, "b"), true, None)
+        .await
+        .unwrap();
     assert_eq!(
         taken.newest,
         Some(at(60)),
@@ -271,7 +277,10 @@ async fn records_past_the_retention_are_pruned_and_their_instants_stay_handled()
     let retention = chronflow::ledger::redis::RETENTION.as_secs() as i64;
     let new = RunId::new(&task, at(retention + 60));
     assert_eq!(claim(&ledger, &new, &leader).await, Verdict::Accepted);
-    let taken = ledger.take_over(&task, &term(2, "b"), true).await.unwrap();
+    let taken = ledger
+        .take_over(&task, &term(2, "b"), true, None)
+        .await
+        .unwrap();
     assert_eq!(
         taken.unstarted,
         [at(retention + 60)],
@@ -379,7 +388,7 @@ async fn the_ledger_works_on_a_three_master_redis_cluster() {
     })
     .unwrap();
     // Twelve tasks: their hash tags spread over the three masters' slots.
-    let tasks: Vec<TaskKey> = (0..12).map(|_| task("cluster")).collect();
+    let tasks: Vec<TaskId> = (0..12).map(|_| task("cluster")).collect();
     join_all(tasks.iter().map(|t| fencing_scenario(&ledger, t.clone()))).await;
     // One winner per run there too.
     let run = RunId::new(&tasks[0], at(100));
@@ -402,7 +411,7 @@ async fn without_leader_election_a_restarted_process_takes_over_the_previous_one
     mark(&ledger, &started, &before, Mark::Started).await;
     claim(&ledger, &claimed, &before).await;
 
-    let taken = ledger.take_over(&task, &after, false).await.unwrap();
+    let taken = ledger.take_over(&task, &after, false, None).await.unwrap();
     assert_eq!(
         taken.unstarted,
         [at(1)],
@@ -474,7 +483,10 @@ async fn backfill_claims_run_what_never_ran_and_requests_are_claimed_by_name() {
     let after = counts(ledger, &task, &leader).await;
     assert_eq!((after.runs, after.manual, after.missed), (2, 1, 1));
     // The request does not move where the schedule resumes after a take-over.
-    let taken = ledger.take_over(&task, &term(2, "b"), false).await.unwrap();
+    let taken = ledger
+        .take_over(&task, &term(2, "b"), false, None)
+        .await
+        .unwrap();
     assert_eq!(taken.newest, Some(at(20)));
 }
 
@@ -486,7 +498,7 @@ async fn a_new_leader_adopts_a_started_job_run_and_records_its_end_once() {
     let run = RunId::new(&task, at(0));
     claim(&ledger, &run, &old).await;
     mark(&ledger, &run, &old, Mark::Started).await;
-    let taken = ledger.take_over(&task, &new, false).await.unwrap();
+    let taken = ledger.take_over(&task, &new, false, None).await.unwrap();
     assert_eq!(taken.in_flight, vec![run.clone()]);
 
     // The new leader takes the run over (its Job runs on); a second adoption is refused.
@@ -502,11 +514,114 @@ async fn a_new_leader_adopts_a_started_job_run_and_records_its_end_once() {
     assert_eq!(marked.verdict, Verdict::Accepted);
     assert_eq!(marked.counts.map(|c| (c.runs, c.succeeded)), Some((1, 1)));
     // Settling no longer counts it failed, and a finished run is never adopted again.
-    let settled = ledger.take_over(&task, &new, true).await.unwrap();
+    let settled = ledger.take_over(&task, &new, true, None).await.unwrap();
     assert!(settled.in_flight.is_empty());
     assert_eq!(settled.counts.map(|c| (c.runs, c.failed)), Some((1, 0)));
     assert_eq!(
         state(&adopt(term(3, "later")).await),
         Some(RunState::Succeeded)
     );
+}
+
+/// Keys named by uid: a task created again under its name has none of the old one's records or
+/// counts; a deleted task is fenced at once and its keys go after the grace; every key lives
+/// `KEY_TTL` from its last write, so nothing is kept forever.
+#[tokio::test]
+async fn records_belong_to_one_incarnation_expire_and_are_forgotten_with_it() {
+    let ledger = ledger(2);
+    let old = task("incarnation");
+    let new = TaskId::new(old.key.clone(), format!("{}-again", old.uid));
+    let leader = term(1, "a");
+    let run = RunId::new(&old, at(0));
+    assert_eq!(claim(&ledger, &run, &leader).await, Verdict::Accepted);
+    mark(&ledger, &run, &leader, Mark::Started).await;
+    mark(&ledger, &run, &leader, DONE).await;
+    assert_eq!(counts(&ledger, &old, &leader).await.runs, 1);
+    assert_eq!(counts(&ledger, &new, &leader).await, Counts::default());
+    assert_eq!(
+        claim(&ledger, &RunId::new(&new, at(0)), &leader).await,
+        Verdict::Accepted,
+        "the same instant of another incarnation is another run"
+    );
+
+    let mut redis = redis::Client::open(test_env().redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let runs_key = format!("chronflow:{{{}/{}}}:runs", old.key, old.uid);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&runs_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let kept = chronflow::ledger::redis::KEY_TTL.as_secs() as i64;
+    assert!(kept - 60 <= ttl && ttl <= kept, "TTL {ttl} s of {runs_key}");
+
+    ledger.forget(&old, Duration::from_secs(30)).await.unwrap();
+    let later = term(7, "b");
+    let verdict = claim(&ledger, &RunId::new(&old, at(1)), &later).await;
+    assert!(
+        matches!(verdict, Verdict::Fenced { .. }),
+        "a deleted task runs nothing: {verdict:?}"
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&runs_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        0 < ttl && ttl <= 30,
+        "forgotten keys go after the grace: TTL {ttl}"
+    );
+}
+
+/// A ledger with no counts of a task (records keyed by name before this release, a Redis
+/// flushed or evicted) starts from the counts its status shows; one that has counts keeps them.
+#[tokio::test]
+async fn a_take_over_seeds_counts_the_ledger_lost_from_the_status() {
+    let ledger = ledger(2);
+    let task = task("seed");
+    let shown = Counts {
+        runs: 40,
+        succeeded: 38,
+        failed: 2,
+        missed: 3,
+        manual: 1,
+    };
+    let taken = ledger
+        .take_over(&task, &term(1, "a"), false, Some(shown))
+        .await
+        .unwrap();
+    assert_eq!(taken.counts, Some(shown));
+    let run = RunId::new(&task, at(0));
+    claim(&ledger, &run, &term(1, "a")).await;
+    mark(&ledger, &run, &term(1, "a"), Mark::Started).await;
+    mark(&ledger, &run, &term(1, "a"), DONE).await;
+    let stale = Counts::default();
+    let taken = ledger
+        .take_over(&task, &term(2, "b"), false, Some(stale))
+        .await
+        .unwrap();
+    let after = taken.counts.unwrap();
+    assert_eq!((after.runs, after.succeeded), (41, 39), "{after:?}");
+}
+
+/// Epochs for new terms come from one counter: each above the last, and never below the floor
+/// a Lease asks for.
+#[tokio::test]
+async fn new_epochs_rise_above_every_earlier_one_and_the_floor() {
+    let ledger = ledger(2);
+    let first = ledger.next_epoch(1).await.unwrap();
+    let second = ledger.next_epoch(1).await.unwrap();
+    assert!(second > first);
+    let floor = second + 1000;
+    let third = ledger.next_epoch(floor).await.unwrap();
+    assert!(third >= floor);
+    let drawn = join_all((0..20).map(|_| ledger.next_epoch(1))).await;
+    let mut drawn: Vec<u64> = drawn.into_iter().map(Result::unwrap).collect();
+    drawn.sort_unstable();
+    drawn.dedup();
+    assert_eq!(drawn.len(), 20, "concurrent draws are all different");
+    assert!(drawn[0] > third);
 }
