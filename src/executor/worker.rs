@@ -1,0 +1,356 @@
+//! One run on a worker: its start and end in the ledger and in reports, its attempts with
+//! timeout and retries, or its Job; a `RunGuard` ends its stay in the pool even on a panic.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{debug, error, info, warn};
+
+use super::cancel::{Cancel, CancelReason};
+use super::queue::Shared;
+use super::{
+    Action, JobAction, JobRunner, RunInfo, RunRequest, ValueSource, exec, http, job, missed,
+};
+use crate::clock::Clock;
+use crate::ledger::{Ledger, Mark, Verdict};
+use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink};
+
+pub(super) struct WorkerContext {
+    pub(super) http: http::HttpClient,
+    pub(super) values: Arc<dyn ValueSource>,
+    pub(super) jobs: Arc<dyn JobRunner>,
+    pub(super) job_waits: Arc<AtomicUsize>,
+    pub(super) ledger: Arc<dyn Ledger>,
+    pub(super) log_success: bool,
+    pub(super) sink: Arc<dyn ReportSink>,
+    pub(super) clock: Clock,
+}
+
+/// Ends a run's stay in the pool however its worker ends, even by a panic: the task's runs in
+/// flight must not keep a finished run (a `Forbid` task would miss every later run), and a run
+/// whose worker panicked is reported as failed.
+pub(super) struct RunGuard {
+    pub(super) shared: Arc<Shared>,
+    pub(super) run: RunRequest,
+    pub(super) started: DateTime<Utc>,
+    pub(super) reported: bool,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if !self.reported {
+            error!(run_id = %self.run.run_id, "the run's worker panicked");
+            let finished = self.shared.clock.now();
+            self.shared.sink.record(finished_report(
+                &self.run,
+                self.started,
+                finished,
+                0,
+                Err("internal error: the run's worker panicked (a chronflow bug)".into()),
+            ));
+        }
+        self.shared.finished(&self.run.task, &self.run.run_id);
+    }
+}
+
+fn finished_report(
+    run: &RunRequest,
+    started: DateTime<Utc>,
+    finished: DateTime<Utc>,
+    attempts: u32,
+    result: Result<String, String>,
+) -> Report {
+    let (outcome, message) = match result {
+        Ok(message) => (Outcome::Succeeded, message),
+        Err(message) => (Outcome::Failed, message),
+    };
+    Report::Finished {
+        task: run.task.clone(),
+        run: FinishedRun {
+            run_id: run.run_id.clone(),
+            trigger: run.trigger,
+            scheduled: run.scheduled,
+            started,
+            finished,
+            outcome,
+            attempts,
+            message: Some(message),
+        },
+    }
+}
+
+/// Runs all attempts of one run and reports its start and finish, recording both in the
+/// ledger: its start first, which the ledger refuses once a newer leader took the task over
+/// (fencing), then its end, which carries the task's counts.
+pub(super) async fn execute(
+    context: &WorkerContext,
+    guard: &mut RunGuard,
+    cancel: &Cancel,
+    worker: OwnedSemaphorePermit,
+) {
+    let run = &guard.run;
+    let starting = if run.adopted {
+        context.ledger.adopt(&run.run_id, &run.term).await
+    } else {
+        context
+            .ledger
+            .mark(&run.run_id, &run.term, Mark::Started)
+            .await
+    };
+    let refusal = match starting {
+        Ok(marked) if marked.verdict == Verdict::Accepted => None,
+        Ok(marked) => Some(format!(
+            "the ledger refused its start ({:?})",
+            marked.verdict
+        )),
+        Err(error) => {
+            let reason = format!("cannot record the run's start: {error}");
+            context
+                .sink
+                .record(missed(run, MissKind::Claim, reason.clone()));
+            Some(reason)
+        }
+    };
+    if let Some(reason) = refusal {
+        warn!(%reason, "run not started");
+        guard.reported = true;
+        return;
+    }
+    let job = match &run.spec.action {
+        Action::Job(action) => Some((job::job_name(&run.task, &run.run_id), action)),
+        _ => None,
+    };
+    context.sink.record(Report::Started {
+        task: run.task.clone(),
+        run_id: run.run_id.clone(),
+        trigger: run.trigger,
+        scheduled: run.scheduled,
+        due: run.due,
+        started: guard.started,
+        job: job.as_ref().map(|(name, _)| name.clone()),
+    });
+    let (attempts, result) = match job {
+        Some((name, action)) => match run_job(context, run, &name, action, cancel, worker).await {
+            Some(end) => end,
+            None => {
+                // Shut down with the Job running: it runs on, and whoever leads next finds it
+                // by name and records its end (the run stays started in the ledger and in
+                // status.active).
+                info!(job = %name, "shutting down; the run's Job runs on and is adopted by the next leader");
+                guard.reported = true;
+                return;
+            }
+        },
+        None => attempt_all(context, run, cancel).await,
+    };
+    let result = match cancel.reason.get() {
+        Some(reason) => Err(reason.to_string()),
+        None => result,
+    };
+    match &result {
+        // Not `message`: that is the event's own field, and JSON logs would carry it twice.
+        Ok(result) if context.log_success => info!(attempts, %result, "run succeeded"),
+        Ok(_) => {}
+        Err(error) => warn!(attempts, %error, "run failed"),
+    }
+    let finished = context.clock.now();
+    let succeeded = result.is_ok();
+    context.sink.record(finished_report(
+        run,
+        guard.started,
+        finished,
+        attempts,
+        result,
+    ));
+    guard.reported = true;
+    let mark = Mark::Finished { succeeded };
+    match context.ledger.mark(&run.run_id, &run.term, mark).await {
+        Ok(marked) => {
+            if let Some(counts) = marked.counts {
+                let task = run.task.clone();
+                context.sink.record(Report::Counts { task, counts });
+            }
+        }
+        // The record stays `started`: the next take-over counts it failed (outcome unknown).
+        Err(error) => warn!(%error, "cannot record the run's end in the ledger"),
+    }
+}
+
+/// Every attempt of a run, with the task's timeout on each and its retry policy between them.
+async fn attempt_all(
+    context: &WorkerContext,
+    run: &RunRequest,
+    cancel: &Cancel,
+) -> (u32, Result<String, String>) {
+    let spec = &run.spec;
+    let mut attempts = 0;
+    let result = loop {
+        attempts += 1;
+        let attempt = attempt_once(context, run, attempts);
+        let result = tokio::select! {
+            _ = cancel.token.cancelled() => break Err(String::new()),
+            result = tokio::time::timeout(spec.timeout, attempt) => result
+                .unwrap_or_else(|_| Err(format!("timed out after {}", crate::schedule::format_duration(spec.timeout)))),
+        };
+        match result {
+            Ok(message) => break Ok(message),
+            Err(message) if attempts >= spec.retry.max_attempts() => break Err(message),
+            Err(message) => {
+                let delay = spec.retry.delay(attempts);
+                debug!(attempt = attempts, error = %message, ?delay, "attempt failed; retrying");
+                tokio::select! {
+                    _ = cancel.token.cancelled() => break Err(message),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
+    (attempts, result)
+}
+
+/// Counts a Job run that waits without a worker, for as long as it lives.
+struct JobWait<'a>(&'a AtomicUsize);
+
+impl<'a> JobWait<'a> {
+    fn count(waits: &'a AtomicUsize) -> Self {
+        waits.fetch_add(1, Ordering::Relaxed);
+        JobWait(waits)
+    }
+}
+
+impl Drop for JobWait<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A Job run: its Job is created (or found) and watched until it ends; Kubernetes retries and
+/// times it out (`backoffLimit`, `activeDeadlineSeconds`). The worker is held only to create
+/// the Job: waiting for it costs a watch, not a worker. Cancelled by Replace or an invalid
+/// spec, the Job is deleted; by a shutdown, it runs on and `None` is returned.
+async fn run_job(
+    context: &WorkerContext,
+    run: &RunRequest,
+    name: &str,
+    action: &JobAction,
+    cancel: &Cancel,
+    worker: OwnedSemaphorePermit,
+) -> Option<(u32, Result<String, String>)> {
+    let job = job::JobRun {
+        task: &run.task,
+        run_id: &run.run_id,
+        scheduled: run.scheduled,
+        name,
+        action,
+        adopted: run.adopted,
+    };
+    // The spec's timeout is the Job's deadline and a grace (`JobAction::deadline`).
+    let run_job = async {
+        if !run.adopted {
+            context.jobs.create(job).await?;
+        }
+        drop(worker);
+        let _counted = JobWait::count(&context.job_waits);
+        Ok(context.jobs.wait(job).await)
+    };
+    let waited = tokio::select! {
+        _ = cancel.token.cancelled() => None,
+        end = tokio::time::timeout(run.spec.timeout, run_job) => Some(end),
+    };
+    match waited {
+        Some(Ok(Ok(end))) => Some((end.attempts, end.result)),
+        Some(Ok(Err(cannot_create))) => Some((1, Err(cannot_create))),
+        Some(Err(_)) => Some((
+            1,
+            Err(format!(
+                "Job {name} did not end within its activeDeadlineSeconds ({}) and {} more: is \
+                 the cluster's Job controller running?",
+                crate::schedule::format_duration(action.deadline),
+                crate::schedule::format_duration(job::JOB_DEADLINE_GRACE)
+            )),
+        )),
+        None => match cancel.reason.get() {
+            Some(CancelReason::Shutdown) => None,
+            _ => {
+                context.jobs.stop(&run.task.key.namespace, name).await;
+                Some((1, Err(String::new())))
+            }
+        },
+    }
+}
+
+async fn attempt_once(
+    context: &WorkerContext,
+    run: &RunRequest,
+    number: u32,
+) -> Result<String, String> {
+    let attempt = http::Attempt {
+        namespace: &run.task.key.namespace,
+        run_id: &run.run_id,
+        scheduled: run.scheduled,
+        number,
+    };
+    match &run.spec.action {
+        Action::Http(action) => {
+            http::attempt(&context.http, &context.values, action, attempt).await
+        }
+        Action::Exec(action) => exec::attempt(action, attempt).await,
+        Action::Job(_) => Err("internal error: a Job run has no attempts of its own".into()),
+        Action::Call(call) => {
+            let info = RunInfo {
+                run_id: run.run_id.to_string(),
+                scheduled: run.scheduled,
+                attempt: number,
+            };
+            (call.0)(info).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::RunGuard;
+    use crate::executor::fixtures::{executor, request};
+    use crate::run::{Outcome, Report, RunId, TaskId, TaskKey};
+
+    #[tokio::test]
+    async fn a_worker_that_panics_reports_a_failure_and_frees_its_task() {
+        let (executor, mut reports) = executor();
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
+        let run = request(at, at, None);
+        executor.submit(run);
+        let mut dropped = Vec::new();
+        let (run, _cancel) = executor.shared.next_run(&mut dropped).unwrap();
+        let guard = RunGuard {
+            shared: executor.shared.clone(),
+            run: run.clone(),
+            started: at,
+            reported: false,
+        };
+        let worker = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a bug in an action");
+        });
+        assert!(worker.await.unwrap_err().is_panic());
+        match reports.recv().await {
+            Some(Report::Finished { run, .. }) => {
+                assert_eq!(run.outcome, Outcome::Failed);
+                assert!(run.message.unwrap().contains("panicked"));
+            }
+            other => panic!("expected a failed run, got {other:?}"),
+        }
+        assert!(executor.shared.lock().tasks.is_empty(), "the task is free");
+        let mut next = run;
+        next.run_id = RunId::new(&task, at + chrono::Duration::seconds(1));
+        executor.submit(next);
+        assert!(
+            executor.shared.next_run(&mut dropped).is_some(),
+            "a Forbid task's next run can start"
+        );
+    }
+}
