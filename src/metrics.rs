@@ -324,6 +324,14 @@ impl Ledger for CountedClaims {
         self.inner.next_epoch(floor)
     }
 
+    fn holds<'a>(
+        &'a self,
+        task: &'a TaskId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<bool, LedgerError>> {
+        self.inner.holds(task, term)
+    }
+
     fn forget<'a>(
         &'a self,
         task: &'a TaskId,

@@ -31,6 +31,9 @@ pub const TASK_LABEL: &str = "chronflow.io/task";
 pub const SCHEDULED_LABEL: &str = "chronflow.io/scheduled-time";
 /// The run id (an annotation: it does not fit a label value).
 pub const RUN_ID_ANNOTATION: &str = "chronflow.io/run-id";
+/// Annotation with the epoch of the leader that created the Job (`X-Chronflow-Epoch` of HTTP
+/// runs): whatever the Pod does can fence on it.
+pub const EPOCH_ANNOTATION: &str = crate::leader::EPOCH_ANNOTATION;
 
 /// The operator's Job runner: one informer per watched namespace (or one for all).
 pub struct KubeJobs {
@@ -95,7 +98,7 @@ impl KubeJobs {
             })
             .filter_map(|job| {
                 let id = job.annotations().get(RUN_ID_ANNOTATION)?;
-                RunId::parse(&task, id, chrono::Utc::now())
+                RunId::parse(task, id, chrono::Utc::now())
             })
             .collect()
     }
@@ -323,11 +326,12 @@ pub async fn refused_template(
     action: &JobAction,
 ) -> Option<String> {
     let scheduled = chrono::Utc::now();
-    let run_id = RunId::new(&task, scheduled);
+    let run_id = RunId::new(task, scheduled);
     let name = job_name(task, &run_id);
     let run = JobRun {
         task,
         run_id: &run_id,
+        epoch: 0,
         scheduled,
         name: &name,
         action,
@@ -370,6 +374,7 @@ fn job_of(run: &JobRun<'_>) -> Job {
     );
     let annotations = meta.annotations.get_or_insert_with(Default::default);
     annotations.insert(RUN_ID_ANNOTATION.into(), run.run_id.to_string());
+    annotations.insert(EPOCH_ANNOTATION.into(), run.epoch.to_string());
     annotations.insert(
         SCHEDULED_LABEL.into(),
         run.scheduled

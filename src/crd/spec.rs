@@ -365,7 +365,7 @@ pub struct HttpHeader {
     /// Header name. Reserved (in any case): `Idempotency-Key`, `X-Chronflow-Scheduled-Time`,
     /// `X-Chronflow-Attempt` (chronflow sets them), `Host`, `Content-Length`,
     /// `Transfer-Encoding`, `Connection` (the HTTP client sets them).
-    #[x_kube(validation = Rule::new("!(self.lowerAscii() in ['idempotency-key', 'x-chronflow-scheduled-time', 'x-chronflow-attempt', 'host', 'content-length', 'transfer-encoding', 'connection'])").message("header name is reserved: chronflow sets Idempotency-Key, X-Chronflow-Scheduled-Time and X-Chronflow-Attempt, and the HTTP client sets Host, Content-Length, Transfer-Encoding and Connection"))]
+    #[x_kube(validation = Rule::new("!(self.lowerAscii() in ['idempotency-key', 'x-chronflow-scheduled-time', 'x-chronflow-attempt', 'x-chronflow-epoch', 'host', 'content-length', 'transfer-encoding', 'connection'])").message("header name is reserved: chronflow sets Idempotency-Key, X-Chronflow-Scheduled-Time, X-Chronflow-Attempt and X-Chronflow-Epoch, and the HTTP client sets Host, Content-Length, Transfer-Encoding and Connection"))]
     #[schemars(
         length(min = 1, max = 256),
         regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

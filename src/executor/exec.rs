@@ -132,6 +132,7 @@ mod tests {
             run_id: &run_id,
             scheduled,
             number: 1,
+            epoch: 1,
         };
         attempt(action, one).await
     }

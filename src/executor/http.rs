@@ -18,14 +18,18 @@ pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 pub const SCHEDULED_TIME: &str = "X-Chronflow-Scheduled-Time";
 /// Header carrying the attempt number, from 1.
 pub const ATTEMPT: &str = "X-Chronflow-Attempt";
+/// Header carrying the fencing epoch of the leader that sends (0 without leader election): a
+/// receiver that keeps the highest epoch seen per `Idempotency-Key` can refuse a stale leader.
+pub const EPOCH: &str = "X-Chronflow-Epoch";
 
-/// Header names a task may not set (compared without case): chronflow sets the first three on
+/// Header names a task may not set (compared without case): chronflow sets the first four on
 /// every request, and the HTTP client derives the others from the URL and body or owns them for
 /// the connection. The CRD's CEL rule on header names lists the same (tests/crd.rs checks).
-pub const RESERVED_HEADERS: [&str; 7] = [
+pub const RESERVED_HEADERS: [&str; 8] = [
     IDEMPOTENCY_KEY,
     SCHEDULED_TIME,
     ATTEMPT,
+    EPOCH,
     "Host",
     "Content-Length",
     "Transfer-Encoding",
@@ -385,6 +389,8 @@ pub struct Attempt<'a> {
     pub scheduled: DateTime<Utc>,
     /// The attempt's number, from 1, sent as `X-Chronflow-Attempt`.
     pub number: u32,
+    /// The sending leader's epoch, sent as `X-Chronflow-Epoch`.
+    pub epoch: u64,
 }
 
 /// Makes one request. `Ok` carries a short description of the response for status messages
@@ -438,7 +444,8 @@ pub async fn attempt(
                     .scheduled
                     .to_rfc3339_opts(SecondsFormat::AutoSi, true),
             )
-            .header(ATTEMPT, attempt.number);
+            .header(ATTEMPT, attempt.number)
+            .header(EPOCH, attempt.epoch);
         for (name, value) in &headers {
             request = request.header(name.clone(), value.clone());
         }
@@ -624,6 +631,7 @@ mod tests {
                 run_id: &run_id,
                 scheduled,
                 number: 1,
+                epoch: 1,
             };
             let error = attempt(&denied, &secrets, &action, one).await.unwrap_err();
             assert!(
@@ -827,6 +835,7 @@ mod tests {
                 run_id: &run_id,
                 scheduled,
                 number,
+                epoch: 1,
             };
             assert_eq!(
                 attempt(&http, &secrets, &action, one).await,
@@ -940,6 +949,7 @@ mod tests {
             run_id: &run_id,
             scheduled,
             number: 1,
+            epoch: 1,
         };
         attempt(&client, &secrets, &action, one).await
     }

@@ -35,6 +35,9 @@ pub struct JobRun<'a> {
     pub task: &'a TaskId,
     /// The run.
     pub run_id: &'a RunId,
+    /// The epoch of the leader that creates the Job, written as its `chronflow.io/epoch`
+    /// annotation.
+    pub epoch: u64,
     /// The run's instant.
     pub scheduled: DateTime<Utc>,
     /// The Job's name: [`job_name`].

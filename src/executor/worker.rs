@@ -188,6 +188,9 @@ async fn attempt_all(
     let mut attempts = 0;
     let result = loop {
         attempts += 1;
+        if let Err(refused) = still_holds(context, run).await {
+            break Err(format!("attempt {attempts} not made: {refused}"));
+        }
         let attempt = attempt_once(context, run, attempts);
         let result = tokio::select! {
             _ = cancel.token.cancelled() => break Err(String::new()),
@@ -208,6 +211,22 @@ async fn attempt_all(
         }
     };
     (attempts, result)
+}
+
+/// Whether the run's term still holds its task in the ledger: a leader frozen after the run's
+/// start and woken after another took the task over must not act any more (that one settles
+/// the run). A ledger that cannot say is taken as a no: acting could run the instant twice.
+async fn still_holds(context: &WorkerContext, run: &RunRequest) -> Result<(), String> {
+    match context.ledger.holds(&run.task, &run.term).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            warn!("fenced: a newer leader took the task over after this run started");
+            Err("a newer leader took the task over (fenced)".to_string())
+        }
+        Err(error) => Err(format!(
+            "cannot check the leader's term in the ledger: {error}"
+        )),
+    }
 }
 
 /// Counts a Job run that waits without a worker, for as long as it lives.
@@ -241,6 +260,7 @@ async fn run_job(
     let job = job::JobRun {
         task: &run.task,
         run_id: &run.run_id,
+        epoch: run.term.epoch,
         scheduled: run.scheduled,
         name,
         action,
@@ -249,6 +269,9 @@ async fn run_job(
     // The spec's timeout is the Job's deadline and a grace (`JobAction::deadline`).
     let run_job = async {
         if !run.adopted {
+            still_holds(context, run)
+                .await
+                .map_err(|refused| format!("Job {name} not created: {refused}"))?;
             context.jobs.create(job).await?;
         }
         drop(worker);
@@ -291,6 +314,7 @@ async fn attempt_once(
         run_id: &run.run_id,
         scheduled: run.scheduled,
         number,
+        epoch: run.term.epoch,
     };
     match &run.spec.action {
         Action::Http(action) => {

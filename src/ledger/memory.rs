@@ -194,17 +194,29 @@ impl Ledger for MemoryLedger {
         async move { Ok(floor) }.boxed()
     }
 
+    /// One process: no other term.
+    fn holds<'a>(
+        &'a self,
+        _task: &'a TaskId,
+        _term: &'a Term,
+    ) -> BoxFuture<'a, Result<bool, LedgerError>> {
+        async move { Ok(true) }.boxed()
+    }
+
     fn forget<'a>(
         &'a self,
         task: &'a TaskId,
         _grace: Duration,
     ) -> BoxFuture<'a, Result<(), LedgerError>> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        state.tasks.remove(task);
-        async move { Ok(()) }.boxed()
+        async move {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.tasks.remove(task);
+            Ok(())
+        }
+        .boxed()
     }
 }
 
@@ -332,7 +344,7 @@ mod tests {
             dedup.claim_now(&RunId::new(&old, at(4)), false, t0),
             DUPLICATE
         );
-        let _ = dedup.forget(&old, Duration::ZERO);
+        futures::executor::block_on(dedup.forget(&old, Duration::ZERO)).unwrap();
         assert_eq!(dedup.len(), 1);
     }
 }

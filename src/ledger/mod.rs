@@ -73,6 +73,15 @@ pub trait Ledger: Send + Sync {
     /// whatever happens to the Lease (deleted, moved to another namespace, re-created).
     fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>>;
 
+    /// Whether `term` may still act on `task`: no newer term took it over (nor was it forgotten).
+    /// Asked before each attempt and before a Job is created, so a leader frozen after a run's
+    /// start and woken after a take-over sends nothing.
+    fn holds<'a>(
+        &'a self,
+        task: &'a TaskId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<bool, LedgerError>>;
+
     /// Forgets a deleted task: claims of its runs are refused from now on, and its records are
     /// dropped after `grace` (a replica that has not seen the deletion yet is fenced meanwhile).
     fn forget<'a>(

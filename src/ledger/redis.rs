@@ -622,6 +622,20 @@ impl Ledger for RedisLedger {
         .boxed()
     }
 
+    fn holds<'a>(
+        &'a self,
+        task: &'a TaskId,
+        term: &'a Term,
+    ) -> BoxFuture<'a, Result<bool, LedgerError>> {
+        async move {
+            let mut command = redis::cmd("GET");
+            command.arg(&self.keys(task)[0]);
+            let stored: Option<u64> = self.query(&command).await?;
+            Ok(stored.is_none_or(|epoch| epoch <= term.epoch))
+        }
+        .boxed()
+    }
+
     fn forget<'a>(
         &'a self,
         task: &'a TaskId,

@@ -805,7 +805,7 @@ mod tests {
         index.record(Report::Finished {
             task: task.clone(),
             run: FinishedRun {
-                run_id: RunId::new(&task, t(second)),
+                run_id: RunId::new(task, t(second)),
                 trigger: Default::default(),
                 scheduled: t(second),
                 started: t(second),

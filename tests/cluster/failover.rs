@@ -861,11 +861,11 @@ async fn deleting_the_lease_keeps_every_task_running_and_runs_nothing_twice() {
     // A second term (SIGTERM hands over at once), so the ledger has seen an epoch above 1.
     let index = replicas.iter().position(|r| r.name == first).unwrap();
     assert!(replicas[index].terminate().success());
-    replicas[index] = Replica::start(ns, &first, redis, &dir);
     let second = eventually("the standby to lead", || async {
         holder(ns).await.filter(|h| *h != first)
     })
     .await;
+    replicas[index] = Replica::start(ns, &first, redis, &dir);
     more_calls(&receiver, 2).await;
 
     let leases: Api<Lease> = Api::namespaced(test_env().client().await, ns);
@@ -887,8 +887,23 @@ async fn deleting_the_lease_keeps_every_task_running_and_runs_nothing_twice() {
     for replica in &mut replicas {
         assert!(replica.terminate().success(), "{}", replica.logs());
     }
-    let seen = instants(&receiver.hits(), ns, "kept");
+    let hits = receiver.hits();
+    let seen = instants(&hits, ns, "kept");
     assert_counted_once(api, "kept", &seen).await;
+    // Every request carried its leader's epoch, and the term after the deletion's is above
+    // every earlier one.
+    assert!(hits.iter().all(|hit| hit.epoch > 0), "{hits:?}");
+    let before = hits
+        .iter()
+        .filter(|h| h.arrived < deleted)
+        .map(|h| h.epoch)
+        .max();
+    let after = hits
+        .iter()
+        .filter(|h| h.scheduled > deleted + chrono::Duration::seconds(1))
+        .map(|h| h.epoch)
+        .min();
+    assert!(after > before, "epochs {before:?} then {after:?}");
     let logs: String = replicas.iter().map(Replica::logs).collect();
     assert!(!logs.contains("fenced"), "a term was fenced: {logs}");
     eprintln!("lease deleted under {second}: runs went on");

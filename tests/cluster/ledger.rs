@@ -13,7 +13,12 @@ use chronflow::run::{RunId, TaskId, TaskKey};
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::join_all;
 
-use crate::support::test_env;
+use crate::support::receiver::{Behavior, Receiver};
+use crate::support::{eventually, test_env};
+
+#[path = "../support/engine_core.rs"]
+#[allow(dead_code)] // shared with tests/engine.rs, which uses the rest
+mod engine_core;
 
 fn ledger(max_connections: usize) -> RedisLedger {
     RedisLedger::new(&RedisSettings {
@@ -624,4 +629,84 @@ async fn new_epochs_rise_above_every_earlier_one_and_the_floor() {
     drawn.dedup();
     assert_eq!(drawn.len(), 20, "concurrent draws are all different");
     assert!(drawn[0] > third);
+}
+
+/// The fence reaches every attempt: a leader whose run failed its first attempt and waits to
+/// retry sends no retry once a newer term took the task over (the woken old leader of a
+/// failover), and every request it sent carried its epoch.
+#[tokio::test]
+async fn no_attempt_is_sent_once_a_newer_term_took_the_task_over() {
+    use chronflow::executor::http::SuccessCodes;
+    use chronflow::executor::{Action, HttpAction, RetryPolicy, RunSpec};
+    use chronflow::policy::{Backoff, CatchUpPolicy, ConcurrencyPolicy, FollowRedirects};
+    use chronflow::schedule::{IntervalAnchor, Schedule};
+    use std::sync::Arc;
+
+    let receiver = Receiver::start(Behavior {
+        status: 503,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let ledger = Arc::new(ledger(4));
+    let epoch = ledger.next_epoch(1).await.unwrap();
+    let leader = term(epoch, "old");
+    let core = engine_core::Core::start_with(4, 16, ledger.clone() as Arc<dyn Ledger>, leader);
+    let id = task("fenced-retry");
+    let every = Duration::from_secs(30);
+    let engine_task = chronflow::engine::EngineTask {
+        id: id.clone(),
+        generation: 1,
+        paused: None,
+        schedule: Schedule::interval(every, IntervalAnchor::Start(Utc::now())).unwrap(),
+        jitter: None,
+        catch_up: CatchUpPolicy::Skip,
+        // The first instant (now) is due at once.
+        catch_up_from: Some(Utc::now() - chrono::Duration::seconds(1)),
+        run: Arc::new(RunSpec {
+            action: Action::Http(HttpAction {
+                url: receiver.url("/hook").parse().unwrap(),
+                method: reqwest::Method::POST,
+                headers: Vec::new(),
+                body: None,
+                success_codes: SuccessCodes::parse(&[]).unwrap(),
+                follow_redirects: FollowRedirects::Never,
+                tls: Default::default(),
+            }),
+            timeout: Duration::from_secs(5),
+            retry: RetryPolicy {
+                max_retries: 3,
+                backoff: Backoff::Fixed,
+                initial_delay: Duration::from_secs(2),
+                max_delay: Duration::from_secs(2),
+            },
+            concurrency: ConcurrencyPolicy::Forbid,
+            max_concurrent_runs: 1,
+            starting_deadline: None,
+        }),
+        run_now: None,
+        backfills: Vec::new(),
+        adopt: Vec::new(),
+        counts: None,
+    };
+    core.engine.upsert(engine_task).await;
+    eventually("the first attempt", || async {
+        (receiver.count() >= 1).then_some(())
+    })
+    .await;
+    // A newer term takes the task over while the run waits 2 s for its retry.
+    let newer = term(ledger.next_epoch(1).await.unwrap(), "new");
+    ledger.take_over(&id, &newer, false, None).await.unwrap();
+    // Absence is seen over a window: two retry delays.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let hits = receiver.hits();
+    assert_eq!(
+        hits.iter().map(|h| h.attempt).collect::<Vec<_>>(),
+        [1],
+        "attempts sent: {hits:?}"
+    );
+    assert_eq!(
+        hits[0].epoch, epoch,
+        "the request carried its leader's epoch"
+    );
+    core.stop();
 }

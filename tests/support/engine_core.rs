@@ -10,7 +10,7 @@ use chronflow::engine::EngineHandle;
 use chronflow::executor::ExecutorConfig;
 use chronflow::executor::http::NoValues;
 use chronflow::leader::Term;
-use chronflow::ledger::MemoryLedger;
+use chronflow::ledger::{Ledger, MemoryLedger};
 use chronflow::run::Report;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -37,10 +37,21 @@ impl Core {
 
     /// Starts a core that always leads, with the given worker and queue bounds.
     pub fn start(max_workers: usize, queue_size: usize) -> Core {
+        let ledger = Arc::new(MemoryLedger::new(Duration::from_secs(3600)));
+        Core::start_with(max_workers, queue_size, ledger, Term::single("standalone"))
+    }
+
+    /// Starts a core that leads in `term` over `ledger`.
+    pub fn start_with(
+        max_workers: usize,
+        queue_size: usize,
+        ledger: Arc<dyn Ledger>,
+        term: Term,
+    ) -> Core {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (reports_tx, reports) = mpsc::unbounded_channel();
         // The receiver keeps the last value.
-        let (_leader_tx, leader) = watch::channel(Some(Term::single("standalone")));
+        let (_leader_tx, leader) = watch::channel(Some(term));
         let mut core = chronflow::core::Core::build(CoreParts {
             executor: ExecutorConfig {
                 max_workers,
@@ -52,7 +63,7 @@ impl Core {
             http: chronflow::executor::http::client().expect("an HTTP client"),
             values: Arc::new(NoValues),
             jobs: Arc::new(chronflow::executor::job::NoJobs),
-            ledger: Arc::new(MemoryLedger::new(Duration::from_secs(3600))),
+            ledger,
             sink: Arc::new(reports_tx),
             leader,
             clock: Clock::System,

@@ -19,6 +19,8 @@ pub struct Hit {
     pub idempotency_key: String,
     pub scheduled: DateTime<Utc>,
     pub attempt: u32,
+    /// `X-Chronflow-Epoch`: the sending leader's.
+    pub epoch: u64,
     pub arrived: DateTime<Utc>,
     pub authorization: Option<String>,
 }
@@ -181,6 +183,9 @@ fn hit(headers: &HeaderMap) -> Hit {
             .unwrap_or_default(),
         attempt: header("x-chronflow-attempt")
             .and_then(|a| a.parse().ok())
+            .unwrap_or(0),
+        epoch: header("x-chronflow-epoch")
+            .and_then(|e| e.parse().ok())
             .unwrap_or(0),
         arrived: Utc::now(),
         authorization: header("authorization"),
