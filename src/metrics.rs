@@ -22,7 +22,9 @@ use tokio::sync::watch;
 
 use crate::executor::LoadGauge;
 use crate::leader::Term;
-use crate::ledger::{Counts, Ledger, LedgerError, Mark, Marked, RedisLedger, TakeOver, Verdict};
+use crate::ledger::{
+    Counts, Ledger, LedgerError, Mark, Marked, RedisLedger, RetriedMarks, TakeOver, Verdict,
+};
 use crate::run::{Outcome, Report, ReportSink, RunId, TaskId};
 use crate::status::StatusIndex;
 
@@ -352,6 +354,8 @@ pub struct Live {
     pub leader: watch::Receiver<Option<Term>>,
     /// The Redis ledger's pool, when there is one.
     pub redis: Option<Arc<RedisLedger>>,
+    /// Marks the shared ledger refused, kept to be sent again.
+    pub kept_marks: Option<Arc<RetriedMarks>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -438,6 +442,14 @@ impl Collector for Live {
                 "redis_connections_in_use",
                 "Redis connections checked out of the ledger's pool",
                 as_i64(in_use),
+            )?;
+        }
+        if let Some(kept) = &self.kept_marks {
+            gauge(
+                &mut encoder,
+                "ledger_marks_pending",
+                "Finished and missed marks the ledger refused, kept and sent again until they land",
+                as_i64(kept.pending()),
             )?;
         }
         gauge(

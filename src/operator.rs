@@ -82,7 +82,7 @@ pub async fn run(
                 .map_err(|e| Error::Startup(format!("config: redis: {e}")))?,
         )),
     };
-    let ledger: Arc<dyn Ledger> = Arc::new(CountedClaims {
+    let counted: Arc<dyn Ledger> = Arc::new(CountedClaims {
         metrics: metrics.clone(),
         inner: match &redis {
             Some(redis) => redis.clone(),
@@ -90,10 +90,14 @@ pub async fn run(
         },
     });
     // With a shared ledger, run counts are the ledger's: every leader's runs, once each.
-    let recorder: Arc<dyn ReportSink> = match config.backend_type {
-        BackendType::Memory => Arc::new(index.clone()),
-        BackendType::Redis => index.counting_from(ledger.clone(), leader.clone()),
-    };
+    let (ledger, recorder, kept_marks): (Arc<dyn Ledger>, Arc<dyn ReportSink>, _) =
+        match config.backend_type {
+            BackendType::Memory => (counted, Arc::new(index.clone()), None),
+            BackendType::Redis => {
+                let (ledger, recorder) = index.counting_from(counted, leader.clone());
+                (ledger.clone(), recorder, Some(ledger))
+            }
+        };
 
     let values = Arc::new(KubeValues::new(client.clone(), config.secrets.cache_ttl));
     let sink: Arc<dyn ReportSink> = Arc::new(Recording {
@@ -125,6 +129,7 @@ pub async fn run(
         status: index.clone(),
         leader: leader.clone(),
         redis,
+        kept_marks,
     });
     let endpoint = Endpoint {
         metrics: metrics.clone(),

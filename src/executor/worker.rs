@@ -173,8 +173,8 @@ pub(super) async fn execute(
                 context.sink.record(Report::Counts { task, counts });
             }
         }
-        // The record stays `started`: the next take-over counts it failed (outcome unknown).
-        Err(error) => warn!(%error, "cannot record the run's end in the ledger"),
+        // A shared ledger keeps the mark and sends it again until it lands (RetriedMarks).
+        Err(error) => warn!(%error, "cannot record the run's end in the ledger yet"),
     }
 }
 

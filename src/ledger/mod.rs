@@ -5,6 +5,7 @@
 
 mod memory;
 pub mod redis;
+mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::debug;
 
 pub use self::memory::MemoryLedger;
 pub use self::redis::{RedisLedger, RedisSettings};
+pub use self::retry::{KEPT_PER_TASK, RetriedMarks};
 use crate::run::Term;
 use crate::run::{Report, ReportSink, RunId, TaskId};
 
@@ -199,9 +201,10 @@ pub struct Counts {
 #[error("{0}")]
 pub struct LedgerError(pub String);
 
-/// Records missed instants in the ledger, then hands every report on. A mark that fails (Redis
-/// away) is retried with backoff while this replica keeps its term, so instants missed during
-/// an outage are counted once Redis returns; the counts it gets back are reported too.
+/// Records missed instants in the ledger, then hands every report on. One attempt per report,
+/// off the caller's path: over a [`RetriedMarks`] ledger, a mark that fails (Redis away) is
+/// kept and sent again while this replica keeps its term, so instants missed during an outage
+/// are counted once Redis returns; the counts it gets back are reported too.
 pub struct RecordMissed {
     /// Where missed runs are marked.
     pub ledger: Arc<dyn Ledger>,
@@ -211,10 +214,6 @@ pub struct RecordMissed {
     pub inner: Arc<dyn ReportSink>,
 }
 
-/// The longest pause between two tries of a missed mark; it is given up after [`MARK_PATIENCE`].
-const MARK_RETRY_MAX: Duration = Duration::from_secs(30);
-const MARK_PATIENCE: Duration = Duration::from_secs(3600);
-
 impl ReportSink for RecordMissed {
     fn record(&self, report: Report) {
         if let Report::Missed {
@@ -222,33 +221,16 @@ impl ReportSink for RecordMissed {
         } = &report
             && let Some(term) = self.leader.borrow().clone()
         {
-            let (ledger, inner, mut leader) =
-                (self.ledger.clone(), self.inner.clone(), self.leader.clone());
+            let (ledger, inner) = (self.ledger.clone(), self.inner.clone());
             let (task, run, mark) = (task.clone(), run.clone(), Mark::Missed { count: *count });
             tokio::spawn(async move {
-                let give_up = tokio::time::Instant::now() + MARK_PATIENCE;
-                let mut wait = Duration::from_secs(1);
-                loop {
-                    match ledger.mark(&run, &term, mark).await {
-                        Ok(marked) => {
-                            if let Some(counts) = marked.counts {
-                                inner.record(Report::Counts { task, counts });
-                            }
-                            return;
-                        }
-                        Err(error) if tokio::time::Instant::now() < give_up => {
-                            debug!(run_id = %run, %error, "cannot record a missed run yet");
-                        }
-                        Err(error) => {
-                            warn!(run_id = %run, %error, "gave up recording a missed run");
-                            return;
-                        }
-                    }
-                    tokio::select! {
-                        // Another term counts what it finds when it takes the task over.
-                        _ = leader.wait_for(|now| now.as_ref() != Some(&term)) => return,
-                        _ = tokio::time::sleep(wait) => wait = (wait * 2).min(MARK_RETRY_MAX),
-                    }
+                match ledger.mark(&run, &term, mark).await {
+                    Ok(Marked {
+                        counts: Some(counts),
+                        ..
+                    }) => inner.record(Report::Counts { task, counts }),
+                    Ok(_) => {}
+                    Err(error) => debug!(run_id = %run, %error, "cannot record a missed run yet"),
                 }
             });
         }

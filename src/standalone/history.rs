@@ -21,7 +21,7 @@ use crate::Error;
 use crate::config::OperatorConfig;
 use crate::crd::{ChronTaskStatus, RunOutcome, RunRecord};
 use crate::leader::Term;
-use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
+use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings, RetriedMarks};
 use crate::run::{Outcome, Report, ReportSink, ScheduleState, TaskKey, Trigger};
 use crate::status::StatusIndex;
 use crate::status::conditions::success_rate;
@@ -476,6 +476,8 @@ pub struct Opened {
     pub stored: HashMap<TaskKey, ChronTaskStatus>,
     /// The Redis ledger, for its pool metrics.
     pub redis: Option<Arc<RedisLedger>>,
+    /// Its marks kept to be sent again, for their metric.
+    pub kept_marks: Option<Arc<RetriedMarks>>,
 }
 
 /// Opens the history `kind` names, with the ledger that goes with it.
@@ -492,6 +494,7 @@ pub fn open_history(
             recorder: Arc::new(index.clone()),
             stored: HashMap::new(),
             redis: None,
+            kept_marks: None,
         },
         HistoryKind::Sqlite(path) => {
             let (history, stored) = SqliteHistory::open(path.clone()).map_err(Error::Startup)?;
@@ -500,6 +503,7 @@ pub fn open_history(
                 recorder: Arc::new(Both(Arc::new(index.clone()), Arc::new(history))),
                 stored: stored.into_iter().map(|(k, s)| (k, s.status)).collect(),
                 redis: None,
+                kept_marks: None,
             }
         }
         HistoryKind::Redis(url) => {
@@ -517,9 +521,11 @@ pub fn open_history(
                     .keyed_by_name(),
             );
             // The counts are the ledger's: every process's runs, once each.
+            let (ledger, recorder) = index.counting_from(redis.clone(), leader.clone());
             Opened {
-                ledger: redis.clone(),
-                recorder: index.counting_from(redis.clone(), leader.clone()),
+                ledger: ledger.clone(),
+                recorder,
+                kept_marks: Some(ledger),
                 stored: HashMap::new(),
                 redis: Some(redis),
             }

@@ -101,6 +101,7 @@ pub async fn run(
         recorder,
         stored,
         redis,
+        kept_marks,
     } = history::open_history(&args.history, &config, &index, &leader)?;
     let values = Arc::new(LocalValues::new(args.secrets_dir.clone()));
     // Claims counted in /metrics, as the operator counts them.
@@ -128,6 +129,7 @@ pub async fn run(
             status: index.clone(),
             leader: leader.clone(),
             redis,
+            kept_marks,
         });
         let endpoint = Endpoint {
             metrics,

@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::crd::{
     ActiveRun, BackfillStatus, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord,
 };
-use crate::ledger::{Ledger, RecordMissed};
+use crate::ledger::{Ledger, RecordMissed, RetriedMarks};
 use crate::run::{Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, Term};
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
@@ -178,19 +178,24 @@ impl StatusIndex {
         self.lock().ledger_counts = true;
     }
 
-    /// The sink of reports when `ledger` is shared: counts come from it, and missed runs are
-    /// marked in it (under the current `leader` term) before they reach this index.
+    /// For a shared `ledger`: the ledger to run on (its failed `finished` and `missed` marks
+    /// kept and sent again until they land, see [`RetriedMarks`]), and the sink of reports:
+    /// counts come from the ledger, and missed runs are marked in it (under the current `leader`
+    /// term) before they reach this index.
     pub fn counting_from(
         &self,
         ledger: Arc<dyn Ledger>,
         leader: watch::Receiver<Option<Term>>,
-    ) -> Arc<dyn ReportSink> {
+    ) -> (Arc<RetriedMarks>, Arc<dyn ReportSink>) {
         self.count_from_ledger();
-        Arc::new(RecordMissed {
-            ledger,
+        let index: Arc<dyn ReportSink> = Arc::new(self.clone());
+        let ledger = RetriedMarks::new(ledger, leader.clone(), index.clone());
+        let sink = Arc::new(RecordMissed {
+            ledger: ledger.clone(),
             leader,
-            inner: Arc::new(self.clone()),
-        })
+            inner: index,
+        });
+        (ledger, sink)
     }
 
     /// The index, for a moment (never held across an await).

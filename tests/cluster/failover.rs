@@ -426,14 +426,14 @@ async fn sigterm_to_the_leader_finishes_its_runs_and_hands_over_at_once() {
 
 /// A redis-server of the test's own, with an append-only file synced on every write, as a
 /// production ledger should be: killed with -9, it comes back with everything.
-struct OwnRedis {
+pub(crate) struct OwnRedis {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl OwnRedis {
-    fn start() -> OwnRedis {
+    pub(crate) fn start() -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -448,11 +448,11 @@ impl OwnRedis {
         redis
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args([
@@ -479,7 +479,7 @@ impl OwnRedis {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -710,3 +710,69 @@ async fn no_attempt_is_sent_once_a_newer_term_took_the_task_over() {
     );
     core.stop();
 }
+
+/// A `finished` or `missed` mark Redis could not take is kept and lands once Redis is back (the
+/// run stayed `started` and uncounted before); the missed marks of a long outage coalesce into
+/// a bounded backlog, and every instant is still counted.
+#[tokio::test]
+async fn marks_refused_during_an_outage_land_once_redis_is_back() {
+    use chronflow::ledger::{KEPT_PER_TASK, RetriedMarks};
+    use chronflow::run::Report;
+    use std::sync::Arc;
+
+    let mut redis = crate::failover::OwnRedis::start();
+    let inner = RedisLedger::new(&RedisSettings {
+        url: redis.url(),
+        max_connections: 4,
+        timeout: Duration::from_millis(500),
+        cluster: false,
+        ca: None,
+    })
+    .unwrap();
+    let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel::<Report>();
+    let leader = term(1, "a");
+    let (_term, watch) = tokio::sync::watch::channel(Some(leader.clone()));
+    let marks = RetriedMarks::new(Arc::new(inner), watch, Arc::new(reports_tx));
+    let task = task("kept");
+    let run = RunId::new(&task, at(0));
+    assert_eq!(claim_in(&*marks, &run, &leader).await, Verdict::Accepted);
+    let started = marks.mark(&run, &leader, Mark::Started).await.unwrap();
+    assert_eq!(started.verdict, Verdict::Accepted);
+
+    redis.kill();
+    assert!(marks.mark(&run, &leader, DONE).await.is_err());
+    for second in 1..=1000 {
+        let missed = RunId::new(&task, at(second));
+        let refused = marks
+            .mark(&missed, &leader, Mark::Missed { count: 1 })
+            .await;
+        assert!(refused.is_err());
+    }
+    assert!(
+        marks.pending() <= KEPT_PER_TASK + 2,
+        "{} marks kept for one task",
+        marks.pending()
+    );
+    redis.restart();
+    let counts = tokio::time::timeout(crate::support::timeout(), async {
+        loop {
+            match reports.recv().await {
+                Some(Report::Counts { counts, .. })
+                    if counts.missed == 1000 && counts.runs == 1 =>
+                {
+                    return counts;
+                }
+                Some(_) => {}
+                None => panic!("the reports ended"),
+            }
+        }
+    })
+    .await
+    .expect("the kept marks landed");
+    assert_eq!((counts.succeeded, counts.failed), (1, 0), "{counts:?}");
+    assert_eq!(marks.pending(), 0);
+}
+
+async fn claim_in(ledger: &dyn Ledger, run: &RunId, term: &Term) -> Verdict {
+    ledger.claim(run, term).await.expect("redis answers")
+}
