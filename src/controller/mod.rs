@@ -438,6 +438,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         None => Api::all(ctx.client.clone()),
     };
     let (store, writer) = reflector::store();
+    // A new leader takes in the statuses other leaders wrote since it last looked.
+    let reader: Store<GuardedTask> = store.clone();
+    ctx.status
+        .read_stored_from(Arc::new(move |key: &TaskKey, uid: &str| {
+            let guarded =
+                reader.get(&ObjectRef::<GuardedTask>::new(&key.name).within(&key.namespace))?;
+            let task = guarded.0.as_ref().ok()?;
+            let same = task.metadata.uid.as_deref() == Some(uid);
+            task.status.clone().filter(|_| same)
+        }));
     let events_ctx = ctx.clone();
     let events_store = store.clone();
     let scope = namespace.clone();

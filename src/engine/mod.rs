@@ -306,6 +306,9 @@ impl Engine {
                 }
                 entry.taking_over = true;
                 asks.push((task.id.clone(), task.counts));
+            } else {
+                // Paused or invalid: nothing to fire, but its status shows the ledger's counts.
+                asks.push((TaskId::new(key.clone(), entry.uid.clone()), None));
             }
         }
         for (task, seed) in asks {

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{HistorySpec, Phase, RunOutcome, RunRecord};
+use crate::crd::{ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord};
 
 /// The `Ready` condition type.
 pub const READY: &str = "Ready";
@@ -134,10 +134,110 @@ pub fn push_recent(recent: &mut Vec<RunRecord>, record: RunRecord, history: &His
     });
 }
 
+/// Takes in what another leader wrote since this replica last read the task: counters never
+/// go back, and the history, the last run, the handled run-now request and backfill progress
+/// are the union or the newer of the two. A new leader merges the stored status before its
+/// first write, so its own view (as old as when it last looked) sets nothing back and its
+/// server-side apply drops nothing.
+pub fn merge_stored(status: &mut ChronTaskStatus, stored: ChronTaskStatus, history: &HistorySpec) {
+    status.total_runs = status.total_runs.max(stored.total_runs);
+    status.successful_runs = status.successful_runs.max(stored.successful_runs);
+    status.failed_runs = status.failed_runs.max(stored.failed_runs);
+    status.missed_runs = status.missed_runs.max(stored.missed_runs);
+    status.manual_runs = status.manual_runs.max(stored.manual_runs);
+    status.last_schedule_time = status.last_schedule_time.max(stored.last_schedule_time);
+    status.last_successful_time = status.last_successful_time.max(stored.last_successful_time);
+    status.last_failure_time = status.last_failure_time.max(stored.last_failure_time);
+    let finished =
+        |run: &Option<RunRecord>| run.as_ref().map(|r| (r.finish_time, r.scheduled_time));
+    if finished(&stored.last_run) > finished(&status.last_run) {
+        status.last_run = stored.last_run;
+    }
+    if stored.last_run_now.is_some() {
+        status.last_run_now = stored.last_run_now;
+    }
+    for theirs in stored.backfill {
+        match status.backfill.iter_mut().find(|ours| ours.id == theirs.id) {
+            Some(ours) if ours.done >= theirs.done => {}
+            Some(ours) => *ours = theirs,
+            None => status.backfill.push(theirs),
+        }
+    }
+    let mut runs = std::mem::take(&mut status.recent_runs);
+    for record in stored.recent_runs {
+        if !runs.iter().any(|run| run.run_id == record.run_id) {
+            runs.push(record);
+        }
+    }
+    // Oldest first into a list kept newest first, within the task's limits.
+    runs.sort_by_key(|run| (run.scheduled_time, run.finish_time));
+    for record in runs {
+        push_recent(&mut status.recent_runs, record, history);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn a_stored_status_newer_than_ours_is_taken_in_and_ours_is_kept_where_newer() {
+        let history = HistorySpec {
+            successful_runs_limit: 3,
+            failed_runs_limit: 3,
+        };
+        let mut ours = ChronTaskStatus {
+            total_runs: 5,
+            successful_runs: 5,
+            recent_runs: vec![record(5, RunOutcome::Succeeded)],
+            last_run: Some(record(5, RunOutcome::Succeeded)),
+            last_run_now: Some("old".into()),
+            ..ChronTaskStatus::default()
+        };
+        let stored = ChronTaskStatus {
+            total_runs: 9,
+            successful_runs: 8,
+            failed_runs: 1,
+            recent_runs: vec![
+                record(9, RunOutcome::Succeeded),
+                record(8, RunOutcome::Failed),
+                record(7, RunOutcome::Succeeded),
+                record(6, RunOutcome::Succeeded),
+            ],
+            last_run: Some(record(9, RunOutcome::Succeeded)),
+            last_run_now: Some("new".into()),
+            ..ChronTaskStatus::default()
+        };
+        merge_stored(&mut ours, stored, &history);
+        assert_eq!(
+            (ours.total_runs, ours.successful_runs, ours.failed_runs),
+            (9, 8, 1)
+        );
+        let ids: Vec<&str> = ours.recent_runs.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["ns/t@9", "ns/t@8", "ns/t@7", "ns/t@6"],
+            "newest first, 3 successes"
+        );
+        assert_eq!(ours.last_run.unwrap().run_id, "ns/t@9");
+        assert_eq!(ours.last_run_now.as_deref(), Some("new"));
+
+        // Ours newer: kept.
+        let mut ours = ChronTaskStatus {
+            total_runs: 12,
+            last_run: Some(record(12, RunOutcome::Failed)),
+            ..ChronTaskStatus::default()
+        };
+        let stored = ChronTaskStatus {
+            total_runs: 10,
+            last_run: Some(record(10, RunOutcome::Succeeded)),
+            ..ChronTaskStatus::default()
+        };
+        merge_stored(&mut ours, stored, &history);
+        assert_eq!(ours.total_runs, 12);
+        assert_eq!(ours.last_run.unwrap().run_id, "ns/t@12");
+    }
 
     fn record(n: i64, outcome: RunOutcome) -> RunRecord {
         RunRecord {

@@ -133,9 +133,15 @@ pub struct Counts {
     pub gone: u64,
 }
 
+/// Reads the status stored in the cluster for a task incarnation (`key`, `uid`), as the
+/// controller's informer last saw it.
+pub type StoredStatus = Arc<dyn Fn(&TaskKey, &str) -> Option<ChronTaskStatus> + Send + Sync>;
+
 /// The index; share it as a [`StatusIndex`].
 pub struct Index {
     tasks: HashMap<TaskKey, TaskState>,
+    /// Where the stored statuses are read (one per watched namespace).
+    stored: Vec<StoredStatus>,
     events: mpsc::Sender<EventRequest>,
     clock: Clock,
     counts: Counts,
@@ -153,6 +159,7 @@ impl StatusIndex {
     pub fn new(events: mpsc::Sender<EventRequest>, clock: Clock) -> Self {
         Self(Arc::new(Mutex::new(Index {
             tasks: HashMap::new(),
+            stored: Vec::new(),
             events,
             clock,
             counts: Counts::default(),
@@ -160,10 +167,25 @@ impl StatusIndex {
         })))
     }
 
-    /// This replica leads in a new term: with counts from the shared ledger, no task's status
-    /// is written before its counts came from the ledger (its take-over), or for a while.
+    /// Where the statuses stored in the cluster can be read, for [`StatusIndex::new_term`].
+    pub fn read_stored_from(&self, stored: StoredStatus) {
+        self.lock().stored.push(stored);
+    }
+
+    /// This replica leads in a new term. What it holds of each task is as old as when it last
+    /// looked (a standby's view dates from its start): the statuses other leaders wrote since
+    /// are taken in first, so its writes set nothing back and drop nothing. With counts from
+    /// the shared ledger, no task's status is written before its counts came from the ledger
+    /// (its take-over), or for a while.
     pub fn new_term(&self) {
         let mut index = self.lock();
+        let sources = index.stored.clone();
+        for (key, state) in &mut index.tasks {
+            if let Some(stored) = sources.iter().find_map(|read| read(key, &state.uid)) {
+                conditions::merge_stored(&mut state.status, stored, &state.history);
+                state.write.dirty = true;
+            }
+        }
         if index.ledger_counts {
             let now = Instant::now();
             for state in index.tasks.values_mut() {
@@ -967,6 +989,46 @@ mod tests {
         // A ledger that does not answer does not freeze status for good.
         tokio::time::advance(COUNTS_GRACE).await;
         assert_eq!(index.lock().take(10, Duration::ZERO)[0].task, silent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_takes_in_what_other_leaders_wrote_before_it_writes() {
+        // A standby's view dates from its start; the leader went on writing meanwhile.
+        let (index, _events) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        schedule(&index, &task, scheduled(1));
+        index.lock().take(10, Duration::ZERO);
+        index
+            .lock()
+            .written(&task, WriteResult::Written, Duration::ZERO, Duration::ZERO);
+        let written_since = ChronTaskStatus {
+            total_runs: 12,
+            successful_runs: 12,
+            last_run_now: Some("deploy-7".into()),
+            recent_runs: vec![RunRecord {
+                run_id: RunId::new(&task, t(11)).to_string(),
+                trigger: Default::default(),
+                scheduled_time: t(11),
+                start_time: None,
+                finish_time: Some(t(11)),
+                duration: None,
+                outcome: RunOutcome::Succeeded,
+                attempts: 1,
+                message: None,
+            }],
+            ..ChronTaskStatus::default()
+        };
+        let uid = task.uid.clone();
+        index.read_stored_from(Arc::new(move |_: &TaskKey, asked: &str| {
+            (asked == uid).then(|| written_since.clone())
+        }));
+        index.new_term();
+        let batch = index.lock().take(10, Duration::ZERO);
+        let status = &batch[0].status;
+        assert_eq!(status.total_runs, 12);
+        assert_eq!(status.last_run_now.as_deref(), Some("deploy-7"));
+        assert_eq!(status.recent_runs.len(), 1, "{:?}", status.recent_runs);
     }
 
     #[tokio::test(start_paused = true)]

@@ -999,3 +999,56 @@ async fn a_process_restarted_under_its_pod_name_settles_what_its_earlier_self_st
         "the killed run was sent once: {keys:?}"
     );
 }
+
+/// A standby that leads after a failover writes what the old leader wrote, not its own view of
+/// the task (as old as its start): the run history and the handled run-now request stay. Its
+/// first write used to replace recentRuns with the runs of its own term only.
+#[tokio::test]
+async fn a_new_leader_keeps_the_history_the_old_one_wrote() {
+    let setup = setup("ha-history").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    let receiver = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    let mut replicas = vec![
+        Replica::start(ns, "h0", redis, &dir),
+        Replica::start(ns, "h1", redis, &dir),
+    ];
+    let leader = leader_among(ns, &["h0", "h1"]).await;
+    let spec = json!({
+        "schedule": {"cron": "* * * * * *"},
+        "timeout": "2s",
+        "history": {"successfulRunsLimit": 50},
+        "action": {"http": {"url": receiver.url("/hook"), "method": "POST"}},
+    });
+    create(api, "kept", spec).await;
+    crate::run_now::annotate(api, "kept", json!({"chronflow.io/run-now": "req-1"})).await;
+    let before = status_where(api, "kept", "5 runs and the request", |s| {
+        s.total_runs >= 5 && s.last_run_now.as_deref() == Some("req-1")
+    })
+    .await;
+    let index = replicas.iter().position(|r| r.name == leader).unwrap();
+    replicas[index].kill();
+    let killed = Utc::now();
+    let after = status_where(api, "kept", "runs of the next leader", |s| {
+        s.total_runs >= before.total_runs + 3
+    })
+    .await;
+    for replica in &mut replicas {
+        if replica.child.is_some() {
+            assert!(replica.terminate().success(), "{}", replica.logs());
+        }
+    }
+    let old: Vec<&str> = after
+        .recent_runs
+        .iter()
+        .filter(|run| run.scheduled_time < killed - chrono::Duration::seconds(1))
+        .map(|run| run.run_id.as_str())
+        .collect();
+    assert!(
+        old.len() >= 4,
+        "runs of the first leader's term kept in recentRuns: {old:?}"
+    );
+    assert_eq!(after.last_run_now.as_deref(), Some("req-1"));
+    assert!(after.manual_runs >= 1, "{after:?}");
+}

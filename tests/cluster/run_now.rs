@@ -14,7 +14,7 @@ use crate::support::receiver::{Behavior, Receiver};
 use crate::support::{eventually, test_env};
 
 /// Sets the task's annotations (a merge: others stay).
-async fn annotate(api: &Api<ChronTask>, name: &str, annotations: serde_json::Value) {
+pub(crate) async fn annotate(api: &Api<ChronTask>, name: &str, annotations: serde_json::Value) {
     let patch = Patch::Merge(json!({"metadata": {"annotations": annotations}}));
     api.patch(name, &PatchParams::default(), &patch)
         .await
