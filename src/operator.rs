@@ -74,6 +74,7 @@ pub async fn run(
     let (term_tx, leader) = watch::channel((!election).then(|| Term::single(&holder)));
     let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
+    index.follow_leader(leader.clone());
     let metrics = Arc::new(Metrics::new(config.metrics.per_task));
     let redis = match config.backend_type {
         BackendType::Memory => None,

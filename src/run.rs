@@ -342,9 +342,10 @@ pub enum Report {
         /// Why, for people.
         reason: String,
     },
-    /// A run-now request was handled (run, refused or found already handled): it is never
-    /// acted on again.
-    /// The request was handled.
+    /// A run-now request was handled without a run of this process (refused while paused, or
+    /// found already run or claimed elsewhere): it is never acted on again. A request this
+    /// process runs is handled once its run is recorded started (see
+    /// [`Report::handled_request`]).
     RequestHandled {
         /// The task.
         task: TaskId,
@@ -432,6 +433,22 @@ impl MissKind {
 }
 
 impl Report {
+    /// The run-now request this report settles for good: one found handled, one whose run is
+    /// recorded started, or one that missed by the task's policy. Not one that missed because
+    /// it could not be claimed or was withdrawn at shutdown: whoever leads next runs it.
+    pub fn handled_request(&self) -> Option<&str> {
+        match self {
+            Report::RequestHandled { request, .. } => Some(request),
+            Report::Started { run_id, .. } => run_id.request(),
+            Report::Missed { run, kind, .. }
+                if !matches!(kind, MissKind::Claim | MissKind::Shutdown) =>
+            {
+                run.request()
+            }
+            _ => None,
+        }
+    }
+
     /// The task the report is about.
     pub fn task(&self) -> &TaskId {
         match self {

@@ -348,8 +348,9 @@ async fn within_task_cap(
     )))
 }
 
-/// What a reconcile acts on: the spec (its generation) and the run-now annotations; status
-/// writes and other metadata changes pass by.
+/// What a reconcile acts on: the spec (its generation), the run-now annotations and the request
+/// last handled (`status.lastRunNow`, so standbys forget it); other status writes and metadata
+/// changes pass by.
 fn spec_or_request(task: &GuardedTask) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let meta = task.meta();
@@ -361,6 +362,11 @@ fn spec_or_request(task: &GuardedTask) -> Option<u64> {
             .and_then(|a| a.get(name))
             .hash(&mut hasher);
     }
+    // A request the leader handled: standbys drop it from their engines.
+    let handled = task.0.as_ref().ok().and_then(|t| t.status.as_ref());
+    handled
+        .and_then(|s| s.last_run_now.as_deref())
+        .hash(&mut hasher);
     Some(hasher.finish())
 }
 

@@ -578,15 +578,19 @@ impl Engine {
             Some(entry) => (Some(entry.state), entry.extras),
             None => (None, Extras::default()),
         };
-        if let Some(run_now) = &task.run_now
-            && extras.served.as_ref() != Some(&run_now.request)
-        {
-            extras.request = Some(run_now::Request {
-                request: run_now.request.clone(),
-                spec: task.run.clone(),
-                generation,
-                refused_while_paused: task.paused.is_some() && !run_now.while_paused,
-            });
+        match &task.run_now {
+            Some(run_now) if extras.served.as_ref() != Some(&run_now.request) => {
+                extras.request = Some(run_now::Request {
+                    request: run_now.request.clone(),
+                    spec: task.run.clone(),
+                    generation,
+                    refused_while_paused: task.paused.is_some() && !run_now.while_paused,
+                });
+            }
+            Some(_) => {}
+            // Handled by another leader (the status says so) or withdrawn: a standby must not
+            // serve it when it leads later.
+            None => extras.request = None,
         }
         let key = id.key.clone();
         let state = match (state, task.paused.clone()) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::{Engine, claimed};
 use crate::executor::{RunRequest, RunSpec};
+use crate::ledger::Verdict;
 use crate::run::{MissKind, Report, RunId, TaskId, TaskKey, Trigger};
 
 /// A request waiting for this replica to lead.
@@ -76,8 +77,12 @@ impl Engine {
         );
         tokio::spawn(async move {
             let verdict = ledger.claim(&run.run_id, &term).await;
+            // Run here, it is handled once it starts (a crash while it waits leaves it to the
+            // next leader); claimed or run elsewhere, it is handled now.
+            if let Ok(Verdict::Held(_)) = verdict {
+                sink.record(handled);
+            }
             claimed(&executor, sink.as_ref(), run, verdict);
-            sink.record(handled);
         });
     }
 }

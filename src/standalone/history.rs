@@ -159,6 +159,12 @@ impl SqliteHistory {
 
 impl ReportSink for SqliteHistory {
     fn record(&self, report: Report) {
+        if let Some(request) = report.handled_request() {
+            self.send(Write::Request {
+                task: report.task().key.clone(),
+                request: request.to_string(),
+            });
+        }
         match report {
             Report::Finished { task, run } => self.send(Write::Run {
                 task: task.key,
@@ -214,11 +220,10 @@ impl ReportSink for SqliteHistory {
                     phase,
                 });
             }
-            Report::RequestHandled { task, request } => self.send(Write::Request {
-                task: task.key,
-                request,
-            }),
-            Report::Started { .. } | Report::Backfill { .. } | Report::Counts { .. } => {}
+            Report::RequestHandled { .. }
+            | Report::Started { .. }
+            | Report::Backfill { .. }
+            | Report::Counts { .. } => {}
         }
     }
 }

@@ -142,6 +142,9 @@ pub struct Index {
     tasks: HashMap<TaskKey, TaskState>,
     /// Where the stored statuses are read (one per watched namespace).
     stored: Vec<StoredStatus>,
+    /// The leadership term, followed (see [`StatusIndex::follow_leader`]), and the one seen last.
+    leader: Option<watch::Receiver<Option<Term>>>,
+    term: Option<Term>,
     events: mpsc::Sender<EventRequest>,
     clock: Clock,
     counts: Counts,
@@ -160,6 +163,8 @@ impl StatusIndex {
         Self(Arc::new(Mutex::new(Index {
             tasks: HashMap::new(),
             stored: Vec::new(),
+            leader: None,
+            term: None,
             events,
             clock,
             counts: Counts::default(),
@@ -172,26 +177,22 @@ impl StatusIndex {
         self.lock().stored.push(stored);
     }
 
+    /// Follows the leadership term: the first report or write of a new term is preceded by
+    /// [`StatusIndex::new_term`], whoever acts first (the engine's take-over answers can come
+    /// before the writer's next tick).
+    pub fn follow_leader(&self, leader: watch::Receiver<Option<Term>>) {
+        let mut index = self.lock();
+        index.leader = Some(leader);
+        index.follow();
+    }
+
     /// This replica leads in a new term. What it holds of each task is as old as when it last
     /// looked (a standby's view dates from its start): the statuses other leaders wrote since
     /// are taken in first, so its writes set nothing back and drop nothing. With counts from
     /// the shared ledger, no task's status is written before its counts came from the ledger
     /// (its take-over), or for a while.
     pub fn new_term(&self) {
-        let mut index = self.lock();
-        let sources = index.stored.clone();
-        for (key, state) in &mut index.tasks {
-            if let Some(stored) = sources.iter().find_map(|read| read(key, &state.uid)) {
-                conditions::merge_stored(&mut state.status, stored, &state.history);
-                state.write.dirty = true;
-            }
-        }
-        if index.ledger_counts {
-            let now = Instant::now();
-            for state in index.tasks.values_mut() {
-                state.write.counts_awaited = Some(now);
-            }
-        }
+        self.lock().begin_term();
     }
 
     /// Run counters are taken from the shared ledger's [`Report::Counts`] from now on: with
@@ -259,6 +260,34 @@ impl ReportSink for StatusIndex {
 }
 
 impl Index {
+    /// Begins a new term if the leader changed since the index last looked.
+    pub fn follow(&mut self) {
+        let Some(leader) = &self.leader else {
+            return;
+        };
+        let now = leader.borrow().clone();
+        if now.is_some() && now != self.term {
+            self.begin_term();
+        }
+        self.term = now;
+    }
+
+    fn begin_term(&mut self) {
+        for (key, state) in &mut self.tasks {
+            if let Some(stored) = self.stored.iter().find_map(|read| read(key, &state.uid)) {
+                debug!(task = %key, "taking in the stored status");
+                conditions::merge_stored(&mut state.status, stored, &state.history);
+                state.write.dirty = true;
+            }
+        }
+        if self.ledger_counts {
+            let now = Instant::now();
+            for state in self.tasks.values_mut() {
+                state.write.counts_awaited = Some(now);
+            }
+        }
+    }
+
     fn observe(&mut self, observed: Observed) {
         let Observed {
             task,
@@ -306,6 +335,7 @@ impl Index {
     }
 
     fn record(&mut self, report: Report) {
+        self.follow();
         let id = report.task().clone();
         let now = Instant::now();
         let Some(state) = self
@@ -320,6 +350,9 @@ impl Index {
         state.write.dirty = true;
         let mut events: Vec<(&'static str, Severity, String)> = Vec::new();
         let status = &mut state.status;
+        if let Some(request) = report.handled_request() {
+            status.last_run_now = Some(request.to_string());
+        }
         let counting = !self.ledger_counts;
         match report {
             Report::Schedule { state: fact, .. } => {
@@ -437,7 +470,7 @@ impl Index {
                 status.missed_runs = status.missed_runs.max(counts.missed);
                 status.manual_runs = status.manual_runs.max(counts.manual);
             }
-            Report::RequestHandled { request, .. } => status.last_run_now = Some(request),
+            Report::RequestHandled { .. } => {}
             Report::Backfill { progress, .. } => {
                 let entry = BackfillStatus {
                     id: progress.id,
@@ -1029,6 +1062,30 @@ mod tests {
         assert_eq!(status.total_runs, 12);
         assert_eq!(status.last_run_now.as_deref(), Some("deploy-7"));
         assert_eq!(status.recent_runs.len(), 1, "{:?}", status.recent_runs);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_a_new_term_reports_is_not_overwritten_by_the_stored_status() {
+        // The engine's first answers of a term can come before the writer's next tick.
+        let (index, _events) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        let (term, leader) = watch::channel(None);
+        index.follow_leader(leader);
+        index.read_stored_from(Arc::new(|_: &TaskKey, _: &str| {
+            Some(ChronTaskStatus {
+                last_run_now: Some("older".into()),
+                ..ChronTaskStatus::default()
+            })
+        }));
+        term.send_replace(Some(Term::single("me")));
+        index.record(Report::RequestHandled {
+            task: task.clone(),
+            request: "newer".into(),
+        });
+        index.lock().follow(); // the writer's tick
+        let status = &index.lock().tasks[&task.key].status;
+        assert_eq!(status.last_run_now.as_deref(), Some("newer"));
     }
 
     #[tokio::test(start_paused = true)]

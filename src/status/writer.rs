@@ -81,7 +81,6 @@ impl StatusWriter {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
-        let mut term = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -94,12 +93,8 @@ impl StatusWriter {
                     if ticks.is_multiple_of(20) {
                         self.index.lock().release_events();
                     }
-                    let leading = self.leader.borrow().clone();
-                    if leading.is_some() && leading != term {
-                        self.index.new_term();
-                    }
-                    term = leading;
-                    if term.is_none() {
+                    self.index.lock().follow();
+                    if self.leader.borrow().is_none() {
                         continue;
                     }
                     let room = CONCURRENT_PATCHES.saturating_sub(writes.len());

@@ -1052,3 +1052,55 @@ async fn a_new_leader_keeps_the_history_the_old_one_wrote() {
     assert_eq!(after.last_run_now.as_deref(), Some("req-1"));
     assert!(after.manual_runs >= 1, "{after:?}");
 }
+
+/// A run-now request is handled once its run is recorded started, not at its claim: a leader
+/// killed while the request's run waits for a worker leaves it to the next leader, which runs
+/// it once. It used to be marked handled at the claim, and the request was lost.
+#[tokio::test]
+async fn a_run_now_request_queued_when_the_leader_dies_runs_on_the_next_one() {
+    let setup = setup("ha-run-now-queued").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    let slow = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_secs(30),
+    })
+    .await;
+    let fast = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, kubeconfig) = (&test_env().redis_url, &test_env().kubeconfig);
+    // One worker: the blocker's run holds it, the request's run waits behind it.
+    let one_worker = "max_workers: 1\n";
+    let mut replicas: Vec<Replica> = ["q0", "q1"]
+        .iter()
+        .map(|name| Replica::start_with(ns, name, redis, &dir, one_worker, kubeconfig, &[]))
+        .collect();
+    let leader = leader_among(ns, &["q0", "q1"]).await;
+    // Due once a year: every call is a requested one.
+    let yearly = |url: String| {
+        json!({"schedule": {"cron": "0 0 0 1 1 *"}, "timeout": "60s",
+               "action": {"http": {"url": url, "method": "POST"}}})
+    };
+    create(api, "blocker", yearly(slow.url("/slow"))).await;
+    create(api, "wanted", yearly(fast.url("/fast"))).await;
+    crate::run_now::annotate(api, "blocker", json!({"chronflow.io/run-now": "b1"})).await;
+    more_calls(&slow, 1).await;
+    crate::run_now::annotate(api, "wanted", json!({"chronflow.io/run-now": "w1"})).await;
+    // The request is claimed and waits for the worker: nothing says it was handled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fast.count(), 0, "the request waits behind the blocker");
+    let index = replicas.iter().position(|r| r.name == leader).unwrap();
+    replicas[index].kill();
+
+    more_calls(&fast, 1).await;
+    let status = status_where(api, "wanted", "the request handled", |s| {
+        s.last_run_now.as_deref() == Some("w1") && s.manual_runs == 1
+    })
+    .await;
+    for replica in &mut replicas {
+        if replica.child.is_some() {
+            assert!(replica.terminate().success(), "{}", replica.logs());
+        }
+    }
+    let keys: Vec<String> = fast.hits().into_iter().map(|h| h.idempotency_key).collect();
+    assert_eq!(keys, [format!("{ns}/wanted@manual:w1")], "{status:?}");
+}
