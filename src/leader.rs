@@ -16,6 +16,7 @@
 //! client-go does), never by comparing the holder's timestamps with ours: clocks may disagree.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -45,6 +46,9 @@ pub struct Timings {
     pub renew_deadline: Duration,
     /// The pause between attempts to acquire or renew.
     pub retry_period: Duration,
+    /// The most the local clock may differ from the ledger's for this replica to lead (zero:
+    /// no check).
+    pub max_clock_skew: Duration,
 }
 
 impl From<&LeaderElectionConfig> for Timings {
@@ -53,6 +57,7 @@ impl From<&LeaderElectionConfig> for Timings {
             lease_duration: config.lease_duration,
             renew_deadline: config.renew_deadline,
             retry_period: config.retry_period,
+            max_clock_skew: config.max_clock_skew,
         }
     }
 }
@@ -64,6 +69,7 @@ pub struct Elector {
     identity: Identity,
     timings: Timings,
     epochs: Arc<dyn Ledger>,
+    skew: Arc<AtomicI64>,
 }
 
 /// This process among the replicas: its pod's name and a nonce drawn at start, so a container
@@ -128,7 +134,48 @@ impl Elector {
             identity,
             timings,
             epochs,
+            skew: Arc::default(),
         }
+    }
+
+    /// The local clock minus the ledger's, in milliseconds, as last measured (0 before).
+    pub fn clock_skew(&self) -> Arc<AtomicI64> {
+        self.skew.clone()
+    }
+
+    /// Compares the local clock with the ledger's: a leader whose clock runs ahead claims
+    /// instants before they are due (and every later leader stays silent for the difference),
+    /// one behind fires late. `Err` says by how much it is off; a ledger without a clock of its
+    /// own, or one that cannot answer now, passes.
+    async fn check_clock(&self) -> Result<(), String> {
+        let bound = self.timings.max_clock_skew;
+        if bound.is_zero() {
+            return Ok(());
+        }
+        let asked = chrono::Utc::now();
+        let Ok(Some(theirs)) = self.epochs.server_time().await else {
+            return Ok(());
+        };
+        let answered = chrono::Utc::now();
+        let ours = asked + (answered - asked) / 2;
+        let skew = ours - theirs;
+        self.skew.store(skew.num_milliseconds(), Ordering::Relaxed);
+        let limit = chrono::Duration::from_std(bound).unwrap_or(chrono::TimeDelta::MAX);
+        if skew.abs() <= limit {
+            return Ok(());
+        }
+        Err(format!(
+            "this replica's clock is {} ms {} the Redis ledger's, more than \
+             leader_election.max_clock_skew ({}): it does not lead until they agree (check NTP \
+             on its node)",
+            skew.num_milliseconds().abs(),
+            if skew > chrono::TimeDelta::zero() {
+                "ahead of"
+            } else {
+                "behind"
+            },
+            crate::schedule::format_duration(bound)
+        ))
     }
 
     /// Competes until `stop` is cancelled, publishing the current term (`None` while another
@@ -144,7 +191,27 @@ impl Elector {
         let mut on_first_round = Some(on_first_round);
         let mut observed: Option<Observed> = None;
         let mut renewed_at: Option<Instant> = None;
+        let mut skewed = false;
         loop {
+            match self.check_clock().await {
+                Err(problem) => {
+                    renewed_at = None;
+                    let stepped_down = term.send_replace(None).is_some();
+                    if stepped_down || !skewed {
+                        warn!(%problem, stepped_down, "clock skew; not leading");
+                    }
+                    skewed = true;
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(self.timings.retry_period) => continue,
+                    }
+                }
+                Ok(()) if skewed => {
+                    info!("this replica's clock agrees with the Redis ledger's again");
+                    skewed = false;
+                }
+                Ok(()) => {}
+            }
             let leading = term.borrow().is_some();
             // A hung apiserver must not keep a leader acting past its renew deadline.
             let budget = match renewed_at {

@@ -10,6 +10,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -334,6 +335,10 @@ impl Ledger for CountedClaims {
         self.inner.holds(task, term)
     }
 
+    fn server_time(&self) -> BoxFuture<'_, Result<Option<DateTime<Utc>>, LedgerError>> {
+        self.inner.server_time()
+    }
+
     fn forget<'a>(
         &'a self,
         task: &'a TaskId,
@@ -356,6 +361,8 @@ pub struct Live {
     pub redis: Option<Arc<RedisLedger>>,
     /// Marks the shared ledger refused, kept to be sent again.
     pub kept_marks: Option<Arc<RetriedMarks>>,
+    /// The local clock minus the ledger's, in ms, as the elector last measured it.
+    pub clock_skew: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -442,6 +449,14 @@ impl Collector for Live {
                 "redis_connections_in_use",
                 "Redis connections checked out of the ledger's pool",
                 as_i64(in_use),
+            )?;
+        }
+        if let Some(skew) = &self.clock_skew {
+            gauge(
+                &mut encoder,
+                "clock_skew_milliseconds",
+                "This replica's clock minus the Redis ledger's; beyond leader_election.max_clock_skew it does not lead",
+                skew.load(std::sync::atomic::Ordering::Relaxed),
             )?;
         }
         if let Some(kept) = &self.kept_marks {

@@ -125,12 +125,26 @@ pub async fn run(
     if let Some(redis) = &redis {
         tokio::spawn(warn_if_evicting(redis.clone()));
     }
+    let elector = election.then(|| {
+        let lease = &config.leader_election;
+        let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
+        let timings = Timings::from(lease);
+        let epochs = ledger.clone();
+        Arc::new(Elector::new(
+            api,
+            &lease.lease_name,
+            instance.clone(),
+            timings,
+            epochs,
+        ))
+    });
     metrics.watch(Live {
         executor: core.load.clone(),
         status: index.clone(),
         leader: leader.clone(),
         redis,
         kept_marks,
+        clock_skew: elector.as_ref().map(|elector| elector.clock_skew()),
     });
     let endpoint = Endpoint {
         metrics: metrics.clone(),
@@ -152,19 +166,6 @@ pub async fn run(
 
     // The Lease is kept through the drain and the last status write (the writing stage), and
     // released after them, so a standby leads only once this replica stopped acting.
-    let elector = election.then(|| {
-        let lease = &config.leader_election;
-        let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
-        let timings = Timings::from(lease);
-        let epochs = ledger.clone();
-        Arc::new(Elector::new(
-            api,
-            &lease.lease_name,
-            instance.clone(),
-            timings,
-            epochs,
-        ))
-    });
     if let Some(elector) = &elector {
         let (elector, stop, health) = (elector.clone(), writing.clone(), health.clone());
         writing_tasks.spawn(async move {

@@ -180,6 +180,7 @@ const KEYS: &[&str] = &[
     "leader_election.lease_duration",
     "leader_election.renew_deadline",
     "leader_election.retry_period",
+    "leader_election.max_clock_skew",
     "leader_election.lease_name",
     "log.format",
     "log.level",

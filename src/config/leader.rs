@@ -26,6 +26,10 @@ pub struct LeaderElectionConfig {
     /// Pause between attempts to acquire or renew.
     #[serde(with = "duration_serde")]
     pub retry_period: Duration,
+    /// The most this replica's clock may differ from the run ledger's (Redis `TIME`) for it to
+    /// lead; 0 turns the check off.
+    #[serde(with = "duration_serde")]
+    pub max_clock_skew: Duration,
 }
 
 impl LeaderElectionConfig {

@@ -194,6 +194,11 @@ impl Ledger for MemoryLedger {
         async move { Ok(floor) }.boxed()
     }
 
+    /// This process's clock is the only one.
+    fn server_time(&self) -> BoxFuture<'_, Result<Option<DateTime<Utc>>, LedgerError>> {
+        async move { Ok(None) }.boxed()
+    }
+
     /// One process: no other term.
     fn holds<'a>(
         &'a self,

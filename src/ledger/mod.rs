@@ -84,6 +84,10 @@ pub trait Ledger: Send + Sync {
         term: &'a Term,
     ) -> BoxFuture<'a, Result<bool, LedgerError>>;
 
+    /// The ledger's clock (Redis `TIME`), when it has one of its own: a leader compares its
+    /// clock with it before it leads.
+    fn server_time(&self) -> BoxFuture<'_, Result<Option<DateTime<Utc>>, LedgerError>>;
+
     /// Forgets a deleted task: claims of its runs are refused from now on, and its records are
     /// dropped after `grace` (a replica that has not seen the deletion yet is fenced meanwhile).
     fn forget<'a>(

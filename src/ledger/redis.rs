@@ -636,6 +636,16 @@ impl Ledger for RedisLedger {
         .boxed()
     }
 
+    fn server_time(&self) -> BoxFuture<'_, Result<Option<DateTime<Utc>>, LedgerError>> {
+        async move {
+            let (seconds, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
+            let time = Utc.timestamp_opt(seconds, (micros * 1000) as u32).single();
+            time.map(Some)
+                .ok_or_else(|| redis_error(format!("odd TIME reply {seconds} {micros}")))
+        }
+        .boxed()
+    }
+
     fn forget<'a>(
         &'a self,
         task: &'a TaskId,

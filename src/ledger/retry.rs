@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::future::{BoxFuture, FutureExt, join_all};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info};
@@ -227,6 +228,10 @@ impl Ledger for RetriedMarks {
         term: &'a Term,
     ) -> BoxFuture<'a, Result<bool, LedgerError>> {
         self.inner.holds(task, term)
+    }
+
+    fn server_time(&self) -> BoxFuture<'_, Result<Option<DateTime<Utc>>, LedgerError>> {
+        self.inner.server_time()
     }
 
     fn forget<'a>(

@@ -130,6 +130,7 @@ pub async fn run(
             leader: leader.clone(),
             redis,
             kept_marks,
+            clock_skew: None,
         });
         let endpoint = Endpoint {
             metrics,

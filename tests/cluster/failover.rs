@@ -1104,3 +1104,47 @@ async fn a_run_now_request_queued_when_the_leader_dies_runs_on_the_next_one() {
     let keys: Vec<String> = fast.hits().into_iter().map(|h| h.idempotency_key).collect();
     assert_eq!(keys, [format!("{ns}/wanted@manual:w1")], "{status:?}");
 }
+
+/// libfaketime's library for multithreaded programs (`scripts/test-deps` installs it).
+pub(crate) fn libfaketime() -> String {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|path| path.exists());
+    let path = found.expect("libfaketime (scripts/test-deps installs the faketime package)");
+    path.display().to_string()
+}
+
+/// A replica whose clock is ahead of the Redis ledger's by more than
+/// `leader_election.max_clock_skew` never leads: it would claim instants before they are due,
+/// and every later leader would stay silent for the difference. It says why, and a replica
+/// whose clock agrees leads instead.
+#[tokio::test]
+async fn a_replica_whose_clock_is_off_does_not_lead() {
+    let setup = setup("ha-clock").await;
+    let ns = setup.ns.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, kubeconfig) = (&test_env().redis_url, &test_env().kubeconfig);
+    let faketime = libfaketime();
+    let ahead = [
+        ("LD_PRELOAD", faketime.as_str()),
+        ("FAKETIME", "+30"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut skewed = Replica::start_with(ns, "ahead", redis, &dir, "", kubeconfig, &ahead);
+    eventually("the skew reported", || async {
+        skewed.logs().contains("clock skew").then_some(())
+    })
+    .await;
+    // Alone, for more than a lease duration: the Lease stays free.
+    tokio::time::sleep(LEASE_DURATION + Duration::from_secs(1)).await;
+    assert_eq!(holder(ns).await, None, "{}", skewed.logs());
+    let mut good = Replica::start(ns, "good", redis, &dir);
+    assert_eq!(leader_among(ns, &["ahead", "good"]).await, "good");
+    let logs = skewed.logs();
+    assert!(logs.contains("ms ahead of the Redis ledger"), "{logs}");
+    assert!(good.terminate().success());
+    assert!(skewed.terminate().success(), "{}", skewed.logs());
+}

@@ -23,6 +23,7 @@ fn timings() -> Timings {
         lease_duration: Duration::from_secs(3),
         renew_deadline: Duration::from_secs(2),
         retry_period: Duration::from_millis(200),
+        max_clock_skew: Duration::from_secs(2),
     }
 }
 
