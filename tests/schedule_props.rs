@@ -517,3 +517,26 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config(600))]
+
+    /// Counting without listing (catch-up after an outage): the count over days is the number of
+    /// instants `next_after` walks, around daylight-saving changes too.
+    #[test]
+    fn instants_are_counted_as_they_are_walked(
+        spec in prop_oneof![spec(false), spec(true)],
+        (tz, after) in zone_and_after(30 * 3600, 2 * 3600),
+        hours in 1i64..60,
+    ) {
+        let Ok(schedule) = Schedule::cron(&spec.text, tz) else { return Ok(()) };
+        let until = after + TimeDelta::hours(hours);
+        let mut walked = 0u64;
+        let mut at = after;
+        while let Some(next) = schedule.next_after(at).filter(|t| *t <= until) {
+            (at, walked) = (next, walked + 1);
+            prop_assume!(walked < 300_000);
+        }
+        prop_assert_eq!(schedule.count_after(after, until), walked, "{:?} in {} from {} to {}", spec.text, tz, after, until);
+    }
+}

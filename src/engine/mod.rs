@@ -750,7 +750,6 @@ impl Engine {
             if plan.missed > 0
                 && let Some(latest) = plan.latest_missed
             {
-                let about = if plan.missed_exact { "" } else { "about " };
                 self.parts.sink.record(Report::Missed {
                     task: task.id.clone(),
                     count: plan.missed,
@@ -758,7 +757,7 @@ impl Engine {
                     trigger: Trigger::Schedule,
                     kind: MissKind::CatchUp,
                     reason: format!(
-                        "{about}{} instants due while chronflow could not run them (catchUp {:?})",
+                        "{} instants due while chronflow could not run them (catchUp {:?})",
                         plan.missed, task.catch_up
                     ),
                 });

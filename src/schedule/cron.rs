@@ -200,6 +200,33 @@ impl CronExpr {
         std::time::Duration::from_secs(u64::from(seconds))
     }
 
+    /// How many matching times of day a matching day has at or before `time` (a whole second
+    /// of the day, `None`: before midnight), counted from the bit sets without listing them.
+    pub fn times_until(&self, time: Option<(u32, u32, u32)>) -> u64 {
+        let Some((h, m, s)) = time else {
+            return 0;
+        };
+        let below = |set: u64, value: u32| u64::from((set & ((1u64 << value) - 1)).count_ones());
+        let (minutes, seconds) = (
+            u64::from(self.minutes.count_ones()),
+            u64::from(self.seconds.count_ones()),
+        );
+        let mut count = below(self.hours, h) * minutes * seconds;
+        if has(self.hours, h) {
+            count += below(self.minutes, m) * seconds;
+            if has(self.minutes, m) {
+                count += below(self.seconds, s + 1);
+            }
+        }
+        count
+    }
+
+    /// Whether the expression fires on `date` (month, and day of month / day of week by the
+    /// POSIX rule).
+    pub fn fires_on(&self, date: NaiveDate) -> bool {
+        has(self.months, date.month()) && self.day_matches(date)
+    }
+
     /// The expression as written, with runs of whitespace collapsed to one space.
     pub fn text(&self) -> &str {
         &self.text

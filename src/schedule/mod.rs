@@ -192,6 +192,37 @@ impl Schedule {
         (next <= end).then_some(next)
     }
 
+    /// How many instants lie in `(after, until]`, counted without listing them: an interval by
+    /// arithmetic, a cron day by day from its expression (only a day whose UTC offset changes,
+    /// a daylight-saving day, is walked instant by instant), so a year of a one-second
+    /// schedule costs a few hundred steps.
+    pub fn count_after(&self, after: DateTime<Utc>, until: DateTime<Utc>) -> u64 {
+        let until = self.end_at.map_or(until, |end| end.min(until));
+        let Some(first) = self.next_after(after).filter(|first| *first <= until) else {
+            return 0;
+        };
+        match &self.kind {
+            Kind::Interval { every, .. } => {
+                let every = TimeDelta::from_std(*every).unwrap_or(TimeDelta::MAX);
+                let nanos = |d: TimeDelta| i128::from(d.num_nanoseconds().unwrap_or(i64::MAX));
+                let steps = nanos(until - first) / nanos(every).max(1);
+                1 + u64::try_from(steps).unwrap_or(u64::MAX)
+            }
+            Kind::Cron { expr, tz } => {
+                zone::count_between(expr, *tz, first, until).unwrap_or_else(|| {
+                    // A time zone table without a local midnight: walk.
+                    let mut count = 1;
+                    let mut at = first;
+                    while let Some(next) = self.next_after(at).filter(|t| *t <= until) {
+                        (at, count) = (next, count + 1);
+                    }
+                    count
+                })
+            }
+            Kind::At(_) => 1,
+        }
+    }
+
     /// The instants from `start` to `end`, both inclusive, oldest first; `Err(limit)` when there
     /// are more than `limit` (a backfill's bound), found without listing them all.
     pub fn between(

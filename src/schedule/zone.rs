@@ -134,3 +134,62 @@ fn first_change(tz: Tz, lo: i64, hi: i64, offset: i64) -> Option<i64> {
     }
     None
 }
+/// How many instants of `expr` in `tz` lie in `[first, until]`, `first` one of them. A local
+/// day of one UTC offset is counted from the expression (its matching times up to a time of
+/// day, from the bit sets); a day whose offset changes (daylight saving) is walked instant by
+/// instant. `None` when the zone table has a day without a local midnight.
+pub fn count_between(
+    expr: &CronExpr,
+    tz: Tz,
+    first: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Option<u64> {
+    use chrono::{Days, Timelike};
+    // Whole seconds: `lower` is excluded, `upper` included.
+    let (lower, upper) = (first.timestamp() - 1, until.timestamp());
+    let midnight = |date: chrono::NaiveDate| -> Option<i64> {
+        let local = tz
+            .from_local_datetime(&date.and_hms_opt(0, 0, 0)?)
+            .earliest()?;
+        Some(local.timestamp())
+    };
+    let time_of_day = |second: i64| -> Option<(u32, u32, u32)> {
+        let local = DateTime::from_timestamp(second, 0)?.with_timezone(&tz);
+        Some((local.hour(), local.minute(), local.second()))
+    };
+    let offset = |second: i64| -> Option<i32> {
+        let utc = DateTime::from_timestamp(second, 0)?.naive_utc();
+        Some(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc())
+    };
+    let mut count = 0u64;
+    let mut date = DateTime::from_timestamp(lower + 1, 0)?
+        .with_timezone(&tz)
+        .date_naive();
+    loop {
+        let start = midnight(date)?;
+        let next_day = date.checked_add_days(Days::new(1))?;
+        let end = midnight(next_day)? - 1;
+        let (from, to) = (lower.max(start - 1), upper.min(end));
+        if from < to {
+            if offset(start)? == offset(end)? {
+                if expr.fires_on(date) {
+                    let before = if from < start {
+                        None
+                    } else {
+                        time_of_day(from)
+                    };
+                    count += expr.times_until(time_of_day(to)) - expr.times_until(before);
+                }
+            } else {
+                let mut at = DateTime::from_timestamp(from, 0)?;
+                while let Some(next) = next_after(expr, tz, at).filter(|t| t.timestamp() <= to) {
+                    (at, count) = (next, count + 1);
+                }
+            }
+        }
+        if end >= upper {
+            return Some(count);
+        }
+        date = next_day;
+    }
+}
