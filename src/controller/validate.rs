@@ -153,6 +153,7 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
             failed: status.failed_runs,
             missed: status.missed_runs,
             manual: status.manual_runs,
+            revision: 0,
         }),
     };
     Ok(ValidTask {

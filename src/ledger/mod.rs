@@ -198,6 +198,9 @@ pub struct Counts {
     pub missed: u64,
     /// Finished runs that run-now requests started (part of `runs`).
     pub manual: u64,
+    /// Goes up with every change of the counts (0: the ledger numbers none): the newest counts
+    /// win, even where a number went down (a backfilled instant is no longer missed).
+    pub revision: u64,
 }
 
 /// The ledger could not answer (unreachable, timed out, or a reply it did not expect).

@@ -8,7 +8,7 @@
 //! | key | type | holds |
 //! |-----|------|-------|
 //! | `chronflow:{task}:epoch` | string | the highest epoch that acted on the task |
-//! | `chronflow:{task}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now) |
+//! | `chronflow:{task}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now); `c:<run>`: how many instants without a record of their own the miss recorded at `<run>` still counts |
 //! | `chronflow:{task}:order` | sorted set | runs by instant (a request: when it was seen), for take-over and pruning |
 //! | `chronflow:{task}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `manual`, `pruned_before` |
 //! | `chronflow:{task}:open` | sorted set | runs claimed or started, not yet final |
@@ -102,6 +102,26 @@ if record then
   local backfill = state == 'missed' and ARGV[6] == 'past'
   if not (adopt or backfill) then return {'held', record} end
 end
+if ARGV[6] == 'past' then
+  -- An instant counted missed is no longer: its run will be counted. Missed itself, or one of
+  -- the others a coalesced miss counted (`c:` of the next record up: how many are left).
+  local counted = record ~= nil
+  if not record then
+    for _, above in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[5], '+inf', 'LIMIT', 0, 8)) do
+      if tonumber(above) then
+        if tonumber(redis.call('HGET', KEYS[2], 'c:' .. above) or '0') > 0 then
+          redis.call('HINCRBY', KEYS[2], 'c:' .. above, -1)
+          counted = true
+        end
+        break
+      end
+    end
+  end
+  if counted and tonumber(redis.call('HGET', KEYS[4], 'missed') or '0') > 0 then
+    redis.call('HINCRBY', KEYS[4], 'missed', -1)
+    redis.call('HINCRBY', KEYS[4], 'revision', 1)
+  end
+end
 redis.call('HSET', KEYS[2], ARGV[2], 'claimed ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[2])
@@ -113,6 +133,9 @@ if #old > 0 then
     horizon = math.max(horizon, tonumber(old[i + 1]) + 1)
   end
   redis.call('HDEL', KEYS[2], unpack(runs))
+  for i = 1, #runs do runs[i] = 'c:' .. runs[i] end
+  redis.call('HDEL', KEYS[2], unpack(runs))
+  for i = 1, #runs do runs[i] = string.sub(runs[i], 3) end
   redis.call('ZREM', KEYS[3], unpack(runs))
   redis.call('ZREM', KEYS[5], unpack(runs))
   redis.call('HSET', KEYS[4], 'pruned_before', string.format('%d', horizon))
@@ -124,7 +147,7 @@ return {'accepted'}
 /// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, new state
 /// (`started`, `succeeded`, `failed`, `missed`), how many instants (`missed` only: a catch-up
 /// skips many at once, recorded at the newest), the run's instant (ms). Returns `{VERDICT, …,
-/// runs, succeeded, failed, missed, manual}` with VERDICT `accepted`, `held RECORD` or `fenced
+/// runs, succeeded, failed, missed, manual, revision}` with VERDICT `accepted`, `held RECORD` or `fenced
 /// EPOCH`.
 const MARK: &str = r#"
 local epoch = tonumber(ARGV[1])
@@ -138,8 +161,8 @@ if record then state, owner, holder = string.match(record, '^(%S+) (%S+) (.*)$')
 local mine = owner == ARGV[1] and holder == ARGV[3]
 local final = to == 'succeeded' or to == 'failed'
 local function counts(verdict)
-  local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed', 'manual')
-  for i = 1, 5 do table.insert(verdict, c[i] or '0') end
+  local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed', 'manual', 'revision')
+  for i = 1, 6 do table.insert(verdict, c[i] or '0') end
   return verdict
 end
 -- A run this epoch started is finished whatever happened since; anything else is fenced.
@@ -153,8 +176,13 @@ redis.call('HSET', KEYS[2], ARGV[2], to .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
 if to ~= 'started' then
   redis.call('ZREM', KEYS[5], ARGV[2])
+  redis.call('HINCRBY', KEYS[4], 'revision', 1)
   if to == 'missed' then
     redis.call('HINCRBY', KEYS[4], 'missed', tonumber(ARGV[5]))
+    -- The others a coalesced miss counts have no record: a backfill finds them by this one.
+    if tonumber(ARGV[5]) > 1 then
+      redis.call('HSET', KEYS[2], 'c:' .. ARGV[2], tonumber(ARGV[5]) - 1)
+    end
   else
     redis.call('HINCRBY', KEYS[4], 'runs', 1)
     redis.call('HINCRBY', KEYS[4], to, 1)
@@ -173,7 +201,7 @@ return counts({'accepted'})
 /// `settle`, counted failed (their outcome is unknown; they are never run again); its claims
 /// of scheduled instants that never started become this leader's (a run-now claim is adopted
 /// when its request is seen again). Returns `{"taken", NEWEST, runs, succeeded, failed, missed,
-/// manual, N, UNSTARTED×N, IN_FLIGHT…}`: the newest scheduled instant on record (`""` if none),
+/// manual, revision, N, UNSTARTED×N, IN_FLIGHT…}`: the newest scheduled instant on record (`""` if none),
 /// the claims taken over (run them), and the runs in flight.
 const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
@@ -182,7 +210,7 @@ if epoch < stored then return {'fenced', tostring(stored)} end
 redis.call('SET', KEYS[1], epoch)
 if ARGV[4] and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('HSET', KEYS[4], 'runs', ARGV[4], 'succeeded', ARGV[5], 'failed', ARGV[6],
-    'missed', ARGV[7], 'manual', ARGV[8])
+    'missed', ARGV[7], 'manual', ARGV[8], 'revision', 1)
 end
 local unstarted, in_flight = {}, {}
 for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
@@ -198,6 +226,7 @@ for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
       redis.call('HSET', KEYS[2], run, 'failed ' .. owner .. ' ' .. ARGV[2])
       redis.call('HINCRBY', KEYS[4], 'runs', 1)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
+      redis.call('HINCRBY', KEYS[4], 'revision', 1)
       if not scheduled then redis.call('HINCRBY', KEYS[4], 'manual', 1) end
       redis.call('ZREM', KEYS[5], run)
     elseif state == 'claimed' and scheduled then
@@ -214,8 +243,8 @@ for _, run in ipairs(redis.call('ZREVRANGE', KEYS[3], 0, 63)) do
   if tonumber(run) then newest = run break end
 end
 local out = {'taken', newest}
-local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed', 'manual')
-for i = 1, 5 do table.insert(out, c[i] or '0') end
+local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed', 'manual', 'revision')
+for i = 1, 6 do table.insert(out, c[i] or '0') end
 table.insert(out, tostring(#unstarted))
 for _, run in ipairs(unstarted) do table.insert(out, run) end
 for _, run in ipairs(in_flight) do table.insert(out, run) end
@@ -526,7 +555,7 @@ impl Ledger for RedisLedger {
                 millis(run.instant()),
             ];
             let reply = self.invoke(&self.mark, run.task_id(), &args).await?;
-            let (head, tail) = reply.split_at(reply.len().saturating_sub(5));
+            let (head, tail) = reply.split_at(reply.len().saturating_sub(6));
             Ok(Marked {
                 verdict: verdict(head)?,
                 counts: Some(counts(tail)?),
@@ -573,19 +602,20 @@ impl Ledger for RedisLedger {
                     failed,
                     missed,
                     manual,
+                    ..
                 } = seed;
                 args.extend([runs, succeeded, failed, missed, manual].map(|n| n.to_string()));
             }
             let reply = self.invoke(&self.take_over, task, &args).await?;
             match reply.first().map(String::as_str) {
-                Some("taken") if reply.len() >= 8 => {
-                    let unstarted: usize = reply[7].parse().map_err(redis_error)?;
+                Some("taken") if reply.len() >= 9 => {
+                    let unstarted: usize = reply[8].parse().map_err(redis_error)?;
                     let instants = |list: &[String]| {
                         list.iter()
                             .map(|instant| instant_of(instant))
                             .collect::<Result<Vec<_>, _>>()
                     };
-                    let (unstarted, in_flight) = reply[8..]
+                    let (unstarted, in_flight) = reply[9..]
                         .split_at_checked(unstarted)
                         .ok_or_else(|| redis_error(format!("odd take-over reply {reply:?}")))?;
                     Ok(TakeOver {
@@ -593,7 +623,7 @@ impl Ledger for RedisLedger {
                             "" => None,
                             newest => Some(instant_of(newest)?),
                         },
-                        counts: Some(counts(&reply[2..7])?),
+                        counts: Some(counts(&reply[2..8])?),
                         unstarted: instants(unstarted)?,
                         in_flight: in_flight
                             .iter()
@@ -705,7 +735,7 @@ fn verdict(reply: &[String]) -> Result<Verdict, LedgerError> {
     }
 }
 
-/// `runs, succeeded, failed, missed, manual`.
+/// `runs, succeeded, failed, missed, manual, revision`.
 fn counts(fields: &[String]) -> Result<Counts, LedgerError> {
     let number = |i: usize| {
         fields
@@ -719,6 +749,7 @@ fn counts(fields: &[String]) -> Result<Counts, LedgerError> {
         failed: number(2)?,
         missed: number(3)?,
         manual: number(4)?,
+        revision: number(5)?,
     })
 }
 

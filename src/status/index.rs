@@ -60,6 +60,8 @@ struct TaskState {
     /// Counters, history and conditions (as last rendered, so lastTransitionTime only moves on
     /// change).
     status: ChronTaskStatus,
+    /// The revision of the ledger's counts applied last ([`crate::ledger::Counts::revision`]).
+    counts_revision: u64,
     write: WriteState,
     events: HashMap<&'static str, EventWindow>,
 }
@@ -274,6 +276,9 @@ impl Index {
 
     fn begin_term(&mut self) {
         for (key, state) in &mut self.tasks {
+            // The take-over's counts come first in a term, whatever revision the ledger is at
+            // (it restarts from 1 when the ledger lost a task's counts).
+            state.counts_revision = 0;
             if let Some(stored) = self.stored.iter().find_map(|read| read(key, &state.uid)) {
                 debug!(task = %key, "taking in the stored status");
                 conditions::merge_stored(&mut state.status, stored, &state.history);
@@ -311,6 +316,7 @@ impl Index {
                     active: Vec::new(),
                     ..status
                 },
+                counts_revision: 0,
                 write: WriteState {
                     dirty: true,
                     observed: Some(Instant::now()),
@@ -461,14 +467,25 @@ impl Index {
                 let note = format!("{run_id}: {message}");
                 events.push((reasons::RUN_MISSED, Severity::Warning, note));
             }
-            // Never backwards: a late answer may carry older counts than one already applied.
+            // The newest revision wins as it is (a backfilled instant is no longer missed); a
+            // late answer with an older revision is dropped. Counts without a revision never
+            // set a number back.
             Report::Counts { counts, .. } => {
                 state.write.counts_awaited = None;
-                status.total_runs = status.total_runs.max(counts.runs);
-                status.successful_runs = status.successful_runs.max(counts.succeeded);
-                status.failed_runs = status.failed_runs.max(counts.failed);
-                status.missed_runs = status.missed_runs.max(counts.missed);
-                status.manual_runs = status.manual_runs.max(counts.manual);
+                if counts.revision > 0 && counts.revision >= state.counts_revision {
+                    state.counts_revision = counts.revision;
+                    status.total_runs = counts.runs;
+                    status.successful_runs = counts.succeeded;
+                    status.failed_runs = counts.failed;
+                    status.missed_runs = counts.missed;
+                    status.manual_runs = counts.manual;
+                } else if counts.revision == 0 {
+                    status.total_runs = status.total_runs.max(counts.runs);
+                    status.successful_runs = status.successful_runs.max(counts.succeeded);
+                    status.failed_runs = status.failed_runs.max(counts.failed);
+                    status.missed_runs = status.missed_runs.max(counts.missed);
+                    status.manual_runs = status.manual_runs.max(counts.manual);
+                }
             }
             Report::RequestHandled { .. } => {}
             Report::Backfill { progress, .. } => {
@@ -1086,6 +1103,34 @@ mod tests {
         index.lock().follow(); // the writer's tick
         let status = &index.lock().tasks[&task.key].status;
         assert_eq!(status.last_run_now.as_deref(), Some("newer"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ledgers_newest_counts_win_even_where_a_number_went_down() {
+        let (index, _events) = index();
+        index.count_from_ledger();
+        let task = id("t");
+        observe(&index, &task, None);
+        let counts = |revision, runs, missed| Report::Counts {
+            task: task.clone(),
+            counts: crate::ledger::Counts {
+                runs,
+                succeeded: runs,
+                missed,
+                revision,
+                ..Default::default()
+            },
+        };
+        index.record(counts(5, 10, 3));
+        index.record(counts(4, 9, 3)); // a late answer
+        let shown = |index: &StatusIndex| {
+            let status = &index.lock().tasks[&task.key].status;
+            (status.total_runs, status.missed_runs)
+        };
+        assert_eq!(shown(&index), (10, 3));
+        // A backfill ran one of the missed instants.
+        index.record(counts(7, 11, 2));
+        assert_eq!(shown(&index), (11, 2));
     }
 
     #[tokio::test(start_paused = true)]

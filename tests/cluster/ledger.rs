@@ -74,12 +74,20 @@ async fn mark(ledger: &RedisLedger, run: &RunId, term: &Term, mark: Mark) -> Ver
         .verdict
 }
 
+/// The task's counts, without their revision.
 async fn counts(ledger: &RedisLedger, task: &TaskId, term: &Term) -> Counts {
     let taken: TakeOver = ledger
         .take_over(task, term, false, None)
         .await
         .expect("redis answers");
-    taken.counts.expect("redis keeps counts")
+    plain(taken.counts.expect("redis keeps counts"))
+}
+
+fn plain(counts: Counts) -> Counts {
+    Counts {
+        revision: 0,
+        ..counts
+    }
 }
 
 const DONE: Mark = Mark::Finished { succeeded: true };
@@ -140,8 +148,9 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
         failed: 1,
         missed: 0,
         manual: 0,
+        ..Counts::default()
     };
-    assert_eq!(taken.counts, Some(settled));
+    assert_eq!(taken.counts.map(plain), Some(settled));
 
     // The old leader wakes up: it can neither claim, nor start, nor mark missed.
     let fenced = Verdict::Fenced { epoch: 2 };
@@ -179,6 +188,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
         failed: 1,
         missed: 0,
         manual: 0,
+        ..Counts::default()
     };
     assert_eq!(counts(ledger, &task, &new).await, expected);
     // Nothing is left open.
@@ -214,8 +224,9 @@ async fn a_run_started_before_a_newer_epoch_acted_finishes_and_is_counted_once()
         failed: 1,
         missed: 0,
         manual: 0,
+        ..Counts::default()
     };
-    assert_eq!(marked.counts, Some(once));
+    assert_eq!(marked.counts.map(plain), Some(once));
     assert_eq!(
         state(&mark(&ledger, &run, &old, FAILED).await),
         Some(RunState::Failed)
@@ -259,6 +270,7 @@ async fn missed_instants_are_counted_once_and_never_run() {
         failed: 0,
         missed: 52,
         manual: 0,
+        ..Counts::default()
     };
     assert_eq!(counts(&ledger, &task, &leader).await, expected);
     let taken = ledger
@@ -486,7 +498,8 @@ async fn backfill_claims_run_what_never_ran_and_requests_are_claimed_by_name() {
         Verdict::Accepted
     );
     let after = counts(ledger, &task, &leader).await;
-    assert_eq!((after.runs, after.manual, after.missed), (2, 1, 1));
+    // 11, claimed by the backfill, is no longer counted missed.
+    assert_eq!((after.runs, after.manual, after.missed), (2, 1, 0));
     // The request does not move where the schedule resumes after a take-over.
     let taken = ledger
         .take_over(&task, &term(2, "b"), false, None)
@@ -593,12 +606,13 @@ async fn a_take_over_seeds_counts_the_ledger_lost_from_the_status() {
         failed: 2,
         missed: 3,
         manual: 1,
+        ..Counts::default()
     };
     let taken = ledger
         .take_over(&task, &term(1, "a"), false, Some(shown))
         .await
         .unwrap();
-    assert_eq!(taken.counts, Some(shown));
+    assert_eq!(taken.counts.map(plain), Some(shown));
     let run = RunId::new(&task, at(0));
     claim(&ledger, &run, &term(1, "a")).await;
     mark(&ledger, &run, &term(1, "a"), Mark::Started).await;
@@ -775,4 +789,48 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
 
 async fn claim_in(ledger: &dyn Ledger, run: &RunId, term: &Term) -> Verdict {
     ledger.claim(run, term).await.expect("redis answers")
+}
+
+/// Backfilling an instant that was counted missed moves it from missed to its outcome: one
+/// missed on its own, or one of those a coalesced miss (a catch-up) counted without a record.
+/// An instant that was never counted missed leaves the count alone.
+#[tokio::test]
+async fn a_backfilled_instant_that_was_missed_moves_from_missed_to_its_outcome() {
+    let ledger = ledger(2);
+    let task = task("backfill-missed");
+    let leader = term(1, "a");
+    let run = |second| RunId::new(&task, at(second));
+    for second in [0, 4] {
+        assert_eq!(
+            claim(&ledger, &run(second), &leader).await,
+            Verdict::Accepted
+        );
+        mark(&ledger, &run(second), &leader, Mark::Started).await;
+        mark(&ledger, &run(second), &leader, DONE).await;
+    }
+    // A catch-up missed 1, 2 and 3: one mark, recorded at the newest.
+    mark(&ledger, &run(3), &leader, Mark::Missed { count: 3 }).await;
+    let before = counts(&ledger, &task, &leader).await;
+    assert_eq!((before.runs, before.missed), (2, 3));
+
+    for (second, missed) in [(2, 2), (3, 1), (1, 0)] {
+        let past = ledger.claim_past(&run(second), &leader).await.unwrap();
+        assert_eq!(past, Verdict::Accepted, "instant {second}");
+        mark(&ledger, &run(second), &leader, Mark::Started).await;
+        let done = ledger.mark(&run(second), &leader, DONE).await.unwrap();
+        let counts = done.counts.unwrap();
+        assert_eq!(
+            counts.missed, missed,
+            "after backfilling instant {second}: {counts:?}"
+        );
+        assert_eq!(counts.runs, counts.succeeded + counts.failed);
+    }
+    // Never counted missed: a backfill before the first record.
+    assert_eq!(
+        ledger.claim_past(&run(-5), &leader).await.unwrap(),
+        Verdict::Accepted
+    );
+    assert!(state(&ledger.claim_past(&run(2), &leader).await.unwrap()).is_some());
+    let after = counts(&ledger, &task, &leader).await;
+    assert_eq!((after.runs, after.missed), (5, 0), "{after:?}");
 }
