@@ -268,7 +268,7 @@ impl CountedClaims {
             let result = claim.await;
             let label = match &result {
                 Ok(Verdict::Accepted) => "claimed",
-                Ok(Verdict::Held(_)) => "duplicate",
+                Ok(Verdict::Held(_) | Verdict::Busy(_)) => "duplicate",
                 Ok(Verdict::Fenced { .. }) => "fenced",
                 Err(_) => "error",
             };
@@ -317,7 +317,7 @@ impl Ledger for CountedClaims {
         &'a self,
         task: &'a TaskId,
         term: &'a Term,
-        settle: bool,
+        settle: &'a [RunId],
         seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         self.inner.take_over(task, term, settle, seed)

@@ -162,7 +162,7 @@ impl Driver {
                     });
                     return true;
                 }
-                Ok(Verdict::Held(_)) => return true,
+                Ok(Verdict::Held(_) | Verdict::Busy(_)) => return true,
                 Ok(Verdict::Fenced { .. }) => return false,
                 Err(error) => {
                     warn!(run_id = %run_id, %error, ?wait, "cannot claim a backfill run yet");

@@ -342,7 +342,7 @@ impl Engine {
         tokio::spawn(async move {
             let mut wait = TAKE_OVER_RETRY;
             loop {
-                match ledger.take_over(&task, &term, false, seed).await {
+                match ledger.take_over(&task, &term, &[], seed).await {
                     Ok(answer) => {
                         let _ = answers.send(TookOver { task, term, answer });
                         return;
@@ -353,7 +353,7 @@ impl Engine {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = leader.wait_for(|now| now.as_ref() != Some(&term)) => return,
+                    () = term_ends(&mut leader, &term) => return,
                     _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(30)),
                 }
             }
@@ -456,10 +456,10 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep(longest) => {}
                 // Another term takes the task over afresh.
-                _ = leader.wait_for(|now| now.as_ref() != Some(&term)) => {}
+                () = term_ends(&mut leader, &term) => {}
             }
             if leader.borrow().as_ref() == Some(&term) {
-                match ledger.take_over(&task, &term, true, None).await {
+                match ledger.take_over(&task, &term, &runs, None).await {
                     Ok(TakeOver {
                         counts: Some(counts),
                         ..
@@ -879,7 +879,7 @@ fn claimed(
 ) {
     match verdict {
         Ok(Verdict::Accepted) => executor.submit(run),
-        Ok(Verdict::Held(record)) => {
+        Ok(Verdict::Held(record) | Verdict::Busy(record)) => {
             debug!(run_id = %run.run_id, ?record, "already claimed; not running it again");
         }
         Ok(Verdict::Fenced { epoch }) => warn!(
@@ -897,6 +897,18 @@ fn claimed(
                 reason: format!("cannot claim the run: {error}"),
             });
         }
+    }
+}
+
+/// Resolves once `term` is over. Never, where nobody can end it: without leader election the
+/// one term's sender is dropped at start, and a closed channel is no end of the term.
+async fn term_ends(leader: &mut watch::Receiver<Option<Term>>, term: &Term) {
+    if leader
+        .wait_for(|now| now.as_ref() != Some(term))
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -14,7 +14,8 @@ use super::{
     Action, JobAction, JobRunner, RunInfo, RunRequest, ValueSource, exec, http, job, missed,
 };
 use crate::clock::Clock;
-use crate::ledger::{Ledger, Mark, Verdict};
+use crate::ledger::{Ledger, Mark, Marked, Verdict};
+use crate::policy::ConcurrencyPolicy;
 use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink};
 
 pub(super) struct WorkerContext {
@@ -94,13 +95,29 @@ pub(super) async fn execute(
     let starting = if run.adopted {
         context.ledger.adopt(&run.run_id, &run.term).await
     } else {
-        context
-            .ledger
-            .mark(&run.run_id, &run.term, Mark::Started)
-            .await
+        // Forbid holds across processes too: the ledger refuses a start while another
+        // process's run of the task is in flight.
+        let mark = match run.spec.concurrency {
+            ConcurrencyPolicy::Forbid => Mark::StartedAlone,
+            _ => Mark::Started,
+        };
+        context.ledger.mark(&run.run_id, &run.term, mark).await
     };
     let refusal = match starting {
         Ok(marked) if marked.verdict == Verdict::Accepted => None,
+        Ok(Marked {
+            verdict: Verdict::Busy(theirs),
+            ..
+        }) => {
+            let reason = format!(
+                "concurrencyPolicy Forbid: a run of this task is in flight in another process \
+                 ({})",
+                theirs.holder
+            );
+            let skipped = missed(run, MissKind::Concurrency, reason.clone());
+            context.sink.record(skipped);
+            Some(reason)
+        }
         Ok(marked) => Some(format!(
             "the ledger refused its start ({:?})",
             marked.verdict

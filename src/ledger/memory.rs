@@ -183,7 +183,7 @@ impl Ledger for MemoryLedger {
         &'a self,
         _task: &'a TaskId,
         _term: &'a Term,
-        _settle: bool,
+        _settle: &'a [RunId],
         _seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         async move { Ok(TakeOver::default()) }.boxed()

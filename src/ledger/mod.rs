@@ -58,15 +58,17 @@ pub trait Ledger: Send + Sync {
     ) -> BoxFuture<'a, Result<Marked, LedgerError>>;
 
     /// A new leader takes `task` over: older epochs are fenced from now on. Runs an older epoch
-    /// started are reported in flight, or with `settle` (once they cannot be running any more)
-    /// counted failed, their outcome unknown. `seed`: the counts the task's stored status shows,
-    /// which a ledger with no counts of the task starts from (records keyed another way by an
-    /// older release, a flushed or evicted Redis); a new task has none.
+    /// (or, without leader election, another process) started are reported in flight; `settle`
+    /// lists those an earlier take-over reported that cannot be running any more: they are
+    /// counted failed, their outcome unknown (a run started since, by a process still alive,
+    /// is left alone). `seed`: the counts the task's stored status shows, which a ledger with
+    /// no counts of the task starts from (records keyed another way by an older release, a
+    /// flushed or evicted Redis); a new task has none.
     fn take_over<'a>(
         &'a self,
         task: &'a TaskId,
         term: &'a Term,
-        settle: bool,
+        settle: &'a [RunId],
         seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>>;
 
@@ -135,6 +137,8 @@ pub enum Verdict {
         /// The newer epoch.
         epoch: u64,
     },
+    /// Refused ([`Mark::StartedAlone`]): another process's run of the task is in flight.
+    Busy(Record),
 }
 
 /// A step of a run, recorded with [`Ledger::mark`].
@@ -142,6 +146,10 @@ pub enum Verdict {
 pub enum Mark {
     /// The action is about to start: refused (fenced) once a newer leader took the task over.
     Started,
+    /// As [`Mark::Started`], for a task that runs alone (`Forbid`): refused as
+    /// [`Verdict::Busy`] while a run of the task that another process (or term) started is in
+    /// flight. This process's own runs are kept apart by its executor.
+    StartedAlone,
     /// The action ended; counted in `runs` and `succeeded` or `failed`.
     /// The action ended; whether it succeeded.
     Finished {

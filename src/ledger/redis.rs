@@ -146,9 +146,10 @@ return {'accepted'}
 
 /// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, new state
 /// (`started`, `succeeded`, `failed`, `missed`), how many instants (`missed` only: a catch-up
-/// skips many at once, recorded at the newest), the run's instant (ms). Returns `{VERDICT, …,
-/// runs, succeeded, failed, missed, manual, revision}` with VERDICT `accepted`, `held RECORD` or `fenced
-/// EPOCH`.
+/// skips many at once, recorded at the newest), the run's instant (ms), and `alone` (a start
+/// refused as `busy` while another process's run of the task is in flight) or nothing. Returns
+/// `{VERDICT, …, runs, succeeded, failed, missed, manual, revision}` with VERDICT `accepted`,
+/// `held RECORD`, `busy RECORD` or `fenced EPOCH`.
 const MARK: &str = r#"
 local epoch = tonumber(ARGV[1])
 local to = ARGV[4]
@@ -172,6 +173,16 @@ local allowed = (to == 'started' and state == 'claimed' and mine)
   or (final and mine and (state == 'claimed' or state == 'started'))
   or (to == 'missed' and (state == 'none' or (state == 'claimed' and mine)))
 if not allowed then return counts({'held', record or 'none 0 -'}) end
+if to == 'started' and ARGV[7] == 'alone' then
+  -- Forbid across processes: another one's run of the task is in flight.
+  for _, other in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+    local theirs = other ~= ARGV[2] and redis.call('HGET', KEYS[2], other)
+    if theirs and string.sub(theirs, 1, 8) == 'started ' then
+      local _, o, h = string.match(theirs, '^(%S+) (%S+) (.*)$')
+      if not (o == ARGV[1] and h == ARGV[3]) then return counts({'busy', theirs}) end
+    end
+  end
+end
 redis.call('HSET', KEYS[2], ARGV[2], to .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
 if to ~= 'started' then
@@ -193,25 +204,28 @@ end
 return counts({'accepted'})
 "#;
 
-/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder, `settle` or `keep`, and
-/// (or nothing) the seed counts `runs succeeded failed missed manual`, set when the task has no
-/// counts yet. Take-over of the task by a new leader: raises its epoch (or returns `{"fenced", EPOCH}`);
-/// an earlier leader is an older epoch or, without leader election (every process in epoch 0),
-/// another process. Runs an earlier leader started are kept open (reported in flight) or, with
-/// `settle`, counted failed (their outcome is unknown; they are never run again); its claims
-/// of scheduled instants that never started become this leader's (a run-now claim is adopted
-/// when its request is seen again). Returns `{"taken", NEWEST, runs, succeeded, failed, missed,
-/// manual, revision, N, UNSTARTED×N, IN_FLIGHT…}`: the newest scheduled instant on record (`""` if none),
-/// the claims taken over (run them), and the runs in flight.
+/// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, holder, the seed counts `runs
+/// succeeded failed missed manual` (set when the task has no counts yet; `-` each for none),
+/// then the runs to settle. Take-over of the task by a new leader: raises its epoch (or returns
+/// `{"fenced", EPOCH}`); an earlier leader is an older epoch or, without leader election (every
+/// process in epoch 0), another process. Runs an earlier leader started are kept open and
+/// reported in flight, but those listed to settle are counted failed (their outcome is unknown;
+/// they are never run again); its claims of scheduled instants that never started become this
+/// leader's (a run-now claim is adopted when its request is seen again). Returns `{"taken",
+/// NEWEST, runs, succeeded, failed, missed, manual, revision, N, UNSTARTED×N, IN_FLIGHT…}`: the
+/// newest scheduled instant on record (`""` if none), the claims taken over (run them), and the
+/// runs in flight.
 const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if epoch < stored then return {'fenced', tostring(stored)} end
 redis.call('SET', KEYS[1], epoch)
-if ARGV[4] and redis.call('EXISTS', KEYS[4]) == 0 then
-  redis.call('HSET', KEYS[4], 'runs', ARGV[4], 'succeeded', ARGV[5], 'failed', ARGV[6],
-    'missed', ARGV[7], 'manual', ARGV[8], 'revision', 1)
+if ARGV[3] ~= '-' and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('HSET', KEYS[4], 'runs', ARGV[3], 'succeeded', ARGV[4], 'failed', ARGV[5],
+    'missed', ARGV[6], 'manual', ARGV[7], 'revision', 1)
 end
+local settle = {}
+for i = 8, #ARGV do settle[ARGV[i]] = true end
 local unstarted, in_flight = {}, {}
 for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   local record = redis.call('HGET', KEYS[2], run)
@@ -220,7 +234,7 @@ for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   local scheduled = tonumber(run) ~= nil
   -- An earlier leader: an older epoch, or (without leader election, epoch 0) another process.
   if tonumber(owner) < epoch or (tonumber(owner) == epoch and holder ~= ARGV[2]) then
-    if state == 'started' and ARGV[3] == 'keep' then
+    if state == 'started' and not settle[run] then
       table.insert(in_flight, run)
     elseif state == 'started' then
       redis.call('HSET', KEYS[2], run, 'failed ' .. owner .. ' ' .. ARGV[2])
@@ -541,10 +555,15 @@ impl Ledger for RedisLedger {
     ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
         async move {
             let (state, count) = match mark {
-                Mark::Started => ("started", 1),
+                Mark::Started | Mark::StartedAlone => ("started", 1),
                 Mark::Finished { succeeded: true } => ("succeeded", 1),
                 Mark::Finished { succeeded: false } => ("failed", 1),
                 Mark::Missed { count } => ("missed", count),
+            };
+            let alone = if mark == Mark::StartedAlone {
+                "alone"
+            } else {
+                ""
             };
             let args = [
                 term.epoch.to_string(),
@@ -553,6 +572,7 @@ impl Ledger for RedisLedger {
                 state.to_string(),
                 count.to_string(),
                 millis(run.instant()),
+                alone.to_string(),
             ];
             let reply = self.invoke(&self.mark, run.task_id(), &args).await?;
             let (head, tail) = reply.split_at(reply.len().saturating_sub(6));
@@ -589,23 +609,25 @@ impl Ledger for RedisLedger {
         &'a self,
         task: &'a TaskId,
         term: &'a Term,
-        settle: bool,
+        settle: &'a [RunId],
         seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         async move {
-            let mode = if settle { "settle" } else { "keep" };
-            let mut args = vec![term.epoch.to_string(), term.holder.clone(), mode.into()];
-            if let Some(seed) = seed {
-                let Counts {
-                    runs,
-                    succeeded,
-                    failed,
-                    missed,
-                    manual,
-                    ..
-                } = seed;
-                args.extend([runs, succeeded, failed, missed, manual].map(|n| n.to_string()));
+            let mut args = vec![term.epoch.to_string(), term.holder.clone()];
+            match seed {
+                Some(seed) => args.extend(
+                    [
+                        seed.runs,
+                        seed.succeeded,
+                        seed.failed,
+                        seed.missed,
+                        seed.manual,
+                    ]
+                    .map(|n| n.to_string()),
+                ),
+                None => args.extend(["-"; 5].map(String::from)),
             }
+            args.extend(settle.iter().map(field));
             let reply = self.invoke(&self.take_over, task, &args).await?;
             match reply.first().map(String::as_str) {
                 Some("taken") if reply.len() >= 9 => {
@@ -728,6 +750,7 @@ fn verdict(reply: &[String]) -> Result<Verdict, LedgerError> {
     match reply {
         [word] if word == "accepted" => Ok(Verdict::Accepted),
         [word, record] if word == "held" => Ok(Verdict::Held(parse_record(record)?)),
+        [word, record] if word == "busy" => Ok(Verdict::Busy(parse_record(record)?)),
         [word, epoch] if word == "fenced" => Ok(Verdict::Fenced {
             epoch: epoch.parse().unwrap_or(u64::MAX),
         }),

@@ -192,7 +192,8 @@ impl Ledger for RetriedMarks {
     ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
         async move {
             let result = self.inner.mark(run, term, mark).await;
-            if result.is_err() && mark != Mark::Started {
+            let lasting = matches!(mark, Mark::Finished { .. } | Mark::Missed { .. });
+            if result.is_err() && lasting {
                 self.keep(run, term, mark);
             }
             result
@@ -212,7 +213,7 @@ impl Ledger for RetriedMarks {
         &'a self,
         task: &'a TaskId,
         term: &'a Term,
-        settle: bool,
+        settle: &'a [RunId],
         seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         self.inner.take_over(task, term, settle, seed)

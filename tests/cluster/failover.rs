@@ -1148,3 +1148,64 @@ async fn a_replica_whose_clock_is_off_does_not_lead() {
     assert!(good.terminate().success());
     assert!(skewed.terminate().success(), "{}", skewed.logs());
 }
+
+/// Without leader election, two live processes (a rolling update with surge: the new pod starts
+/// before the old one stops) both fire; `Forbid` holds across them: the ledger refuses a run's
+/// start while the other process's run of the task is in flight, and counts it missed. Each
+/// process used to apply Forbid to its own runs only, and their calls overlapped.
+#[tokio::test]
+async fn forbid_holds_across_two_live_processes_without_leader_election() {
+    let setup = setup("ha-surge").await;
+    let (api, ns) = (&setup.api, setup.ns.as_str());
+    // Each call takes 2.5 s: without the ledger's check, the other process's next instant
+    // would start while one is in flight.
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::from_millis(2500),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, kubeconfig) = (&test_env().redis_url, &test_env().kubeconfig);
+    let alone = [("SCHEDULER__LEADER_ELECTION__ENABLED", "false")];
+    let mut old = Replica::start_with(ns, "old-pod", redis, &dir, "", kubeconfig, &alone);
+    let spec = json!({
+        "schedule": {"cron": "* * * * * *"},
+        "concurrencyPolicy": "Forbid",
+        "timeout": "5s",
+        "action": {"http": {"url": receiver.url("/hook"), "method": "POST"}},
+    });
+    create(api, "alone", spec).await;
+    more_calls(&receiver, 1).await;
+    let mut new = Replica::start_with(ns, "new-pod", redis, &dir, "", kubeconfig, &alone);
+    // Both fire for a while; then the old one stops, as a rollout ends.
+    more_calls(&receiver, 4).await;
+    assert!(old.terminate().success(), "{}", old.logs());
+    more_calls(&receiver, 2).await;
+    assert!(new.terminate().success(), "{}", new.logs());
+
+    let arrivals: Vec<String> = receiver
+        .hits()
+        .iter()
+        .map(|h| format!("{} {}", h.arrived.format("%S%.3f"), h.idempotency_key))
+        .collect();
+    assert_eq!(
+        receiver.max_in_flight(),
+        1,
+        "two calls of a Forbid task at once: {arrivals:#?}\n{}\n{}",
+        old.logs(),
+        new.logs()
+    );
+    let hits = receiver.hits();
+    let seen = instants(&hits, ns, "alone");
+    let status = status_where(api, "alone", "the skipped instants counted", |s| {
+        s.missed_runs > 0
+    })
+    .await;
+    assert_eq!(
+        status.total_runs,
+        status.successful_runs + status.failed_runs
+    );
+    let logs = new.logs() + &old.logs();
+    assert!(logs.contains("in flight in another process"), "{logs}");
+    eprintln!("surge: {} calls, {status:?}", seen.len());
+}

@@ -77,7 +77,7 @@ async fn mark(ledger: &RedisLedger, run: &RunId, term: &Term, mark: Mark) -> Ver
 /// The task's counts, without their revision.
 async fn counts(ledger: &RedisLedger, task: &TaskId, term: &Term) -> Counts {
     let taken: TakeOver = ledger
-        .take_over(task, term, false, None)
+        .take_over(task, term, &[], None)
         .await
         .expect("redis answers");
     plain(taken.counts.expect("redis keeps counts"))
@@ -133,14 +133,17 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
 
     // The new leader takes the task over: the unstarted claim is handed over; the started run
     // may still be in flight in the old leader's process.
-    let taken = ledger.take_over(&task, &new, false, None).await.unwrap();
+    let taken = ledger.take_over(&task, &new, &[], None).await.unwrap();
     assert_eq!(taken.newest, Some(at(1)));
     assert_eq!(taken.unstarted, [at(1)]);
     assert_eq!(taken.in_flight, [RunId::new(&task, at(0))]);
     assert_eq!(taken.counts, Some(Counts::default()));
     // Once it cannot be running any more, it is settled failed (its outcome is unknown, and it
     // never runs again).
-    let taken = ledger.take_over(&task, &new, true, None).await.unwrap();
+    let taken = ledger
+        .take_over(&task, &new, &taken.in_flight, None)
+        .await
+        .unwrap();
     assert!(taken.in_flight.is_empty());
     let settled = Counts {
         runs: 1,
@@ -194,7 +197,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
     // Nothing is left open.
     assert!(
         ledger
-            .take_over(&task, &term(3, "next"), true, None)
+            .take_over(&task, &term(3, "next"), &[], None)
             .await
             .unwrap()
             .unstarted
@@ -274,7 +277,7 @@ async fn missed_instants_are_counted_once_and_never_run() {
     };
     assert_eq!(counts(&ledger, &task, &leader).await, expected);
     let taken = ledger
-        .take_over(&task, &term(2, "b"), true, None)
+        .take_over(&task, &term(2, "b"), &[], None)
         .await
         .unwrap();
     assert_eq!(
@@ -295,7 +298,7 @@ async fn records_past_the_retention_are_pruned_and_their_instants_stay_handled()
     let new = RunId::new(&task, at(retention + 60));
     assert_eq!(claim(&ledger, &new, &leader).await, Verdict::Accepted);
     let taken = ledger
-        .take_over(&task, &term(2, "b"), true, None)
+        .take_over(&task, &term(2, "b"), &[], None)
         .await
         .unwrap();
     assert_eq!(
@@ -428,7 +431,7 @@ async fn without_leader_election_a_restarted_process_takes_over_the_previous_one
     mark(&ledger, &started, &before, Mark::Started).await;
     claim(&ledger, &claimed, &before).await;
 
-    let taken = ledger.take_over(&task, &after, false, None).await.unwrap();
+    let taken = ledger.take_over(&task, &after, &[], None).await.unwrap();
     assert_eq!(
         taken.unstarted,
         [at(1)],
@@ -502,7 +505,7 @@ async fn backfill_claims_run_what_never_ran_and_requests_are_claimed_by_name() {
     assert_eq!((after.runs, after.manual, after.missed), (2, 1, 0));
     // The request does not move where the schedule resumes after a take-over.
     let taken = ledger
-        .take_over(&task, &term(2, "b"), false, None)
+        .take_over(&task, &term(2, "b"), &[], None)
         .await
         .unwrap();
     assert_eq!(taken.newest, Some(at(20)));
@@ -516,7 +519,7 @@ async fn a_new_leader_adopts_a_started_job_run_and_records_its_end_once() {
     let run = RunId::new(&task, at(0));
     claim(&ledger, &run, &old).await;
     mark(&ledger, &run, &old, Mark::Started).await;
-    let taken = ledger.take_over(&task, &new, false, None).await.unwrap();
+    let taken = ledger.take_over(&task, &new, &[], None).await.unwrap();
     assert_eq!(taken.in_flight, vec![run.clone()]);
 
     // The new leader takes the run over (its Job runs on); a second adoption is refused.
@@ -532,7 +535,10 @@ async fn a_new_leader_adopts_a_started_job_run_and_records_its_end_once() {
     assert_eq!(marked.verdict, Verdict::Accepted);
     assert_eq!(marked.counts.map(|c| (c.runs, c.succeeded)), Some((1, 1)));
     // Settling no longer counts it failed, and a finished run is never adopted again.
-    let settled = ledger.take_over(&task, &new, true, None).await.unwrap();
+    let settled = ledger
+        .take_over(&task, &new, std::slice::from_ref(&run), None)
+        .await
+        .unwrap();
     assert!(settled.in_flight.is_empty());
     assert_eq!(settled.counts.map(|c| (c.runs, c.failed)), Some((1, 0)));
     assert_eq!(
@@ -609,7 +615,7 @@ async fn a_take_over_seeds_counts_the_ledger_lost_from_the_status() {
         ..Counts::default()
     };
     let taken = ledger
-        .take_over(&task, &term(1, "a"), false, Some(shown))
+        .take_over(&task, &term(1, "a"), &[], Some(shown))
         .await
         .unwrap();
     assert_eq!(taken.counts.map(plain), Some(shown));
@@ -619,7 +625,7 @@ async fn a_take_over_seeds_counts_the_ledger_lost_from_the_status() {
     mark(&ledger, &run, &term(1, "a"), DONE).await;
     let stale = Counts::default();
     let taken = ledger
-        .take_over(&task, &term(2, "b"), false, Some(stale))
+        .take_over(&task, &term(2, "b"), &[], Some(stale))
         .await
         .unwrap();
     let after = taken.counts.unwrap();
@@ -709,7 +715,7 @@ async fn no_attempt_is_sent_once_a_newer_term_took_the_task_over() {
     .await;
     // A newer term takes the task over while the run waits 2 s for its retry.
     let newer = term(ledger.next_epoch(1).await.unwrap(), "new");
-    ledger.take_over(&id, &newer, false, None).await.unwrap();
+    ledger.take_over(&id, &newer, &[], None).await.unwrap();
     // Absence is seen over a window: two retry delays.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let hits = receiver.hits();
@@ -833,4 +839,31 @@ async fn a_backfilled_instant_that_was_missed_moves_from_missed_to_its_outcome()
     assert!(state(&ledger.claim_past(&run(2), &leader).await.unwrap()).is_some());
     let after = counts(&ledger, &task, &leader).await;
     assert_eq!((after.runs, after.missed), (5, 0), "{after:?}");
+}
+
+/// `Forbid` across processes of one epoch: a start is refused while another process's run of
+/// the task is in flight, and accepted once it finished.
+#[tokio::test]
+async fn a_start_alone_is_refused_while_another_process_runs_the_task() {
+    let ledger = ledger(2);
+    let task = task("alone");
+    let (a, b) = (Term::single("a#1"), Term::single("b#2"));
+    let (first, second) = (RunId::new(&task, at(0)), RunId::new(&task, at(1)));
+    assert_eq!(claim(&ledger, &first, &a).await, Verdict::Accepted);
+    assert_eq!(
+        mark(&ledger, &first, &a, Mark::StartedAlone).await,
+        Verdict::Accepted
+    );
+    assert_eq!(claim(&ledger, &second, &b).await, Verdict::Accepted);
+    let busy = mark(&ledger, &second, &b, Mark::StartedAlone).await;
+    assert!(
+        matches!(&busy, Verdict::Busy(r) if r.holder == "a#1"),
+        "{busy:?}"
+    );
+    // Not refused for runs that need not run alone, nor once the other one finished.
+    mark(&ledger, &first, &a, DONE).await;
+    assert_eq!(
+        mark(&ledger, &second, &b, Mark::StartedAlone).await,
+        Verdict::Accepted
+    );
 }
