@@ -132,7 +132,7 @@ fn docs_list_every_key_with_its_variable_and_default() {
     let docs = std::fs::read_to_string(repo().join("docs/configuration.md"))
         .expect("read docs/configuration.md");
     let keys = default_leaves();
-    assert_eq!(keys.len(), 41, "{keys:?}");
+    assert_eq!(keys.len(), 42, "{keys:?}");
     for (key, default) in keys {
         let env = format!("SCHEDULER__{}", key.replace('.', "__").to_ascii_uppercase());
         let row = format!("| `{key}` | `{env}` | `{default}` |");
@@ -177,7 +177,7 @@ fn bad_key_in_a_file_exits_2_naming_the_key_path_and_file() {
         error.trim_end(),
         format!(
             "chronflow: config: redis.max_conection: unknown key \
-             (expected one of: url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster) (in {})",
+             (expected one of: url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster, wait_replicas) (in {})",
             path.display()
         )
     );
@@ -220,7 +220,7 @@ fn unknown_variable_exits_2_naming_it() {
     assert_eq!(
         error.trim_end(),
         "chronflow: config: redis.max_conection: unknown key \
-         (expected one of: url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster) \
+         (expected one of: url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster, wait_replicas) \
          (from SCHEDULER__REDIS__MAX_CONECTION)"
     );
 }

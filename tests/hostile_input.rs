@@ -176,6 +176,7 @@ const KEYS: &[&str] = &[
     "redis.timeout",
     "redis.max_connections",
     "redis.cluster",
+    "redis.wait_replicas",
     "leader_election.enabled",
     "leader_election.lease_duration",
     "leader_election.renew_deadline",

@@ -191,6 +191,7 @@ async fn run_chronflow(params: RunParams) -> RunResult {
                     url: url.clone(),
                     cluster: false,
                     ca: None,
+                    wait_replicas: 0,
                     max_connections: 10,
                     timeout: Duration::from_secs(2),
                 })

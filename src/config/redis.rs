@@ -40,6 +40,9 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Redis Cluster: `url` (or host and port) is a seed node.
     pub cluster: bool,
+    /// After each claim and mark, `WAIT` for this many replicas to have it (0: not at all).
+    #[serde(deserialize_with = "within::<_, _, 0, 100>")]
+    pub wait_replicas: u32,
 }
 
 impl RedisConfig {

@@ -46,6 +46,9 @@ pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// starts again from the counts its status shows (the take-over's seed).
 pub const KEY_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
 
+/// The longest a write waits for its replicas (`redis.wait_replicas`).
+const MAX_REPLICA_WAIT: Duration = Duration::from_millis(400);
+
 /// The epoch a deleted task's keys are fenced with until they expire: above any term's.
 const FORGOTTEN: u64 = 1 << 53;
 
@@ -302,6 +305,8 @@ pub struct RedisSettings {
     pub max_connections: usize,
     /// How long one ledger operation may take, connection checkout included.
     pub timeout: Duration,
+    /// Replicas that must have each write (`WAIT`) before it counts as done; 0: none.
+    pub wait_replicas: u32,
 }
 
 impl RedisSettings {
@@ -320,6 +325,7 @@ impl RedisSettings {
             ca,
             max_connections: config.max_connections as usize,
             timeout: config.timeout,
+            wait_replicas: config.wait_replicas,
         })
     }
 }
@@ -335,6 +341,7 @@ enum Pool {
 pub struct RedisLedger {
     pool: Pool,
     timeout: Duration,
+    wait_replicas: u32,
     by_uid: bool,
     claim: Script,
     mark: Script,
@@ -384,9 +391,15 @@ impl RedisLedger {
             config.pool = Some(limits);
             Pool::Single(config.create_pool(runtime).map_err(redis_error)?)
         };
+        if settings.cluster && settings.wait_replicas > 0 {
+            return Err(redis_error(
+                "redis.wait_replicas is not supported with redis.cluster",
+            ));
+        }
         Ok(Self {
             pool,
             timeout: settings.timeout,
+            wait_replicas: settings.wait_replicas,
             by_uid: true,
             claim: task_script(CLAIM),
             mark: task_script(MARK),
@@ -466,16 +479,46 @@ impl RedisLedger {
             match &self.pool {
                 Pool::Single(pool) => {
                     let mut connection = pool.get().await.map_err(redis_error)?;
-                    invocation.invoke_async(&mut connection).await
+                    let reply = invocation
+                        .invoke_async(&mut connection)
+                        .await
+                        .map_err(redis_error)?;
+                    self.replicated(&mut connection).await?;
+                    Ok(reply)
                 }
                 Pool::Cluster(pool) => {
                     let mut connection = pool.get().await.map_err(redis_error)?;
-                    invocation.invoke_async(&mut connection).await
+                    invocation
+                        .invoke_async(&mut connection)
+                        .await
+                        .map_err(redis_error)
                 }
             }
-            .map_err(redis_error)
         };
         self.within(run).await
+    }
+
+    /// With `redis.wait_replicas`, waits (on the connection that wrote) until that many
+    /// replicas have the write: a replica promoted after a failover then knows it.
+    async fn replicated(
+        &self,
+        connection: &mut deadpool_redis::Connection,
+    ) -> Result<(), LedgerError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        // Within the client's own response timeout (half a second) and the operation's.
+        let wait = (self.timeout / 2).min(MAX_REPLICA_WAIT);
+        let mut command = redis::cmd("WAIT");
+        command.arg(self.wait_replicas).arg(wait.as_millis().max(1) as u64);
+        let acknowledged: u32 = command.query_async(connection).await.map_err(redis_error)?;
+        if acknowledged < self.wait_replicas {
+            return Err(redis_error(format!(
+                "{acknowledged} of {} replicas had the write within {wait:?} (redis.wait_replicas)",
+                self.wait_replicas
+            )));
+        }
+        Ok(())
     }
 
     /// Sends one command, within the timeout.

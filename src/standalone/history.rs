@@ -516,6 +516,7 @@ pub fn open_history(
                 url: url.clone(),
                 cluster: config.redis.cluster,
                 ca: None,
+                wait_replicas: config.redis.wait_replicas,
                 max_connections: config.redis.max_connections as usize,
                 timeout: config.redis.timeout,
             };

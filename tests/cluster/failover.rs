@@ -452,6 +452,19 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A replica of `primary`.
+    pub(crate) fn start_replica_of(primary: &OwnRedis) -> OwnRedis {
+        let redis = OwnRedis::start();
+        let status = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "REPLICAOF", "127.0.0.1"])
+            .arg(primary.port.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(status.success());
+        redis
+    }
+
     pub(crate) fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])

@@ -202,6 +202,7 @@ async fn epochs_only_go_up_when_the_lease_is_deleted_or_moved() {
             url: test_env().redis_url.clone(),
             cluster: false,
             ca: None,
+            wait_replicas: 0,
             max_connections: 2,
             timeout: Duration::from_secs(5),
         })

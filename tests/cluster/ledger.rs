@@ -27,6 +27,7 @@ fn ledger(max_connections: usize) -> RedisLedger {
         timeout: Duration::from_secs(5),
         cluster: false,
         ca: None,
+        wait_replicas: 0,
     })
     .expect("a ledger")
 }
@@ -335,6 +336,7 @@ async fn the_pool_never_opens_more_connections_than_its_size() {
         timeout: Duration::from_secs(5),
         cluster: false,
         ca: None,
+        wait_replicas: 0,
     })
     .unwrap();
     let task = task("pool");
@@ -384,6 +386,7 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout() {
         timeout: Duration::from_millis(500),
         cluster: false,
         ca: None,
+        wait_replicas: 0,
     })
     .unwrap();
     let started = std::time::Instant::now();
@@ -405,6 +408,7 @@ async fn the_ledger_works_on_a_three_master_redis_cluster() {
         timeout: Duration::from_secs(5),
         cluster: true,
         ca: None,
+        wait_replicas: 0,
     })
     .unwrap();
     // Twelve tasks: their hash tags spread over the three masters' slots.
@@ -747,6 +751,7 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
         timeout: Duration::from_millis(500),
         cluster: false,
         ca: None,
+        wait_replicas: 0,
     })
     .unwrap();
     let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel::<Report>();
@@ -866,4 +871,37 @@ async fn a_start_alone_is_refused_while_another_process_runs_the_task() {
         mark(&ledger, &second, &b, Mark::StartedAlone).await,
         Verdict::Accepted
     );
+}
+
+/// `redis.wait_replicas`: a claim counts as made once the replicas have it (`WAIT`), so a
+/// replica promoted after a failover knows every claim acted on; without them, it is an error
+/// in time, and the run is not started.
+#[tokio::test]
+async fn claims_wait_for_the_replicas_they_ask_for() {
+    let primary = crate::failover::OwnRedis::start();
+    let mut replica = crate::failover::OwnRedis::start_replica_of(&primary);
+    let ledger = RedisLedger::new(&RedisSettings {
+        url: primary.url(),
+        max_connections: 2,
+        timeout: Duration::from_millis(1500),
+        cluster: false,
+        ca: None,
+        wait_replicas: 1,
+    })
+    .unwrap();
+    let task = task("replicated");
+    let leader = term(1, "a");
+    eventually("the replica in sync", || async {
+        let claimed = ledger.claim(&RunId::new(&task, at(0)), &leader).await;
+        claimed.ok().map(|_| ())
+    })
+    .await;
+    replica.kill();
+    let started = tokio::time::Instant::now();
+    let error = ledger
+        .claim(&RunId::new(&task, at(1)), &leader)
+        .await
+        .expect_err("no replica has it");
+    assert!(error.0.contains("0 of 1 replicas"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
