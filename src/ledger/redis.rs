@@ -510,7 +510,9 @@ impl RedisLedger {
         // Within the client's own response timeout (half a second) and the operation's.
         let wait = (self.timeout / 2).min(MAX_REPLICA_WAIT);
         let mut command = redis::cmd("WAIT");
-        command.arg(self.wait_replicas).arg(wait.as_millis().max(1) as u64);
+        command
+            .arg(self.wait_replicas)
+            .arg(wait.as_millis().max(1) as u64);
         let acknowledged: u32 = command.query_async(connection).await.map_err(redis_error)?;
         if acknowledged < self.wait_replicas {
             return Err(redis_error(format!(
