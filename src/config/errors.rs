@@ -137,7 +137,7 @@ mod tests {
     fn unknown_keys_name_the_path_the_expected_keys_and_the_source() {
         let top = "backend_type, max_workers, queue_size, timezone, watch_namespaces, redis, \
                    leader_election, log, metrics, status, shutdown, secrets, http, limits, jobs";
-        let redis = "url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster";
+        let redis = "url, host, port, db, password, password_file, ca_file, max_connections, timeout, cluster, wait_replicas";
         let cases = [
             (
                 file_err("max_worker: 3\n"),
