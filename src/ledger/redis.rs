@@ -108,7 +108,8 @@ end
 if ARGV[6] == 'past' then
   -- An instant counted missed is no longer: its run will be counted. Missed itself, or one of
   -- the others a coalesced miss counted (`c:` of the next record up: how many are left).
-  local counted = record ~= nil
+  -- (Redis hands Lua a missing field as false, not nil.)
+  local counted = record ~= false and record ~= nil
   if not record then
     for _, above in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[5], '+inf', 'LIMIT', 0, 8)) do
       if tonumber(above) then

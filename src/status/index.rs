@@ -443,7 +443,10 @@ impl Index {
                     status.missed_runs += count;
                 }
                 let latest = run.instant();
-                if run.request().is_none() {
+                // With a shared ledger, where the schedule resumes is the ledger's newest
+                // record: a miss whose mark never landed (Redis away, then this replica died)
+                // must not move the catch-up anchor past instants nobody counted.
+                if run.request().is_none() && counting {
                     status.last_schedule_time = status.last_schedule_time.max(Some(latest));
                 }
                 let run_id = run.to_string();

@@ -21,14 +21,14 @@ use crate::operator::{create, setup, status_where};
 use crate::support::receiver::{Behavior, Hit, Receiver};
 use crate::support::{OwnControlPlane, eventually, namespace, test_env};
 
-const LEASE: &str = "chronflow-leader";
+pub(crate) const LEASE: &str = "chronflow-leader";
 /// The test's lease duration: a standby may take over this long after the leader went silent.
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 
 /// One `chronflow run` process, logging JSON to a file.
-struct Replica {
-    name: String,
-    child: Option<Child>,
+pub(crate) struct Replica {
+    pub(crate) name: String,
+    pub(crate) child: Option<Child>,
     log: PathBuf,
 }
 
@@ -39,7 +39,7 @@ impl Replica {
 
     /// With `extra` appended to the configuration file and `env` set, against the apiserver
     /// of `kubeconfig`.
-    fn start_with(
+    pub(crate) fn start_with(
         ns: &str,
         name: &str,
         redis_url: &str,
@@ -77,24 +77,24 @@ impl Replica {
         }
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
         let status = Command::new("kill").args([signal, &pid]).status().unwrap();
         assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// SIGTERM, and the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal("-TERM");
         self.child.take().unwrap().wait().unwrap()
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.signal("-KILL");
         let _ = self.child.take().unwrap().wait();
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -463,6 +463,11 @@ impl OwnRedis {
             .expect("redis-cli runs");
         assert!(status.success());
         redis
+    }
+
+    /// Where its append-only file is.
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub(crate) fn restart(&mut self) {

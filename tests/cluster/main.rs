@@ -9,6 +9,7 @@ mod card;
 mod config_keys;
 mod crd_admission;
 mod failover;
+mod faults;
 mod hard_path;
 mod job_tier;
 mod jobs;

@@ -1,5 +1,6 @@
 //! A real HTTP server on loopback that ChronTasks call: it records every request (idempotency
-//! key, scheduled time, attempt, arrival time) and answers as the test configures it.
+//! key, scheduled time, attempt, epoch, path, arrival and finish times, the status it answered)
+//! and answers as the test configures it.
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::any;
 use chrono::{DateTime, Utc};
 
@@ -22,6 +23,13 @@ pub struct Hit {
     /// `X-Chronflow-Epoch`: the sending leader's.
     pub epoch: u64,
     pub arrived: DateTime<Utc>,
+    /// When the receiver stopped serving it: it answered, or the client went away first
+    /// (`None` while it is in flight).
+    pub finished: Option<DateTime<Utc>>,
+    /// The status it answered (`None`: the client went away before the answer).
+    pub answered: Option<u16>,
+    /// The request's path.
+    pub path: String,
     pub authorization: Option<String>,
 }
 
@@ -41,6 +49,9 @@ impl Default for Behavior {
     }
 }
 
+/// Chooses the answer to each request from what was recorded of it.
+pub type Respond = Arc<dyn Fn(&Hit) -> Behavior + Send + Sync>;
+
 #[derive(Default)]
 struct Shared {
     hits: Mutex<Vec<Hit>>,
@@ -58,10 +69,15 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(behavior: Behavior) -> Receiver {
+        Receiver::start_with(Arc::new(move |_: &Hit| behavior)).await
+    }
+
+    /// A receiver that answers each request as `respond` says (by path, key, attempt...).
+    pub async fn start_with(respond: Respond) -> Receiver {
         let shared = Arc::new(Shared::default());
         let app = axum::Router::new()
             .route("/{*path}", any(handle))
-            .with_state((shared.clone(), behavior));
+            .with_state((shared.clone(), respond));
         Receiver::serve(shared, app).await
     }
 
@@ -94,9 +110,10 @@ impl Receiver {
     /// by a CA made for it; also returns that CA's certificate (PEM).
     pub async fn start_tls(behavior: Behavior) -> (Receiver, String) {
         let shared = Arc::new(Shared::default());
+        let respond: Respond = Arc::new(move |_: &Hit| behavior);
         let app = axum::Router::new()
             .route("/{*path}", any(handle))
-            .with_state((shared.clone(), behavior));
+            .with_state((shared.clone(), respond));
         let (tls, ca) = tls_config();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -145,9 +162,12 @@ impl Receiver {
 
 async fn redirect(
     State((shared, location)): State<(Arc<Shared>, String)>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> (StatusCode, [(axum::http::HeaderName, String); 1]) {
-    shared.hits.lock().unwrap().push(hit(&headers));
+    let mut hit = hit(&headers, &uri);
+    (hit.finished, hit.answered) = (Some(hit.arrived), Some(302));
+    shared.hits.lock().unwrap().push(hit);
     (
         StatusCode::FOUND,
         [(axum::http::header::LOCATION, location)],
@@ -155,20 +175,32 @@ async fn redirect(
 }
 
 async fn handle(
-    State((shared, behavior)): State<(Arc<Shared>, Behavior)>,
+    State((shared, respond)): State<(Arc<Shared>, Respond)>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> StatusCode {
-    shared.hits.lock().unwrap().push(hit(&headers));
+    let hit = hit(&headers, &uri);
+    let behavior = respond(&hit);
+    let index = {
+        let mut hits = shared.hits.lock().unwrap();
+        hits.push(hit);
+        hits.len() - 1
+    };
     let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    // Counts down even when the client gives up and the request is dropped mid-delay.
-    let _guard = InFlight(&shared.in_flight);
+    // Counts down, and records when it ended, even when the client gives up and the request is
+    // dropped mid-delay.
+    let _guard = InFlight {
+        shared: &shared,
+        index,
+    };
     tokio::time::sleep(behavior.delay).await;
+    shared.hits.lock().unwrap()[index].answered = Some(behavior.status);
     StatusCode::from_u16(behavior.status).unwrap()
 }
 
 /// What the receiver records of a request.
-fn hit(headers: &HeaderMap) -> Hit {
+fn hit(headers: &HeaderMap, uri: &Uri) -> Hit {
     let header = |name: &str| {
         headers
             .get(name)
@@ -188,6 +220,9 @@ fn hit(headers: &HeaderMap) -> Hit {
             .and_then(|e| e.parse().ok())
             .unwrap_or(0),
         arrived: Utc::now(),
+        finished: None,
+        answered: None,
+        path: uri.path().to_string(),
         authorization: header("authorization"),
     }
 }
@@ -215,10 +250,15 @@ fn tls_config() -> (rustls::ServerConfig, String) {
     (config, ca.pem())
 }
 
-struct InFlight<'a>(&'a AtomicUsize);
+/// A request being served: counted in flight until dropped, then recorded as finished.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    index: usize,
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.shared.hits.lock().unwrap()[self.index].finished = Some(Utc::now());
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
