@@ -308,11 +308,15 @@ impl Elector {
                 Duration::from_secs(s.max(0) as u64)
             });
         let changed_at = observed.as_ref().map_or(now, |seen| seen.changed_at);
-        let expired = holder.is_empty() || now.duration_since(changed_at) >= duration;
-        // A Lease held by an earlier process of this pod (a container restarted in place), or by
-        // this one after it stepped down, is taken at once, in a new term: that process is gone
-        // or no longer acts.
-        let mine = holder == self.identity.to_string() || self.identity.earlier_self(&holder);
+        let silent = now.duration_since(changed_at);
+        let expired = holder.is_empty() || silent >= duration;
+        // A Lease held by this process after it stepped down is taken at once, in a new term.
+        // One held by an earlier process of this pod (a container restarted in place) once it
+        // went unrenewed for renew_deadline, not a whole lease: by then a holder still alive has
+        // stepped down by its own rule, so two live processes under one name never take it from
+        // each other (they used to, back and forth, each time in a new term).
+        let earlier = self.identity.earlier_self(&holder) && silent >= self.timings.renew_deadline;
+        let mine = holder == self.identity.to_string() || earlier;
         if !(expired || mine) {
             return Ok(None);
         }

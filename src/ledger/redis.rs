@@ -8,7 +8,7 @@
 //! | key | type | holds |
 //! |-----|------|-------|
 //! | `chronflow:{task}:epoch` | string | the highest epoch that acted on the task |
-//! | `chronflow:{task}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now); `c:<run>`: how many instants without a record of their own the miss recorded at `<run>` still counts |
+//! | `chronflow:{task}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now); `c:<run>`: `REST LOWER`, how many instants without a record of their own the miss recorded at `<run>` still counts, and the record below them |
 //! | `chronflow:{task}:order` | sorted set | runs by instant (a request: when it was seen), for take-over and pruning |
 //! | `chronflow:{task}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `manual`, `pruned_before` |
 //! | `chronflow:{task}:open` | sorted set | runs claimed or started, not yet final |
@@ -110,11 +110,15 @@ if ARGV[6] == 'past' then
   -- the others a coalesced miss counted (`c:` of the next record up: how many are left).
   -- (Redis hands Lua a missing field as false, not nil.)
   local counted = record ~= false and record ~= nil
-  if not record then
-    for _, above in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[5], '+inf', 'LIMIT', 0, 8)) do
-      if tonumber(above) then
-        if tonumber(redis.call('HGET', KEYS[2], 'c:' .. above) or '0') > 0 then
-          redis.call('HINCRBY', KEYS[2], 'c:' .. above, -1)
+  if not counted then
+    -- The coalesced miss whose span (lower, at) holds this instant, if any: the first `c:`
+    -- above it (records a backfill made inside the span have none).
+    for _, above in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[5], '+inf', 'LIMIT', 0, 32)) do
+      local span = tonumber(above) and redis.call('HGET', KEYS[2], 'c:' .. above)
+      if span then
+        local rest, lower = string.match(span, '^(%d+) (%d+)$')
+        if tonumber(lower) < tonumber(ARGV[5]) and tonumber(rest) > 0 then
+          redis.call('HSET', KEYS[2], 'c:' .. above, (tonumber(rest) - 1) .. ' ' .. lower)
           counted = true
         end
         break
@@ -194,9 +198,14 @@ if to ~= 'started' then
   redis.call('HINCRBY', KEYS[4], 'revision', 1)
   if to == 'missed' then
     redis.call('HINCRBY', KEYS[4], 'missed', tonumber(ARGV[5]))
-    -- The others a coalesced miss counts have no record: a backfill finds them by this one.
+    -- The others a coalesced miss counts have no record: a backfill finds them by this one,
+    -- between the record below (`lower`) and this one.
     if tonumber(ARGV[5]) > 1 then
-      redis.call('HSET', KEYS[2], 'c:' .. ARGV[2], tonumber(ARGV[5]) - 1)
+      local lower = 0
+      for _, below in ipairs(redis.call('ZREVRANGEBYSCORE', KEYS[3], '(' .. ARGV[6], '-inf', 'LIMIT', 0, 8)) do
+        if tonumber(below) then lower = tonumber(below) break end
+      end
+      redis.call('HSET', KEYS[2], 'c:' .. ARGV[2], (tonumber(ARGV[5]) - 1) .. ' ' .. string.format('%d', lower))
     end
   else
     redis.call('HINCRBY', KEYS[4], 'runs', 1)
