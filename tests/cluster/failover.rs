@@ -1103,8 +1103,27 @@ async fn a_run_now_request_queued_when_the_leader_dies_runs_on_the_next_one() {
     crate::run_now::annotate(api, "blocker", json!({"chronflow.io/run-now": "b1"})).await;
     more_calls(&slow, 1).await;
     crate::run_now::annotate(api, "wanted", json!({"chronflow.io/run-now": "w1"})).await;
-    // The request is claimed and waits for the worker: nothing says it was handled.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The request is claimed in the ledger and waits for the worker.
+    let uid = api.get("wanted").await.unwrap().metadata.uid.unwrap();
+    let runs = format!("chronflow:{{{ns}/wanted/{uid}}}:runs");
+    let ledger = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    eventually("the request claimed", || {
+        let (runs, mut ledger) = (runs.clone(), ledger.clone());
+        async move {
+            let record: Option<String> = redis::cmd("HGET")
+                .arg(&runs)
+                .arg("m:w1")
+                .query_async(&mut ledger)
+                .await
+                .ok()?;
+            record.filter(|r| r.starts_with("claimed "))
+        }
+    })
+    .await;
     assert_eq!(fast.count(), 0, "the request waits behind the blocker");
     let index = replicas.iter().position(|r| r.name == leader).unwrap();
     replicas[index].kill();
