@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::failover::{LEASE, OwnRedis, Replica, libfaketime};
 use crate::operator::create;
 use crate::support::receiver::{Behavior, Hit, Receiver, Respond};
-use crate::support::{OwnControlPlane, eventually, namespace};
+use crate::support::{OwnControlPlane, eventually, namespace, test_env};
 
 /// The short run's seed, and the long run's unless `CHRONFLOW_FAULT_SEED` says otherwise.
 const DEFAULT_SEED: u64 = 0x2910;
@@ -201,6 +201,26 @@ struct TaskPlan {
 }
 
 impl TaskPlan {
+    /// A task every second under `policy`, catching up everything, calls answered at once
+    /// within 3 s: what a focused test starts from.
+    fn every_second(name: &str, policy: Policy) -> TaskPlan {
+        TaskPlan {
+            name: name.into(),
+            sched: Sched::Seconds(1),
+            policy,
+            catch_up: "All",
+            max_concurrent: None,
+            timeout_ms: 3000,
+            retries: 0,
+            deadline: None,
+            jitter_ms: None,
+            delay_ms: 0,
+            flaky: Flaky::Never,
+            backfill: None,
+            run_now: false,
+        }
+    }
+
     /// The most calls of the task that may be in flight at once at a receiver that refuses
     /// lower epochs than it has seen (docs/operations.md): 1 for Forbid, `maxConcurrentRuns`
     /// for Allow; `Replace` cancels the old run within one leader, so no bound is claimed.
@@ -1892,10 +1912,9 @@ async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
 /// says where the schedule resumes).
 #[tokio::test]
 async fn an_instant_due_while_redis_was_down_is_counted_when_its_leader_dies() {
-    let plane = tokio::task::spawn_blocking(|| OwnControlPlane::start("lost-instant"))
-        .await
-        .unwrap();
-    let client = plane.0.client().await;
+    // No apiserver fault here: the shared control plane serves.
+    let plane = test_env();
+    let client = plane.client().await;
     let ns = namespace(&client, "lost-instant").await;
     let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
     let receiver = Receiver::start(Behavior::default()).await;
@@ -1904,24 +1923,13 @@ async fn an_instant_due_while_redis_was_down_is_counted_when_its_leader_dies() {
     let url = redis.url();
     let start = |name: &str| {
         let env = [("POD_NAME", name)];
-        Replica::start_with(&ns, name, &url, &dir, "", &plane.0.kubeconfig, &env)
+        Replica::start_with(&ns, name, &url, &dir, "", &plane.kubeconfig, &env)
     };
     let mut first = start("a");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let plan = TaskPlan {
-        name: "steady".into(),
-        sched: Sched::Seconds(1),
-        policy: Policy::Allow,
-        catch_up: "All",
-        max_concurrent: None,
         timeout_ms: 2000,
-        retries: 0,
-        deadline: None,
-        jitter_ms: None,
-        delay_ms: 0,
-        flaky: Flaky::Never,
-        backfill: None,
-        run_now: false,
+        ..TaskPlan::every_second("steady", Policy::Allow)
     };
     eventually("a leader", || async {
         leases.get_opt(LEASE).await.ok()??.spec?.holder_identity
@@ -1968,7 +1976,6 @@ async fn an_instant_due_while_redis_was_down_is_counted_when_its_leader_dies() {
     let hits = receiver.hits();
     let (findings, _) = check(&ns, &[plan], &facts, &hits);
     assert!(findings.violations.is_empty(), "{:#?}", findings.violations);
-    drop(plane);
 }
 
 /// Found by the fault checker on 1b910ce (seed 0x2910, 1.5 min: the backfill task's ledger
@@ -1979,32 +1986,20 @@ async fn an_instant_due_while_redis_was_down_is_counted_when_its_leader_dies() {
 /// missed count while it is above 0, whether or not the instant was counted missed. Fixed.
 #[tokio::test]
 async fn a_backfill_of_instants_never_counted_leaves_missed_runs_alone() {
-    let plane = tokio::task::spawn_blocking(|| OwnControlPlane::start("backfill-missed"))
-        .await
-        .unwrap();
-    let client = plane.0.client().await;
+    // No apiserver fault here: the shared control plane serves.
+    let plane = test_env();
+    let client = plane.client().await;
     let ns = namespace(&client, "backfill-missed").await;
     let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
     let redis = OwnRedis::start();
     let url = redis.url();
     let dir = tempfile::tempdir().unwrap();
     let env = [("POD_NAME", "a")];
-    let mut replica = Replica::start_with(&ns, "a", &url, &dir, "", &plane.0.kubeconfig, &env);
+    let mut replica = Replica::start_with(&ns, "a", &url, &dir, "", &plane.kubeconfig, &env);
     // Calls of 1.5 s every second, one at a time: every other instant is missed.
     let mut plan = TaskPlan {
-        name: "slow".into(),
-        sched: Sched::Seconds(1),
-        policy: Policy::Forbid,
-        catch_up: "All",
-        max_concurrent: None,
-        timeout_ms: 3000,
-        retries: 0,
-        deadline: None,
-        jitter_ms: None,
         delay_ms: 1500,
-        flaky: Flaky::Never,
-        backfill: None,
-        run_now: false,
+        ..TaskPlan::every_second("slow", Policy::Forbid)
     };
     let delay = Duration::from_millis(plan.delay_ms);
     let receiver = Receiver::start(Behavior { status: 200, delay }).await;
@@ -2039,7 +2034,6 @@ async fn a_backfill_of_instants_never_counted_leaves_missed_runs_alone() {
     .await;
     let (findings, _) = check(&ns, &[plan], &facts, &receiver.hits());
     assert!(findings.violations.is_empty(), "{:#?}", findings.violations);
-    drop(plane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2072,19 +2066,8 @@ mod self_check {
 
     fn plan(policy: Policy) -> TaskPlan {
         TaskPlan {
-            name: "a".into(),
-            sched: Sched::Seconds(1),
-            policy,
-            catch_up: "All",
-            max_concurrent: None,
-            timeout_ms: 3000,
-            retries: 0,
-            deadline: None,
-            jitter_ms: None,
             delay_ms: 100,
-            flaky: Flaky::Never,
-            backfill: None,
-            run_now: false,
+            ..TaskPlan::every_second("a", policy)
         }
     }
 
