@@ -405,7 +405,7 @@ pub enum MissKind {
     CatchUp,
     /// Could not start within `startingDeadlineSeconds`.
     Deadline,
-    /// The run queue was full.
+    /// The run queue, or the queue of claims waiting for the ledger, was full.
     QueueFull,
     /// The concurrency policy said no (`Forbid`, `maxConcurrentRuns`) or a newer run replaced it.
     Concurrency,
@@ -413,7 +413,8 @@ pub enum MissKind {
     Withdrawn,
     /// chronflow was shutting down.
     Shutdown,
-    /// The ledger could not answer the claim.
+    /// The ledger could not take the run's claim or start (a [`crate::ledger::RetriedMarks`]
+    /// ledger keeps the miss itself, in the task's order).
     Claim,
 }
 

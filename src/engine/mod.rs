@@ -129,7 +129,8 @@ impl EngineHandle {
     }
 }
 
-/// How long a failed take-over waits before it is tried again (doubling up to 30 s).
+/// How long a failed take-over (or settling) waits before it is tried again (doubling up to
+/// 30 s).
 const TAKE_OVER_RETRY: Duration = Duration::from_secs(1);
 
 /// Claim batches waiting for the ledger at once; beyond, a due run is counted missed at once
@@ -429,7 +430,8 @@ impl Engine {
             }
         } else if !answer.in_flight.is_empty() {
             let held = answer.in_flight;
-            self.hold_elsewhere(task.clone(), held, engine_task.run.longest(), term.clone());
+            let longest = answer.in_flight_for.unwrap_or(engine_task.run.longest());
+            self.hold_elsewhere(task.clone(), held, longest, term.clone());
         }
         // Already claimed for this term by the take-over itself.
         for scheduled in answer.unstarted {
@@ -453,25 +455,28 @@ impl Engine {
         );
         let mut leader = self.parts.leader.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(longest) => {}
-                // Another term takes the task over afresh.
-                () = term_ends(&mut leader, &term) => {}
-            }
-            if leader.borrow().as_ref() == Some(&term) {
+            let (mut wait, mut retry) = (longest, TAKE_OVER_RETRY);
+            // Until the runs are settled, or another term takes the task over afresh.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    () = term_ends(&mut leader, &term) => break,
+                }
+                if leader.borrow().as_ref() != Some(&term) {
+                    break;
+                }
                 match ledger.take_over(&task, &term, &runs, None).await {
-                    Ok(TakeOver {
-                        counts: Some(counts),
-                        ..
-                    }) => {
-                        sink.record(Report::Counts {
-                            task: task.clone(),
-                            counts,
-                        });
+                    Ok(taken) => {
+                        if let Some(counts) = taken.counts {
+                            let task = task.clone();
+                            sink.record(Report::Counts { task, counts });
+                        }
+                        break;
                     }
-                    Ok(_) => {}
                     Err(error) => {
-                        warn!(task = %task, %error, "cannot settle the previous leader's runs")
+                        warn!(task = %task, %error, ?retry, "cannot settle the previous leader's runs yet");
+                        wait = retry;
+                        retry = (retry * 2).min(Duration::from_secs(30));
                     }
                 }
             }
@@ -833,13 +838,15 @@ impl Engine {
         }
         let Ok(permit) = self.claims.clone().try_acquire_owned() else {
             for run in runs {
-                let busy = LedgerError("too many claims are waiting for the ledger".into());
-                claimed(
-                    &self.parts.executor,
-                    self.parts.sink.as_ref(),
-                    run,
-                    Err(busy),
-                );
+                warn!(run_id = %run.run_id, "too many claims are waiting for the ledger");
+                self.parts.sink.record(Report::Missed {
+                    task: run.task.clone(),
+                    count: 1,
+                    run: run.run_id.clone(),
+                    trigger: run.trigger,
+                    kind: MissKind::QueueFull,
+                    reason: "too many claims are waiting for the ledger".into(),
+                });
             }
             return;
         };

@@ -97,9 +97,10 @@ pub(super) async fn execute(
     } else {
         // Forbid holds across processes too: the ledger refuses a start while another
         // process's run of the task is in flight.
+        let window = run.spec.longest();
         let mark = match run.spec.concurrency {
-            ConcurrencyPolicy::Forbid => Mark::StartedAlone,
-            _ => Mark::Started,
+            ConcurrencyPolicy::Forbid => Mark::StartedAlone { window },
+            _ => Mark::Started { window },
         };
         context.ledger.mark(&run.run_id, &run.term, mark).await
     };

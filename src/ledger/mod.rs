@@ -7,19 +7,16 @@ mod memory;
 pub mod redis;
 mod retry;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use tokio::sync::watch;
-use tracing::debug;
 
 pub use self::memory::MemoryLedger;
 pub use self::redis::{RedisLedger, RedisSettings};
-pub use self::retry::{KEPT_PER_TASK, RetriedMarks};
+pub use self::retry::{KEPT_PER_TASK, RecordMissed, RetriedMarks};
 use crate::run::Term;
-use crate::run::{Report, ReportSink, RunId, TaskId};
+use crate::run::{RunId, TaskId};
 
 /// Where runs are claimed and their steps recorded. The engine claims; the executor marks a run
 /// started before its action and finished after it; missed instants are marked missed.
@@ -120,6 +117,10 @@ pub struct TakeOver {
     /// them (frozen, cut off), so the concurrency policy counts them until they must be over,
     /// then they are settled.
     pub in_flight: Vec<RunId>,
+    /// How much longer the runs in flight may last, by the windows their starts recorded;
+    /// `None` when one recorded none (an older release started it): the task's current
+    /// [`crate::executor::RunSpec::longest`] stands in.
+    pub in_flight_for: Option<Duration>,
     /// The task's counts, when the ledger keeps them.
     pub counts: Option<Counts>,
 }
@@ -144,21 +145,28 @@ pub enum Verdict {
 /// A step of a run, recorded with [`Ledger::mark`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mark {
-    /// The action is about to start: refused (fenced) once a newer leader took the task over.
-    Started,
+    /// The action is about to start and is over within `window` (its attempts, their timeouts
+    /// and the waits between them): refused (fenced) once a newer leader took the task over.
+    /// A later leader that finds it in flight waits out what is left of `window` before it
+    /// settles the run, whatever the task's spec says by then.
+    Started {
+        /// How long the run may last.
+        window: Duration,
+    },
     /// As [`Mark::Started`], for a task that runs alone (`Forbid`): refused as
     /// [`Verdict::Busy`] while a run of the task that another process (or term) started is in
     /// flight. This process's own runs are kept apart by its executor.
-    StartedAlone,
+    StartedAlone {
+        /// How long the run may last.
+        window: Duration,
+    },
     /// The action ended; counted in `runs` and `succeeded` or `failed`.
-    /// The action ended; whether it succeeded.
     Finished {
         /// Whether it succeeded.
         succeeded: bool,
     },
     /// The instant could not run (with `count` > 1: a catch-up skipped that many, this run's
-    /// instant the newest); counted in `missed`, and never run afterwards.
-    /// The instant could not run; `count` instants at once for a catch-up.
+    /// instant the newest); counted in `missed`, and never run afterwards (but by a backfill).
     Missed {
         /// How many instants.
         count: u64,
@@ -215,40 +223,3 @@ pub struct Counts {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct LedgerError(pub String);
-
-/// Records missed instants in the ledger, then hands every report on. One attempt per report,
-/// off the caller's path: over a [`RetriedMarks`] ledger, a mark that fails (Redis away) is
-/// kept and sent again while this replica keeps its term, so instants missed during an outage
-/// are counted once Redis returns; the counts it gets back are reported too.
-pub struct RecordMissed {
-    /// Where missed runs are marked.
-    pub ledger: Arc<dyn Ledger>,
-    /// The term missed runs are marked under.
-    pub leader: watch::Receiver<Option<Term>>,
-    /// Where every report goes on.
-    pub inner: Arc<dyn ReportSink>,
-}
-
-impl ReportSink for RecordMissed {
-    fn record(&self, report: Report) {
-        if let Report::Missed {
-            task, count, run, ..
-        } = &report
-            && let Some(term) = self.leader.borrow().clone()
-        {
-            let (ledger, inner) = (self.ledger.clone(), self.inner.clone());
-            let (task, run, mark) = (task.clone(), run.clone(), Mark::Missed { count: *count });
-            tokio::spawn(async move {
-                match ledger.mark(&run, &term, mark).await {
-                    Ok(Marked {
-                        counts: Some(counts),
-                        ..
-                    }) => inner.record(Report::Counts { task, counts }),
-                    Ok(_) => {}
-                    Err(error) => debug!(run_id = %run, %error, "cannot record a missed run yet"),
-                }
-            });
-        }
-        self.inner.record(report);
-    }
-}

@@ -8,7 +8,7 @@
 //! | key | type | holds |
 //! |-----|------|-------|
 //! | `chronflow:{task}:epoch` | string | the highest epoch that acted on the task |
-//! | `chronflow:{task}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now); `c:<run>`: `REST LOWER`, how many instants without a record of their own the miss recorded at `<run>` still counts, and the record below them |
+//! | `chronflow:{task}:runs` | hash | run → `STATE EPOCH HOLDER`; a run is its instant (Unix ms) or `m:<request>` (run now); `c:<run>`: `REST LOWER`, how many instants without a record of their own the miss recorded at `<run>` still counts, and the record below them; `w:<run>`: when a started run must be over (ms, Redis's clock) |
 //! | `chronflow:{task}:order` | sorted set | runs by instant (a request: when it was seen), for take-over and pruning |
 //! | `chronflow:{task}:counts` | hash | `runs`, `succeeded`, `failed`, `missed`, `manual`, `pruned_before` |
 //! | `chronflow:{task}:open` | sorted set | runs claimed or started, not yet final |
@@ -141,9 +141,11 @@ if #old > 0 then
     horizon = math.max(horizon, tonumber(old[i + 1]) + 1)
   end
   redis.call('HDEL', KEYS[2], unpack(runs))
-  for i = 1, #runs do runs[i] = 'c:' .. runs[i] end
-  redis.call('HDEL', KEYS[2], unpack(runs))
-  for i = 1, #runs do runs[i] = string.sub(runs[i], 3) end
+  for _, kind in ipairs({'c:', 'w:'}) do
+    local fields = {}
+    for i = 1, #runs do fields[i] = kind .. runs[i] end
+    redis.call('HDEL', KEYS[2], unpack(fields))
+  end
   redis.call('ZREM', KEYS[3], unpack(runs))
   redis.call('ZREM', KEYS[5], unpack(runs))
   redis.call('HSET', KEYS[4], 'pruned_before', string.format('%d', horizon))
@@ -154,8 +156,9 @@ return {'accepted'}
 
 /// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, new state
 /// (`started`, `succeeded`, `failed`, `missed`), how many instants (`missed` only: a catch-up
-/// skips many at once, recorded at the newest), the run's instant (ms), and `alone` (a start
-/// refused as `busy` while another process's run of the task is in flight) or nothing. Returns
+/// skips many at once, recorded at the newest), the run's instant (ms), `alone` (a start
+/// refused as `busy` while another process's run of the task is in flight) or nothing, and
+/// (`started` only) how long the run may last (ms): it is over by then on Redis's clock. Returns
 /// `{VERDICT, …, runs, succeeded, failed, missed, manual, revision}` with VERDICT `accepted`,
 /// `held RECORD`, `busy RECORD` or `fenced EPOCH`.
 const MARK: &str = r#"
@@ -193,8 +196,13 @@ if to == 'started' and ARGV[7] == 'alone' then
 end
 redis.call('HSET', KEYS[2], ARGV[2], to .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
-if to ~= 'started' then
+if to == 'started' then
+  local now = redis.call('TIME')
+  local over = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[8])
+  redis.call('HSET', KEYS[2], 'w:' .. ARGV[2], string.format('%d', over))
+else
   redis.call('ZREM', KEYS[5], ARGV[2])
+  redis.call('HDEL', KEYS[2], 'w:' .. ARGV[2])
   redis.call('HINCRBY', KEYS[4], 'revision', 1)
   if to == 'missed' then
     redis.call('HINCRBY', KEYS[4], 'missed', tonumber(ARGV[5]))
@@ -225,9 +233,10 @@ return counts({'accepted'})
 /// reported in flight, but those listed to settle are counted failed (their outcome is unknown;
 /// they are never run again); its claims of scheduled instants that never started become this
 /// leader's (a run-now claim is adopted when its request is seen again). Returns `{"taken",
-/// NEWEST, runs, succeeded, failed, missed, manual, revision, N, UNSTARTED×N, IN_FLIGHT…}`: the
-/// newest scheduled instant on record (`""` if none), the claims taken over (run them), and the
-/// runs in flight.
+/// NEWEST, HOLD, runs, succeeded, failed, missed, manual, revision, N, UNSTARTED×N,
+/// IN_FLIGHT…}`: the newest scheduled instant on record (`""` if none), how much longer the runs
+/// in flight may last (ms, by the `w:` their starts recorded; `-` if one has none), the claims
+/// taken over (run them), and the runs in flight.
 const TAKE_OVER: &str = r#"
 local epoch = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -240,6 +249,9 @@ end
 local settle = {}
 for i = 8, #ARGV do settle[ARGV[i]] = true end
 local unstarted, in_flight = {}, {}
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local hold = 0
 for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   local record = redis.call('HGET', KEYS[2], run)
   local state, owner, holder = 'none', '0', ''
@@ -249,8 +261,11 @@ for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   if tonumber(owner) < epoch or (tonumber(owner) == epoch and holder ~= ARGV[2]) then
     if state == 'started' and not settle[run] then
       table.insert(in_flight, run)
+      local over = tonumber(redis.call('HGET', KEYS[2], 'w:' .. run))
+      if over and hold then hold = math.max(hold, over - now) else hold = nil end
     elseif state == 'started' then
       redis.call('HSET', KEYS[2], run, 'failed ' .. owner .. ' ' .. ARGV[2])
+      redis.call('HDEL', KEYS[2], 'w:' .. run)
       redis.call('HINCRBY', KEYS[4], 'runs', 1)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
       redis.call('HINCRBY', KEYS[4], 'revision', 1)
@@ -269,7 +284,7 @@ local newest = ''
 for _, run in ipairs(redis.call('ZREVRANGE', KEYS[3], 0, 63)) do
   if tonumber(run) then newest = run break end
 end
-local out = {'taken', newest}
+local out = {'taken', newest, hold and string.format('%d', hold) or '-'}
 local c = redis.call('HMGET', KEYS[4], 'runs', 'succeeded', 'failed', 'missed', 'manual', 'revision')
 for i = 1, 6 do table.insert(out, c[i] or '0') end
 table.insert(out, tostring(#unstarted))
@@ -609,16 +624,12 @@ impl Ledger for RedisLedger {
         mark: Mark,
     ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
         async move {
-            let (state, count) = match mark {
-                Mark::Started | Mark::StartedAlone => ("started", 1),
-                Mark::Finished { succeeded: true } => ("succeeded", 1),
-                Mark::Finished { succeeded: false } => ("failed", 1),
-                Mark::Missed { count } => ("missed", count),
-            };
-            let alone = if mark == Mark::StartedAlone {
-                "alone"
-            } else {
-                ""
+            let (state, count, alone, window) = match mark {
+                Mark::Started { window } => ("started", 1, "", window.as_millis()),
+                Mark::StartedAlone { window } => ("started", 1, "alone", window.as_millis()),
+                Mark::Finished { succeeded: true } => ("succeeded", 1, "", 0),
+                Mark::Finished { succeeded: false } => ("failed", 1, "", 0),
+                Mark::Missed { count } => ("missed", count, "", 0),
             };
             let args = [
                 term.epoch.to_string(),
@@ -628,6 +639,7 @@ impl Ledger for RedisLedger {
                 count.to_string(),
                 millis(run.instant()),
                 alone.to_string(),
+                window.to_string(),
             ];
             let reply = self.invoke(&self.mark, run.task_id(), &args).await?;
             let (head, tail) = reply.split_at(reply.len().saturating_sub(6));
@@ -685,14 +697,14 @@ impl Ledger for RedisLedger {
             args.extend(settle.iter().map(field));
             let reply = self.invoke(&self.take_over, task, &args).await?;
             match reply.first().map(String::as_str) {
-                Some("taken") if reply.len() >= 9 => {
-                    let unstarted: usize = reply[8].parse().map_err(redis_error)?;
+                Some("taken") if reply.len() >= 10 => {
+                    let unstarted: usize = reply[9].parse().map_err(redis_error)?;
                     let instants = |list: &[String]| {
                         list.iter()
                             .map(|instant| instant_of(instant))
                             .collect::<Result<Vec<_>, _>>()
                     };
-                    let (unstarted, in_flight) = reply[9..]
+                    let (unstarted, in_flight) = reply[10..]
                         .split_at_checked(unstarted)
                         .ok_or_else(|| redis_error(format!("odd take-over reply {reply:?}")))?;
                     Ok(TakeOver {
@@ -700,7 +712,11 @@ impl Ledger for RedisLedger {
                             "" => None,
                             newest => Some(instant_of(newest)?),
                         },
-                        counts: Some(counts(&reply[2..8])?),
+                        in_flight_for: match reply[2].as_str() {
+                            "-" => None,
+                            ms => Some(Duration::from_millis(ms.parse().map_err(redis_error)?)),
+                        },
+                        counts: Some(counts(&reply[3..9])?),
                         unstarted: instants(unstarted)?,
                         in_flight: in_flight
                             .iter()

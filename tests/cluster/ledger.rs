@@ -91,6 +91,13 @@ fn plain(counts: Counts) -> Counts {
     }
 }
 
+/// A start whose run is over within a minute.
+const STARTED: Mark = Mark::Started {
+    window: Duration::from_secs(60),
+};
+const ALONE: Mark = Mark::StartedAlone {
+    window: Duration::from_secs(60),
+};
 const DONE: Mark = Mark::Finished { succeeded: true };
 const FAILED: Mark = Mark::Finished { succeeded: false };
 
@@ -127,7 +134,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
     let later = RunId::new(&task, at(2));
     assert_eq!(claim(ledger, &started, &old).await, Verdict::Accepted);
     assert_eq!(
-        mark(ledger, &started, &old, Mark::Started).await,
+        mark(ledger, &started, &old, STARTED).await,
         Verdict::Accepted
     );
     assert_eq!(claim(ledger, &claimed, &old).await, Verdict::Accepted);
@@ -159,7 +166,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
     // The old leader wakes up: it can neither claim, nor start, nor mark missed.
     let fenced = Verdict::Fenced { epoch: 2 };
     assert_eq!(claim(ledger, &later, &old).await, fenced);
-    assert_eq!(mark(ledger, &claimed, &old, Mark::Started).await, fenced);
+    assert_eq!(mark(ledger, &claimed, &old, STARTED).await, fenced);
     assert_eq!(
         mark(ledger, &later, &old, Mark::Missed { count: 1 }).await,
         fenced
@@ -173,7 +180,7 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
         Some(RunState::Claimed)
     );
     assert_eq!(
-        mark(ledger, &claimed, &new, Mark::Started).await,
+        mark(ledger, &claimed, &new, STARTED).await,
         Verdict::Accepted
     );
     assert_eq!(mark(ledger, &claimed, &new, DONE).await, Verdict::Accepted);
@@ -213,7 +220,7 @@ async fn a_run_started_before_a_newer_epoch_acted_finishes_and_is_counted_once()
     let (old, new) = (term(1, "old"), term(2, "new"));
     let run = RunId::new(&task, at(0));
     claim(&ledger, &run, &old).await;
-    mark(&ledger, &run, &old, Mark::Started).await;
+    mark(&ledger, &run, &old, STARTED).await;
     // The new leader claims the next instant: the task is in epoch 2 from now on.
     assert_eq!(
         claim(&ledger, &RunId::new(&task, at(1)), &new).await,
@@ -432,7 +439,7 @@ async fn without_leader_election_a_restarted_process_takes_over_the_previous_one
     let started = RunId::new(&task, at(0));
     let claimed = RunId::new(&task, at(1));
     claim(&ledger, &started, &before).await;
-    mark(&ledger, &started, &before, Mark::Started).await;
+    mark(&ledger, &started, &before, STARTED).await;
     claim(&ledger, &claimed, &before).await;
 
     let taken = ledger.take_over(&task, &after, &[], None).await.unwrap();
@@ -443,10 +450,10 @@ async fn without_leader_election_a_restarted_process_takes_over_the_previous_one
     );
     assert_eq!(taken.in_flight, [RunId::new(&task, at(0))]);
     // The old process, were it still alive, can no longer start that claim.
-    let refused = mark(&ledger, &claimed, &before, Mark::Started).await;
+    let refused = mark(&ledger, &claimed, &before, STARTED).await;
     assert_eq!(state(&refused), Some(RunState::Claimed));
     assert_eq!(
-        mark(&ledger, &claimed, &after, Mark::Started).await,
+        mark(&ledger, &claimed, &after, STARTED).await,
         Verdict::Accepted
     );
     // Two processes claiming the same instant in epoch 0 (a misconfiguration): one wins.
@@ -497,7 +504,7 @@ async fn backfill_claims_run_what_never_ran_and_requests_are_claimed_by_name() {
         Some(RunState::Claimed)
     );
     assert_eq!(
-        mark(ledger, &request, &leader, Mark::Started).await,
+        mark(ledger, &request, &leader, STARTED).await,
         Verdict::Accepted
     );
     assert_eq!(
@@ -522,7 +529,7 @@ async fn a_new_leader_adopts_a_started_job_run_and_records_its_end_once() {
     let (old, new) = (term(1, "old"), term(2, "new"));
     let run = RunId::new(&task, at(0));
     claim(&ledger, &run, &old).await;
-    mark(&ledger, &run, &old, Mark::Started).await;
+    mark(&ledger, &run, &old, STARTED).await;
     let taken = ledger.take_over(&task, &new, &[], None).await.unwrap();
     assert_eq!(taken.in_flight, vec![run.clone()]);
 
@@ -562,7 +569,7 @@ async fn records_belong_to_one_incarnation_expire_and_are_forgotten_with_it() {
     let leader = term(1, "a");
     let run = RunId::new(&old, at(0));
     assert_eq!(claim(&ledger, &run, &leader).await, Verdict::Accepted);
-    mark(&ledger, &run, &leader, Mark::Started).await;
+    mark(&ledger, &run, &leader, STARTED).await;
     mark(&ledger, &run, &leader, DONE).await;
     assert_eq!(counts(&ledger, &old, &leader).await.runs, 1);
     assert_eq!(counts(&ledger, &new, &leader).await, Counts::default());
@@ -625,7 +632,7 @@ async fn a_take_over_seeds_counts_the_ledger_lost_from_the_status() {
     assert_eq!(taken.counts.map(plain), Some(shown));
     let run = RunId::new(&task, at(0));
     claim(&ledger, &run, &term(1, "a")).await;
-    mark(&ledger, &run, &term(1, "a"), Mark::Started).await;
+    mark(&ledger, &run, &term(1, "a"), STARTED).await;
     mark(&ledger, &run, &term(1, "a"), DONE).await;
     let stale = Counts::default();
     let taken = ledger
@@ -660,10 +667,8 @@ async fn new_epochs_rise_above_every_earlier_one_and_the_floor() {
 /// failover), and every request it sent carried its epoch.
 #[tokio::test]
 async fn no_attempt_is_sent_once_a_newer_term_took_the_task_over() {
-    use chronflow::executor::http::SuccessCodes;
-    use chronflow::executor::{Action, HttpAction, RetryPolicy, RunSpec};
-    use chronflow::policy::{Backoff, CatchUpPolicy, ConcurrencyPolicy, FollowRedirects};
-    use chronflow::schedule::{IntervalAnchor, Schedule};
+    use chronflow::executor::RetryPolicy;
+    use chronflow::policy::Backoff;
     use std::sync::Arc;
 
     let receiver = Receiver::start(Behavior {
@@ -676,42 +681,13 @@ async fn no_attempt_is_sent_once_a_newer_term_took_the_task_over() {
     let leader = term(epoch, "old");
     let core = engine_core::Core::start_with(4, 16, ledger.clone() as Arc<dyn Ledger>, leader);
     let id = task("fenced-retry");
-    let every = Duration::from_secs(30);
-    let engine_task = chronflow::engine::EngineTask {
-        id: id.clone(),
-        generation: 1,
-        paused: None,
-        schedule: Schedule::interval(every, IntervalAnchor::Start(Utc::now())).unwrap(),
-        jitter: None,
-        catch_up: CatchUpPolicy::Skip,
-        // The first instant (now) is due at once.
-        catch_up_from: Some(Utc::now() - chrono::Duration::seconds(1)),
-        run: Arc::new(RunSpec {
-            action: Action::Http(HttpAction {
-                url: receiver.url("/hook").parse().unwrap(),
-                method: reqwest::Method::POST,
-                headers: Vec::new(),
-                body: None,
-                success_codes: SuccessCodes::parse(&[]).unwrap(),
-                follow_redirects: FollowRedirects::Never,
-                tls: Default::default(),
-            }),
-            timeout: Duration::from_secs(5),
-            retry: RetryPolicy {
-                max_retries: 3,
-                backoff: Backoff::Fixed,
-                initial_delay: Duration::from_secs(2),
-                max_delay: Duration::from_secs(2),
-            },
-            concurrency: ConcurrencyPolicy::Forbid,
-            max_concurrent_runs: 1,
-            starting_deadline: None,
-        }),
-        run_now: None,
-        backfills: Vec::new(),
-        adopt: Vec::new(),
-        counts: None,
+    let retry = RetryPolicy {
+        max_retries: 3,
+        backoff: Backoff::Fixed,
+        initial_delay: Duration::from_secs(2),
+        max_delay: Duration::from_secs(2),
     };
+    let engine_task = http_task(&id, Duration::from_secs(30), &receiver, retry);
     core.engine.upsert(engine_task).await;
     eventually("the first attempt", || async {
         (receiver.count() >= 1).then_some(())
@@ -732,6 +708,180 @@ async fn no_attempt_is_sent_once_a_newer_term_took_the_task_over() {
         hits[0].epoch, epoch,
         "the request carried its leader's epoch"
     );
+    core.stop();
+}
+
+/// A task every `every` from now (its first instant due at once), calling `receiver` with a
+/// 5 s timeout under `Forbid`.
+fn http_task(
+    id: &TaskId,
+    every: Duration,
+    receiver: &Receiver,
+    retry: chronflow::executor::RetryPolicy,
+) -> chronflow::engine::EngineTask {
+    use chronflow::executor::http::SuccessCodes;
+    use chronflow::executor::{Action, HttpAction, RunSpec};
+    use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy, FollowRedirects};
+    use chronflow::schedule::{IntervalAnchor, Schedule};
+
+    chronflow::engine::EngineTask {
+        id: id.clone(),
+        generation: 1,
+        paused: None,
+        schedule: Schedule::interval(every, IntervalAnchor::Start(Utc::now())).unwrap(),
+        jitter: None,
+        catch_up: CatchUpPolicy::Skip,
+        catch_up_from: Some(Utc::now() - chrono::Duration::seconds(1)),
+        run: std::sync::Arc::new(RunSpec {
+            action: Action::Http(HttpAction {
+                url: receiver.url("/hook").parse().unwrap(),
+                method: reqwest::Method::POST,
+                headers: Vec::new(),
+                body: None,
+                success_codes: SuccessCodes::parse(&[]).unwrap(),
+                follow_redirects: FollowRedirects::Never,
+                tls: Default::default(),
+            }),
+            timeout: Duration::from_secs(5),
+            retry,
+            concurrency: ConcurrencyPolicy::Forbid,
+            max_concurrent_runs: 1,
+            starting_deadline: None,
+        }),
+        run_now: None,
+        backfills: Vec::new(),
+        adopt: Vec::new(),
+        counts: None,
+    }
+}
+
+/// A dead leader's started run is settled (counted failed) once it cannot be running any more,
+/// even when the ledger refused the first attempt to settle it (Redis away): the run was left
+/// started for good before.
+#[tokio::test]
+async fn a_dead_leader_s_run_is_settled_after_redis_refused_the_first_attempt() {
+    use chronflow::executor::RetryPolicy;
+    use std::sync::Arc;
+
+    let mut redis = crate::failover::OwnRedis::start();
+    let ledger = Arc::new(
+        RedisLedger::new(&RedisSettings {
+            url: redis.url(),
+            max_connections: 4,
+            timeout: Duration::from_millis(500),
+            cluster: false,
+            ca: None,
+            wait_replicas: 0,
+        })
+        .unwrap(),
+    );
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let id = task("settle-retried");
+    // The dead leader started a run of an hour ago (one that may last 5 s) and never finished it.
+    let old = term(ledger.next_epoch(1).await.unwrap(), "old");
+    let start = Mark::Started {
+        window: Duration::from_secs(5),
+    };
+    let started = RunId::new(&id, Utc::now() - chrono::Duration::hours(1));
+    assert_eq!(claim(&ledger, &started, &old).await, Verdict::Accepted);
+    assert_eq!(
+        mark(&ledger, &started, &old, start).await,
+        Verdict::Accepted
+    );
+
+    let new = term(ledger.next_epoch(1).await.unwrap(), "new");
+    let core = engine_core::Core::start_with(2, 16, ledger.clone() as Arc<dyn Ledger>, new);
+    let hour = Duration::from_secs(3600);
+    let engine_task = http_task(&id, hour, &receiver, RetryPolicy::default());
+    core.engine.upsert(engine_task).await;
+    // Taken over (the old term fenced): the run is held for its 5 s, then settled.
+    eventually("the take-over", || async {
+        (!ledger.holds(&id, &old).await.ok()?).then_some(())
+    })
+    .await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    redis.restart();
+    eventually("the run settled", || async {
+        record_of(&redis.url(), &started)
+            .await
+            .filter(|r| r.starts_with("failed "))
+    })
+    .await;
+    core.stop();
+}
+
+/// `run`'s record, read from Redis at `url` without a leader's term.
+async fn record_of(url: &str, run: &RunId) -> Option<String> {
+    let task = run.task_id();
+    let runs = format!(
+        "chronflow:{{{}/{}/{}}}:runs",
+        task.key.namespace, task.key.name, task.uid
+    );
+    let client = redis::Client::open(url).ok()?;
+    let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+    redis::cmd("HGET")
+        .arg(runs)
+        .arg(run.instant().timestamp_millis())
+        .query_async(&mut connection)
+        .await
+        .ok()?
+}
+
+/// A run found in flight is settled once the window its start recorded is over, not the
+/// task's current spec's (edited since to a shorter timeout): settling it sooner would let
+/// a `Forbid` task run twice at once while the old leader's run goes on.
+#[tokio::test]
+async fn a_run_in_flight_is_held_for_the_window_its_start_recorded() {
+    use chronflow::executor::RetryPolicy;
+    use std::sync::Arc;
+
+    let ledger = Arc::new(ledger(4));
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let id = task("settle-window");
+    // The old leader started a run that may last 12 s (a spec with a longer timeout).
+    let old = term(ledger.next_epoch(1).await.unwrap(), "old");
+    let started = RunId::new(&id, Utc::now() - chrono::Duration::hours(1));
+    assert_eq!(claim(&ledger, &started, &old).await, Verdict::Accepted);
+    let window = Duration::from_secs(12);
+    let start = Mark::Started { window };
+    assert_eq!(
+        mark(&ledger, &started, &old, start).await,
+        Verdict::Accepted
+    );
+
+    // The new leader's spec says 5 s.
+    let new = term(ledger.next_epoch(1).await.unwrap(), "new");
+    let core = engine_core::Core::start_with(2, 16, ledger.clone() as Arc<dyn Ledger>, new);
+    let hour = Duration::from_secs(3600);
+    let engine_task = http_task(&id, hour, &receiver, RetryPolicy::default());
+    core.engine.upsert(engine_task).await;
+    eventually("the take-over", || async {
+        (!ledger.holds(&id, &old).await.ok()?).then_some(())
+    })
+    .await;
+    let url = &test_env().redis_url;
+    // Past the spec's 5 s (and well short of 12 s), the run is still held.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let record = record_of(url, &started).await;
+    assert!(
+        record.as_deref().is_some_and(|r| r.starts_with("started ")),
+        "settled before its window was over: {record:?}"
+    );
+    eventually("the run settled", || async {
+        record_of(url, &started)
+            .await
+            .filter(|r| r.starts_with("failed "))
+    })
+    .await;
     core.stop();
 }
 
@@ -761,7 +911,7 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
     let task = task("kept");
     let run = RunId::new(&task, at(0));
     assert_eq!(claim_in(&*marks, &run, &leader).await, Verdict::Accepted);
-    let started = marks.mark(&run, &leader, Mark::Started).await.unwrap();
+    let started = marks.mark(&run, &leader, STARTED).await.unwrap();
     assert_eq!(started.verdict, Verdict::Accepted);
 
     redis.kill();
@@ -798,6 +948,69 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
     assert_eq!(marks.pending(), 0);
 }
 
+/// An instant the ledger could not claim (Redis away) is recorded missed before any later
+/// instant of the task is claimed. The next leader resumes after the newest record: a miss
+/// still waiting in memory when the term ends, behind a later record, would be neither run
+/// nor counted (the fault checker's seed 0x2910 found one).
+#[tokio::test]
+async fn an_instant_that_could_not_be_claimed_is_recorded_before_any_later_one() {
+    use chronflow::ledger::{RecordMissed, RetriedMarks};
+    use chronflow::run::{MissKind, Report, ReportSink, Trigger};
+    use std::sync::Arc;
+
+    let mut redis = crate::failover::OwnRedis::start();
+    let inner = Arc::new(
+        RedisLedger::new(&RedisSettings {
+            url: redis.url(),
+            max_connections: 4,
+            timeout: Duration::from_millis(500),
+            cluster: false,
+            ca: None,
+            wait_replicas: 0,
+        })
+        .unwrap(),
+    );
+    let (reports, _received) = tokio::sync::mpsc::unbounded_channel::<Report>();
+    let reports: Arc<dyn ReportSink> = Arc::new(reports);
+    let old = term(inner.next_epoch(1).await.unwrap(), "old");
+    let (leader, watch) = tokio::sync::watch::channel(Some(old.clone()));
+    let marks = RetriedMarks::new(inner.clone(), watch.clone(), reports.clone());
+    // The engine's sink: it reports what it could not claim.
+    let sink = RecordMissed {
+        ledger: marks.clone(),
+        leader: watch,
+        inner: reports,
+    };
+    let task = task("claim-order");
+    let run = |second| RunId::new(&task, at(second));
+
+    redis.kill();
+    assert!(marks.claim(&run(0), &old).await.is_err());
+    sink.record(Report::Missed {
+        task: task.clone(),
+        count: 1,
+        run: run(0),
+        trigger: Trigger::Schedule,
+        kind: MissKind::Claim,
+        reason: "cannot claim the run".into(),
+    });
+    // Past the first retries of what was kept, so no retry lands it by chance meanwhile.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    redis.restart();
+    assert_eq!(claim_in(&*marks, &run(1), &old).await, Verdict::Accepted);
+
+    // The term ends at once; the next leader resumes after the newest record.
+    let new = term(inner.next_epoch(1).await.unwrap(), "new");
+    leader.send_replace(Some(new.clone()));
+    let took = inner.take_over(&task, &new, &[], None).await.unwrap();
+    assert_eq!(took.newest, Some(at(1)));
+    let counts = took.counts.unwrap();
+    assert_eq!(
+        counts.missed, 1,
+        "the instant before the newest record is counted: {counts:?}"
+    );
+}
+
 async fn claim_in(ledger: &dyn Ledger, run: &RunId, term: &Term) -> Verdict {
     ledger.claim(run, term).await.expect("redis answers")
 }
@@ -816,7 +1029,7 @@ async fn a_backfilled_instant_that_was_missed_moves_from_missed_to_its_outcome()
             claim(&ledger, &run(second), &leader).await,
             Verdict::Accepted
         );
-        mark(&ledger, &run(second), &leader, Mark::Started).await;
+        mark(&ledger, &run(second), &leader, STARTED).await;
         mark(&ledger, &run(second), &leader, DONE).await;
     }
     // A catch-up missed 1, 2 and 3: one mark, recorded at the newest.
@@ -827,7 +1040,7 @@ async fn a_backfilled_instant_that_was_missed_moves_from_missed_to_its_outcome()
     for (second, missed) in [(2, 2), (3, 1), (1, 0)] {
         let past = ledger.claim_past(&run(second), &leader).await.unwrap();
         assert_eq!(past, Verdict::Accepted, "instant {second}");
-        mark(&ledger, &run(second), &leader, Mark::Started).await;
+        mark(&ledger, &run(second), &leader, STARTED).await;
         let done = ledger.mark(&run(second), &leader, DONE).await.unwrap();
         let counts = done.counts.unwrap();
         assert_eq!(
@@ -855,22 +1068,16 @@ async fn a_start_alone_is_refused_while_another_process_runs_the_task() {
     let (a, b) = (Term::single("a#1"), Term::single("b#2"));
     let (first, second) = (RunId::new(&task, at(0)), RunId::new(&task, at(1)));
     assert_eq!(claim(&ledger, &first, &a).await, Verdict::Accepted);
-    assert_eq!(
-        mark(&ledger, &first, &a, Mark::StartedAlone).await,
-        Verdict::Accepted
-    );
+    assert_eq!(mark(&ledger, &first, &a, ALONE).await, Verdict::Accepted);
     assert_eq!(claim(&ledger, &second, &b).await, Verdict::Accepted);
-    let busy = mark(&ledger, &second, &b, Mark::StartedAlone).await;
+    let busy = mark(&ledger, &second, &b, ALONE).await;
     assert!(
         matches!(&busy, Verdict::Busy(r) if r.holder == "a#1"),
         "{busy:?}"
     );
     // Not refused for runs that need not run alone, nor once the other one finished.
     mark(&ledger, &first, &a, DONE).await;
-    assert_eq!(
-        mark(&ledger, &second, &b, Mark::StartedAlone).await,
-        Verdict::Accepted
-    );
+    assert_eq!(mark(&ledger, &second, &b, ALONE).await, Verdict::Accepted);
 }
 
 /// `redis.wait_replicas`: a claim counts as made once the replicas have it (`WAIT`), so a
