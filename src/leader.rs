@@ -70,6 +70,7 @@ pub struct Elector {
     timings: Timings,
     epochs: Arc<dyn Ledger>,
     skew: Arc<AtomicI64>,
+    draining: CancellationToken,
 }
 
 /// This process among the replicas: its pod's name and a nonce drawn at start, so a container
@@ -135,7 +136,15 @@ impl Elector {
             timings,
             epochs,
             skew: Arc::default(),
+            draining: CancellationToken::new(),
         }
+    }
+
+    /// This replica is shutting down: a leader keeps its term (renewing) until [`Elector::run`]
+    /// stops, so no standby acts before its runs drained; a standby no longer competes, so it
+    /// begins no term it could not act in (it would hold the Lease, idle, until it exits).
+    pub fn drain(&self) {
+        self.draining.cancel();
     }
 
     /// The local clock minus the ledger's, in milliseconds, as last measured (0 before).
@@ -213,6 +222,12 @@ impl Elector {
                 Ok(()) => {}
             }
             let leading = term.borrow().is_some();
+            if self.draining.is_cancelled() && !leading {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(self.timings.retry_period) => continue,
+                }
+            }
             // A hung apiserver must not keep a leader acting past its renew deadline.
             let budget = match renewed_at {
                 Some(at) if leading => {

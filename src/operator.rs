@@ -168,8 +168,17 @@ pub async fn run(
     // released after them, so a standby leads only once this replica stopped acting.
     if let Some(elector) = &elector {
         let (elector, stop, health) = (elector.clone(), writing.clone(), health.clone());
+        let draining = shutdown.clone();
         writing_tasks.spawn(async move {
-            elector.run(term_tx, stop, || health.lease_known()).await;
+            let drain = async {
+                draining.cancelled().await;
+                elector.drain();
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                () = elector.run(term_tx, stop, || health.lease_known()) => {}
+                () = drain => {}
+            }
         });
     } else {
         drop(term_tx); // the one term never changes

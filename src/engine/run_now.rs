@@ -3,8 +3,11 @@
 //! whichever replica sees it and however often.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{Engine, claimed};
+use tracing::warn;
+
+use super::{Engine, TAKE_OVER_RETRY, claimed, term_ends};
 use crate::executor::{RunRequest, RunSpec};
 use crate::ledger::Verdict;
 use crate::run::{MissKind, Report, RunId, TaskId, TaskKey, Trigger};
@@ -75,8 +78,24 @@ impl Engine {
             self.parts.executor.clone(),
             self.parts.sink.clone(),
         );
+        let (shutdown, mut leader) = (self.shutdown.clone(), self.parts.leader.clone());
         tokio::spawn(async move {
-            let verdict = ledger.claim(&run.run_id, &term).await;
+            // A request is not lost to a ledger that cannot answer: asked again while this term
+            // lasts; past it, the next leader serves the request.
+            let mut wait = TAKE_OVER_RETRY;
+            let verdict = loop {
+                match ledger.claim(&run.run_id, &term).await {
+                    Err(error) => {
+                        warn!(run_id = %run.run_id, %error, ?wait, "cannot claim a run-now request yet")
+                    }
+                    verdict => break verdict,
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = term_ends(&mut leader, &term) => return,
+                    _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(30)),
+                }
+            };
             // Run here, it is handled once it starts (a crash while it waits leaves it to the
             // next leader); claimed or run elsewhere, it is handled now.
             if let Ok(Verdict::Held(_)) = verdict {

@@ -252,8 +252,9 @@ impl ReportSink for RecordMissed {
 
 impl Ledger for RetriedMarks {
     /// Sent in the task's turn, after the missed marks kept before it landed (refused with
-    /// their error while they cannot). A claim that fails keeps its instant's miss: whoever
-    /// reports the miss leaves the mark to this ledger ([`RecordMissed`]).
+    /// their error while they cannot). A claim of a scheduled instant that fails keeps the
+    /// instant's miss: whoever reports the miss leaves the mark to this ledger
+    /// ([`RecordMissed`]).
     fn claim<'a>(
         &'a self,
         run: &'a RunId,
@@ -264,7 +265,8 @@ impl Ledger for RetriedMarks {
                 Ok(()) => self.inner.claim(run, term).await,
                 Err(error) => Err(error),
             };
-            if verdict.is_err() {
+            // A run-now request is asked again instead (its claim fixes no order).
+            if verdict.is_err() && run.request().is_none() {
                 self.keep(run, term, Mark::Missed { count: 1 });
             }
             verdict

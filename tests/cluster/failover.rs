@@ -1247,3 +1247,41 @@ async fn forbid_holds_across_two_live_processes_without_leader_election() {
     assert!(logs.contains("in flight in another process"), "{logs}");
     eprintln!("surge: {} calls, {status:?}", seen.len());
 }
+
+/// A Redis whose `maxmemory-policy` may evict the ledger's keys (an evicted record can let an
+/// instant run twice) is named in a warning at start; `noeviction` is not.
+#[tokio::test]
+async fn a_redis_that_may_evict_the_ledger_is_warned_about_at_start() {
+    let setup = setup("ha-evicting").await;
+    let ns = setup.ns.as_str();
+    let redis = OwnRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = Replica::start(ns, "quiet", &redis.url(), &dir);
+    let mut probe = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    eventually("the replica ready", || async {
+        quiet
+            .logs()
+            .contains("chronflow operator started")
+            .then_some(())
+    })
+    .await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut probe)
+        .await
+        .unwrap();
+    let warned = Replica::start(ns, "warned", &redis.url(), &dir);
+    let warning = "maxmemory-policy may evict its keys";
+    eventually("the warning", || async {
+        warned.logs().contains("allkeys-lru").then_some(())
+    })
+    .await;
+    assert!(warned.logs().contains(warning), "{}", warned.logs());
+    assert!(!quiet.logs().contains(warning), "{}", quiet.logs());
+}

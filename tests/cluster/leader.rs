@@ -280,3 +280,29 @@ async fn a_process_restarted_under_its_pod_name_takes_its_lease_in_a_new_term() 
     );
     after.halt().await;
 }
+
+/// A standby that begins to shut down competes no more: the Lease its leader released goes to
+/// another replica, not to the one that is draining (it would lead, idle, until it exits).
+#[tokio::test]
+async fn a_draining_standby_begins_no_term() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "leader-drain").await;
+    let a = Candidate::start(client.clone(), &ns, "replica-a");
+    let (_, first) = leader_of(&[&a]).await;
+    let b = Candidate::start(client.clone(), &ns, "replica-b");
+    b.elector.drain();
+    // Draining, a leader keeps its term.
+    a.elector.drain();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a.term(), Some(first));
+
+    let elector_a = a.elector.clone();
+    a.halt().await;
+    elector_a.release().await.expect("release the lease");
+    let c = Candidate::start(client.clone(), &ns, "replica-c");
+    let next = eventually("the third replica to lead", || async { c.term() }).await;
+    assert!(next.holder.starts_with("replica-c"), "{next:?}");
+    assert_eq!(b.term(), None, "the draining standby led");
+    b.halt().await;
+    c.halt().await;
+}

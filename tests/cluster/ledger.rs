@@ -885,6 +885,63 @@ async fn a_run_in_flight_is_held_for_the_window_its_start_recorded() {
     core.stop();
 }
 
+/// A run-now request whose claim the ledger could not answer (Redis away) is asked again while
+/// the term lasts and runs once Redis is back; it was counted missed and never run before.
+#[tokio::test]
+async fn a_run_now_request_claimed_during_an_outage_runs_once_redis_is_back() {
+    use chronflow::engine::RunNow;
+    use chronflow::executor::RetryPolicy;
+    use std::sync::Arc;
+
+    let mut redis = crate::failover::OwnRedis::start();
+    let ledger = Arc::new(
+        RedisLedger::new(&RedisSettings {
+            url: redis.url(),
+            max_connections: 4,
+            timeout: Duration::from_millis(500),
+            cluster: false,
+            ca: None,
+            wait_replicas: 0,
+        })
+        .unwrap(),
+    );
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let leader = term(ledger.next_epoch(1).await.unwrap(), "leader");
+    let core = engine_core::Core::start_with(2, 16, ledger.clone() as Arc<dyn Ledger>, leader);
+    let id = task("run-now-outage");
+    let hour = Duration::from_secs(3600);
+    let mut engine_task = http_task(&id, hour, &receiver, RetryPolicy::default());
+    core.engine.upsert(engine_task.clone()).await;
+    // Taken over: its first instant ran.
+    eventually("the first run", || async {
+        (receiver.count() >= 1).then_some(())
+    })
+    .await;
+
+    redis.kill();
+    engine_task.run_now = Some(RunNow {
+        request: "during-outage".into(),
+        while_paused: false,
+    });
+    core.engine.upsert(engine_task).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    eventually("the request run", || async {
+        let hits = receiver.hits();
+        let runs = hits
+            .iter()
+            .filter(|h| h.idempotency_key.contains("during-outage"))
+            .count();
+        (runs > 0).then_some(runs)
+    })
+    .await;
+    core.stop();
+}
+
 /// A `finished` or `missed` mark Redis could not take is kept and lands once Redis is back (the
 /// run stayed `started` and uncounted before); the missed marks of a long outage coalesce into
 /// a bounded backlog, and every instant is still counted.
