@@ -203,6 +203,11 @@ struct Extras {
     served: Option<String>,
     /// Backfills by id: running, or where they stopped.
     backfills: HashMap<String, Backfilling>,
+    /// The end of the task's latest batch of claims: the next batch (and its misses) waits for
+    /// it, so the ledger records a task's instants in order even when Redis answers slower
+    /// than the task fires. Out of order, a newer leader taking over between two batches would
+    /// resume after a later instant and never count the earlier ones still unclaimed.
+    claims: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Extras {
@@ -752,10 +757,10 @@ impl Engine {
             .clone()
             .filter(|t| Some(t) == self.parts.leader.borrow().as_ref())
         {
-            if plan.missed > 0
-                && let Some(latest) = plan.latest_missed
-            {
-                self.parts.sink.record(Report::Missed {
+            let missed = plan
+                .latest_missed
+                .filter(|_| plan.missed > 0)
+                .map(|latest| Report::Missed {
                     task: task.id.clone(),
                     count: plan.missed,
                     run: RunId::new(&task.id, latest),
@@ -766,7 +771,6 @@ impl Engine {
                         plan.missed, task.catch_up
                     ),
                 });
-            }
             // A catch-up batch runs one after another, whatever the concurrency policy.
             let sequential = plan.run.len() > 1;
             let runs = plan
@@ -774,7 +778,7 @@ impl Engine {
                 .into_iter()
                 .map(|scheduled| self.request(&task, generation, scheduled, sequential, &term))
                 .collect();
-            self.claim_and_submit(runs, term);
+            self.claim_and_submit(key, missed, runs, term);
         }
         let state = ScheduleState::Scheduled {
             schedule: task.schedule.describe(),
@@ -828,39 +832,59 @@ impl Engine {
         }
     }
 
-    /// Claims `runs` in order and hands each one the ledger gives this term to the executor
-    /// (which reports it if it cannot take it). A ledger that answers at once (memory) is asked
-    /// right here, which keeps claims in order; one that must wait (Redis) is asked off the
-    /// loop.
-    fn claim_and_submit(&self, runs: Vec<RunRequest>, term: Term) {
-        if runs.is_empty() {
+    /// Reports `missed` (the instants a catch-up skips, all older than `runs`), then claims
+    /// `runs` in order and hands each one the ledger gives this term to the executor (which
+    /// reports it if it cannot take it); after the task's previous batch, so nothing of a later
+    /// instant reaches the ledger before an earlier one. A ledger that answers at once (memory)
+    /// is asked right here; one that must wait (Redis) is asked off the loop.
+    fn claim_and_submit(
+        &mut self,
+        key: &TaskKey,
+        missed: Option<Report>,
+        runs: Vec<RunRequest>,
+        term: Term,
+    ) {
+        if runs.is_empty() && missed.is_none() {
             return;
         }
-        let Ok(permit) = self.claims.clone().try_acquire_owned() else {
-            for run in runs {
-                warn!(run_id = %run.run_id, "too many claims are waiting for the ledger");
-                self.parts.sink.record(Report::Missed {
-                    task: run.task.clone(),
-                    count: 1,
-                    run: run.run_id.clone(),
-                    trigger: run.trigger,
-                    kind: MissKind::QueueFull,
-                    reason: "too many claims are waiting for the ledger".into(),
-                });
-            }
-            return;
+        let (done, end) = tokio::sync::oneshot::channel::<()>();
+        let previous = match self.tasks.get_mut(key) {
+            Some(entry) => entry.extras.claims.replace(end),
+            None => None,
         };
+        let permit = self.claims.clone().try_acquire_owned().ok();
         let (ledger, executor, sink) = (
             self.parts.ledger.clone(),
             self.parts.executor.clone(),
             self.parts.sink.clone(),
         );
         let mut work = Box::pin(async move {
+            if let Some(previous) = previous {
+                // Err: that batch was dropped (shutdown); nothing is left to wait for.
+                let _ = previous.await;
+            }
+            if let Some(report) = missed {
+                sink.record(report);
+            }
+            if permit.is_none() {
+                for run in runs {
+                    warn!(run_id = %run.run_id, "too many claims are waiting for the ledger");
+                    sink.record(Report::Missed {
+                        task: run.task.clone(),
+                        count: 1,
+                        run: run.run_id.clone(),
+                        trigger: run.trigger,
+                        kind: MissKind::QueueFull,
+                        reason: "too many claims are waiting for the ledger".into(),
+                    });
+                }
+                return;
+            }
             for run in runs {
                 let verdict = ledger.claim(&run.run_id, &term).await;
                 claimed(&executor, sink.as_ref(), run, verdict);
             }
-            drop(permit);
+            drop((permit, done));
         });
         let mut context = Context::from_waker(futures::task::noop_waker_ref());
         if work.as_mut().poll(&mut context) == Poll::Pending {
@@ -946,6 +970,7 @@ mod tests {
     use crate::executor::http::NoValues;
     use crate::schedule::IntervalAnchor;
     use chrono::TimeZone;
+    use futures::future::BoxFuture;
 
     fn t(hours: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(hours)
@@ -954,6 +979,17 @@ mod tests {
     /// An engine and executor on a clock at `t(0)` that follows tokio's paused time. Runs call
     /// a closed port on loopback: they fail at once, which is all these tests need.
     fn start() -> (
+        EngineHandle,
+        mpsc::UnboundedReceiver<Report>,
+        CancellationToken,
+    ) {
+        start_with(memory_ledger())
+    }
+
+    /// [`start`], the engine claiming in `ledger`.
+    fn start_with(
+        ledger: Arc<dyn Ledger>,
+    ) -> (
         EngineHandle,
         mpsc::UnboundedReceiver<Report>,
         CancellationToken,
@@ -981,7 +1017,7 @@ mod tests {
         std::mem::forget(leader_tx); // leads for the whole test
         let (engine, handle) = Engine::new(EngineParts {
             executor,
-            ledger: memory_ledger(),
+            ledger,
             leader,
             sink,
             clock,
@@ -1068,6 +1104,103 @@ mod tests {
         assert_eq!(started, Some((t(0), t(0))), "the newest instant, at once");
         let missed = missed.unwrap();
         assert_eq!(missed.0, 719, "{}", missed.1);
+        stop.cancel();
+    }
+
+    /// A memory ledger whose first claim takes 2.5 s (Redis slow for a moment), logging the
+    /// instants claimed in the order they reach it.
+    struct SlowFirstClaim {
+        inner: Arc<dyn Ledger>,
+        claimed: std::sync::Mutex<Vec<DateTime<Utc>>>,
+    }
+
+    impl Ledger for SlowFirstClaim {
+        fn claim<'a>(
+            &'a self,
+            run: &'a RunId,
+            term: &'a Term,
+        ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+            Box::pin(async move {
+                let first = self.claimed.lock().unwrap().is_empty();
+                if first {
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                }
+                self.claimed.lock().unwrap().push(run.instant());
+                self.inner.claim(run, term).await
+            })
+        }
+        fn claim_past<'a>(
+            &'a self,
+            run: &'a RunId,
+            term: &'a Term,
+        ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
+            self.inner.claim_past(run, term)
+        }
+        fn mark<'a>(
+            &'a self,
+            run: &'a RunId,
+            term: &'a Term,
+            mark: crate::ledger::Mark,
+        ) -> BoxFuture<'a, Result<crate::ledger::Marked, LedgerError>> {
+            self.inner.mark(run, term, mark)
+        }
+        fn adopt<'a>(
+            &'a self,
+            run: &'a RunId,
+            term: &'a Term,
+        ) -> BoxFuture<'a, Result<crate::ledger::Marked, LedgerError>> {
+            self.inner.adopt(run, term)
+        }
+        fn take_over<'a>(
+            &'a self,
+            task: &'a TaskId,
+            term: &'a Term,
+            settle: &'a [RunId],
+            seed: Option<Counts>,
+        ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
+            self.inner.take_over(task, term, settle, seed)
+        }
+        fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>> {
+            self.inner.next_epoch(floor)
+        }
+        fn holds<'a>(
+            &'a self,
+            task: &'a TaskId,
+            term: &'a Term,
+        ) -> BoxFuture<'a, Result<bool, LedgerError>> {
+            self.inner.holds(task, term)
+        }
+        fn server_time(&self) -> BoxFuture<'_, Result<Option<DateTime<Utc>>, LedgerError>> {
+            self.inner.server_time()
+        }
+        fn forget<'a>(
+            &'a self,
+            task: &'a TaskId,
+            grace: Duration,
+        ) -> BoxFuture<'a, Result<(), LedgerError>> {
+            self.inner.forget(task, grace)
+        }
+    }
+
+    /// Out of order, a newer leader taking over between two claims resumes after the later
+    /// instant and never counts the earlier one (the fault storm found it: seed 0x2910).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_claim_keeps_the_task_s_later_instants_behind_it() {
+        let ledger = Arc::new(SlowFirstClaim {
+            inner: memory_ledger(),
+            claimed: Default::default(),
+        });
+        let (engine, mut reports, stop) = start_with(ledger.clone());
+        let mut task = hourly(None);
+        task.schedule =
+            Schedule::interval(Duration::from_secs(1), IntervalAnchor::Start(t(0))).unwrap();
+        engine.upsert(task).await;
+        let seen = starts(&mut reports, 4).await;
+        let claimed = ledger.claimed.lock().unwrap().clone();
+        let mut sorted = claimed.clone();
+        sorted.sort();
+        assert_eq!(claimed, sorted, "claims reached the ledger out of order");
+        assert_eq!(seen[0].0, t(0) + chrono::Duration::seconds(1));
         stop.cancel();
     }
 }

@@ -1561,6 +1561,7 @@ fn minutes() -> f64 {
 
 #[tokio::test]
 async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
+    let _machine = crate::support::machine_to_myself().await;
     let (seed, minutes) = (seed(), minutes());
     let storm = Duration::from_secs_f64(minutes * 60.0);
     eprintln!(
@@ -1891,7 +1892,11 @@ async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
             .status();
         assert!(copied.is_ok_and(|s| s.success()), "the AOF is copied");
         let dump = kept.join("facts.txt");
-        let text = format!("{facts:#?}\n{hits:#?}\n{}\n", rig.timeline.join("\n"));
+        let text = format!(
+            "violations: {:#?}\n{facts:#?}\n{hits:#?}\n{}\n",
+            findings.violations,
+            rig.timeline.join("\n")
+        );
         std::fs::write(&dump, text).unwrap();
         eprintln!(
             "faults: the replicas' logs, the facts and calls checked (facts.txt) and Redis's \

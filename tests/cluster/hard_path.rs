@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use chronflow::ChronTask;
 use chronflow::crd::Phase;
+use futures::StreamExt;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use serde_json::json;
 
 use crate::operator::{Operator, create, setup, status_where};
 use crate::support::delay_proxy::DelayProxy;
-use crate::support::receiver::{Behavior, Receiver};
-use crate::support::{eventually, test_env};
+use crate::support::receiver::{Behavior, Hit, Receiver};
+use crate::support::{eventually, machine_to_myself, test_env};
 
 #[tokio::test]
 async fn a_task_that_cannot_be_decoded_is_invalid_and_the_others_run() {
@@ -58,35 +59,62 @@ async fn a_task_that_cannot_be_decoded_is_invalid_and_the_others_run() {
 async fn a_slow_apiserver_never_delays_or_loses_a_run() {
     const TASKS: usize = 300;
     const SECONDS: i64 = 30;
+    let _machine = machine_to_myself().await;
     let s = setup("slow-apiserver").await;
     let receiver = Receiver::start(Behavior::default()).await;
     let (proxy, slow_client) = DelayProxy::in_front_of_apiserver(Duration::from_millis(500)).await;
 
-    // Every task is due each second from a common start, for SECONDS instants.
-    let start = chrono::Utc::now() + chrono::Duration::seconds(25);
-    let end = start + chrono::Duration::seconds(SECONDS - 1);
-    let rfc = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339();
-    for n in 0..TASKS {
-        create(
-            &s.api,
-            &format!("t{n}"),
-            json!({
-                "schedule": {"interval": "1s", "startAt": rfc(start), "endAt": rfc(end)},
-                "startingDeadlineSeconds": 1,
-                "action": {"http": {"url": receiver.url(&format!("/t{n}"))}}
-            }),
-        )
-        .await;
-    }
     let operator = Operator::start_with(&s.ns, slow_client, |_| {}).await;
-    let expected = TASKS * SECONDS as usize;
-    eventually("every instant reaches the receiver", || async {
-        (receiver.count() >= expected).then_some(())
+    // The measured instants begin only once the operator runs a canary task: a start slowed by
+    // a loaded machine (every call to the apiserver is late) is not what this test measures.
+    create(
+        &s.api,
+        "canary",
+        json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": receiver.url("/canary")}}}),
+    )
+    .await;
+    eventually("the operator runs its first task", || async {
+        (receiver.count() > 0).then_some(())
     })
     .await;
+    s.api.delete("canary", &Default::default()).await.unwrap();
+
+    // Every task is due each second from a common start, for SECONDS instants.
+    let start = chrono::Utc::now() + chrono::Duration::seconds(12);
+    let end = start + chrono::Duration::seconds(SECONDS - 1);
+    futures::stream::iter(0..TASKS)
+        .map(|n| {
+            let (api, url) = (s.api.clone(), receiver.url(&format!("/t{n}")));
+            async move {
+                let spec = json!({
+                    "schedule": {"interval": "1s", "startAt": start.to_rfc3339(),
+                                 "endAt": end.to_rfc3339()},
+                    "startingDeadlineSeconds": 1,
+                    "action": {"http": {"url": url}}
+                });
+                create(&api, &format!("t{n}"), spec).await;
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    assert!(
+        chrono::Utc::now() < start,
+        "creating {TASKS} tasks outlasted the 12 s before their first instant"
+    );
+    let measured = || -> Vec<Hit> {
+        let mut hits = receiver.hits();
+        hits.retain(|hit| hit.path != "/canary");
+        hits
+    };
+    let expected = TASKS * SECONDS as usize;
+    let settled = end + chrono::Duration::seconds(15);
+    while measured().len() < expected && chrono::Utc::now() < settled {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Every run started within its deadline, on its instant, once.
-    let hits = receiver.hits();
+    let hits = measured();
     let mut per_task: HashMap<String, usize> = HashMap::new();
     let mut lags: Vec<i64> = Vec::new();
     for hit in &hits {
@@ -95,8 +123,16 @@ async fn a_slow_apiserver_never_delays_or_loses_a_run() {
             .or_default() += 1;
         lags.push((hit.arrived - hit.scheduled).num_milliseconds());
     }
-    assert_eq!(hits.len(), expected, "no run lost or repeated");
-    assert!(per_task.values().all(|n| *n == SECONDS as usize));
+    let short: Vec<_> = per_task
+        .iter()
+        .filter(|(_, n)| **n != SECONDS as usize)
+        .collect();
+    assert!(
+        hits.len() == expected && short.is_empty(),
+        "{} runs of {expected} arrived; {} of {TASKS} tasks ran, these not {SECONDS} times: {short:?}",
+        hits.len(),
+        per_task.len()
+    );
     lags.sort_unstable();
     let p99 = lags[lags.len() * 99 / 100];
     assert!(
@@ -109,7 +145,10 @@ async fn a_slow_apiserver_never_delays_or_loses_a_run() {
     operator.stop().await;
     let tasks = s.api.list(&ListParams::default()).await.unwrap();
     let mut total = 0;
-    for task in tasks {
+    for task in tasks
+        .into_iter()
+        .filter(|task| task.metadata.name.as_deref() != Some("canary"))
+    {
         let status = task.status.unwrap_or_default();
         assert_eq!(status.missed_runs, 0, "{:?}", status.recent_runs);
         assert_eq!(status.failed_runs, 0);

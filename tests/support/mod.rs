@@ -36,6 +36,14 @@ pub fn timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// One at a time: held by the test that loads the whole machine (the fault storm: its own
+/// control plane, replicas killed and restarted) and by those that assert on start lag, so the
+/// storm's load never turns into another test's missed deadline.
+pub async fn machine_to_myself() -> tokio::sync::MutexGuard<'static, ()> {
+    static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    MACHINE.lock().await
+}
+
 /// The running control plane and Redis of this test run.
 pub struct TestEnv {
     pub dir: PathBuf,
