@@ -59,7 +59,7 @@ impl CoreParts {
             deny: config.http.deny_cidrs.clone(),
             allow: config.http.allow_cidrs.clone(),
         };
-        let http = HttpClient::new(policy)
+        let http = HttpClient::new(policy, config.http.reqwest_proxy())
             .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
         Ok(CoreParts {
             executor: ExecutorConfig {

@@ -37,6 +37,7 @@ pub mod executor;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
+pub mod names;
 pub mod operator;
 pub mod policy;
 pub mod run;

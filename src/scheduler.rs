@@ -215,7 +215,7 @@ impl SchedulerBuilder {
         let (_term, leader) = watch::channel(Some(Term::single("embedded")));
         let (events_tx, _events) = mpsc::channel(events::EVENT_QUEUE);
         let index = StatusIndex::new(events_tx, clock);
-        let http = HttpClient::new(Default::default())
+        let http = HttpClient::new(Default::default(), None)
             .map_err(|e| SchedulerError(format!("cannot build the HTTP client: {e}")))?;
         let mut core = Core::build(CoreParts {
             executor: ExecutorConfig {

@@ -21,10 +21,16 @@ struct Standalone {
 
 impl Standalone {
     fn start(manifests: &Path, dir: &Path) -> Standalone {
-        Standalone::start_with(manifests, dir, &[])
+        Standalone::start_with(manifests, dir, &[], &[])
     }
 
-    fn start_with(manifests: &Path, dir: &Path, extra: &[&str]) -> Standalone {
+    /// With `extra` arguments and `env` variables.
+    fn start_with(
+        manifests: &Path,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Standalone {
         let address = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -35,6 +41,7 @@ impl Standalone {
             .arg(manifests)
             .args(["--listen", &address.to_string()])
             .args(extra)
+            .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .env("SCHEDULER__LOG__FORMAT", "json")
             .stdout(
@@ -288,6 +295,55 @@ async fn a_command_runs_with_its_run_id_in_its_environment() {
     drop(standalone);
 }
 
+#[tokio::test]
+async fn proxies_come_from_the_configuration_never_from_the_environment() {
+    let target = Receiver::start(Behavior::default()).await;
+    // A proxy records what it is asked to forward, like any receiver, and answers 204 itself.
+    let proxy = Receiver::start(Behavior::default()).await;
+    let proxy_url = proxy.url("");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("tick.yaml");
+    let url = target.url("/hook");
+    std::fs::write(&manifest, task("tick", "{interval: 1s}", &url, "")).unwrap();
+
+    let injected: Vec<(&str, &str)> = ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"]
+        .into_iter()
+        .map(|name| (name, proxy_url.as_str()))
+        .collect();
+    let direct = Standalone::start_with(&manifest, dir.path(), &[], &injected);
+    eventually("two runs reach the target directly", || async {
+        (calls(&target, "tick") >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.count(), 0, "a proxy from the environment was used");
+    drop(direct);
+
+    let configured = [("SCHEDULER__HTTP__PROXY", proxy_url.as_str())];
+    let through = Standalone::start_with(&manifest, dir.path(), &[], &configured);
+    eventually("a run goes through http.proxy", || async {
+        (calls(&proxy, "tick") >= 1).then_some(())
+    })
+    .await;
+    drop(through);
+
+    // http.no_proxy names the hosts reached directly.
+    let (since, direct_so_far) = (chrono::Utc::now(), calls(&target, "tick"));
+    let excepted = [
+        ("SCHEDULER__HTTP__PROXY", proxy_url.as_str()),
+        ("SCHEDULER__HTTP__NO_PROXY", "example.com,127.0.0.1"),
+    ];
+    let _excepted = Standalone::start_with(&manifest, dir.path(), &[], &excepted);
+    eventually("two more runs reach the target directly", || async {
+        (calls(&target, "tick") >= direct_so_far + 2).then_some(())
+    })
+    .await;
+    let proxied = proxy
+        .hits()
+        .into_iter()
+        .filter(|hit| hit.scheduled >= since);
+    assert_eq!(proxied.count(), 0, "http.no_proxy was not honoured");
+}
+
 /// `chronflow standalone status` on `history`: the task's RUNS column.
 fn runs_in_history(history: &str, task: &str) -> u64 {
     let output = Command::new(env!("CARGO_BIN_EXE_chronflow"))
@@ -320,7 +376,7 @@ async fn a_sqlite_history_survives_kill_9_with_its_counts() {
     let history = format!("sqlite:{}", dir.path().join("history.db").display());
     let extra = ["--history", history.as_str()];
 
-    let mut first = Standalone::start_with(&manifest, dir.path(), &extra);
+    let mut first = Standalone::start_with(&manifest, dir.path(), &extra, &[]);
     eventually("three runs", || async {
         (calls(&receiver, "kept") >= 3).then_some(())
     })
@@ -334,7 +390,7 @@ async fn a_sqlite_history_survives_kill_9_with_its_counts() {
         "{recorded} of {before}"
     );
 
-    let mut second = Standalone::start_with(&manifest, dir.path(), &extra);
+    let mut second = Standalone::start_with(&manifest, dir.path(), &extra, &[]);
     eventually("three more runs", || async {
         (calls(&receiver, "kept") as u64 >= before + 3).then_some(())
     })

@@ -253,6 +253,10 @@ mod tests {
                 "http.deny_cidrs: expected a network such as 10.0.0.0/8 or fd00::/8, got \"10.0.0.0/33\"",
             ),
             (
+                "http:\n  proxy: ftp://u:secret@proxy:21\n",
+                "http.proxy: expected an http://, https://, socks5:// or socks5h:// proxy URL, got \"ftp://u:<redacted>@proxy:21\"",
+            ),
+            (
                 "metrics:\n  bind: localhost:8080\n",
                 "metrics.bind: expected a socket address such as 0.0.0.0:8080 or [::]:8080, got \"localhost:8080\"",
             ),

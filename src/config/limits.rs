@@ -1,10 +1,12 @@
 //! The sections that bound what tasks may do: `jobs`, `limits`, `http` and `secrets`.
 
+use std::fmt;
 use std::time::Duration;
 
+use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-use super::values::{duration_serde, networks, within};
+use super::values::{duration_serde, networks, redact_url, text, text_list, within};
 
 /// The Job action (`action.job`): a Kubernetes Job per run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +46,58 @@ pub struct HttpConfig {
     pub allow_cidrs: Vec<ipnet::IpNet>,
     /// Whether a task may turn off certificate verification (`tls.insecureSkipVerify`).
     pub allow_insecure_skip_verify: bool,
+    /// The proxy every action's request goes through; never one from the environment.
+    pub proxy: Option<ProxyUrl>,
+    /// Hosts reached without the proxy, in `NO_PROXY`'s syntax (names, `.domains`, addresses
+    /// and networks).
+    #[serde(deserialize_with = "text_list")]
+    pub no_proxy: Vec<String>,
+}
+
+impl HttpConfig {
+    /// The proxy the HTTP client goes through, with its exceptions.
+    pub fn reqwest_proxy(&self) -> Option<reqwest::Proxy> {
+        let url = self.proxy.as_ref()?;
+        let proxy = reqwest::Proxy::all(url.0.clone())
+            .expect("a proxy URL is checked when the configuration is loaded");
+        let direct = reqwest::NoProxy::from_string(&self.no_proxy.join(","));
+        Some(proxy.no_proxy(direct))
+    }
+}
+
+/// An `http://`, `https://`, `socks5://` or `socks5h://` proxy URL: serialised and
+/// debug-printed with its password replaced by `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl(reqwest::Url);
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url(self.0.as_str()))
+    }
+}
+
+impl Serialize for ProxyUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&redact_url(self.0.as_str()))
+    }
+}
+
+impl<'de> Deserialize<'de> for ProxyUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = text(deserializer)?;
+        let invalid = || {
+            de::Error::custom(format!(
+                "expected an http://, https://, socks5:// or socks5h:// proxy URL, got {:?}",
+                redact_url(&text)
+            ))
+        };
+        let url = reqwest::Url::parse(&text).map_err(|_| invalid())?;
+        let known = ["http", "https", "socks5", "socks5h"].contains(&url.scheme());
+        if !known || url.host_str().is_none() || reqwest::Proxy::all(url.clone()).is_err() {
+            return Err(invalid());
+        }
+        Ok(Self(url))
+    }
 }
 
 /// Secrets and ConfigMaps that tasks read (only those labeled
@@ -55,4 +109,17 @@ pub struct SecretsConfig {
     /// attempt).
     #[serde(with = "duration_serde")]
     pub cache_ttl: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_password_is_never_printed() {
+        let url: ProxyUrl = serde_json::from_value("http://u:pw@proxy:3128".into()).unwrap();
+        let shown = "\"http://u:<redacted>@proxy:3128/\"";
+        assert_eq!(format!("{url:?}"), shown);
+        assert_eq!(serde_json::to_string(&url).unwrap(), shown);
+    }
 }

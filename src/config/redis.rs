@@ -7,9 +7,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-use super::REDACTED;
 use super::errors::ConfigError;
-use super::values::{Secret, duration_serde, text, within};
+use super::values::{Secret, duration_serde, redact_url, text, within};
 
 /// Redis connection settings. `url`, when set, wins over `host`/`port`/`db`/`password`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,22 +134,6 @@ impl<'de> Deserialize<'de> for RedisUrl {
                 redact_url(&url)
             )))
         }
-    }
-}
-
-/// Replaces the password of `scheme://user:password@host…` with `<redacted>`. The user info
-/// ends at the last `@`, so a password holding an unescaped `/` or `@` is still hidden.
-fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{}{user}:{REDACTED}@{host}", &url[..scheme_end]),
-        None => url.to_string(),
     }
 }
 

@@ -6,8 +6,8 @@ use figment::Figment;
 
 use super::errors::origin_of;
 use super::logging::check_log_level;
-use super::values::is_dns_subdomain;
 use super::{MAX_PERIOD, OperatorConfig};
+use crate::names::is_dns_subdomain;
 use crate::schedule::duration::format_duration;
 
 impl OperatorConfig {

@@ -21,7 +21,7 @@ impl Namespace {
     /// A namespace name, or why it is not one.
     pub fn new(name: impl Into<String>) -> Result<Self, String> {
         let name = name.into();
-        if is_dns_label(&name) {
+        if crate::names::is_dns_label(&name) {
             Ok(Self(name))
         } else {
             Err(format!(
@@ -76,6 +76,22 @@ impl Serialize for Secret {
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         text(deserializer).map(Self)
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host…` with `<redacted>`. The user info
+/// ends at the last `@`, so a password holding an unescaped `/` or `@` is still hidden.
+pub(super) fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{}{user}:{REDACTED}@{host}", &url[..scheme_end]),
+        None => url.to_string(),
     }
 }
 
@@ -150,15 +166,9 @@ pub(super) fn namespace_list<'de, D: Deserializer<'de>>(
 pub(super) fn networks<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Vec<ipnet::IpNet>, D::Error> {
-    let value: Value = Deserialize::deserialize(deserializer)?;
-    let texts = match value {
-        Value::String(_, text) => text.split(',').map(|t| t.trim().to_string()).collect(),
-        value => {
-            Vec::<String>::deserialize(&value).map_err(|e| de::Error::custom(reason(&e.kind)))?
-        }
-    };
-    let texts = texts.into_iter().filter(|text| !text.is_empty());
+    let texts = text_list(deserializer)?;
     texts
+        .into_iter()
         .map(|text| {
             text.parse().map_err(|_| {
                 de::Error::custom(format!(
@@ -167,6 +177,20 @@ pub(super) fn networks<'de, D: Deserializer<'de>>(
             })
         })
         .collect()
+}
+
+/// Texts, as a list or comma-separated text (the environment's short form).
+pub(super) fn text_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    let value: Value = Deserialize::deserialize(deserializer)?;
+    let texts = match value {
+        Value::String(_, text) => text.split(',').map(|t| t.trim().to_string()).collect(),
+        value => {
+            Vec::<String>::deserialize(&value).map_err(|e| de::Error::custom(reason(&e.kind)))?
+        }
+    };
+    Ok(texts.into_iter().filter(|text| !text.is_empty()).collect())
 }
 
 /// A section: a mapping, or null (every key commented out) for the defaults.
@@ -232,22 +256,6 @@ pub(super) mod timezone_serde {
     }
 }
 
-/// An RFC 1123 label: what Kubernetes accepts as a namespace name.
-fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-/// An RFC 1123 subdomain: what Kubernetes accepts as most object names (a Lease's).
-pub(super) fn is_dns_subdomain(name: &str) -> bool {
-    name.len() <= 253 && name.split('.').all(is_dns_label)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,18 +293,5 @@ mod tests {
             error,
             "config: redis.password: expected text, got a mapping (in FILE)"
         );
-    }
-
-    #[test]
-    fn kubernetes_names() {
-        for good in ["a", "team-a", "a1", &"x".repeat(63)] {
-            assert!(is_dns_label(good), "{good}");
-        }
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
-            assert!(!is_dns_label(bad), "{bad}");
-        }
-        assert!(is_dns_subdomain("chronflow.io-leader"));
-        assert!(!is_dns_subdomain("a..b"));
-        assert!(!is_dns_subdomain(".a"));
     }
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use chrono_tz::Tz;
 
 use crate::crd::spec::MAX_STARTING_DEADLINE_SECONDS;
+use crate::crd::spec::SecretKeyRef;
 use crate::crd::{ChronTask, HistorySpec, HttpMethod, HttpTls, Phase};
 use crate::crd::{RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION};
 use crate::engine::{BackfillRequest, EngineTask, RunNow};
@@ -358,6 +359,7 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
                     }
                     (None, Some(source)) => {
                         let secret = &source.secret_key_ref;
+                        key_ref(&format!("{field}.valueFrom.secretKeyRef"), secret)?;
                         let reference = ValueRef::secret(&secret.name, &secret.key);
                         references.push(reference.clone());
                         HeaderValue::Reference(reference)
@@ -467,6 +469,31 @@ fn backfills(task: &ChronTask) -> Result<Vec<BackfillRequest>, Invalid> {
 }
 
 /// `spec.action.http.tls`; a CA bundle's reference is added to `references`.
+/// A Secret's or ConfigMap's name and key as Kubernetes allows them (the CRD's patterns, checked
+/// again: a CRD applied without them, or a standalone manifest, never reaches the API path or
+/// the file system with `/` or `..`).
+fn key_ref(field: &str, reference: &SecretKeyRef) -> Result<(), Invalid> {
+    if !crate::names::is_dns_subdomain(&reference.name) {
+        return Err(invalid(
+            &format!("{field}.name"),
+            format!(
+                "{:?} is not a valid name (lower-case letters, digits, '-' and '.')",
+                reference.name
+            ),
+        ));
+    }
+    if !crate::names::is_data_key(&reference.key) {
+        return Err(invalid(
+            &format!("{field}.key"),
+            format!(
+                "{:?} is not a valid key (letters, digits, '-', '_' and '.'; not '.' or '..')",
+                reference.key
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn tls(
     spec: Option<&HttpTls>,
     url: &reqwest::Url,
@@ -480,11 +507,14 @@ fn tls(
         return Err(invalid(field, "applies to https:// URLs only"));
     }
     let bundle = spec.ca_bundle.as_ref().map(|source| {
+        let field = format!("{field}.caBundle");
         match (&source.config_map_key_ref, &source.secret_key_ref) {
-            (Some(r), None) => Ok(ValueRef::config_map(&r.name, &r.key)),
-            (None, Some(r)) => Ok(ValueRef::secret(&r.name, &r.key)),
+            (Some(r), None) => key_ref(&format!("{field}.configMapKeyRef"), r)
+                .map(|()| ValueRef::config_map(&r.name, &r.key)),
+            (None, Some(r)) => key_ref(&format!("{field}.secretKeyRef"), r)
+                .map(|()| ValueRef::secret(&r.name, &r.key)),
             _ => Err(invalid(
-                &format!("{field}.caBundle"),
+                &field,
                 "needs exactly one of configMapKeyRef or secretKeyRef",
             )),
         }
@@ -624,6 +654,36 @@ mod tests {
         let bad_header = task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
             "url": "http://x.example/", "headers": [{"name": "X", "value": "a\nb"}]}}}));
         assert!(reason(bad_header).starts_with("spec.action.http.headers[0]: "));
+    }
+
+    #[test]
+    fn secret_names_and_keys_are_checked_as_kubernetes_does() {
+        let header = |name: &str, key: &str| {
+            task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
+                "url": "https://x.example/", "headers": [{"name": "Authorization",
+                "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]}}}))
+        };
+        assert_eq!(
+            reason(header(
+                "../../api/v1/namespaces/kube-system/secrets/x",
+                "token"
+            )),
+            "spec.action.http.headers[0].valueFrom.secretKeyRef.name: \"../../api/v1/namespaces/\
+             kube-system/secrets/x\" is not a valid name (lower-case letters, digits, '-' and '.')"
+        );
+        assert_eq!(
+            reason(header("shop", "/etc/hostname")),
+            "spec.action.http.headers[0].valueFrom.secretKeyRef.key: \"/etc/hostname\" is not a \
+             valid key (letters, digits, '-', '_' and '.'; not '.' or '..')"
+        );
+        assert!(reason(header("shop", "..")).contains(".key: \"..\" is not a valid key"));
+        let bundle = task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
+            "url": "https://x.example/", "tls": {"caBundle": {"configMapKeyRef":
+            {"name": "Ca", "key": "ca.crt"}}}}}}));
+        assert!(
+            reason(bundle)
+                .starts_with("spec.action.http.tls.caBundle.configMapKeyRef.name: \"Ca\" is not")
+        );
     }
 
     fn with_status(mut task: ChronTask, status: serde_json::Value) -> ChronTask {

@@ -394,11 +394,11 @@ pub struct HeaderValueSource {
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    /// Object name.
-    #[schemars(length(min = 1, max = 253))]
+    /// Object name (a DNS subdomain, as Kubernetes names Secrets and ConfigMaps).
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::DNS_SUBDOMAIN_PATTERN))]
     pub name: String,
-    /// Key within the object.
-    #[schemars(length(min = 1, max = 253))]
+    /// Key within the object (letters, digits, `-`, `_`, `.`; not `.` or `..`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::DATA_KEY_PATTERN))]
     pub key: String,
 }
 

@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::future::BoxFuture;
 
+pub use super::address::AddressPolicy;
+use super::address::Guarded;
 use crate::policy::FollowRedirects;
 use crate::run::RunId;
 
@@ -77,62 +79,6 @@ pub enum Tls {
 /// The most redirects followed in a row.
 const MAX_REDIRECTS: usize = 10;
 
-/// Where actions may connect (`http.deny_cidrs`, `http.allow_cidrs`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AddressPolicy {
-    /// Networks no action may reach (`http.deny_cidrs`).
-    pub deny: Vec<ipnet::IpNet>,
-    /// Empty: anywhere not denied.
-    pub allow: Vec<ipnet::IpNet>,
-}
-
-impl AddressPolicy {
-    /// `Err` says why `ip` may not be reached, naming the setting.
-    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
-        if let Some(net) = self.deny.iter().find(|net| net.contains(&ip)) {
-            return Err(format!(
-                "the address {ip} is not allowed (http.deny_cidrs has {net})"
-            ));
-        }
-        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)) {
-            return Err(format!(
-                "the address {ip} is not allowed (not in http.allow_cidrs)"
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Resolves host names, then keeps only the addresses the policy allows: a name that points at
-/// a denied address is refused at connect time, whatever it resolved to when the task was made.
-struct Guarded(Arc<AddressPolicy>);
-
-impl reqwest::dns::Resolve for Guarded {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.0.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_string();
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|address| match policy.check(address.ip()) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        refused.get_or_insert(why);
-                        false
-                    }
-                })
-                .collect();
-            match (allowed.is_empty(), refused) {
-                (true, Some(why)) => Err(format!("{host}: {why}").into()),
-                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
-            }
-        })
-    }
-}
-
 /// The clients HTTP actions are sent with, and where they may connect. They follow no redirect
 /// by themselves: [`attempt`] decides, per task, so header values never go to another origin.
 /// Host names resolve through the policy; addresses written in URLs are checked by [`attempt`].
@@ -145,23 +91,47 @@ pub struct HttpClient {
     /// One client per CA bundle in use (PEM text → client): each holds its own connections.
     by_bundle: Arc<std::sync::Mutex<HashMap<String, reqwest::Client>>>,
     policy: Arc<AddressPolicy>,
+    proxy: Option<reqwest::Proxy>,
 }
 
 /// The most CA-bundle clients kept; past it they are all rebuilt as needed.
 const MAX_BUNDLE_CLIENTS: usize = 256;
 
 impl HttpClient {
-    /// Clients that connect only where `policy` allows.
-    pub fn new(policy: AddressPolicy) -> Result<Self, reqwest::Error> {
-        let policy = Arc::new(policy);
-        Ok(Self {
-            client: builder(&policy).build()?,
-            insecure: builder(&policy)
-                .tls_danger_accept_invalid_certs(true)
-                .build()?,
+    /// Clients that connect only where `policy` allows, through `proxy` when set (`http.proxy`).
+    /// No proxy comes from the environment (`HTTP_PROXY` and the like): through a proxy the
+    /// policy checks only the proxy's address and addresses written in URLs, so one must be
+    /// chosen in chronflow's own configuration, never injected beside it.
+    pub fn new(
+        policy: AddressPolicy,
+        proxy: Option<reqwest::Proxy>,
+    ) -> Result<Self, reqwest::Error> {
+        let mut this = Self {
+            client: reqwest::Client::new(),
+            insecure: reqwest::Client::new(),
             by_bundle: Default::default(),
-            policy,
-        })
+            policy: Arc::new(policy),
+            proxy,
+        };
+        this.client = this.builder().build()?;
+        this.insecure = this
+            .builder()
+            .tls_danger_accept_invalid_certs(true)
+            .build()?;
+        Ok(this)
+    }
+
+    /// What every client shares: the user agent, no redirects, the guarded resolver, the proxy.
+    fn builder(&self) -> reqwest::ClientBuilder {
+        let builder = reqwest::Client::builder()
+            .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(Guarded(self.policy.clone())))
+            .no_proxy();
+        match &self.proxy {
+            Some(proxy) => builder.proxy(proxy.clone()),
+            None => builder,
+        }
     }
 
     /// Checks a URL whose host is an address (names are checked when resolved).
@@ -208,7 +178,8 @@ impl HttpClient {
                     Ok(roots)
                 }
             })?;
-        let client = builder(&self.policy)
+        let client = self
+            .builder()
             .tls_certs_only(roots)
             .build()
             .map_err(|e| format!("tls.caBundle: {reference}: {}", describe_error(e)))?;
@@ -220,17 +191,9 @@ impl HttpClient {
     }
 }
 
-/// What every client shares: the user agent, no redirects, the guarded resolver.
-fn builder(policy: &Arc<AddressPolicy>) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::none())
-        .dns_resolver(Arc::new(Guarded(policy.clone())))
-}
-
 /// A client that may connect anywhere, for tests and tools.
 pub fn client() -> Result<HttpClient, reqwest::Error> {
-    HttpClient::new(AddressPolicy::default())
+    HttpClient::new(AddressPolicy::default(), None)
 }
 
 /// Where a header's value comes from.
@@ -583,47 +546,32 @@ mod tests {
         }
     }
 
-    fn policy(deny: &[&str], allow: &[&str]) -> AddressPolicy {
-        let nets = |list: &[&str]| list.iter().map(|n| n.parse().unwrap()).collect();
-        AddressPolicy {
-            deny: nets(deny),
-            allow: nets(allow),
-        }
-    }
-
-    #[test]
-    fn the_address_policy_denies_first_then_allows_only_what_is_listed() {
-        let metadata: IpAddr = "169.254.169.254".parse().unwrap();
-        let open = policy(&["169.254.0.0/16"], &[]);
-        assert_eq!(
-            open.check(metadata),
-            Err(
-                "the address 169.254.169.254 is not allowed (http.deny_cidrs has 169.254.0.0/16)"
-                    .into()
-            )
-        );
-        assert_eq!(open.check("10.1.2.3".parse().unwrap()), Ok(()));
-        let closed = policy(&[], &["10.0.0.0/8"]);
-        assert_eq!(closed.check("10.1.2.3".parse().unwrap()), Ok(()));
-        let refused = closed.check("192.168.1.1".parse().unwrap()).unwrap_err();
-        assert!(refused.contains("not in http.allow_cidrs"), "{refused}");
-    }
-
     #[tokio::test]
     async fn a_denied_address_fails_at_once_whether_written_or_resolved() {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (base, saw) = serve(vec![NO_CONTENT.into()]).await;
         let port = base.rsplit(':').next().unwrap().to_string();
-        let denied = HttpClient::new(policy(&["127.0.0.0/8", "::1/128"], &[])).unwrap();
+        let denied = HttpClient::new(
+            AddressPolicy {
+                deny: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+                allow: Vec::new(),
+            },
+            None,
+        )
+        .unwrap();
         let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(
             &crate::run::TaskId::new(TaskKey::new("ns", "t"), "uid"),
             scheduled,
         );
+        // The loopback receiver in every spelling that reaches it.
         for url in [
             format!("{base}/hook"),
             format!("http://localhost:{port}/hook"),
+            format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+            format!("http://0.0.0.0:{port}/hook"),
+            format!("http://[::]:{port}/hook"),
         ] {
             let action = post(&url);
             let one = Attempt {
@@ -635,7 +583,8 @@ mod tests {
             };
             let error = attempt(&denied, &secrets, &action, one).await.unwrap_err();
             assert!(
-                error.contains("is not allowed (http.deny_cidrs has "),
+                error.contains("is not allowed (http.deny_cidrs has ")
+                    || error.contains("is not allowed (an unspecified address"),
                 "{url}: {error}"
             );
         }

@@ -5,6 +5,7 @@
 //! one report: finished (succeeded, failed, or cancelled with the reason) or missed. Free of
 //! `kube`.
 
+pub mod address;
 mod cancel;
 mod dispatch;
 pub mod exec;

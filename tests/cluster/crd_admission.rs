@@ -244,6 +244,18 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "caBundle needs exactly one of configMapKeyRef or secretKeyRef",
         ),
         (
+            "secret-name-with-a-path",
+            json!({"spec": {"action": {"http": {"headers": [{"name": "Authorization",
+            "valueFrom": {"secretKeyRef": {"name": "../../kube-system/secrets/x", "key": "k"}}}]}}}}),
+            "secretKeyRef.name: Invalid value",
+        ),
+        (
+            "secret-key-with-a-path",
+            json!({"spec": {"action": {"http": {"headers": [{"name": "Authorization",
+            "valueFrom": {"secretKeyRef": {"name": "s", "key": "/etc/hostname"}}}]}}}}),
+            "secretKeyRef.key: Invalid value",
+        ),
+        (
             "exec-in-a-cluster",
             json!({"spec": {"action": {"http": null, "exec": {"command": ["rm", "-rf", "/"]}}}}),
             "action.exec runs only in chronflow standalone",
