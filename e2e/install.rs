@@ -383,6 +383,45 @@ fn renders_each_option(env: &TestEnv) {
     let config = jobs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
     let file = config["data"]["chronflow.yaml"].as_str().unwrap();
     assert!(file.contains("jobs:\n  enabled: true"), "{file}");
+    // ... and the admission policy that keeps the Job action no stronger than its author: the
+    // same as crds/chronflow-job-policy.yaml for kubectl users.
+    let policy_spec = |docs: &[serde_yaml::Value], kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .map(|d| d["spec"].clone())
+    };
+    let shipped = std::fs::read_to_string(repo_root().join("crds/chronflow-job-policy.yaml"))
+        .expect("crds/chronflow-job-policy.yaml");
+    let shipped: Vec<serde_yaml::Value> = shipped
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str(doc).ok())
+        .collect();
+    for kind in [
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
+        let rendered = policy_spec(&jobs, kind);
+        assert!(rendered.is_some(), "{kind} with config.jobs.enabled");
+        assert_eq!(
+            rendered,
+            policy_spec(&shipped, kind),
+            "crds/chronflow-job-policy.yaml differs"
+        );
+        assert_eq!(
+            policy_spec(&render(env, &[]), kind),
+            None,
+            "{kind} without Jobs"
+        );
+    }
+    let narrowed = render(
+        env,
+        &[
+            "config.jobs.enabled=true",
+            "config.jobs.allowed_service_accounts={default,batch}",
+        ],
+    );
+    let allowed = &policy_spec(&narrowed, "ValidatingAdmissionPolicy").unwrap()["variables"][2];
+    assert_eq!(allowed["expression"], r#"["default","batch"]"#);
 
     // HA: a PodDisruptionBudget, the Redis URL from a Secret.
     let ha = render(

@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::config::BackendType;
 use crate::config::OperatorConfig;
 use crate::controller::jobs::KubeJobs;
-use crate::controller::{self, Context, KubeValues, TenantLimits};
+use crate::controller::{self, Context, JobRules, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
 use crate::leader::{Elector, Identity, Term, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
@@ -202,7 +202,18 @@ pub async fn run(
             max_tasks_per_namespace: config.limits.max_tasks_per_namespace,
             allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
             allow_exec: false,
-            allow_jobs: config.jobs.enabled,
+            jobs: config.jobs.enabled.then(|| JobRules {
+                namespaces: config
+                    .jobs
+                    .namespaces
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect(),
+                service_accounts: config.jobs.allowed_service_accounts.clone(),
+                own_namespace: std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|namespace| !namespace.is_empty()),
+            }),
         },
         values,
         jobs,

@@ -257,6 +257,10 @@ mod tests {
                 "http.proxy: expected an http://, https://, socks5:// or socks5h:// proxy URL, got \"ftp://u:<redacted>@proxy:21\"",
             ),
             (
+                "jobs:\n  allowed_service_accounts: [default, Admin]\n",
+                "jobs.allowed_service_accounts: expected Kubernetes object names (lower-case letters, digits, '-' and '.'), got \"Admin\"",
+            ),
+            (
                 "metrics:\n  bind: localhost:8080\n",
                 "metrics.bind: expected a socket address such as 0.0.0.0:8080 or [::]:8080, got \"localhost:8080\"",
             ),

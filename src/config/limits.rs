@@ -6,15 +6,25 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-use super::values::{duration_serde, networks, redact_url, text, text_list, within};
+use super::values::{
+    Namespace, duration_serde, names, namespace_list, networks, redact_url, text, text_list, within,
+};
 
 /// The Job action (`action.job`): a Kubernetes Job per run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobsConfig {
     /// Whether tasks may create Jobs; the operator then watches Jobs it labeled and needs the
     /// rights to create, watch and delete them. When false, Job tasks are Invalid.
     pub enabled: bool,
+    /// The ServiceAccounts a Job's Pods may run as (its template's `serviceAccountName`; none
+    /// set: `default`); a task naming another is Invalid.
+    #[serde(deserialize_with = "names")]
+    pub allowed_service_accounts: Vec<String>,
+    /// The namespaces whose tasks may use the Job action (empty: every watched namespace);
+    /// never the operator's own.
+    #[serde(deserialize_with = "namespace_list")]
+    pub namespaces: Vec<Namespace>,
 }
 
 /// What tenants' tasks may ask for.

@@ -136,6 +136,7 @@ section_defaults!(
     secrets: SecretsConfig,
     http: HttpConfig,
     limits: LimitsConfig,
+    jobs: JobsConfig,
 );
 
 /// Where the run ledger lives.

@@ -193,6 +193,20 @@ pub(super) fn text_list<'de, D: Deserializer<'de>>(
     Ok(texts.into_iter().filter(|text| !text.is_empty()).collect())
 }
 
+/// Kubernetes object names (DNS subdomains), as a list or comma-separated text.
+pub(super) fn names<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    let names = text_list(deserializer)?;
+    match names
+        .iter()
+        .find(|name| !crate::names::is_dns_subdomain(name))
+    {
+        Some(bad) => Err(de::Error::custom(format!(
+            "expected Kubernetes object names (lower-case letters, digits, '-' and '.'), got {bad:?}"
+        ))),
+        None => Ok(names),
+    }
+}
+
 /// A section: a mapping, or null (every key commented out) for the defaults.
 pub(super) fn section<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where

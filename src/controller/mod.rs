@@ -95,7 +95,7 @@ impl Context {
 }
 
 /// What the operator allows tenants' tasks (the `limits` and `http` settings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantLimits {
     /// The shortest gap between two instants a task may have (`limits.min_period`).
     pub min_period: Duration,
@@ -106,8 +106,61 @@ pub struct TenantLimits {
     pub allow_insecure_skip_verify: bool,
     /// Whether `action.exec` may run: only in standalone mode, never in the operator.
     pub allow_exec: bool,
-    /// Whether `action.job` may run: the operator with `jobs.enabled` (and its RBAC).
-    pub allow_jobs: bool,
+    /// Where and as whom `action.job` may run: the operator with `jobs.enabled` (and its
+    /// RBAC); `None`: nowhere.
+    pub jobs: Option<JobRules>,
+}
+
+/// Where the Job action may run, and as whom: a Job runs with a ServiceAccount of its
+/// namespace, so these keep a ChronTask author from running a Pod with more rights than their
+/// own (the chart's admission policy checks the author's own rights).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobRules {
+    /// `jobs.namespaces`: empty, every watched namespace.
+    pub namespaces: Vec<String>,
+    /// `jobs.allowed_service_accounts`: the ServiceAccounts a Job's Pods may run as.
+    pub service_accounts: Vec<String>,
+    /// The operator's own namespace (`POD_NAMESPACE`), never allowed: its ServiceAccount and
+    /// credentials live there.
+    pub own_namespace: Option<String>,
+}
+
+impl JobRules {
+    /// `Err` says why a Job task of `namespace` with `template` may not run here.
+    fn check(&self, namespace: &str, template: &serde_json::Value) -> Result<(), Invalid> {
+        if self.own_namespace.as_deref() == Some(namespace) {
+            return Err(Invalid(format!(
+                "spec.action.job: Job actions may not run in {namespace}, chronflow's own \
+                 namespace: its Pods could run as chronflow's ServiceAccount"
+            )));
+        }
+        if !self.namespaces.is_empty() && !self.namespaces.iter().any(|n| n == namespace) {
+            return Err(Invalid(format!(
+                "spec.action.job: Job actions may run only in {} (jobs.namespaces), not in \
+                 {namespace}",
+                self.namespaces.join(", ")
+            )));
+        }
+        let pod = &template["spec"]["template"]["spec"];
+        let (field, account) = match (&pod["serviceAccountName"], &pod["serviceAccount"]) {
+            (serde_json::Value::String(name), _) => ("serviceAccountName", name.as_str()),
+            (_, serde_json::Value::String(name)) => ("serviceAccount", name.as_str()),
+            _ => ("serviceAccountName", "default"),
+        };
+        if !self
+            .service_accounts
+            .iter()
+            .any(|allowed| allowed == account)
+        {
+            return Err(Invalid(format!(
+                "spec.action.job.template.spec.template.spec.{field}: the ServiceAccount \
+                 {account:?} is not among those Job actions may use ({}; \
+                 jobs.allowed_service_accounts)",
+                self.service_accounts.join(", ")
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Failures that are worth retrying (the cluster did not answer); invalid specs are not errors.
@@ -198,7 +251,7 @@ async fn reconcile_task(
 
     let namespace = &id.key.namespace;
     let outcome = match validate(task, ctx.default_timezone).and_then(|v| ctx.limits.allow(v)) {
-        Ok(valid) => match within_task_cap(guarded, tasks, ctx.limits).await {
+        Ok(valid) => match within_task_cap(guarded, tasks, &ctx.limits).await {
             Err(invalid) => Err((invalid, Action::requeue(RECHECK))),
             Ok(()) => match check_references(&ctx.values, namespace, &valid.references).await? {
                 Ok(()) => match refused_job(&ctx.client, &valid).await {
@@ -293,13 +346,17 @@ impl TenantLimits {
                     .into(),
             ));
         }
-        if matches!(action, RunAction::Job(_)) && !self.allow_jobs {
-            return Err(Invalid(
-                "spec.action.job: Job actions are not enabled here: the operator runs them with \
-                 jobs.enabled true (the Helm chart's config.jobs.enabled, which also grants the \
-                 rights on Jobs); chronflow standalone has no cluster to run them in"
+        if let RunAction::Job(job) = action {
+            let Some(rules) = &self.jobs else {
+                return Err(Invalid(
+                    "spec.action.job: Job actions are not enabled here: the operator runs them \
+                     with jobs.enabled true (the Helm chart's config.jobs.enabled, which also \
+                     grants the rights on Jobs); chronflow standalone has no cluster to run them \
+                     in"
                     .into(),
-            ));
+                ));
+            };
+            rules.check(&valid.engine.id.key.namespace, &job.template)?;
         }
         if let RunAction::Http(http) = action
             && http.tls == Tls::InsecureSkipVerify
@@ -321,7 +378,7 @@ impl TenantLimits {
 async fn within_task_cap(
     task: &GuardedTask,
     tasks: &Store<GuardedTask>,
-    limits: TenantLimits,
+    limits: &TenantLimits,
 ) -> Result<(), Invalid> {
     let cap = limits.max_tasks_per_namespace;
     if cap == 0 {
@@ -607,7 +664,7 @@ mod tests {
                 max_tasks_per_namespace: 0,
                 allow_insecure_skip_verify: false,
                 allow_exec: false,
-                allow_jobs: false,
+                jobs: None,
             },
             values,
             jobs: None,
@@ -801,5 +858,50 @@ mod tests {
                 .unwrap()
                 .contains("cannot decode the ChronTask")
         );
+    }
+
+    #[test]
+    fn job_tasks_run_only_where_and_as_whom_the_operator_allows() {
+        let rules = JobRules {
+            namespaces: vec!["shop".into(), "ops".into()],
+            service_accounts: vec!["default".into(), "batch".into()],
+            own_namespace: Some("chronflow-system".into()),
+        };
+        let pod = |spec: serde_json::Value| json!({"spec": {"template": {"spec": spec}}});
+        let plain = pod(json!({"containers": [{"name": "c"}]}));
+        assert_eq!(rules.check("shop", &plain), Ok(()));
+        assert_eq!(
+            rules.check("ops", &pod(json!({"serviceAccountName": "batch"}))),
+            Ok(())
+        );
+        let reason = |namespace, template: serde_json::Value| {
+            rules.check(namespace, &template).unwrap_err().0
+        };
+        assert_eq!(
+            reason("chronflow-system", plain.clone()),
+            "spec.action.job: Job actions may not run in chronflow-system, chronflow's own \
+             namespace: its Pods could run as chronflow's ServiceAccount"
+        );
+        assert_eq!(
+            reason("billing", plain.clone()),
+            "spec.action.job: Job actions may run only in shop, ops (jobs.namespaces), not in billing"
+        );
+        assert_eq!(
+            reason("shop", pod(json!({"serviceAccountName": "admin"}))),
+            "spec.action.job.template.spec.template.spec.serviceAccountName: the ServiceAccount \
+             \"admin\" is not among those Job actions may use (default, batch; \
+             jobs.allowed_service_accounts)"
+        );
+        // The deprecated field names the account when the current one is absent.
+        assert!(reason("shop", pod(json!({"serviceAccount": "admin"}))).starts_with(
+            "spec.action.job.template.spec.template.spec.serviceAccount: the ServiceAccount \"admin\""
+        ));
+        // No namespace list: every namespace but the operator's own.
+        let anywhere = JobRules {
+            namespaces: Vec::new(),
+            ..rules.clone()
+        };
+        assert_eq!(anywhere.check("billing", &plain), Ok(()));
+        assert!(anywhere.check("chronflow-system", &plain).is_err());
     }
 }

@@ -77,7 +77,7 @@ impl Manifests {
                 max_tasks_per_namespace: 0,
                 allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
                 allow_exec: true,
-                allow_jobs: false,
+                jobs: None,
             },
             index,
             engine,

@@ -7,15 +7,14 @@ use std::time::Duration;
 use chronflow::ChronTask;
 use chronflow::crd::Phase;
 use futures::StreamExt;
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
 use crate::operator::{Operator, chrontask, patch_spec, status_where};
 use crate::support::delay_proxy::DelayProxy;
 use crate::support::receiver::{Behavior, Receiver};
-use crate::support::{namespace, test_env};
+use crate::support::{Rule, client_as, grant, namespace, test_env};
 
 async fn start(ns: &str, client: Client, grace: Duration) -> Operator {
     Operator::start_with(ns, client, |config| config.shutdown.grace_period = grace).await
@@ -140,62 +139,20 @@ async fn a_namespaced_install_starts_without_cluster_wide_rights() {
     let admin = test_env().client().await;
     let ns = namespace(&admin, "namespaced").await;
     let user = format!("chronflow-{ns}");
-    let rule = |resources: &[&str], verbs: &[&str], group: &str| PolicyRule {
-        api_groups: Some(vec![group.to_string()]),
-        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
-        verbs: verbs.iter().map(|v| v.to_string()).collect(),
-        ..Default::default()
-    };
-    let meta = ObjectMeta {
-        name: Some("chronflow".into()),
-        namespace: Some(ns.clone()),
-        ..Default::default()
-    };
-    let role = Role {
-        metadata: meta.clone(),
-        rules: Some(vec![
-            rule(&["chrontasks"], &["get", "list", "watch"], "chronflow.io"),
-            rule(&["chrontasks/status"], &["patch"], "chronflow.io"),
-            rule(&["events"], &["create"], "events.k8s.io"),
-        ]),
-    };
-    let binding = RoleBinding {
-        metadata: meta,
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: "chronflow".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "User".into(),
-            name: user.clone(),
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            ..Default::default()
-        }]),
-    };
+    let rules: [Rule; 3] = [
+        ("chronflow.io", &["chrontasks"], &["get", "list", "watch"]),
+        ("chronflow.io", &["chrontasks/status"], &["patch"]),
+        ("events.k8s.io", &["events"], &["create"]),
+    ];
+    grant(&admin, &ns, &user, "chronflow", &rules).await;
     let params = PostParams::default();
-    Api::<Role>::namespaced(admin.clone(), &ns)
-        .create(&params, &role)
-        .await
-        .unwrap();
-    Api::<RoleBinding>::namespaced(admin.clone(), &ns)
-        .create(&params, &binding)
-        .await
-        .unwrap();
     let receiver = Receiver::start(Behavior::default()).await;
     let api: Api<ChronTask> = Api::namespaced(admin.clone(), &ns);
     let spec =
         json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": receiver.url("/x")}}});
     api.create(&params, &chrontask("tick", spec)).await.unwrap();
 
-    let mut config = test_env().config().await;
-    config.auth_info.impersonate = Some(user);
-    let operator = start(
-        &ns,
-        Client::try_from(config).unwrap(),
-        Duration::from_secs(5),
-    )
-    .await;
+    let operator = start(&ns, client_as(&user).await, Duration::from_secs(5)).await;
     status_where(
         &api,
         "tick",
@@ -240,8 +197,7 @@ async fn the_final_flush_retries_until_the_apiserver_answers() {
 async fn without_rights_to_list_chrontasks_start_up_stops_with_a_clear_error() {
     let admin = test_env().client().await;
     let ns = namespace(&admin, "no-rights").await;
-    let mut config = test_env().config().await;
-    config.auth_info.impersonate = Some(format!("nobody-{ns}"));
+    let nobody = client_as(&format!("nobody-{ns}")).await;
     let mut settings = chronflow::config::OperatorConfig {
         watch_namespaces: vec![
             chronflow::config::Namespace::new(ns).expect("test namespaces are valid"),
@@ -249,11 +205,8 @@ async fn without_rights_to_list_chrontasks_start_up_stops_with_a_clear_error() {
         ..Default::default()
     };
     settings.metrics.bind = "127.0.0.1:0".parse().unwrap();
-    let run = chronflow::operator::run(
-        settings,
-        Client::try_from(config).unwrap(),
-        tokio_util::sync::CancellationToken::new(),
-    );
+    let run =
+        chronflow::operator::run(settings, nobody, tokio_util::sync::CancellationToken::new());
     let error = tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("start-up gives up at once")

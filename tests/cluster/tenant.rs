@@ -5,12 +5,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::observability::free_address;
-use crate::operator::{Operator, create, setup, status_where};
+use crate::operator::{Operator, chrontask, create, setup, status_where};
 use crate::support::receiver::{Behavior, Receiver};
-use crate::support::{eventually, test_env};
+use crate::support::{Rule, client_as, eventually, grant, namespace, repo_root, test_env};
 
 #[tokio::test]
 async fn a_url_s_credentials_and_query_never_reach_status_or_events() {
@@ -477,4 +478,145 @@ async fn tasks_per_namespace_are_capped_oldest_first() {
         "c started {:?} after the delete",
         deleted.elapsed()
     );
+}
+
+/// A Job task's spec: one container, as the namespace's `account` (None: no ServiceAccount set).
+fn job_spec(account: Option<&str>) -> serde_json::Value {
+    let mut pod =
+        json!({"containers": [{"name": "c", "image": "busybox"}], "restartPolicy": "Never"});
+    if let Some(account) = account {
+        pod["serviceAccountName"] = json!(account);
+    }
+    json!({"schedule": {"cron": "@daily"},
+           "action": {"job": {"template": {"spec": {"template": {"spec": pod}}}}}})
+}
+
+/// The message of a refused create, or `None` when it was admitted.
+async fn refused(
+    api: &Api<chronflow::ChronTask>,
+    name: &str,
+    spec: serde_json::Value,
+) -> Option<String> {
+    match api
+        .create(&PostParams::default(), &chrontask(name, spec))
+        .await
+    {
+        Ok(_) => None,
+        Err(kube::Error::Api(status)) => Some(status.message),
+        Err(other) => panic!("{name}: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn the_job_action_needs_its_author_s_own_right_to_create_jobs() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+    let admin = test_env().client().await;
+    let ns = namespace(&admin, "job-policy").await;
+    // The policy as shipped for kubectl users (the chart renders the same), bound to this
+    // namespace only: the control plane is shared with other tests.
+    let text = std::fs::read_to_string(repo_root().join("crds/chronflow-job-policy.yaml")).unwrap();
+    let mut policy: DynamicObject = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ValidatingAdmissionPolicy")
+        .map(|doc| serde_json::from_value(serde_json::to_value(doc).unwrap()).unwrap())
+        .expect("crds/chronflow-job-policy.yaml holds the policy");
+    let name = format!("chronflow-job-action-{ns}");
+    policy.metadata.name = Some(name.clone());
+    let gvk = |kind| GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+    let policies: Api<DynamicObject> = Api::all_with(
+        admin.clone(),
+        &ApiResource::from_gvk(&gvk("ValidatingAdmissionPolicy")),
+    );
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let binding: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"], "matchResources": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}
+    }))
+    .unwrap();
+    let binding_resource = ApiResource::from_gvk(&gvk("ValidatingAdmissionPolicyBinding"));
+    Api::<DynamicObject>::all_with(admin.clone(), &binding_resource)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+
+    // alice may write ChronTasks; bob may also create Jobs.
+    let tasks: Rule = (
+        "chronflow.io",
+        &["chrontasks"],
+        &["get", "create", "update", "patch"],
+    );
+    let (alice, bob) = (format!("alice-{ns}"), format!("bob-{ns}"));
+    grant(&admin, &ns, &alice, "author", &[tasks]).await;
+    grant(
+        &admin,
+        &ns,
+        &bob,
+        "job-author",
+        &[tasks, ("batch", &["jobs"], &["create"])],
+    )
+    .await;
+    let as_alice: Api<chronflow::ChronTask> = Api::namespaced(client_as(&alice).await, &ns);
+    let as_bob: Api<chronflow::ChronTask> = Api::namespaced(client_as(&bob).await, &ns);
+
+    // The apiserver loads a new policy within a few seconds: until then alice's task is
+    // admitted, and taken away again.
+    let mut probe = 0;
+    let message = eventually("the policy refuses alice's Job task", || {
+        probe += 1;
+        let (api, name) = (as_alice.clone(), format!("probe-{probe}"));
+        let admin_api: Api<chronflow::ChronTask> = Api::namespaced(admin.clone(), &ns);
+        async move {
+            let refusal = refused(&api, &name, job_spec(None)).await;
+            if refusal.is_none() {
+                admin_api.delete(&name, &Default::default()).await.unwrap();
+            }
+            refusal
+        }
+    })
+    .await;
+    assert!(
+        message.contains(&format!(
+            "action.job creates a Job per run, and {alice} may not create Jobs in namespace {ns}"
+        )),
+        "{message}"
+    );
+    let http =
+        json!({"schedule": {"cron": "@daily"}, "action": {"http": {"url": "http://x.example/"}}});
+    assert_eq!(
+        refused(&as_alice, "alice-http", http).await,
+        None,
+        "no Job, no check"
+    );
+
+    assert_eq!(refused(&as_bob, "bob-job", job_spec(None)).await, None);
+    assert_eq!(
+        refused(&as_bob, "bob-default", job_spec(Some("default"))).await,
+        None
+    );
+    let message = refused(&as_bob, "bob-as-admin", job_spec(Some("chronflow")))
+        .await
+        .unwrap();
+    assert!(
+        message.contains("action.job: the Pod's ServiceAccount chronflow is not among those Job actions may use (default;"),
+        "{message}"
+    );
+
+    // alice may still ask bob's task to run now (its spec unchanged), not change what it runs.
+    let run_now = json!({"metadata": {"annotations": {"chronflow.io/run-now": "r1"}}});
+    as_alice
+        .patch("bob-job", &PatchParams::default(), &Patch::Merge(&run_now))
+        .await
+        .expect("an annotation leaves the spec alone");
+    let rewrite = json!({"spec": {"schedule": {"cron": "@hourly"}}});
+    let error = as_alice
+        .patch("bob-job", &PatchParams::default(), &Patch::Merge(&rewrite))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("may not create Jobs"), "{error}");
 }

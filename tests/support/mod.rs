@@ -240,6 +240,65 @@ impl TestEnv {
     }
 }
 
+/// A client that acts as `user` (impersonated by the admin), with only the rights granted to
+/// that name.
+pub async fn client_as(user: &str) -> Client {
+    let mut config = test_env().config().await;
+    config.auth_info.impersonate = Some(user.to_string());
+    Client::try_from(config).expect("client builds")
+}
+
+/// Grants `user` in `ns` a Role named `name` with `rules`: (API group, resources, verbs).
+pub async fn grant(admin: &Client, ns: &str, user: &str, name: &str, rules: &[Rule<'_>]) {
+    use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+    let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let meta = ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(
+            rules
+                .iter()
+                .map(|(group, resources, verbs)| PolicyRule {
+                    api_groups: Some(vec![group.to_string()]),
+                    resources: Some(strings(resources)),
+                    verbs: strings(verbs),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    };
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: name.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: user.into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            ..Default::default()
+        }]),
+    };
+    let params = PostParams::default();
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&params, &role)
+        .await
+        .expect("the Role is created");
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&params, &binding)
+        .await
+        .expect("the RoleBinding is created");
+}
+
+/// One rule of a Role: API group, resources, verbs.
+pub type Rule<'a> = (&'a str, &'a [&'a str], &'a [&'a str]);
+
 /// A fresh namespace for one test, so tests never see each other's objects.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
