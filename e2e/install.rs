@@ -382,7 +382,8 @@ fn renders_each_option(env: &TestEnv) {
     assert_eq!(job_rules(&jobs), 1);
     let config = jobs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
     let file = config["data"]["chronflow.yaml"].as_str().unwrap();
-    assert!(file.contains("jobs:\n  enabled: true"), "{file}");
+    let file: serde_yaml::Value = serde_yaml::from_str(file).unwrap();
+    assert_eq!(file["jobs"]["enabled"], true, "{file:?}");
     // ... and the admission policy that keeps the Job action no stronger than its author: the
     // same as crds/chronflow-job-policy.yaml for kubectl users.
     let policy_spec = |docs: &[serde_yaml::Value], kind: &str| {

@@ -27,6 +27,8 @@ pub struct CoreParts {
     pub executor: ExecutorConfig,
     /// `limits.max_runs_per_namespace` (0: no cap).
     pub max_runs_per_namespace: usize,
+    /// `limits.max_workers_per_namespace`: the most workers one namespace holds at once.
+    pub max_workers_per_namespace: usize,
     /// `limits.backfill_runs_per_second`.
     pub backfill_per_second: u32,
     /// The client HTTP actions are sent with (its address policy included).
@@ -68,6 +70,7 @@ impl CoreParts {
                 log_success: config.log.log_task_success,
             },
             max_runs_per_namespace: config.limits.max_runs_per_namespace,
+            max_workers_per_namespace: config.limits.workers_per_namespace(config.max_workers),
             backfill_per_second: config.limits.backfill_runs_per_second,
             http,
             values,
@@ -102,6 +105,7 @@ impl Core {
             parts.ledger.clone(),
         );
         executor.limit_runs_per_namespace(parts.max_runs_per_namespace);
+        executor.limit_workers_per_namespace(parts.max_workers_per_namespace);
         let load = executor.gauge();
         let (engine, handle) = Engine::new(EngineParts {
             executor,

@@ -202,6 +202,7 @@ pub async fn run(
             max_tasks_per_namespace: config.limits.max_tasks_per_namespace,
             allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
             allow_exec: false,
+            max_timeout: config.limits.max_timeout,
             jobs: config.jobs.enabled.then(|| JobRules {
                 namespaces: config
                     .jobs

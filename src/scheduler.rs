@@ -224,6 +224,7 @@ impl SchedulerBuilder {
                 log_success: false,
             },
             max_runs_per_namespace: 0,
+            max_workers_per_namespace: usize::MAX,
             backfill_per_second: 10,
             http,
             values: Arc::new(NoValues),

@@ -344,6 +344,36 @@ async fn proxies_come_from_the_configuration_never_from_the_environment() {
     assert_eq!(proxied.count(), 0, "http.no_proxy was not honoured");
 }
 
+#[tokio::test]
+async fn a_command_gets_a_clean_environment_with_the_task_s_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("env.txt");
+    let manifest = dir.path().join("env.yaml");
+    let spec = format!(
+        "apiVersion: chronflow.io/v1alpha1\nkind: ChronTask\nmetadata:\n  name: env\nspec:\n  \
+         schedule: {{interval: 1s}}\n  action:\n    exec:\n      command: [sh, -c, 'env > {}']\n      \
+         env: [{{name: GREETING, value: hello}}]\n",
+        out.display()
+    );
+    std::fs::write(&manifest, spec).unwrap();
+    let secrets = [
+        ("CHRONFLOW_SECRET_SHOP_TOKEN", "s3cr3t"),
+        ("SCHEDULER__REDIS__PASSWORD", "hunter2"),
+        ("AWS_SECRET_ACCESS_KEY", "k3y"),
+    ];
+    let _standalone = Standalone::start_with(&manifest, dir.path(), &[], &secrets);
+    let env = eventually("the command wrote its environment", || async {
+        let text = std::fs::read_to_string(&out).ok()?;
+        text.contains("CHRONFLOW_RUN_ID=").then_some(text)
+    })
+    .await;
+    for (name, value) in secrets {
+        assert!(!env.contains(value), "{name} reached the command:\n{env}");
+    }
+    assert!(env.contains("GREETING=hello"), "{env}");
+    assert!(env.lines().any(|line| line.starts_with("PATH=")), "{env}");
+}
+
 /// `chronflow standalone status` on `history`: the task's RUNS column.
 fn runs_in_history(history: &str, task: &str) -> u64 {
     let output = Command::new(env!("CARGO_BIN_EXE_chronflow"))

@@ -179,6 +179,8 @@ async fn run_chronflow(params: RunParams) -> RunResult {
             log_success: false,
         },
         max_runs_per_namespace: 0,
+        // One namespace: every worker is its share.
+        max_workers_per_namespace: params.workers,
         backfill_per_second: 10,
         http: chronflow::executor::http::client().expect("an HTTP client"),
         values: Arc::new(NoValues),

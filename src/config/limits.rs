@@ -37,11 +37,27 @@ pub struct LimitsConfig {
     pub min_period: Duration,
     /// The most runs one namespace may have in flight or waiting at once; 0: no cap.
     pub max_runs_per_namespace: usize,
+    /// The most workers one namespace holds at once (its other runs wait); `None`: half of
+    /// `max_workers`, at least one.
+    pub max_workers_per_namespace: Option<usize>,
+    /// The longest a run may last, all attempts and backoffs included (a Job: its deadline); a
+    /// task whose `timeout` and `retry` allow more is Invalid.
+    #[serde(with = "duration_serde")]
+    pub max_timeout: Duration,
     /// The most ChronTasks of one namespace that run (the oldest); 0: no cap.
     pub max_tasks_per_namespace: usize,
     /// The most runs a backfill starts per second.
     #[serde(deserialize_with = "within::<_, _, 1, 1_000>")]
     pub backfill_runs_per_second: u32,
+}
+
+impl LimitsConfig {
+    /// `max_workers_per_namespace`, or its default for `max_workers` workers.
+    pub fn workers_per_namespace(&self, max_workers: usize) -> usize {
+        self.max_workers_per_namespace
+            .unwrap_or(max_workers.div_ceil(2))
+            .max(1)
+    }
 }
 
 /// Where HTTP actions may connect, checked on the resolved address at connect time.

@@ -86,6 +86,19 @@ impl OperatorConfig {
             expected,
             format_duration(ttl),
         );
+        let longest = self.limits.max_timeout;
+        problems.expect(
+            !longest.is_zero(),
+            "limits.max_timeout",
+            "a duration greater than 0",
+            "0s",
+        );
+        problems.expect(
+            self.limits.max_workers_per_namespace != Some(0),
+            "limits.max_workers_per_namespace",
+            "an integer from 1 (or null: half of max_workers)",
+            0,
+        );
         let grace = self.shutdown.grace_period;
         let expected = "a duration of at most 1h";
         let ok = grace <= MAX_PERIOD;
@@ -134,6 +147,8 @@ mod tests {
             ("redis:\n  max_connections: 0", format!("redis.max_connections: {}, got 0", one_to(10_000))),
             ("status:\n  max_writes_per_second: 0", format!("status.max_writes_per_second: {}, got 0", one_to(10_000))),
             ("redis:\n  port: 0", "redis.port: expected an integer from 1 to 65535, got 0".into()),
+            ("limits:\n  max_timeout: 0s", "limits.max_timeout: expected a duration greater than 0, got 0s".into()),
+            ("limits:\n  max_workers_per_namespace: 0", "limits.max_workers_per_namespace: expected an integer from 1 (or null: half of max_workers), got 0".into()),
             ("redis:\n  host: ''", "redis.host: expected a host name, got \"\"".into()),
             ("leader_election:\n  lease_name: Leader", "leader_election.lease_name: expected a Kubernetes object name (lowercase letters, digits, '-' and '.'), got \"Leader\"".into()),
             ("leader_election:\n  retry_period: 0s", "leader_election.retry_period: expected a duration greater than 0, got 0s".into()),

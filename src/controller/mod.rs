@@ -109,6 +109,9 @@ pub struct TenantLimits {
     /// Where and as whom `action.job` may run: the operator with `jobs.enabled` (and its
     /// RBAC); `None`: nowhere.
     pub jobs: Option<JobRules>,
+    /// The longest a run may last, every attempt and wait included (a Job: its deadline)
+    /// (`limits.max_timeout`).
+    pub max_timeout: Duration,
 }
 
 /// Where the Job action may run, and as whom: a Job runs with a ServiceAccount of its
@@ -338,6 +341,21 @@ impl TenantLimits {
             )));
         }
         let action = &valid.engine.run.action;
+        let (longest, what) = match action {
+            RunAction::Job(job) => (job.deadline, "the Job's deadline"),
+            _ => (
+                valid.engine.run.longest(),
+                "every attempt's timeout and the waits between them",
+            ),
+        };
+        if longest > self.max_timeout {
+            return Err(Invalid(format!(
+                "spec.timeout: a run may last {} ({what}), longer than this operator allows \
+                 (limits.max_timeout {})",
+                crate::schedule::format_duration(longest),
+                crate::schedule::format_duration(self.max_timeout)
+            )));
+        }
         if matches!(action, RunAction::Exec(_)) && !self.allow_exec {
             return Err(Invalid(
                 "spec.action.exec: commands run only in chronflow standalone; in a cluster a \
@@ -665,6 +683,7 @@ mod tests {
                 allow_insecure_skip_verify: false,
                 allow_exec: false,
                 jobs: None,
+                max_timeout: Duration::from_secs(3600),
             },
             values,
             jobs: None,
@@ -903,5 +922,46 @@ mod tests {
         };
         assert_eq!(anywhere.check("billing", &plain), Ok(()));
         assert!(anywhere.check("chronflow-system", &plain).is_err());
+    }
+
+    #[test]
+    fn runs_longer_than_limits_max_timeout_are_invalid() {
+        let limits = TenantLimits {
+            min_period: Duration::from_millis(100),
+            max_tasks_per_namespace: 0,
+            allow_insecure_skip_verify: false,
+            allow_exec: false,
+            jobs: Some(JobRules {
+                service_accounts: vec!["default".into()],
+                ..JobRules::default()
+            }),
+            max_timeout: Duration::from_secs(3600),
+        };
+        let allow = |spec: serde_json::Value| {
+            let task: ChronTask = serde_json::from_value(json!({
+                "apiVersion": "chronflow.io/v1alpha1", "kind": "ChronTask",
+                "metadata": {"name": "t", "namespace": "ns", "uid": "u"}, "spec": spec}))
+            .unwrap();
+            validate(&task, Tz::UTC)
+                .and_then(|valid| limits.allow(valid))
+                .map(|_| ())
+        };
+        let http = |timeout: &str, retries: u32| {
+            json!({"schedule": {"cron": "@daily"}, "timeout": timeout,
+                   "retry": {"maxRetries": retries},
+                   "action": {"http": {"url": "http://x.example/"}}})
+        };
+        assert_eq!(allow(http("1h", 0)), Ok(()));
+        assert_eq!(
+            allow(http("30m", 2)).unwrap_err().0,
+            "spec.timeout: a run may last 1h30m3s (every attempt's timeout and the waits between \
+             them), longer than this operator allows (limits.max_timeout 1h)"
+        );
+        assert!(allow(http("24h", 0)).is_err());
+        // A Job's deadline is its timeout; its retries run within it.
+        let job = json!({"schedule": {"cron": "@daily"}, "timeout": "1h",
+                         "retry": {"maxRetries": 3}, "action": {"job": {"template": {"spec": {
+                         "template": {"spec": {"containers": [{"name": "c"}]}}}}}}});
+        assert_eq!(allow(job), Ok(()));
     }
 }

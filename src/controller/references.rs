@@ -40,10 +40,25 @@ impl ReadError {
     }
 }
 
-/// What the cache keeps of an object: whether it opted in, and its data.
+/// What the cache keeps of an object: whether it opted in, and its data (none of an object
+/// that did not opt in: what a task may not use is not kept either).
 struct Fetched {
     usable: bool,
     data: BTreeMap<String, Vec<u8>>,
+}
+
+impl Fetched {
+    fn new(meta: &ObjectMeta, data: impl Iterator<Item = (String, Vec<u8>)>) -> Self {
+        let usable = opted_in(meta);
+        Fetched {
+            usable,
+            data: if usable {
+                data.collect()
+            } else {
+                BTreeMap::new()
+            },
+        }
+    }
 }
 
 /// (namespace, kind, name) → when it was read, and what.
@@ -134,14 +149,9 @@ impl KubeValues {
             RefKind::Secret => Api::<Secret>::namespaced(client, namespace)
                 .get_opt(name)
                 .await?
-                .map(|secret| Fetched {
-                    usable: opted_in(&secret.metadata),
-                    data: secret
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(key, value)| (key, value.0))
-                        .collect(),
+                .map(|secret| {
+                    let data = secret.data.unwrap_or_default().into_iter();
+                    Fetched::new(&secret.metadata, data.map(|(key, value)| (key, value.0)))
                 }),
             RefKind::ConfigMap => Api::<ConfigMap>::namespaced(client, namespace)
                 .get_opt(name)
@@ -149,13 +159,10 @@ impl KubeValues {
                 .map(|map| {
                     let text = map.data.unwrap_or_default().into_iter();
                     let binary = map.binary_data.unwrap_or_default().into_iter();
-                    Fetched {
-                        usable: opted_in(&map.metadata),
-                        data: text
-                            .map(|(key, value)| (key, value.into_bytes()))
-                            .chain(binary.map(|(key, value)| (key, value.0)))
-                            .collect(),
-                    }
+                    let data = text
+                        .map(|(key, value)| (key, value.into_bytes()))
+                        .chain(binary.map(|(key, value)| (key, value.0)));
+                    Fetched::new(&map.metadata, data)
                 }),
         })
     }
@@ -189,4 +196,25 @@ fn opted_in(meta: &ObjectMeta) -> bool {
         .as_ref()
         .and_then(|labels| labels.get(USABLE_BY_TASKS))
         .is_some_and(|value| value == "true")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_of_an_object_that_did_not_opt_in_is_not_kept() {
+        let meta = |label: Option<&str>| ObjectMeta {
+            labels: label
+                .map(|value| BTreeMap::from([(USABLE_BY_TASKS.to_string(), value.to_string())])),
+            ..ObjectMeta::default()
+        };
+        let data = || std::iter::once(("token".to_string(), b"s3cr3t".to_vec()));
+        let opted = Fetched::new(&meta(Some("true")), data());
+        assert!(opted.usable && opted.data.contains_key("token"));
+        for other in [None, Some("false"), Some("yes")] {
+            let fetched = Fetched::new(&meta(other), data());
+            assert!(!fetched.usable && fetched.data.is_empty(), "{other:?}");
+        }
+    }
 }

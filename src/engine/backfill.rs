@@ -139,12 +139,14 @@ impl Driver {
     /// when the driver must stop (cancelled, or no longer leading).
     async fn claim_and_submit(&self, instant: DateTime<Utc>) -> bool {
         let run_id = RunId::new(&self.task.id, instant);
-        let mut wait = CLAIM_RETRY;
+        let (mut wait, mut again) = (CLAIM_RETRY, false);
         loop {
             if self.leader.borrow().as_ref() != Some(&self.term) || self.cancel.is_cancelled() {
                 return false;
             }
-            match self.ledger.claim_past(&run_id, &self.term).await {
+            let verdict = self.ledger.claim_past(&run_id, &self.term).await;
+            let verdict = verdict.map(|v| if again { v.asked_again(&self.term) } else { v });
+            match verdict {
                 Ok(Verdict::Accepted) => {
                     let now = self.clock.now();
                     self.executor.submit(RunRequest {
@@ -166,6 +168,7 @@ impl Driver {
                 Ok(Verdict::Fenced { .. }) => return false,
                 Err(error) => {
                     warn!(run_id = %run_id, %error, ?wait, "cannot claim a backfill run yet");
+                    again = true;
                 }
             }
             tokio::select! {

@@ -82,12 +82,14 @@ impl Engine {
         tokio::spawn(async move {
             // A request is not lost to a ledger that cannot answer: asked again while this term
             // lasts; past it, the next leader serves the request.
-            let mut wait = TAKE_OVER_RETRY;
+            let (mut wait, mut again) = (TAKE_OVER_RETRY, false);
             let verdict = loop {
                 match ledger.claim(&run.run_id, &term).await {
                     Err(error) => {
-                        warn!(run_id = %run.run_id, %error, ?wait, "cannot claim a run-now request yet")
+                        warn!(run_id = %run.run_id, %error, ?wait, "cannot claim a run-now request yet");
+                        again = true;
                     }
+                    Ok(verdict) if again => break Ok(verdict.asked_again(&term)),
                     verdict => break verdict,
                 }
                 tokio::select! {

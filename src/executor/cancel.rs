@@ -48,7 +48,8 @@ impl std::fmt::Display for CancelReason {
 pub(super) struct Cancel {
     pub(super) token: CancellationToken,
     pub(super) reason: Arc<OnceLock<CancelReason>>,
-    /// The run's work goes on without this process (a Job): a shutdown lets go of it at once.
+    /// The run's work goes on without this process (a Job): a shutdown lets go of it at once,
+    /// and it holds none of its namespace's share of workers.
     pub(super) outlives_process: bool,
 }
 

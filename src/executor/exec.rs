@@ -15,11 +15,18 @@ use super::http::Attempt;
 pub struct ExecAction {
     /// The program and its arguments (no shell).
     pub command: Vec<String>,
-    /// Variables added to chronflow's environment.
+    /// Variables the command gets, besides [`INHERITED`] and the run's own.
     pub env: Vec<(String, String)>,
     /// The directory it runs in; chronflow's own when `None`.
     pub working_dir: Option<PathBuf>,
 }
+
+/// The only variables of chronflow's environment a command inherits (and `LC_*`), as cron
+/// gives its jobs a minimal one: never `CHRONFLOW_SECRET_*` (every task's header values) nor
+/// `SCHEDULER__*` (chronflow's configuration, a Redis password among it).
+pub const INHERITED: [&str; 8] = [
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR",
+];
 
 /// How much of the output (stdout and stderr, each) is read; the rest is discarded as it comes.
 const MAX_OUTPUT: usize = 64 * 1024;
@@ -47,8 +54,14 @@ pub async fn attempt(action: &ExecAction, attempt: Attempt<'_>) -> Result<String
         return Err("the command is empty".into());
     };
     let mut command = tokio::process::Command::new(program);
+    let inherited = std::env::vars_os().filter(|(name, _)| {
+        let name = name.to_string_lossy();
+        INHERITED.contains(&name.as_ref()) || name.starts_with("LC_")
+    });
     command
         .args(args)
+        .env_clear()
+        .envs(inherited)
         .envs(action.env.iter().map(|(k, v)| (k, v)))
         .env("CHRONFLOW_RUN_ID", attempt.run_id.as_str())
         .env("CHRONFLOW_SCHEDULED_TIME", attempt.scheduled.to_rfc3339())

@@ -212,6 +212,7 @@ impl Executor {
             queue_size: config.queue_size.max(1),
             per_task_workers: (max_workers / 2).max(1),
             per_namespace: AtomicUsize::new(0),
+            namespace_workers: AtomicUsize::new(max_workers),
             max_workers,
             job_waits: job_waits.clone(),
             sink: sink.clone(),
@@ -291,6 +292,13 @@ impl Executor {
         limit.store(most, Ordering::Relaxed);
     }
 
+    /// Caps the workers one namespace holds at once (`limits.max_workers_per_namespace`, at
+    /// least 1): its other runs wait for one of its own to end.
+    pub fn limit_workers_per_namespace(&self, most: usize) {
+        let limit = &self.shared.namespace_workers;
+        limit.store(most.max(1), Ordering::Relaxed);
+    }
+
     /// Runs of `task` that a previous leader started and may still be running: `Forbid` skips
     /// while they may be, `Replace` too (they cannot be cancelled from here), `Allow` counts
     /// them against `maxConcurrentRuns`.
@@ -346,7 +354,7 @@ impl Executor {
             }
             if !dropped.is_empty() {
                 runs.has_turn = false;
-                state.turns.retain(|id| id != task);
+                state.turns.remove(task);
             }
             if state.tasks.get(task).is_some_and(TaskRuns::is_idle) {
                 state.tasks.remove(task);

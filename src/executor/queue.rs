@@ -26,6 +26,9 @@ pub(super) struct Shared {
     pub(super) per_task_workers: usize,
     /// The most runs one namespace may have in flight or waiting (`limits`); 0: no cap.
     pub(super) per_namespace: AtomicUsize,
+    /// The most workers one namespace may hold at once (`limits.max_workers_per_namespace`):
+    /// its other runs wait, so one tenant's slow targets never hold every worker.
+    pub(super) namespace_workers: AtomicUsize,
     pub(super) max_workers: usize,
     /// Job runs in flight that hold no worker (their Job was created).
     pub(super) job_waits: Arc<AtomicUsize>,
@@ -37,7 +40,10 @@ pub(super) struct Shared {
 pub(super) struct State {
     pub(super) tasks: HashMap<TaskId, TaskRuns>,
     /// Tasks with waiting runs, in turn order.
-    pub(super) turns: VecDeque<TaskId>,
+    pub(super) turns: Turns,
+    /// Workers held per namespace (runs in flight but those of Jobs, which hold none while
+    /// their Job runs).
+    pub(super) busy: HashMap<String, usize>,
     /// Runs waiting, over all tasks.
     pub(super) waiting: usize,
     pub(super) closed: bool,
@@ -52,6 +58,61 @@ pub(super) struct TaskRuns {
     /// [`Executor::release_elsewhere`](super::Executor::release_elsewhere).
     pub(super) elsewhere: Vec<RunId>,
     pub(super) has_turn: bool,
+}
+
+/// Whose turn it is when a worker is free: namespaces take turns, then the tasks within each,
+/// so a namespace with a hundred tasks due gets no more turns than one with a single task.
+#[derive(Default)]
+pub(super) struct Turns {
+    namespaces: VecDeque<String>,
+    tasks: HashMap<String, VecDeque<TaskId>>,
+}
+
+impl Turns {
+    /// Tasks waiting for a turn.
+    pub(super) fn len(&self) -> usize {
+        self.tasks.values().map(VecDeque::len).sum()
+    }
+
+    /// `task` waits for a turn, after the others of its namespace; a namespace new to the
+    /// rotation comes after the others.
+    pub(super) fn push_back(&mut self, task: TaskId) {
+        let namespace = task.key.namespace.clone();
+        let queue = self.tasks.entry(namespace.clone()).or_default();
+        if queue.is_empty() {
+            self.namespaces.push_back(namespace);
+        }
+        queue.push_back(task);
+    }
+
+    /// The next task in turn: the first of the namespace whose turn it is, which then goes
+    /// after the others.
+    pub(super) fn pop_front(&mut self) -> Option<TaskId> {
+        let namespace = self.namespaces.pop_front()?;
+        let queue = self.tasks.get_mut(&namespace)?;
+        let task = queue.pop_front();
+        if queue.is_empty() {
+            self.tasks.remove(&namespace);
+        } else {
+            self.namespaces.push_back(namespace);
+        }
+        task
+    }
+
+    pub(super) fn remove(&mut self, task: &TaskId) {
+        let namespace = &task.key.namespace;
+        if let Some(queue) = self.tasks.get_mut(namespace) {
+            queue.retain(|id| id != task);
+            if queue.is_empty() {
+                self.tasks.remove(namespace);
+                self.namespaces.retain(|n| n != namespace);
+            }
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        *self = Turns::default();
+    }
 }
 
 impl TaskRuns {
@@ -234,7 +295,11 @@ impl Shared {
             } else {
                 self.task_limit(&run.spec)
             };
-            if runs.active.len() + runs.elsewhere.len() >= limit {
+            let holds_worker = !matches!(run.spec.action, Action::Job(_));
+            let namespace_full = holds_worker
+                && state.busy.get(&id.key.namespace).copied().unwrap_or(0)
+                    >= self.namespace_workers.load(Ordering::Relaxed);
+            if runs.active.len() + runs.elsewhere.len() >= limit || namespace_full {
                 state.turns.push_back(id);
                 continue;
             }
@@ -242,10 +307,13 @@ impl Shared {
             state.waiting -= 1;
             self.left_queue.notify_waiters();
             let cancel = Cancel {
-                outlives_process: matches!(run.spec.action, Action::Job(_)),
+                outlives_process: !holds_worker,
                 ..Cancel::default()
             };
             runs.active.push((run.run_id.clone(), cancel.clone()));
+            if holds_worker {
+                *state.busy.entry(id.key.namespace.clone()).or_default() += 1;
+            }
             if runs.waiting.is_empty() {
                 runs.has_turn = false;
             } else {
@@ -260,10 +328,21 @@ impl Shared {
     pub(super) fn finished(&self, task: &TaskId, run_id: &RunId) {
         {
             let mut state = self.lock();
+            let mut freed = false;
             if let Some(runs) = state.tasks.get_mut(task) {
-                runs.active.retain(|(id, _)| id != run_id);
+                runs.active.retain(|(id, cancel)| {
+                    freed |= id == run_id && !cancel.outlives_process;
+                    id != run_id
+                });
                 if runs.is_idle() {
                     state.tasks.remove(task);
+                }
+            }
+            let namespace = &task.key.namespace;
+            if freed && let Some(busy) = state.busy.get_mut(namespace) {
+                *busy -= 1;
+                if *busy == 0 {
+                    state.busy.remove(namespace);
                 }
             }
         }
@@ -353,5 +432,46 @@ mod tests {
         let (started, _) = executor.shared.next_run(&mut missed).expect("not blocked");
         assert_eq!(started.task.uid, "uid-2");
         assert!(missed.is_empty(), "{missed:?}");
+    }
+
+    /// A run of task `name` in `namespace`, due now.
+    fn run_of(namespace: &str, name: &str) -> crate::executor::RunRequest {
+        let now = Utc::now();
+        let mut run = request(now, now, None);
+        run.task = crate::run::TaskId::new(crate::run::TaskKey::new(namespace, name), "uid");
+        run.run_id = RunId::new(&run.task, now);
+        run
+    }
+
+    #[tokio::test]
+    async fn free_workers_go_to_namespaces_in_turn_then_to_their_tasks() {
+        let (executor, _reports) = executor();
+        executor.limit_workers_per_namespace(10);
+        for (namespace, name) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1")] {
+            executor.submit(run_of(namespace, name));
+        }
+        let mut missed = Vec::new();
+        let mut order = Vec::new();
+        while let Some((run, _)) = executor.shared.next_run(&mut missed) {
+            order.push(run.task.key.to_string());
+        }
+        assert_eq!(order, ["a/1", "b/1", "a/2", "a/3"]);
+    }
+
+    #[tokio::test]
+    async fn a_namespace_holds_at_most_its_share_of_workers() {
+        let (executor, _reports) = executor();
+        executor.limit_workers_per_namespace(1);
+        for (namespace, name) in [("a", "1"), ("a", "2"), ("b", "1")] {
+            executor.submit(run_of(namespace, name));
+        }
+        let mut missed = Vec::new();
+        let mut next = || executor.shared.next_run(&mut missed).map(|(run, _)| run);
+        let first = next().unwrap();
+        assert_eq!(first.task.key.to_string(), "a/1");
+        assert_eq!(next().unwrap().task.key.to_string(), "b/1");
+        assert!(next().is_none(), "a/2 waits while a/1 holds a's one worker");
+        executor.shared.finished(&first.task, &first.run_id);
+        assert_eq!(next().unwrap().task.key.to_string(), "a/2");
     }
 }

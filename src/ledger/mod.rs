@@ -142,6 +142,25 @@ pub enum Verdict {
     Busy(Record),
 }
 
+impl Verdict {
+    /// The answer to a claim asked again after an error: a record this very term claimed and
+    /// has not started is its own claim, whose first answer was lost (Redis applied it, then
+    /// `WAIT` or the timeout failed), so it is accepted. Only for a retry: a term never claims
+    /// one instant twice otherwise.
+    pub fn asked_again(self, term: &Term) -> Verdict {
+        match self {
+            Verdict::Held(record)
+                if record.state == RunState::Claimed
+                    && record.epoch == term.epoch
+                    && record.holder == term.holder =>
+            {
+                Verdict::Accepted
+            }
+            other => other,
+        }
+    }
+}
+
 /// A step of a run, recorded with [`Ledger::mark`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mark {

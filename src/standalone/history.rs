@@ -33,8 +33,11 @@ pub enum HistoryKind {
     Memory,
     /// An SQLite database at this path.
     Sqlite(PathBuf),
-    /// A Redis URL: the shared run ledger, its counts.
-    Redis(String),
+    /// The shared run ledger, its counts: at this Redis URL, or (`None`, `--history redis`) where
+    /// the configuration's `redis.*` says, the password from `SCHEDULER__REDIS__PASSWORD` or
+    /// `redis.password_file` rather than the command line, which every user of the host can
+    /// read.
+    Redis(Option<String>),
 }
 
 impl FromStr for HistoryKind {
@@ -48,14 +51,24 @@ impl FromStr for HistoryKind {
                 return Err("sqlite: needs a path, e.g. sqlite:chronflow.db".into());
             }
             Ok(HistoryKind::Sqlite(path.into()))
+        } else if text == "redis" {
+            Ok(HistoryKind::Redis(None))
         } else if text.starts_with("redis://") || text.starts_with("rediss://") {
-            Ok(HistoryKind::Redis(text.to_string()))
+            Ok(HistoryKind::Redis(Some(text.to_string())))
         } else {
             Err(format!(
-                "expected memory, sqlite:PATH or a redis:// URL, got {text:?}"
+                "expected memory, sqlite:PATH, redis (the configuration's redis.*) or a \
+                 redis:// URL, got {text:?}"
             ))
         }
     }
+}
+
+/// Whether a `redis://` URL carries a password (`redis://[user]:password@host`).
+fn has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 /// One line of the database.
@@ -512,14 +525,18 @@ pub fn open_history(
             }
         }
         HistoryKind::Redis(url) => {
-            let settings = RedisSettings {
-                url: url.clone(),
-                cluster: config.redis.cluster,
-                ca: None,
-                wait_replicas: config.redis.wait_replicas,
-                max_connections: config.redis.max_connections as usize,
-                timeout: config.redis.timeout,
-            };
+            let mut settings = RedisSettings::from_config(&config.redis)
+                .map_err(|e| Error::Startup(format!("--history redis: {e}")))?;
+            if let Some(url) = url {
+                if has_password(url) {
+                    warn!(
+                        "--history: a password in the URL is visible to every user of this host \
+                         (ps); use --history redis with SCHEDULER__REDIS__PASSWORD or \
+                         redis.password_file"
+                    );
+                }
+                settings.url = url.clone();
+            }
             let redis = Arc::new(
                 RedisLedger::new(&settings)
                     .map_err(|e| Error::Startup(format!("--history: {e}")))?
@@ -562,4 +579,24 @@ pub fn status(kind: &HistoryKind) -> Result<String, String> {
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_history_is_memory_sqlite_or_redis_from_a_url_or_the_configuration() {
+        assert_eq!("memory".parse(), Ok(HistoryKind::Memory));
+        assert_eq!(
+            "sqlite:a.db".parse(),
+            Ok(HistoryKind::Sqlite("a.db".into()))
+        );
+        assert_eq!("redis".parse(), Ok(HistoryKind::Redis(None)));
+        let url = "rediss://r:6380/0";
+        assert_eq!(url.parse(), Ok(HistoryKind::Redis(Some(url.into()))));
+        assert!("postgres://x".parse::<HistoryKind>().is_err());
+        assert!(has_password("redis://:pw@r:6379") && has_password("redis://u:p@w@r"));
+        assert!(!has_password("redis://r:6379") && !has_password("redis://user@r"));
+    }
 }

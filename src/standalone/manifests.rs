@@ -77,6 +77,7 @@ impl Manifests {
                 max_tasks_per_namespace: 0,
                 allow_insecure_skip_verify: config.http.allow_insecure_skip_verify,
                 allow_exec: true,
+                max_timeout: config.limits.max_timeout,
                 jobs: None,
             },
             index,

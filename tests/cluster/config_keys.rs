@@ -60,7 +60,12 @@ async fn max_workers_bounds_the_runs_in_flight() {
     })
     .await;
     let client = test_env().client().await;
-    let _operator = Operator::start_with(&s.ns, client, |c| c.max_workers = 3).await;
+    // One namespace: every worker is its share.
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.max_workers = 3;
+        c.limits.max_workers_per_namespace = Some(3);
+    })
+    .await;
     for name in ["a", "b", "c", "d", "e", "f"] {
         create(&s.api, name, every_second(&receiver.url("/w"))).await;
     }
@@ -87,6 +92,7 @@ async fn queue_size_bounds_the_runs_waiting_and_the_rest_are_missed() {
     let client = test_env().client().await;
     let _operator = Operator::start_with(&s.ns, client, |c| {
         c.max_workers = 2;
+        c.limits.max_workers_per_namespace = Some(2);
         c.queue_size = 1;
     })
     .await;

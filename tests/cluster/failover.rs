@@ -308,7 +308,7 @@ async fn a_leader_frozen_past_its_lease_is_fenced_when_it_wakes() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let redis = &test_env().redis_url;
-    let two_workers = "max_workers: 2\n";
+    let two_workers = "max_workers: 2\nlimits:\n  max_workers_per_namespace: 2\n";
     // Each replica serves /stats on a known port, to see its queue.
     let endpoints = [free_address(), free_address()];
     let mut replicas = [("f0", endpoints[0]), ("f1", endpoints[1])].map(|(name, address)| {
@@ -426,10 +426,13 @@ async fn sigterm_to_the_leader_finishes_its_runs_and_hands_over_at_once() {
 
 /// A redis-server of the test's own, with an append-only file synced on every write, as a
 /// production ledger should be: killed with -9, it comes back with everything.
+#[derive(Debug)]
 pub(crate) struct OwnRedis {
-    port: u16,
+    pub(crate) port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The primary's port while this one is its replica (kept across restarts).
+    pub(crate) replica_of: Option<u16>,
 }
 
 impl OwnRedis {
@@ -443,6 +446,7 @@ impl OwnRedis {
             port,
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            replica_of: None,
         };
         redis.restart();
         redis
@@ -454,15 +458,37 @@ impl OwnRedis {
 
     /// A replica of `primary`.
     pub(crate) fn start_replica_of(primary: &OwnRedis) -> OwnRedis {
-        let redis = OwnRedis::start();
+        let mut redis = OwnRedis::start();
+        redis.follow(Some(primary.port));
+        redis
+    }
+
+    /// Becomes a replica of the server on `primary` (`REPLICAOF`), or a primary (`None`:
+    /// `REPLICAOF NO ONE`, a failover's promotion); kept across restarts.
+    pub(crate) fn follow(&mut self, primary: Option<u16>) {
+        let target = match primary {
+            Some(port) => vec!["127.0.0.1".to_string(), port.to_string()],
+            None => vec!["NO".to_string(), "ONE".to_string()],
+        };
         let status = Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string(), "REPLICAOF", "127.0.0.1"])
-            .arg(primary.port.to_string())
+            .args(["-p", &self.port.to_string(), "REPLICAOF"])
+            .args(target)
             .stdout(Stdio::null())
             .status()
             .expect("redis-cli runs");
         assert!(status.success());
-        redis
+        self.replica_of = primary;
+    }
+
+    /// A replica whose link to its primary is up and done with its first sync: what Sentinel
+    /// requires of a replica it promotes.
+    pub(crate) fn in_sync(&self) -> bool {
+        let info = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "INFO", "replication"])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).to_string())
+            .unwrap_or_default();
+        info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")
     }
 
     /// Where its append-only file is.
@@ -483,6 +509,13 @@ impl OwnRedis {
             ])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(self.replica_of.iter().flat_map(|port| {
+                [
+                    "--replicaof".to_string(),
+                    "127.0.0.1".to_string(),
+                    port.to_string(),
+                ]
+            }))
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server runs");

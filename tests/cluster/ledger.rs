@@ -1168,4 +1168,20 @@ async fn claims_wait_for_the_replicas_they_ask_for() {
         .expect_err("no replica has it");
     assert!(error.0.contains("0 of 1 replicas"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(4));
+
+    // Redis applied that claim; only its answer failed. Asked again by the same term once the
+    // replica is back, it is that term's claim (a backfill or run-now retry runs it), and no
+    // one else's.
+    replica.restart();
+    let again = eventually("the replica back in sync", || async {
+        ledger.claim(&RunId::new(&task, at(1)), &leader).await.ok()
+    })
+    .await;
+    assert!(
+        matches!(&again, Verdict::Held(r) if r.holder == "a"),
+        "{again:?}"
+    );
+    assert_eq!(again.clone().asked_again(&leader), Verdict::Accepted);
+    let other = term(1, "b");
+    assert_ne!(again.asked_again(&other), Verdict::Accepted);
 }

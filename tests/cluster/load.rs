@@ -104,6 +104,8 @@ async fn many_tasks_every_second() {
         ..Default::default()
     };
     config.log.log_task_success = false;
+    // One namespace has every task: all workers are its share.
+    config.limits.max_workers_per_namespace = Some(config.max_workers);
     config.metrics.bind = "127.0.0.1:0".parse().unwrap();
     let shutdown = CancellationToken::new();
     let operator = tokio::spawn(chronflow::operator::run(

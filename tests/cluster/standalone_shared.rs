@@ -29,19 +29,24 @@ async fn two_standalone_processes_on_one_redis_history_run_each_instant_once() {
         receiver.url("/shared")
     );
     std::fs::write(&manifest, spec).unwrap();
-    let start = || {
+    let redis_url = &test_env().redis_url;
+    // One names the Redis on its command line; the other takes it from its configuration
+    // (`--history redis`: a password would come from SCHEDULER__REDIS__PASSWORD, never argv).
+    let start = |history: &str, env: &[(&str, &str)]| {
         Killed(
             Command::new(env!("CARGO_BIN_EXE_chronflow"))
                 .args(["standalone", "-f"])
                 .arg(&manifest)
-                .args(["--history", &test_env().redis_url])
+                .args(["--history", history])
                 .env("SCHEDULER__LOG__LEVEL", "warn")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .spawn()
                 .unwrap(),
         )
     };
-    let (_a, _b) = (start(), start());
+    let _a = start(redis_url, &[]);
+    let _b = start("redis", &[("SCHEDULER__REDIS__URL", redis_url)]);
     eventually("ten instants", || async {
         (receiver.count() >= 10).then_some(())
     })

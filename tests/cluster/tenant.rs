@@ -1,6 +1,7 @@
 //! Tenant safety: what one ChronTask's author puts in a spec never leaks where others (or logs)
 //! can read it.
 
+use chronflow::config::Namespace;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
@@ -619,4 +620,53 @@ async fn the_job_action_needs_its_author_s_own_right_to_create_jobs() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("may not create Jobs"), "{error}");
+}
+
+#[tokio::test]
+async fn a_namespace_whose_targets_hang_holds_only_its_share_of_workers() {
+    let admin = test_env().client().await;
+    let hog = namespace(&admin, "hog").await;
+    let fair = namespace(&admin, "fair").await;
+    // The hog's targets never answer within the test; each of its runs would hold a worker.
+    let hanging = Receiver::start(Behavior {
+        status: 200,
+        delay: std::time::Duration::from_secs(3600),
+    })
+    .await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let hogs: Api<chronflow::ChronTask> = Api::namespaced(admin.clone(), &hog);
+    for n in 0..6 {
+        let spec = json!({"schedule": {"interval": "1s"}, "timeout": "1h",
+                          "action": {"http": {"url": hanging.url(&format!("/h{n}"))}}});
+        create(&hogs, &format!("h{n}"), spec).await;
+    }
+    let fairs: Api<chronflow::ChronTask> = Api::namespaced(admin.clone(), &fair);
+    let spec = json!({"schedule": {"interval": "1s"}, "startingDeadlineSeconds": 1,
+                      "action": {"http": {"url": receiver.url("/fair")}}});
+    create(&fairs, "tick", spec).await;
+    let namespaces = [&hog, &fair].map(|ns| Namespace::new(ns.as_str()).unwrap());
+    // 4 workers: the hog's share is 2 (limits.max_workers_per_namespace's default, half).
+    let _operator = Operator::start_with(&hog, admin.clone(), |config| {
+        config.watch_namespaces = namespaces.to_vec();
+        config.max_workers = 4;
+    })
+    .await;
+
+    eventually("the hog holds its share of workers", || async {
+        (hanging.count() >= 2).then_some(())
+    })
+    .await;
+    let before = receiver.count();
+    eventually(
+        "the other namespace's task runs, on time, five times more",
+        || async { (receiver.count() >= before + 5).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        hanging.max_in_flight(),
+        2,
+        "the hog held more than its share"
+    );
+    let status = status_where(&fairs, "tick", "runs counted", |st| st.successful_runs >= 5).await;
+    assert_eq!(status.missed_runs, 0, "{:?}", status.recent_runs);
 }

@@ -1,18 +1,22 @@
 //! A TCP proxy on loopback that delays everything a client sends to the apiserver: a slow
 //! apiserver, for tests, without touching the real one. The delay can be changed (or removed)
-//! while connections are open.
+//! while connections are open. It can also move to another upstream, cutting every connection,
+//! as a Service does when a failover moves its endpoint (a promoted Redis replica).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 
 pub struct DelayProxy {
     pub addr: SocketAddr,
     delay_ms: Arc<AtomicU64>,
+    /// Where new connections go, and the relays of those open.
+    upstream: Arc<Mutex<(SocketAddr, JoinSet<()>)>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,11 +26,15 @@ impl DelayProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
-        let shared = delay_ms.clone();
+        let upstream = Arc::new(Mutex::new((upstream, JoinSet::new())));
+        let (shared, target) = (delay_ms.clone(), upstream.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let delay = shared.clone();
-                tokio::spawn(async move {
+                let mut target = target.lock().unwrap();
+                let upstream = target.0;
+                while target.1.try_join_next().is_some() {}
+                target.1.spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         relay(client, server, delay).await;
                     }
@@ -36,8 +44,16 @@ impl DelayProxy {
         DelayProxy {
             addr,
             delay_ms,
+            upstream,
             _task: task,
         }
+    }
+
+    /// New connections go to `upstream`; those open are cut.
+    pub fn switch_to(&self, upstream: SocketAddr) {
+        let mut target = self.upstream.lock().unwrap();
+        target.0 = upstream;
+        target.1.abort_all();
     }
 
     /// A proxy in front of the test run's apiserver, and a client whose calls go through it.

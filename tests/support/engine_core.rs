@@ -59,6 +59,7 @@ impl Core {
                 log_success: false,
             },
             max_runs_per_namespace: 0,
+            max_workers_per_namespace: usize::MAX,
             backfill_per_second: 10,
             http: chronflow::executor::http::client().expect("an HTTP client"),
             values: Arc::new(NoValues),
