@@ -339,6 +339,31 @@ fn kinds(docs: &[serde_yaml::Value]) -> Vec<String> {
 
 /// What each option adds to the rendered chart.
 fn renders_each_option(env: &TestEnv) {
+    // No password reaches the ConfigMap that `config:` becomes.
+    for (value, says) in [
+        (
+            "config.redis.password=pw",
+            "config.redis.password would be stored in a ConfigMap",
+        ),
+        (
+            "config.redis.url=redis://:pw@r:6379/0",
+            "config.redis.url holds a password",
+        ),
+        (
+            "config.http.proxy=http://u:pw@proxy:3128",
+            "config.http.proxy holds a password",
+        ),
+    ] {
+        let out = helm(env)
+            .args(["template", "chronflow"])
+            .arg(repo_root().join("charts/chronflow"))
+            .args(["--set", value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{value} rendered");
+        assert!(text(&out).contains(says), "{value}: {}", text(&out));
+    }
+
     let defaults = kinds(&render(env, &[]));
     for expected in [
         "ClusterRole/",
@@ -449,12 +474,19 @@ fn renders_each_option(env: &TestEnv) {
 
     let extras = kinds(&render(
         env,
-        &["serviceMonitor.enabled=true", "dashboards.enabled=true"],
+        &[
+            "serviceMonitor.enabled=true",
+            "dashboards.enabled=true",
+            "networkPolicy.enabled=true",
+        ],
     ));
-    assert!(
-        extras.contains(&"ServiceMonitor/chronflow-system".to_string()),
-        "{extras:?}"
-    );
+    for expected in [
+        "ServiceMonitor/chronflow-system",
+        "NetworkPolicy/chronflow-system",
+    ] {
+        assert!(extras.contains(&expected.to_string()), "{extras:?}");
+    }
+    assert!(!defaults.iter().any(|k| k.starts_with("NetworkPolicy")));
     assert!(
         extras.iter().filter(|k| k.starts_with("ConfigMap")).count() == 2,
         "{extras:?}"

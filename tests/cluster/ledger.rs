@@ -20,6 +20,22 @@ use crate::support::{eventually, test_env};
 #[allow(dead_code)] // shared with tests/engine.rs, which uses the rest
 mod engine_core;
 
+/// A redis-server of the test's own (to stop and restart) and a ledger on it that gives up
+/// within 500 ms.
+fn own_redis_ledger() -> (crate::failover::OwnRedis, RedisLedger) {
+    let redis = crate::failover::OwnRedis::start();
+    let ledger = RedisLedger::new(&RedisSettings {
+        url: redis.url(),
+        max_connections: 4,
+        timeout: Duration::from_millis(500),
+        cluster: false,
+        ca: None,
+        wait_replicas: 0,
+    })
+    .expect("a ledger");
+    (redis, ledger)
+}
+
 fn ledger(max_connections: usize) -> RedisLedger {
     RedisLedger::new(&RedisSettings {
         url: test_env().redis_url.clone(),
@@ -763,18 +779,8 @@ async fn a_dead_leader_s_run_is_settled_after_redis_refused_the_first_attempt() 
     use chronflow::executor::RetryPolicy;
     use std::sync::Arc;
 
-    let mut redis = crate::failover::OwnRedis::start();
-    let ledger = Arc::new(
-        RedisLedger::new(&RedisSettings {
-            url: redis.url(),
-            max_connections: 4,
-            timeout: Duration::from_millis(500),
-            cluster: false,
-            ca: None,
-            wait_replicas: 0,
-        })
-        .unwrap(),
-    );
+    let (mut redis, ledger) = own_redis_ledger();
+    let ledger = Arc::new(ledger);
     let receiver = Receiver::start(Behavior {
         status: 200,
         delay: Duration::ZERO,
@@ -893,18 +899,8 @@ async fn a_run_now_request_claimed_during_an_outage_runs_once_redis_is_back() {
     use chronflow::executor::RetryPolicy;
     use std::sync::Arc;
 
-    let mut redis = crate::failover::OwnRedis::start();
-    let ledger = Arc::new(
-        RedisLedger::new(&RedisSettings {
-            url: redis.url(),
-            max_connections: 4,
-            timeout: Duration::from_millis(500),
-            cluster: false,
-            ca: None,
-            wait_replicas: 0,
-        })
-        .unwrap(),
-    );
+    let (mut redis, ledger) = own_redis_ledger();
+    let ledger = Arc::new(ledger);
     let receiver = Receiver::start(Behavior {
         status: 200,
         delay: Duration::ZERO,
@@ -951,16 +947,7 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
     use chronflow::run::Report;
     use std::sync::Arc;
 
-    let mut redis = crate::failover::OwnRedis::start();
-    let inner = RedisLedger::new(&RedisSettings {
-        url: redis.url(),
-        max_connections: 4,
-        timeout: Duration::from_millis(500),
-        cluster: false,
-        ca: None,
-        wait_replicas: 0,
-    })
-    .unwrap();
+    let (mut redis, inner) = own_redis_ledger();
     let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel::<Report>();
     let leader = term(1, "a");
     let (_term, watch) = tokio::sync::watch::channel(Some(leader.clone()));
@@ -1015,18 +1002,8 @@ async fn an_instant_that_could_not_be_claimed_is_recorded_before_any_later_one()
     use chronflow::run::{MissKind, Report, ReportSink, Trigger};
     use std::sync::Arc;
 
-    let mut redis = crate::failover::OwnRedis::start();
-    let inner = Arc::new(
-        RedisLedger::new(&RedisSettings {
-            url: redis.url(),
-            max_connections: 4,
-            timeout: Duration::from_millis(500),
-            cluster: false,
-            ca: None,
-            wait_replicas: 0,
-        })
-        .unwrap(),
-    );
+    let (mut redis, inner) = own_redis_ledger();
+    let inner = Arc::new(inner);
     let (reports, _received) = tokio::sync::mpsc::unbounded_channel::<Report>();
     let reports: Arc<dyn ReportSink> = Arc::new(reports);
     let old = term(inner.next_epoch(1).await.unwrap(), "old");

@@ -52,6 +52,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.config.leader_election.enabled) -}}
 {{- fail "replicaCount > 1 needs config.leader_election.enabled=true" -}}
 {{- end -}}
+{{- /* config: is rendered into a ConfigMap, readable by whoever may read ConfigMaps. */ -}}
+{{- if .Values.config.redis.password -}}
+{{- fail "config.redis.password would be stored in a ConfigMap in plain text: give the password in redis.url (kept in a Secret) or redis.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.config.redis.url (regexMatch "://[^/@]*:[^/@]*@" .Values.config.redis.url) -}}
+{{- fail "config.redis.url holds a password, which would be stored in a ConfigMap in plain text: set redis.url (kept in a Secret) or redis.existingSecret instead" -}}
+{{- end -}}
+{{- if and .Values.config.http.proxy (regexMatch "://[^/@]*:[^/@]*@" .Values.config.http.proxy) -}}
+{{- fail "config.http.proxy holds a password, which would be stored in a ConfigMap in plain text: give SCHEDULER__HTTP__PROXY from a Secret in extraEnv instead" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* What the operator needs where tasks live (see the chart README). */}}
