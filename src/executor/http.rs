@@ -106,32 +106,20 @@ impl HttpClient {
         policy: AddressPolicy,
         proxy: Option<reqwest::Proxy>,
     ) -> Result<Self, reqwest::Error> {
-        let mut this = Self {
-            client: reqwest::Client::new(),
-            insecure: reqwest::Client::new(),
+        let policy = Arc::new(policy);
+        Ok(Self {
+            client: builder(&policy, &proxy).build()?,
+            insecure: builder(&policy, &proxy)
+                .tls_danger_accept_invalid_certs(true)
+                .build()?,
             by_bundle: Default::default(),
-            policy: Arc::new(policy),
+            policy,
             proxy,
-        };
-        this.client = this.builder().build()?;
-        this.insecure = this
-            .builder()
-            .tls_danger_accept_invalid_certs(true)
-            .build()?;
-        Ok(this)
+        })
     }
 
-    /// What every client shares: the user agent, no redirects, the guarded resolver, the proxy.
     fn builder(&self) -> reqwest::ClientBuilder {
-        let builder = reqwest::Client::builder()
-            .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(Guarded(self.policy.clone())))
-            .no_proxy();
-        match &self.proxy {
-            Some(proxy) => builder.proxy(proxy.clone()),
-            None => builder,
-        }
+        builder(&self.policy, &self.proxy)
     }
 
     /// Checks a URL whose host is an address (names are checked when resolved).
@@ -188,6 +176,19 @@ impl HttpClient {
         }
         clients.insert(bundle, client.clone());
         Ok(client)
+    }
+}
+
+/// What every client shares: the user agent, no redirects, the guarded resolver, the proxy.
+fn builder(policy: &Arc<AddressPolicy>, proxy: &Option<reqwest::Proxy>) -> reqwest::ClientBuilder {
+    let builder = reqwest::Client::builder()
+        .user_agent(concat!("chronflow/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(Guarded(policy.clone())))
+        .no_proxy();
+    match proxy {
+        Some(proxy) => builder.proxy(proxy.clone()),
+        None => builder,
     }
 }
 
