@@ -835,7 +835,7 @@ impl Engine {
     /// Reports `missed` (the instants a catch-up skips, all older than `runs`), then claims
     /// `runs` in order and hands each one the ledger gives this term to the executor (which
     /// reports it if it cannot take it); after the task's previous batch, so nothing of a later
-    /// instant reaches the ledger before an earlier one. A ledger that answers at once (memory)
+    /// instant reaches the ledger before an earlier one, and only while `term` lasts. A ledger that answers at once (memory)
     /// is asked right here; one that must wait (Redis) is asked off the loop.
     fn claim_and_submit(
         &mut self,
@@ -853,15 +853,25 @@ impl Engine {
             None => None,
         };
         let permit = self.claims.clone().try_acquire_owned().ok();
-        let (ledger, executor, sink) = (
+        let (ledger, executor, sink, leader, task) = (
             self.parts.ledger.clone(),
             self.parts.executor.clone(),
             self.parts.sink.clone(),
+            self.parts.leader.clone(),
+            key.clone(),
         );
         let mut work = Box::pin(async move {
             if let Some(previous) = previous {
                 // Err: that batch was dropped (shutdown); nothing is left to wait for.
                 let _ = previous.await;
+            }
+            // A term that ended while this batch waited (frozen, or behind a slow claim) records
+            // nothing more of the task: its misses would be marked under no term, and a claim
+            // landing after them would hide them. The next term resumes after the newest record
+            // and counts these instants in its gap.
+            if leader.borrow().as_ref() != Some(&term) {
+                debug!(%task, "the term ended; the next one counts this batch's instants");
+                return;
             }
             if let Some(report) = missed {
                 sink.record(report);
@@ -994,6 +1004,20 @@ mod tests {
         mpsc::UnboundedReceiver<Report>,
         CancellationToken,
     ) {
+        let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
+        std::mem::forget(leader_tx); // leads for the whole test
+        start_leading(ledger, leader)
+    }
+
+    /// [`start_with`], leading while `leader` says so.
+    fn start_leading(
+        ledger: Arc<dyn Ledger>,
+        leader: watch::Receiver<Option<Term>>,
+    ) -> (
+        EngineHandle,
+        mpsc::UnboundedReceiver<Report>,
+        CancellationToken,
+    ) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let clock = Clock::tokio_at(t(0));
         let (tx, reports) = mpsc::unbounded_channel();
@@ -1013,8 +1037,6 @@ mod tests {
             Arc::new(crate::executor::job::NoJobs),
             memory_ledger(),
         );
-        let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
-        std::mem::forget(leader_tx); // leads for the whole test
         let (engine, handle) = Engine::new(EngineParts {
             executor,
             ledger,
@@ -1201,6 +1223,32 @@ mod tests {
         sorted.sort();
         assert_eq!(claimed, sorted, "claims reached the ledger out of order");
         assert_eq!(seen[0].0, t(0) + chrono::Duration::seconds(1));
+        stop.cancel();
+    }
+
+    /// Batches waiting behind a slow claim when the term ends claim nothing: the next term
+    /// resumes after the newest record and counts their instants, while a claim landing after
+    /// misses marked under no term would hide them (the storm with Redis failovers found it: a
+    /// leader frozen across a Lease deletion).
+    #[tokio::test(start_paused = true)]
+    async fn batches_waiting_when_the_term_ends_claim_nothing() {
+        let ledger = Arc::new(SlowFirstClaim {
+            inner: memory_ledger(),
+            claimed: Default::default(),
+        });
+        let (term, leader) = watch::channel(Some(Term::single("test")));
+        let (engine, _reports, stop) = start_leading(ledger.clone(), leader);
+        let mut task = hourly(None);
+        task.schedule =
+            Schedule::interval(Duration::from_secs(1), IntervalAnchor::Start(t(0))).unwrap();
+        engine.upsert(task).await;
+        // The first claim (1 s) takes until 3.5 s; the timer fired at 2 and 3 meanwhile.
+        tokio::time::sleep(Duration::from_millis(3200)).await;
+        term.send_replace(None);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let claimed = ledger.claimed.lock().unwrap().clone();
+        let first = t(0) + chrono::Duration::seconds(1);
+        assert_eq!(claimed, [first], "claims of a term that had ended");
         stop.cancel();
     }
 }

@@ -8,11 +8,12 @@
 //! A task's claims and kept marks take turns: a claim is sent only after the missed marks kept
 //! before it landed, and a claim the ledger could not answer leaves its instant's miss kept
 //! here before the next claim of the task is sent. So a record in the ledger means every
-//! earlier instant of its term is recorded too, and a kept missed mark can be dropped once its
-//! term ends: its instant is later than anything that term recorded, and the next leader, which
-//! resumes after the newest record, counts it in the gap. A kept finished mark is sent whatever
-//! the term: the ledger takes the end of a run its own term started even after a newer term
-//! fenced the task.
+//! earlier instant of its term is recorded too. Every kept mark is sent until the ledger answers,
+//! whatever became of its term: a batch of claims in flight when the term ended may still land,
+//! and the misses before it must land first. Once a newer term took the task over, the ledger
+//! fences the old term's marks and claims, and the newer term counts their instants in the gap
+//! after the newest record. A kept finished mark lands even then: the ledger takes the end of a
+//! run its own term started.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +42,6 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 /// back are reported to `sink`.
 pub struct RetriedMarks {
     inner: Arc<dyn Ledger>,
-    leader: watch::Receiver<Option<Term>>,
     sink: Arc<dyn ReportSink>,
     tasks: Mutex<HashMap<TaskId, TaskMarks>>,
     next_id: AtomicU64,
@@ -66,14 +66,9 @@ struct Kept {
 
 impl RetriedMarks {
     /// Wraps `inner`; the retry loop runs on the current tokio runtime from now on.
-    pub fn new(
-        inner: Arc<dyn Ledger>,
-        leader: watch::Receiver<Option<Term>>,
-        sink: Arc<dyn ReportSink>,
-    ) -> Arc<Self> {
+    pub fn new(inner: Arc<dyn Ledger>, sink: Arc<dyn ReportSink>) -> Arc<Self> {
         let marks = Arc::new(Self {
             inner,
-            leader,
             sink,
             tasks: Mutex::default(),
             next_id: AtomicU64::new(0),
@@ -155,23 +150,12 @@ impl RetriedMarks {
     }
 
     /// Sends `task`'s kept marks, oldest first, until none is left or one is refused; call it
-    /// in the task's turn. A missed mark of a term that ended is dropped unsent: the next term
-    /// counts its instant in the gap after the newest record.
+    /// in the task's turn.
     async fn send_kept(&self, task: &TaskId) -> Result<(), LedgerError> {
         loop {
-            let head = {
-                let term = self.leader.borrow().clone();
-                let mut tasks = self.lock();
-                let Some(marks) = tasks.get_mut(task) else {
-                    return Ok(());
-                };
-                marks.kept.retain(|k| {
-                    !matches!(k.mark, Mark::Missed { .. }) || Some(&k.term) == term.as_ref()
-                });
-                match marks.kept.front() {
-                    Some(head) => head.clone(),
-                    None => return Ok(()),
-                }
+            let head = match self.lock().get(task).and_then(|marks| marks.kept.front()) {
+                Some(head) => head.clone(),
+                None => return Ok(()),
             };
             let marked = self.inner.mark(&head.run, &head.term, head.mark).await?;
             debug!(run_id = %head.run, verdict = ?marked.verdict, "a kept mark landed");
@@ -378,6 +362,8 @@ mod tests {
     struct Stalled {
         log: Mutex<Vec<String>>,
         release: Notify,
+        /// Marks fail while set, unlogged (Redis away).
+        down: std::sync::atomic::AtomicBool,
     }
 
     impl Ledger for Stalled {
@@ -414,6 +400,9 @@ mod tests {
             _: &'a Term,
             mark: Mark,
         ) -> BoxFuture<'a, Result<Marked, LedgerError>> {
+            if self.down.load(Ordering::SeqCst) {
+                return async { Err(LedgerError("refused".into())) }.boxed();
+            }
             let entry = format!("{mark:?} {}", run.instant().timestamp());
             self.log.lock().unwrap().push(entry);
             let marked = Marked {
@@ -472,9 +461,8 @@ mod tests {
     async fn a_claim_waits_for_an_earlier_one_and_for_its_miss() {
         let inner = Arc::new(Stalled::default());
         let term = Term::single("a#1");
-        let (_leader, watch) = watch::channel(Some(term.clone()));
         let (reports, _received) = tokio::sync::mpsc::unbounded_channel::<Report>();
-        let marks = RetriedMarks::new(inner.clone(), watch, Arc::new(reports));
+        let marks = RetriedMarks::new(inner.clone(), Arc::new(reports));
         let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
         let run = |second| RunId::new(&task, Utc.timestamp_opt(second, 0).unwrap());
 
@@ -492,6 +480,36 @@ mod tests {
         inner.release.notify_one();
         assert!(first.await.unwrap().is_err());
         assert_eq!(second.await.unwrap(), Ok(Verdict::Accepted));
+        assert_eq!(
+            *inner.log.lock().unwrap(),
+            ["claim 0", "Missed { count: 1 } 0", "claim 1"],
+        );
+        assert_eq!(marks.pending(), 0);
+    }
+    /// A miss kept while the ledger refused reaches it before the task's next claim, even when
+    /// that claim comes from a term that ended meanwhile (a batch in flight when the Lease
+    /// went): a claim that lands never leaves an earlier instant neither run nor counted. When
+    /// a newer term took the task over, the ledger fences both.
+    #[tokio::test]
+    async fn a_kept_miss_reaches_the_ledger_before_the_next_claim_whatever_its_term() {
+        let inner = Arc::new(Stalled::default());
+        let term = Term::single("a#1");
+        let (reports, _received) = tokio::sync::mpsc::unbounded_channel::<Report>();
+        let marks = RetriedMarks::new(inner.clone(), Arc::new(reports));
+        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
+        let run = |second| RunId::new(&task, Utc.timestamp_opt(second, 0).unwrap());
+
+        inner.down.store(true, Ordering::SeqCst);
+        let (first, earlier, term_a) = (run(0), marks.clone(), term.clone());
+        let first = tokio::spawn(async move { earlier.claim(&first, &term_a).await });
+        while inner.log.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        inner.release.notify_one();
+        assert!(first.await.unwrap().is_err());
+        assert_eq!(marks.pending(), 1);
+        inner.down.store(false, Ordering::SeqCst);
+        assert_eq!(marks.claim(&run(1), &term).await, Ok(Verdict::Accepted));
         assert_eq!(
             *inner.log.lock().unwrap(),
             ["claim 0", "Missed { count: 1 } 0", "claim 1"],

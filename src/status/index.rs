@@ -214,7 +214,7 @@ impl StatusIndex {
     ) -> (Arc<RetriedMarks>, Arc<dyn ReportSink>) {
         self.count_from_ledger();
         let index: Arc<dyn ReportSink> = Arc::new(self.clone());
-        let ledger = RetriedMarks::new(ledger, leader.clone(), index.clone());
+        let ledger = RetriedMarks::new(ledger, index.clone());
         let sink = Arc::new(RecordMissed {
             ledger: ledger.clone(),
             leader,
