@@ -39,7 +39,7 @@ fn task(
         catch_up_from,
         run: Arc::new(RunSpec {
             action: Action::Http(HttpAction {
-                url: url.parse().unwrap(),
+                url: chronflow::executor::http::Target::Url(url.parse().unwrap()),
                 method: reqwest::Method::POST,
                 headers: vec![("X-Test".into(), HeaderValue::Literal("1".into()))],
                 body: None,

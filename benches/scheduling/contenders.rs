@@ -225,7 +225,9 @@ async fn run_chronflow(params: RunParams) -> RunResult {
                 })))
             }
             Some(receiver) => Action::Http(HttpAction {
-                url: task_url(receiver, i).parse().expect("a URL"),
+                url: chronflow::executor::http::Target::Url(
+                    task_url(receiver, i).parse().expect("a URL"),
+                ),
                 method: reqwest::Method::POST,
                 headers: Vec::new(),
                 body: None,

@@ -13,7 +13,7 @@ use crate::crd::spec::SecretKeyRef;
 use crate::crd::{ChronTask, HistorySpec, HttpMethod, HttpTls, Phase};
 use crate::crd::{RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION};
 use crate::engine::{BackfillRequest, EngineTask, RunNow};
-use crate::executor::http::{HeaderValue, SuccessCodes, Tls, ValueRef, is_reserved_header};
+use crate::executor::http::{HeaderValue, SuccessCodes, Target, Tls, ValueRef, is_reserved_header};
 use crate::executor::job::JOB_DEADLINE_GRACE;
 use crate::executor::{Action, HttpAction, JobAction, RetryPolicy, RunSpec};
 use crate::ledger::Counts;
@@ -157,6 +157,10 @@ pub fn validate(task: &ChronTask, default_timezone: Tz) -> Result<ValidTask, Inv
             revision: 0,
         }),
     };
+    // Last, behind the checks that explain more: every limit the schema states, for a CRD
+    // installed without them and for standalone manifests.
+    let json = serde_json::to_value(spec).map_err(|e| invalid("spec", e))?;
+    crate::crd::limits::check(&json).map_err(|(field, why)| invalid(&field, why))?;
     Ok(ValidTask {
         engine,
         schedule_text,
@@ -326,16 +330,34 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
             Ok((Action::Exec(action), Vec::new()))
         }
         (Some(http), None, None) => {
-            let url =
-                reqwest::Url::parse(&http.url).map_err(|e| invalid("spec.action.http.url", e))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(invalid(
-                    "spec.action.http.url",
-                    "must be an http:// or https:// URL with a host",
-                ));
-            }
-            let mut headers = Vec::new();
             let mut references = Vec::new();
+            let url = match (&http.url, &http.url_from) {
+                (Some(url), None) => {
+                    let field = "spec.action.http.url";
+                    let url = reqwest::Url::parse(url).map_err(|e| invalid(field, e))?;
+                    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                        return Err(invalid(
+                            field,
+                            "must be an http:// or https:// URL with a host",
+                        ));
+                    }
+                    Target::Url(url)
+                }
+                (None, Some(source)) => {
+                    let secret = &source.secret_key_ref;
+                    key_ref("spec.action.http.urlFrom.secretKeyRef", secret)?;
+                    let reference = ValueRef::secret(&secret.name, &secret.key);
+                    references.push(reference.clone());
+                    Target::Secret(reference)
+                }
+                _ => {
+                    return Err(invalid(
+                        "spec.action.http",
+                        "needs exactly one of url or urlFrom",
+                    ));
+                }
+            };
+            let mut headers = Vec::new();
             for (i, header) in http.headers.iter().enumerate() {
                 let field = format!("spec.action.http.headers[{i}]");
                 reqwest::header::HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| {
@@ -494,16 +516,19 @@ fn key_ref(field: &str, reference: &SecretKeyRef) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A URL read from a Secret is checked against `tls` at each attempt instead.
 fn tls(
     spec: Option<&HttpTls>,
-    url: &reqwest::Url,
+    url: &Target,
     references: &mut Vec<ValueRef>,
 ) -> Result<Tls, Invalid> {
     let field = "spec.action.http.tls";
     let Some(spec) = spec else {
         return Ok(Tls::SystemRoots);
     };
-    if url.scheme() != "https" {
+    if let Target::Url(url) = url
+        && url.scheme() != "https"
+    {
         return Err(invalid(field, "applies to https:// URLs only"));
     }
     let bundle = spec.ca_bundle.as_ref().map(|source| {
@@ -684,6 +709,50 @@ mod tests {
             reason(bundle)
                 .starts_with("spec.action.http.tls.caBundle.configMapKeyRef.name: \"Ca\" is not")
         );
+    }
+
+    /// A CRD installed without the schema's limits (or a standalone manifest) lifts none: they
+    /// are checked again here.
+    #[test]
+    fn the_schema_s_limits_hold_without_the_apiserver() {
+        let headers: Vec<_> = (0..65)
+            .map(|i| json!({"name": format!("X-{i}"), "value": "v"}))
+            .collect();
+        let many = task(json!({"schedule": {"cron": "@daily"}, "action": {"http": {
+            "url": "http://x.example/", "headers": headers}}}));
+        assert_eq!(
+            reason(many),
+            "spec.action.http.headers: 65 items, at most 64"
+        );
+        let concurrent = task(
+            json!({"schedule": {"cron": "@daily"}, "maxConcurrentRuns": 101,
+            "concurrencyPolicy": "Allow", "action": {"http": {"url": "http://x.example/"}}}),
+        );
+        assert_eq!(
+            reason(concurrent),
+            "spec.maxConcurrentRuns: 101 is above the maximum 100"
+        );
+    }
+
+    #[test]
+    fn a_url_comes_from_the_spec_or_from_a_secret_never_both() {
+        let with = |http: serde_json::Value| {
+            task(json!({"schedule": {"cron": "@daily"}, "action": {"http": http}}))
+        };
+        let from = json!({"secretKeyRef": {"name": "hook", "key": "url"}});
+        let exactly_one = "spec.action.http: needs exactly one of url or urlFrom";
+        assert_eq!(reason(with(json!({}))), exactly_one);
+        assert_eq!(
+            reason(with(json!({"url": "http://x.example/", "urlFrom": from}))),
+            exactly_one
+        );
+        let valid = validate(&with(json!({"urlFrom": from})), Tz::UTC).unwrap();
+        assert_eq!(valid.references, [ValueRef::secret("hook", "url")]);
+        // Its scheme is known at each attempt only, where tls is checked against it.
+        let tls = json!({"urlFrom": from, "tls": {"insecureSkipVerify": true}});
+        assert!(validate(&with(tls), Tz::UTC).is_ok());
+        let bad = json!({"urlFrom": {"secretKeyRef": {"name": "hook", "key": "/etc/hostname"}}});
+        assert!(reason(with(bad)).starts_with("spec.action.http.urlFrom.secretKeyRef.key: "));
     }
 
     fn with_status(mut task: ChronTask, status: serde_json::Value) -> ChronTask {

@@ -1,6 +1,7 @@
 //! The `ChronTask` custom resource (`chronflow.io/v1alpha1`): spec, status and the CRD that
 //! `chronflow crd` prints and `crds/chronflow.io_chrontasks.yaml` commits.
 
+pub mod limits;
 mod schema;
 pub mod spec;
 pub mod status;

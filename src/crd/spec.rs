@@ -293,12 +293,21 @@ pub struct EnvVar {
 /// An HTTP request per run; the run succeeds when the status code is in `successCodes`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.tls) || self.url.startsWith('https://')").message("http.tls applies to https:// URLs only"))]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.urlFrom)").message("http needs exactly one of url or urlFrom"))]
+#[x_kube(validation = Rule::new("!has(self.tls) || !has(self.url) || self.url.startsWith('https://')").message("http.tls applies to https:// URLs only"))]
 pub struct HttpAction {
-    /// The endpoint, `http://` or `https://`.
+    /// The endpoint, `http://` or `https://`; shown in status, Events and logs without its
+    /// user info and query. Exactly one of `url` and `urlFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("http.url must start with http:// or https://"))]
     #[schemars(length(min = 8, max = 2048))]
-    pub url: String,
+    pub url: Option<String>,
+
+    /// The endpoint read from a Secret in the task's namespace labeled
+    /// `chronflow.io/usable-by-tasks=true`, for URLs that carry a token (Slack and Discord
+    /// webhooks): shown only as scheme and host, read at each attempt like a header's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_from: Option<UrlSource>,
 
     /// HTTP method.
     #[serde(default)]
@@ -380,6 +389,14 @@ pub struct HttpHeader {
     /// Value read from a Secret in the task's namespace; never logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_from: Option<HeaderValueSource>,
+}
+
+/// Where an HTTP action's URL comes from.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UrlSource {
+    /// A key of a Secret in the task's namespace whose value is the URL.
+    pub secret_key_ref: SecretKeyRef,
 }
 
 /// Where a header value comes from.

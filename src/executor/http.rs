@@ -49,7 +49,7 @@ pub fn is_reserved_header(name: &str) -> bool {
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpAction {
     /// The endpoint.
-    pub url: reqwest::Url,
+    pub url: Target,
     /// The request's method.
     pub method: reqwest::Method,
     /// Headers, by name, with where each value comes from.
@@ -62,6 +62,40 @@ pub struct HttpAction {
     pub follow_redirects: FollowRedirects,
     /// How an `https://` target's certificate is verified.
     pub tls: Tls,
+}
+
+/// Where an HTTP action's URL comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// Written in the spec; messages show it without user info, query and fragment.
+    Url(reqwest::Url),
+    /// Read at each attempt (a webhook whose path is its token); messages show only its
+    /// scheme and host.
+    Secret(ValueRef),
+}
+
+impl From<reqwest::Url> for Target {
+    fn from(url: reqwest::Url) -> Self {
+        Self::Url(url)
+    }
+}
+
+/// How much of a URL messages (status, Events, logs) show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shown {
+    /// Without user info, query and fragment ([`redacted_url`]).
+    Redacted,
+    /// Scheme, host and port only.
+    Origin,
+}
+
+impl Shown {
+    fn show(self, url: &reqwest::Url) -> String {
+        match self {
+            Self::Redacted => redacted_url(url),
+            Self::Origin => url.origin().ascii_serialization(),
+        }
+    }
 }
 
 /// How an `https://` target's certificate is verified.
@@ -166,11 +200,10 @@ impl HttpClient {
                     Ok(roots)
                 }
             })?;
-        let client = self
-            .builder()
-            .tls_certs_only(roots)
-            .build()
-            .map_err(|e| format!("tls.caBundle: {reference}: {}", describe_error(e)))?;
+        let client = self.builder().tls_certs_only(roots).build().map_err(|e| {
+            let error = describe_error(e, Shown::Redacted);
+            format!("tls.caBundle: {reference}: {error}")
+        })?;
         if clients.len() >= MAX_BUNDLE_CLIENTS {
             clients.clear();
         }
@@ -392,11 +425,21 @@ pub async fn attempt(
         };
         headers.push((header_name, header_value));
     }
-    let (mut method, mut url, mut body) = (
-        action.method.clone(),
-        action.url.clone(),
-        action.body.clone(),
-    );
+    let (mut url, shown) = match &action.url {
+        Target::Url(url) => (url.clone(), Shown::Redacted),
+        Target::Secret(reference) => (
+            url_from(values, attempt.namespace, reference).await?,
+            Shown::Origin,
+        ),
+    };
+    if action.tls != Tls::SystemRoots && url.scheme() != "https" {
+        return Err(format!(
+            "tls applies to https:// URLs only, and {} is not one",
+            shown.show(&url)
+        ));
+    }
+    let origin = url.origin();
+    let (mut method, mut body) = (action.method.clone(), action.body.clone());
     for hop in 0..=MAX_REDIRECTS {
         http.check(&url)?;
         let mut request = client
@@ -416,7 +459,7 @@ pub async fn attempt(
         if let Some(body) = &body {
             request = request.body(body.clone());
         }
-        let response = request.send().await.map_err(describe_error)?;
+        let response = request.send().await.map_err(|e| describe_error(e, shown))?;
         let status = response.status();
         let location = response
             .headers()
@@ -432,16 +475,16 @@ pub async fn attempt(
         let Some(location) = location else {
             return Err(format!("HTTP {status}"));
         };
-        let shown = redacted_url(&location);
+        let to = shown.show(&location);
         if action.follow_redirects == FollowRedirects::Never {
             return Err(format!(
-                "HTTP {status}: redirected to {shown} (not followed: followRedirects is Never)"
+                "HTTP {status}: redirected to {to} (not followed: followRedirects is Never)"
             ));
         }
         // Header values (Secrets among them) never leave the origin they were meant for.
-        if location.origin() != action.url.origin() {
+        if location.origin() != origin {
             return Err(format!(
-                "HTTP {status}: redirected to another origin, {shown} (not followed: \
+                "HTTP {status}: redirected to another origin, {to} (not followed: \
                  followRedirects is SameOrigin)"
             ));
         }
@@ -460,6 +503,25 @@ pub async fn attempt(
 
 /// The most of a response body read; the rest is dropped with the connection.
 const MAX_BODY: usize = 64 * 1024;
+
+/// The URL `reference` holds: an `http://` or `https://` URL with a host. Errors name where it
+/// came from, never the value.
+async fn url_from(
+    values: &Arc<dyn ValueSource>,
+    namespace: &str,
+    reference: &ValueRef,
+) -> Result<reqwest::Url, String> {
+    let value = values
+        .get(namespace, reference)
+        .await
+        .map_err(|e| format!("urlFrom: {e}"))?;
+    match reqwest::Url::parse(value.0.trim()) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => Ok(url),
+        _ => Err(format!(
+            "urlFrom: {reference} holds no http:// or https:// URL with a host"
+        )),
+    }
+}
 
 /// Reads the response body, up to [`MAX_BODY`], and drops it: a body read to its end lets the
 /// connection serve the next run; an endless one cannot hold a worker.
@@ -487,10 +549,10 @@ fn without_line_end(value: &str) -> &str {
 }
 
 /// reqwest's Display shows only the outermost error ("error sending request"); the cause
-/// ("connection refused") is what a user needs in status. The URL is shown redacted: this
-/// message goes to status, Events and logs.
-fn describe_error(error: reqwest::Error) -> String {
-    let url = error.url().map(redacted_url);
+/// ("connection refused") is what a user needs in status. The URL is shown as `shown` says:
+/// this message goes to status, Events and logs.
+fn describe_error(error: reqwest::Error, shown: Shown) -> String {
+    let url = error.url().map(|url| shown.show(url));
     let error = error.without_url();
     let mut message = error.to_string();
     let mut source = std::error::Error::source(&error);
@@ -526,7 +588,7 @@ mod tests {
     /// A POST to `url` with no header or body, redirects not followed, 2xx a success.
     fn post(url: &str) -> HttpAction {
         HttpAction {
-            url: url.parse().unwrap(),
+            url: Target::Url(url.parse().unwrap()),
             method: reqwest::Method::POST,
             headers: Vec::new(),
             body: None,
@@ -560,12 +622,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
-        let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
-        let run_id = RunId::new(
-            &crate::run::TaskId::new(TaskKey::new("ns", "t"), "uid"),
-            scheduled,
-        );
+        let values: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         // The loopback receiver in every spelling that reaches it.
         for url in [
             format!("{base}/hook"),
@@ -574,15 +631,7 @@ mod tests {
             format!("http://0.0.0.0:{port}/hook"),
             format!("http://[::]:{port}/hook"),
         ] {
-            let action = post(&url);
-            let one = Attempt {
-                namespace: "ns",
-                run_id: &run_id,
-                scheduled,
-                number: 1,
-                epoch: 1,
-            };
-            let error = attempt(&denied, &secrets, &action, one).await.unwrap_err();
+            let error = run_with(&denied, &post(&url), &values).await.unwrap_err();
             assert!(
                 error.contains("is not allowed (http.deny_cidrs has ")
                     || error.contains("is not allowed (an unspecified address"),
@@ -621,7 +670,7 @@ mod tests {
             .port();
         let url = format!("http://user:pw@127.0.0.1:{port}/hook?token=abc123");
         let error = client.get(url).send().await.unwrap_err();
-        let message = describe_error(error);
+        let message = describe_error(error, Shown::Redacted);
         assert!(
             !message.contains("abc123") && !message.contains("pw"),
             "{message}"
@@ -772,23 +821,11 @@ mod tests {
         let (base, accepted) = keep_alive(Box::leak(answer.into_boxed_str())).await;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = client().unwrap();
-        let secrets: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
-        let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
-        let run_id = RunId::new(
-            &crate::run::TaskId::new(TaskKey::new("ns", "t"), "uid"),
-            scheduled,
-        );
+        let values: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::new()));
         let action = post(&format!("{base}/hook"));
-        for number in 1..=3 {
-            let one = Attempt {
-                namespace: "ns",
-                run_id: &run_id,
-                scheduled,
-                number,
-                epoch: 1,
-            };
+        for _ in 1..=3 {
             assert_eq!(
-                attempt(&http, &secrets, &action, one).await,
+                run_with(&http, &action, &values).await,
                 Ok("HTTP 200".into())
             );
         }
@@ -888,12 +925,25 @@ mod tests {
             follow_redirects,
             ..post(url.as_str())
         };
+        run(&action, secrets).await
+    }
+
+    /// One attempt of `action`, its values read from `values`.
+    async fn run(action: &HttpAction, values: Arc<dyn ValueSource>) -> Result<String, String> {
+        run_with(&client().unwrap(), action, &values).await
+    }
+
+    /// One attempt of `action` with the client `http`.
+    async fn run_with(
+        http: &HttpClient,
+        action: &HttpAction,
+        values: &Arc<dyn ValueSource>,
+    ) -> Result<String, String> {
         let scheduled = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
         let run_id = RunId::new(
             &crate::run::TaskId::new(TaskKey::new("ns", "t"), "uid"),
             scheduled,
         );
-        let client = client().unwrap();
         let one = Attempt {
             namespace: "ns",
             run_id: &run_id,
@@ -901,7 +951,58 @@ mod tests {
             number: 1,
             epoch: 1,
         };
-        attempt(&client, &secrets, &action, one).await
+        attempt(http, values, action, one).await
+    }
+
+    /// A URL read from a Secret is requested as the Secret holds it (one trailing line break
+    /// dropped), and messages show only its scheme and host: a webhook's token is its path.
+    #[tokio::test]
+    async fn a_url_from_a_secret_is_requested_and_shown_only_as_its_origin() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (url, served) = serve_once().await;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let leak = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
+        let values: Arc<dyn ValueSource> = Arc::new(FakeSecrets(HashMap::from([
+            (("hook", "url"), leak(format!("{url}/T0KEN\n"))),
+            (
+                ("refused", "url"),
+                leak(format!("http://127.0.0.1:{port}/hooks/T0KEN?k=T0KEN")),
+            ),
+            (("text", "url"), "T0KEN"),
+            (("plain", "url"), "http://127.0.0.1:9/T0KEN"),
+        ])));
+        let from = |name: &str| HttpAction {
+            url: Target::Secret(ValueRef::secret(name, "url")),
+            ..post("http://127.0.0.1:9/unused")
+        };
+
+        assert_eq!(
+            run(&from("hook"), values.clone()).await,
+            Ok("HTTP 204".into())
+        );
+        let head = served.await.unwrap();
+        assert!(head.starts_with("POST /hook/T0KEN HTTP/1.1\r\n"), "{head}");
+
+        let refused = run(&from("refused"), values.clone()).await.unwrap_err();
+        assert!(
+            refused.ends_with(&format!("(http://127.0.0.1:{port})")) && !refused.contains("T0KEN"),
+            "{refused}"
+        );
+        let not_a_url = run(&from("text"), values.clone()).await.unwrap_err();
+        assert_eq!(
+            not_a_url,
+            "urlFrom: Secret text key \"url\" holds no http:// or https:// URL with a host"
+        );
+        let tls = HttpAction {
+            tls: Tls::InsecureSkipVerify,
+            ..from("plain")
+        };
+        assert_eq!(
+            run(&tls, values).await,
+            Err("tls applies to https:// URLs only, and http://127.0.0.1:9 is not one".into())
+        );
     }
 
     fn from_secret() -> HeaderValue {

@@ -382,7 +382,7 @@ impl Executor {
 /// Shared by the engine's and the executor's unit tests.
 #[cfg(test)]
 pub(crate) mod fixtures {
-    use super::http::NoValues;
+    use super::http::{NoValues, Target};
     use super::*;
     use crate::run::TaskKey;
 
@@ -395,7 +395,7 @@ pub(crate) mod fixtures {
     pub fn http_spec(url: &str, timeout: Duration, starting_deadline: Option<Duration>) -> RunSpec {
         RunSpec {
             action: Action::Http(HttpAction {
-                url: url.parse().unwrap(),
+                url: Target::Url(url.parse().unwrap()),
                 method: reqwest::Method::POST,
                 headers: Vec::new(),
                 body: None,

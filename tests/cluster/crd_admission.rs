@@ -230,6 +230,17 @@ async fn invalid_chrontasks_are_rejected_with_clear_messages() {
             "http.tls applies to https:// URLs only",
         ),
         (
+            "url-and-url-from",
+            json!({"spec": {"action": {"http": {"urlFrom": {"secretKeyRef":
+                {"name": "hook", "key": "url"}}}}}}),
+            "http needs exactly one of url or urlFrom",
+        ),
+        (
+            "no-url",
+            json!({"spec": {"action": {"http": {"url": null, "method": "GET"}}}}),
+            "http needs exactly one of url or urlFrom",
+        ),
+        (
             "tls-bundle-and-skip-verify",
             json!({"spec": {"action": {"http": {"url": "https://example.com/", "tls": {
                 "insecureSkipVerify": true,

@@ -750,7 +750,7 @@ fn http_task(
         catch_up_from: Some(Utc::now() - chrono::Duration::seconds(1)),
         run: std::sync::Arc::new(RunSpec {
             action: Action::Http(HttpAction {
-                url: receiver.url("/hook").parse().unwrap(),
+                url: chronflow::executor::http::Target::Url(receiver.url("/hook").parse().unwrap()),
                 method: reqwest::Method::POST,
                 headers: Vec::new(),
                 body: None,

@@ -32,17 +32,7 @@ async fn a_url_s_credentials_and_query_never_reach_status_or_events() {
     let shown = format!("http://127.0.0.1:{port}/hook?<redacted>");
     assert!(message.contains(&shown), "{message}");
 
-    let events: Api<Event> = Api::namespaced(client, &s.ns);
-    let failed = eventually("a RunFailed Event", || async {
-        let list = events.list(&ListParams::default()).await.ok()?;
-        let found: Vec<Event> = list
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some("RunFailed"))
-            .collect();
-        (!found.is_empty()).then_some(found)
-    })
-    .await;
+    let failed = run_failed_events(client, &s.ns).await;
     let task = s.api.get("leaky").await.unwrap();
     let everything = format!(
         "{}\n{}",
@@ -55,6 +45,67 @@ async fn a_url_s_credentials_and_query_never_reach_status_or_events() {
             "{secret} leaked:\n{everything}"
         );
     }
+}
+
+/// A webhook whose path is its token comes from a Secret that opted in: the request goes to the
+/// whole URL, and status and Events show only its scheme, host and port.
+#[tokio::test]
+async fn a_url_from_a_secret_is_called_and_shown_only_as_its_origin() {
+    let s = setup("tenant-url-from").await;
+    let client = test_env().client().await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let port = free_address().port();
+    let hooks = [
+        ("called", receiver.url("/hooks/T0KEN-called")),
+        (
+            "refused",
+            format!("http://127.0.0.1:{port}/hooks/T0KEN-refused"),
+        ),
+    ];
+    for (name, url) in &hooks {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"chronflow.io/usable-by-tasks": "true"}},
+            "stringData": {"url": url}}))
+        .unwrap();
+        Api::<Secret>::namespaced(client.clone(), &s.ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let _operator = Operator::start(&s.ns).await;
+    for (name, _) in &hooks {
+        let spec = json!({"schedule": {"interval": "1s"}, "action": {"http": {
+            "urlFrom": {"secretKeyRef": {"name": name, "key": "url"}}}}});
+        create(&s.api, name, spec).await;
+    }
+    status_where(&s.api, "called", "a run", |st| st.successful_runs >= 1).await;
+    assert!(
+        receiver
+            .hits()
+            .iter()
+            .all(|hit| hit.path == "/hooks/T0KEN-called"),
+        "{:?}",
+        receiver.hits()
+    );
+    let status = status_where(&s.api, "refused", "a failed run", |st| st.failed_runs >= 1).await;
+    let message = status
+        .last_run
+        .and_then(|run| run.message)
+        .unwrap_or_default();
+    assert!(
+        message.contains(&format!("(http://127.0.0.1:{port})")),
+        "{message}"
+    );
+    let failed = run_failed_events(client, &s.ns).await;
+    let mut everything = serde_json::to_string(&failed).unwrap();
+    for (name, _) in &hooks {
+        let task = s.api.get(name).await.unwrap();
+        everything += &serde_json::to_string(&task.status).unwrap();
+    }
+    assert!(
+        !everything.contains("T0KEN"),
+        "a token leaked:\n{everything}"
+    );
 }
 
 #[tokio::test]
@@ -99,6 +150,21 @@ async fn a_redirect_to_another_port_never_receives_a_header_value() {
         "the header went to the task's own URL"
     );
     assert_eq!(elsewhere.count(), 0, "the other port was called");
+}
+
+/// The `RunFailed` Events of `ns`, once there is one.
+async fn run_failed_events(client: kube::Client, ns: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(client, ns);
+    eventually("a RunFailed Event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let found: Vec<Event> = list
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("RunFailed"))
+            .collect();
+        (!found.is_empty()).then_some(found)
+    })
+    .await
 }
 
 /// A Secret named `name` with `token: value`, labeled for tasks or not.
