@@ -143,6 +143,9 @@ async fn helm_install_then_kubectl_as_a_user_would() {
         &["get", "secrets", "-n", "shop"],
         &["get", "configmaps", "-n", "shop"],
         &["update", "leases.coordination.k8s.io", "-n", NS],
+        // config.metrics.auth: kubernetes, the chart's default.
+        &["create", "tokenreviews.authentication.k8s.io"],
+        &["create", "subjectaccessreviews.authorization.k8s.io"],
     ] {
         assert!(can_i(env, allowed), "the operator needs {allowed:?}");
     }
@@ -203,6 +206,9 @@ async fn helm_install_then_kubectl_as_a_user_would() {
         response.status().is_success().then_some(())
     })
     .await;
+    // The chart's /metrics answers only a token the apiserver accepts.
+    let anonymous = client.get(format!("http://{metrics}/metrics")).send();
+    assert_eq!(anonymous.await.unwrap().status().as_u16(), 401);
 
     // The card's flows, with the real kubectl.
     let receiver = Receiver::start(Behavior::default()).await;

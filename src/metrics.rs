@@ -4,10 +4,13 @@
 //! the two can never disagree); bounds and backlogs are read when scraped ([`Live`]).
 //!
 //! Cardinality: only `runs` and `missed_runs` carry per-task labels (`namespace`, `task`), one
-//! series per task and outcome or reason; `metrics.per_task: false` leaves them empty for very
-//! large installations. Every other label has a fixed, small set of values.
+//! series per task and outcome or reason, removed when the task is deleted;
+//! `metrics.per_task_selector` limits them to the tasks whose labels match, and
+//! `metrics.per_task: false` leaves them empty for very large installations. Every other label
+//! has a fixed, small set of values.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -21,12 +24,13 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 
+use crate::config::TaskSelector;
 use crate::executor::LoadGauge;
 use crate::leader::Term;
 use crate::ledger::{
     Counts, Ledger, LedgerError, Mark, Marked, RedisLedger, RetriedMarks, TakeOver, Verdict,
 };
-use crate::run::{Outcome, Report, ReportSink, RunId, TaskId};
+use crate::run::{MissKind, Outcome, Report, ReportSink, RunId, TaskId, TaskKey};
 use crate::status::StatusIndex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,8 +70,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// `per_task`: whether run and miss counts carry the task's namespace and name.
-    pub fn new(per_task: bool) -> Self {
+    /// `per_task`: whether run and miss counts carry the task's namespace and name; `selector`:
+    /// only those of the tasks it selects ([`Metrics::labels`]).
+    pub fn new(per_task: bool, selector: Option<TaskSelector>) -> Self {
+        let per_task = match (per_task, selector) {
+            (false, _) => PerTask::Nobody,
+            (true, None) => PerTask::Everyone,
+            (true, Some(selector)) => PerTask::Selected(selector, Mutex::default()),
+        };
         let mut registry = Registry::with_prefix("chronflow");
         let runs = RunMetrics::register(&mut registry, per_task);
         let claims = ClaimMetrics::register(&mut registry);
@@ -89,6 +99,30 @@ impl Metrics {
         let _ = self.live.set(live);
     }
 
+    /// A task's labels, as applied: with `metrics.per_task_selector`, whether its runs carry its
+    /// namespace and name from now on (a task no longer selected loses its series).
+    pub fn labels(&self, task: &TaskKey, labels: &BTreeMap<String, String>) {
+        if let PerTask::Selected(selector, selected) = &self.runs.per_task {
+            let mut selected = selected.lock().unwrap_or_else(|p| p.into_inner());
+            if selector.matches(labels) {
+                selected.insert(task.clone());
+            } else if selected.remove(task) {
+                self.runs.remove(task);
+            }
+        }
+    }
+
+    /// The task was deleted: its series go.
+    pub fn forget(&self, task: &TaskKey) {
+        if let PerTask::Selected(_, selected) = &self.runs.per_task {
+            selected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(task);
+        }
+        self.runs.remove(task);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -98,9 +132,17 @@ impl Metrics {
     }
 }
 
+/// Which tasks' run and miss counts carry their namespace and name.
+enum PerTask {
+    Nobody,
+    Everyone,
+    /// Those the selector matched when last applied.
+    Selected(TaskSelector, Mutex<HashSet<TaskKey>>),
+}
+
 /// Runs, their duration, start lag, retries and misses.
 pub struct RunMetrics {
-    per_task: bool,
+    per_task: PerTask,
     runs: Family<RunLabels, Counter>,
     missed: Family<MissLabels, Counter>,
     duration: Histogram,
@@ -109,7 +151,7 @@ pub struct RunMetrics {
 }
 
 impl RunMetrics {
-    fn register(registry: &mut Registry, per_task: bool) -> Self {
+    fn register(registry: &mut Registry, per_task: PerTask) -> Self {
         let metrics = Self {
             per_task,
             runs: Family::default(),
@@ -151,10 +193,37 @@ impl RunMetrics {
     }
 
     fn task_labels(&self, task: &TaskId) -> (String, String) {
-        if self.per_task {
+        let labelled = match &self.per_task {
+            PerTask::Nobody => false,
+            PerTask::Everyone => true,
+            PerTask::Selected(_, selected) => selected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&task.key),
+        };
+        if labelled {
             (task.key.namespace.clone(), task.key.name.clone())
         } else {
             (String::new(), String::new())
+        }
+    }
+
+    /// Removes `task`'s series.
+    fn remove(&self, task: &TaskKey) {
+        let (namespace, name) = (&task.namespace, &task.name);
+        for outcome in ["succeeded", "failed"] {
+            self.runs.remove(&RunLabels {
+                namespace: namespace.clone(),
+                task: name.clone(),
+                outcome,
+            });
+        }
+        for kind in MissKind::ALL {
+            self.missed.remove(&MissLabels {
+                namespace: namespace.clone(),
+                task: name.clone(),
+                reason: kind.label(),
+            });
         }
     }
 

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
-use crate::config::BackendType;
 use crate::config::OperatorConfig;
+use crate::config::{BackendType, MetricsAuth};
 use crate::controller::jobs::KubeJobs;
 use crate::controller::{self, Context, JobRules, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
@@ -24,6 +24,7 @@ use crate::leader::{Elector, Identity, Term, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::run::ReportSink;
+use crate::server::access::Access;
 use crate::server::{self, Endpoint, Health};
 use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
@@ -75,7 +76,8 @@ pub async fn run(
     let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
     index.follow_leader(leader.clone());
-    let metrics = Arc::new(Metrics::new(config.metrics.per_task));
+    let selector = config.metrics.per_task_selector.clone();
+    let metrics = Arc::new(Metrics::new(config.metrics.per_task, selector));
     let redis = match config.backend_type {
         BackendType::Memory => None,
         BackendType::Redis => Some(Arc::new(
@@ -152,6 +154,8 @@ pub async fn run(
         executor: core.load.clone(),
         health: health.clone(),
         leader: leader.clone(),
+        access: (config.metrics.auth == MetricsAuth::Kubernetes)
+            .then(|| Arc::new(Access::new(client.clone(), "/metrics"))),
     };
     // The endpoint serves from here on: /healthz answers while the CRD check below waits.
     let writing = CancellationToken::new();

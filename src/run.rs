@@ -419,6 +419,17 @@ pub enum MissKind {
 }
 
 impl MissKind {
+    /// Every kind.
+    pub const ALL: [MissKind; 7] = [
+        MissKind::CatchUp,
+        MissKind::Deadline,
+        MissKind::QueueFull,
+        MissKind::Concurrency,
+        MissKind::Withdrawn,
+        MissKind::Shutdown,
+        MissKind::Claim,
+    ];
+
     /// The kind as a metric label.
     pub fn label(self) -> &'static str {
         match self {

@@ -34,12 +34,15 @@ fn values_config_mirrors_the_committed_configuration() {
         serde_yaml::from_str(&read("charts/chronflow/values.yaml")).unwrap();
     let mut chart_config = values["config"].clone();
     let defaults: serde_yaml::Value = serde_yaml::from_str(&read("config/chronflow.yaml")).unwrap();
-    // The one documented difference: a rolling update must never have two leaders.
+    // The documented differences: a rolling update must never have two leaders, and in a
+    // cluster /metrics is for those allowed to read it.
     assert_eq!(
         chart_config["leader_election"]["enabled"],
         serde_yaml::Value::Bool(true)
     );
     chart_config["leader_election"]["enabled"] = serde_yaml::Value::Bool(false);
+    assert_eq!(chart_config["metrics"]["auth"], "kubernetes");
+    chart_config["metrics"]["auth"] = "none".into();
     assert_eq!(chart_config, defaults);
     // Comments too: the values file is where chart users read what a key does.
     let comments = |text: &str| -> Vec<String> {

@@ -32,7 +32,7 @@ fn every_panel_queries_metrics_the_operator_exports() {
         "chronflow_events_dropped_total",
     ]
     .into();
-    let metrics = chronflow::metrics::Metrics::new(true);
+    let metrics = chronflow::metrics::Metrics::new(true, None);
     let text = metrics.encode();
     let panels = dashboard["panels"].as_array().unwrap();
     assert!(panels.len() >= 8);

@@ -21,6 +21,7 @@ mod limits;
 mod logging;
 mod redis;
 mod runtime;
+mod selector;
 mod validate;
 mod values;
 
@@ -39,7 +40,8 @@ use errors::describe_error;
 pub use leader::LeaderElectionConfig;
 pub use limits::{HttpConfig, JobsConfig, LimitsConfig, SecretsConfig};
 pub use logging::{LogConfig, LogFormat, LogRotation};
-pub use runtime::{MetricsConfig, ShutdownConfig, StatusConfig};
+pub use runtime::{MetricsAuth, MetricsConfig, ShutdownConfig, StatusConfig};
+pub use selector::TaskSelector;
 pub use values::{Namespace, Secret};
 use values::{namespace_list, section, timezone_serde, within};
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::selector::TaskSelector;
 use super::values::{duration_serde, socket_address, within};
 
 /// The HTTP endpoint.
@@ -17,6 +18,23 @@ pub struct MetricsConfig {
     pub bind: SocketAddr,
     /// Whether run and miss counts carry each task's namespace and name.
     pub per_task: bool,
+    /// With `per_task`: only the tasks whose labels match carry their namespace and name; the
+    /// others are counted in the series with empty labels. `None`: every task.
+    pub per_task_selector: Option<TaskSelector>,
+    /// Who may read `/metrics`.
+    pub auth: MetricsAuth,
+}
+
+/// Who may read `/metrics` (`/healthz`, `/readyz` and `/stats` stay open: probes use them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAuth {
+    /// Whoever reaches the port.
+    None,
+    /// A bearer token the apiserver authenticates (TokenReview) and authorizes for `get` on
+    /// the non-resource URL `/metrics` (SubjectAccessReview), as controller-runtime's secure
+    /// metrics serving does.
+    Kubernetes,
 }
 
 /// ChronTask status writes.

@@ -225,6 +225,7 @@ async fn reconcile_task(
     tasks: &Store<GuardedTask>,
     id: TaskId,
 ) -> Result<Action, ReconcileError> {
+    ctx.metrics.labels(&id.key, guarded.labels());
     let task = match &guarded.0 {
         Ok(task) => task,
         Err(undecodable) => {
@@ -423,14 +424,15 @@ async fn within_task_cap(
     )))
 }
 
-/// What a reconcile acts on: the spec (its generation), the run-now annotations and the request
-/// last handled (`status.lastRunNow`, so standbys forget it); other status writes and metadata
-/// changes pass by.
+/// What a reconcile acts on: the spec (its generation), the run-now annotations, the labels
+/// (`metrics.per_task_selector`) and the request last handled (`status.lastRunNow`, so standbys
+/// forget it); other status writes and metadata changes pass by.
 fn spec_or_request(task: &GuardedTask) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let meta = task.meta();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     predicates::generation(task).hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
     for name in [RUN_NOW_ANNOTATION, RUN_NOW_WHILE_PAUSED_ANNOTATION] {
         meta.annotations
             .as_ref()
@@ -591,6 +593,7 @@ async fn forget(ctx: &Context, task: TaskId) {
     info!(%task, "task deleted");
     ctx.engine.remove(task.clone()).await;
     ctx.status.forget(&task);
+    ctx.metrics.forget(&task.key);
 }
 
 /// After a (re-)list, forgets tasks deleted while the watch was down.
@@ -600,7 +603,9 @@ async fn prune(ctx: &Context, namespace: Option<String>, store: &Store<GuardedTa
         .iter()
         .map(|t| id_of(t.as_ref()).key)
         .collect();
-    ctx.status.retain(namespace.as_deref(), &keep);
+    for gone in ctx.status.retain(namespace.as_deref(), &keep) {
+        ctx.metrics.forget(&gone);
+    }
     ctx.engine.retain(namespace, keep).await;
 }
 
@@ -687,7 +692,7 @@ mod tests {
             },
             values,
             jobs: None,
-            metrics: Arc::new(Metrics::new(true)),
+            metrics: Arc::new(Metrics::new(true, None)),
             health: Arc::new(Health::new(1)),
             failures: Default::default(),
         });

@@ -1,12 +1,16 @@
-//! The operator's HTTP endpoint (`metrics.bind`): `/metrics` (OpenMetrics), `/stats` (JSON, the
-//! Python library's `get_stats()`), `/healthz` (alive) and `/readyz` (able to do the job).
+//! The operator's HTTP endpoint (`metrics.bind`): `/metrics` (OpenMetrics; with
+//! `metrics.auth: kubernetes` only for whom the apiserver allows, see [`access`]), `/stats`
+//! (JSON, the Python library's `get_stats()`), `/healthz` (alive) and `/readyz` (able to do the
+//! job).
+
+pub mod access;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
@@ -94,6 +98,8 @@ pub struct Endpoint {
     pub health: Arc<Health>,
     /// The leadership term, for `/stats`.
     pub leader: watch::Receiver<Option<Term>>,
+    /// Who may read `/metrics`: `None`, whoever reaches the port.
+    pub access: Option<Arc<access::Access>>,
 }
 
 /// The routes of the endpoint.
@@ -118,7 +124,12 @@ pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint, stop: 
     }
 }
 
-async fn metrics(State(endpoint): State<Endpoint>) -> Response {
+async fn metrics(State(endpoint): State<Endpoint>, headers: HeaderMap) -> Response {
+    if let Some(access) = &endpoint.access
+        && let Some(refusal) = access::refusal(access, &headers).await
+    {
+        return refusal.into_response();
+    }
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     (
         [(header::CONTENT_TYPE, content_type)],

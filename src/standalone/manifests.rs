@@ -18,6 +18,7 @@ use crate::controller::validate::{Invalid, validate};
 use crate::controller::{TenantLimits, resume_from};
 use crate::crd::ChronTaskStatus;
 use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
 use crate::run::{TaskId, TaskKey};
 use crate::status::{Observed, StatusIndex};
 
@@ -51,6 +52,7 @@ pub struct Manifests {
     index: StatusIndex,
     engine: EngineHandle,
     values: std::sync::Arc<super::LocalValues>,
+    metrics: std::sync::Arc<Metrics>,
     known: HashMap<TaskKey, Known>,
     /// What the history held at start, taken by each task when first seen.
     stored: HashMap<TaskKey, ChronTaskStatus>,
@@ -60,13 +62,14 @@ pub struct Manifests {
 }
 
 impl Manifests {
-    /// The manifests under `path`, fed to `engine`, observed by `index`.
+    /// The manifests under `path`, fed to `engine`, observed by `index` and `metrics`.
     pub fn new(
         path: PathBuf,
         config: &OperatorConfig,
         index: StatusIndex,
         engine: EngineHandle,
         values: std::sync::Arc<super::LocalValues>,
+        metrics: std::sync::Arc<Metrics>,
         stored: HashMap<TaskKey, ChronTaskStatus>,
     ) -> Self {
         Self {
@@ -83,6 +86,7 @@ impl Manifests {
             index,
             engine,
             values,
+            metrics,
             known: HashMap::new(),
             stored,
             next_uid: 0,
@@ -125,6 +129,7 @@ impl Manifests {
                 let id = TaskId::new(key, known.uid);
                 self.engine.remove(id.clone()).await;
                 self.index.forget(&id);
+                self.metrics.forget(&id.key);
             }
         }
     }
@@ -170,6 +175,7 @@ impl Manifests {
     async fn apply(&mut self, key: &TaskKey, file: &Path, task: Result<ChronTask, String>) {
         let fingerprint = match &task {
             Ok(task) => {
+                self.metrics.labels(key, kube::ResourceExt::labels(task));
                 serde_json::to_string(&(&task.spec, &task.metadata.annotations)).unwrap_or_default()
             }
             Err(error) => error.clone(),

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::clock::Clock;
-use crate::config::OperatorConfig;
+use crate::config::{MetricsAuth, OperatorConfig};
 use crate::core::{Core, CoreParts};
 use crate::leader::Term;
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
@@ -95,7 +95,15 @@ pub async fn run(
     // Events have no one to go to here: what they say is logged already.
     let (events_tx, _events) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
-    let metrics = Arc::new(Metrics::new(config.metrics.per_task));
+    if config.metrics.auth != MetricsAuth::None {
+        return Err(Error::Startup(
+            "metrics.auth: kubernetes needs a cluster to ask; standalone serves --listen to \
+             whoever reaches it (bind it to 127.0.0.1)"
+                .into(),
+        ));
+    }
+    let selector = config.metrics.per_task_selector.clone();
+    let metrics = Arc::new(Metrics::new(config.metrics.per_task, selector));
     let history::Opened {
         ledger,
         recorder,
@@ -133,16 +141,25 @@ pub async fn run(
             clock_skew: None,
         });
         let endpoint = Endpoint {
-            metrics,
+            metrics: metrics.clone(),
             status: index.clone(),
             executor: core.load.clone(),
             health: health.clone(),
             leader,
+            access: None,
         };
         tasks.spawn(server::serve(listener, endpoint, firing.clone()));
     }
     let engine = core.engine.clone();
-    let mut manifests = Manifests::new(path.clone(), &config, index, engine, values, stored);
+    let mut manifests = Manifests::new(
+        path.clone(),
+        &config,
+        index,
+        engine,
+        values,
+        metrics,
+        stored,
+    );
     info!(path = %path.display(), history = ?args.history, "chronflow standalone started");
     loop {
         manifests.reload().await;

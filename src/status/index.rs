@@ -247,11 +247,18 @@ impl StatusIndex {
         }
     }
 
-    /// After a re-list: every task of `namespace` (all: `None`) not in `keep` is gone.
-    pub fn retain(&self, namespace: Option<&str>, keep: &HashSet<TaskKey>) {
-        self.lock()
-            .tasks
-            .retain(|key, _| !key.is_in(namespace) || keep.contains(key));
+    /// After a re-list: every task of `namespace` (all: `None`) not in `keep` is gone; returns
+    /// those it forgot.
+    pub fn retain(&self, namespace: Option<&str>, keep: &HashSet<TaskKey>) -> Vec<TaskKey> {
+        let mut gone = Vec::new();
+        self.lock().tasks.retain(|key, _| {
+            let stays = !key.is_in(namespace) || keep.contains(key);
+            if !stays {
+                gone.push(key.clone());
+            }
+            stays
+        });
+        gone
     }
 }
 

@@ -14,12 +14,11 @@ use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use kube::api::WatchEvent;
-use kube::api::WatchParams;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
 
 use crate::observability::{free_address, get, sample};
-use crate::operator::{Operator, create, setup, status_where};
+use crate::operator::{Operator, chrontask, create, setup, status_where};
 use crate::support::receiver::{Behavior, Receiver};
 use crate::support::{eventually, test_env};
 
@@ -410,4 +409,164 @@ async fn redis_ca_file_trusts_a_private_ca_over_tls() {
     let doubting = RedisLedger::new(&settings(None)).unwrap();
     let error = doubting.claim(&run, &term).await.unwrap_err();
     assert!(error.0.starts_with("redis: "), "{error}");
+}
+
+/// Only the tasks `metrics.per_task_selector` selects get their own series, as their labels say
+/// now; a deleted task's series go.
+#[tokio::test]
+async fn metrics_per_task_selector_names_only_the_selected_tasks_and_deletion_drops_them() {
+    let s = setup("key-selector").await;
+    let receiver = Receiver::start(Behavior::default()).await;
+    let address = free_address();
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client, |c| {
+        c.metrics.bind = address;
+        c.metrics.per_task_selector =
+            Some(chronflow::config::TaskSelector::new("team in (payments)").unwrap());
+    })
+    .await;
+    let labelled = |name: &str, team: &str| {
+        let mut task = chrontask(name, every_second(&receiver.url("/m")));
+        task.metadata.labels = Some([("team".to_string(), team.to_string())].into());
+        task
+    };
+    for (name, team) in [("billing", "payments"), ("catalog", "shop")] {
+        s.api
+            .create(&PostParams::default(), &labelled(name, team))
+            .await
+            .unwrap();
+    }
+    let succeeded = |task: &'static str| {
+        let ns = s.ns.clone();
+        move |text: &str| {
+            let labels = [
+                ("namespace", ns.as_str()),
+                ("task", task),
+                ("outcome", "succeeded"),
+            ];
+            sample(text, "chronflow_runs_total", &labels)
+        }
+    };
+    let (billing, catalog) = (succeeded("billing"), succeeded("catalog"));
+    let text = eventually("runs of both tasks in /metrics", || async {
+        let (_, text) = get(address, "/metrics").await?;
+        let anonymous = [("namespace", ""), ("task", ""), ("outcome", "succeeded")];
+        (billing(&text).is_some() && sample(&text, "chronflow_runs_total", &anonymous).is_some())
+            .then_some(text)
+    })
+    .await;
+    assert_eq!(
+        catalog(&text),
+        None,
+        "an unselected task has no series:\n{text}"
+    );
+
+    // Labelled into the selection: from now on it has its own series.
+    let patch = json!({"metadata": {"labels": {"team": "payments"}}});
+    s.api
+        .patch("catalog", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("the relabelled task's series", || async {
+        let (_, text) = get(address, "/metrics").await?;
+        catalog(&text)
+    })
+    .await;
+
+    s.api
+        .delete("billing", &DeleteParams::default())
+        .await
+        .unwrap();
+    let text = eventually("the deleted task's series gone", || async {
+        let (_, text) = get(address, "/metrics").await?;
+        billing(&text).is_none().then_some(text)
+    })
+    .await;
+    assert!(
+        !text.contains("task=\"billing\""),
+        "no series of the deleted task:\n{text}"
+    );
+}
+
+/// With `metrics.auth: kubernetes`, `/metrics` answers only a bearer token the apiserver
+/// authenticates, of a user allowed `get` on `/metrics`; the probes' paths stay open.
+#[tokio::test]
+async fn metrics_auth_kubernetes_serves_metrics_only_to_users_allowed_to_get_them() {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+
+    let s = setup("key-metrics-auth").await;
+    let address = free_address();
+    let client = test_env().client().await;
+    let _operator = Operator::start_with(&s.ns, client.clone(), |c| {
+        c.metrics.bind = address;
+        c.metrics.auth = chronflow::config::MetricsAuth::Kubernetes;
+    })
+    .await;
+    let fetch = |path: &'static str, token: Option<String>| async move {
+        let mut request = reqwest::Client::new().get(format!("http://{address}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    };
+    eventually("ready", || async {
+        (fetch("/readyz", None).await?.0 == 200).then_some(())
+    })
+    .await;
+    let fetch = |path: &'static str, token: Option<String>| async move {
+        fetch(path, token).await.expect("the endpoint answers")
+    };
+    assert_eq!(fetch("/healthz", None).await.0, 200);
+    assert_eq!(fetch("/stats", None).await.0, 200);
+    assert_eq!(fetch("/metrics", None).await.0, 401);
+    assert_eq!(fetch("/metrics", Some("not-a-token".into())).await.0, 401);
+
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &s.ns);
+    let account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "scraper"}})).unwrap();
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    let request = TokenRequest {
+        spec: TokenRequestSpec::default(),
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request("scraper", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let (status, body) = fetch("/metrics", Some(token.clone())).await;
+    assert_eq!(status, 403, "{body}");
+    let user = format!("system:serviceaccount:{}:scraper", s.ns);
+    assert!(body.contains(&user), "{body}");
+
+    let name = format!("{}-metrics-reader", s.ns);
+    let role: ClusterRole = serde_json::from_value(json!({"metadata": {"name": name},
+        "rules": [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]}))
+    .unwrap();
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({"metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "scraper", "namespace": s.ns}]}))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let text = eventually("/metrics for the granted scraper", || async {
+        let (status, text) = fetch("/metrics", Some(token.clone())).await;
+        (status == 200).then_some(text)
+    })
+    .await;
+    assert!(text.contains("# TYPE chronflow_start_lag_seconds histogram"), "{text}");
 }
