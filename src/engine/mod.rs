@@ -438,9 +438,24 @@ impl Engine {
             let longest = answer.in_flight_for.unwrap_or(engine_task.run.longest());
             self.hold_elsewhere(task.clone(), held, longest, term.clone());
         }
-        // Already claimed for this term by the take-over itself.
-        for scheduled in answer.unstarted {
-            let run = self.request(&engine_task, generation, scheduled, false, &term);
+        // Already claimed for this term by the take-over itself; a run-now request among them
+        // runs now (its earlier leader may have recorded it handled, so none serves it again).
+        for run_id in answer.unstarted {
+            let run = match run_id.request() {
+                None => self.request(&engine_task, generation, run_id.instant(), false, &term),
+                Some(_) => RunRequest {
+                    trigger: Trigger::Manual,
+                    due: self.parts.clock.now(),
+                    run_id,
+                    ..self.request(
+                        &engine_task,
+                        generation,
+                        self.parts.clock.now(),
+                        false,
+                        &term,
+                    )
+                },
+            };
             self.parts.executor.submit(run);
         }
         self.serve_request(&task.key);
@@ -835,8 +850,9 @@ impl Engine {
     /// Reports `missed` (the instants a catch-up skips, all older than `runs`), then claims
     /// `runs` in order and hands each one the ledger gives this term to the executor (which
     /// reports it if it cannot take it); after the task's previous batch, so nothing of a later
-    /// instant reaches the ledger before an earlier one, and only while `term` lasts. A ledger that answers at once (memory)
-    /// is asked right here; one that must wait (Redis) is asked off the loop.
+    /// instant reaches the ledger before an earlier one, and only while `term` lasts. A ledger
+    /// that answers at once (memory) is asked right here; one that must wait (Redis) is asked
+    /// off the loop.
     fn claim_and_submit(
         &mut self,
         key: &TaskKey,

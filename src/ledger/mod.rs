@@ -112,7 +112,7 @@ pub struct TakeOver {
     /// they had reached. `None` when the ledger has none (or keeps none: memory).
     pub newest: Option<DateTime<Utc>>,
     /// Instants an earlier leader claimed and never started, now claimed by this one: run them.
-    pub unstarted: Vec<DateTime<Utc>>,
+    pub unstarted: Vec<RunId>,
     /// Runs an older epoch started and has not finished: its process may still be running
     /// them (frozen, cut off), so the concurrency policy counts them until they must be over,
     /// then they are settled.

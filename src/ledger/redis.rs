@@ -271,8 +271,9 @@ for _, run in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
       redis.call('HINCRBY', KEYS[4], 'revision', 1)
       if not scheduled then redis.call('HINCRBY', KEYS[4], 'manual', 1) end
       redis.call('ZREM', KEYS[5], run)
-    elseif state == 'claimed' and scheduled then
-      -- Taken over in place: the earlier leader can no longer start it, this one will.
+    elseif state == 'claimed' then
+      -- Taken over in place: the earlier leader can no longer start it, this one will (a
+      -- run-now request too: the earlier leader may have recorded it handled).
       redis.call('HSET', KEYS[2], run, 'claimed ' .. ARGV[1] .. ' ' .. ARGV[2])
       table.insert(unstarted, run)
     elseif state ~= 'claimed' then
@@ -699,11 +700,6 @@ impl Ledger for RedisLedger {
             match reply.first().map(String::as_str) {
                 Some("taken") if reply.len() >= 10 => {
                     let unstarted: usize = reply[9].parse().map_err(redis_error)?;
-                    let instants = |list: &[String]| {
-                        list.iter()
-                            .map(|instant| instant_of(instant))
-                            .collect::<Result<Vec<_>, _>>()
-                    };
                     let (unstarted, in_flight) = reply[10..]
                         .split_at_checked(unstarted)
                         .ok_or_else(|| redis_error(format!("odd take-over reply {reply:?}")))?;
@@ -717,7 +713,10 @@ impl Ledger for RedisLedger {
                             ms => Some(Duration::from_millis(ms.parse().map_err(redis_error)?)),
                         },
                         counts: Some(counts(&reply[3..9])?),
-                        unstarted: instants(unstarted)?,
+                        unstarted: unstarted
+                            .iter()
+                            .map(|run| run_of(task, run))
+                            .collect::<Result<_, _>>()?,
                         in_flight: in_flight
                             .iter()
                             .map(|run| run_of(task, run))

@@ -154,12 +154,25 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
         Verdict::Accepted
     );
     assert_eq!(claim(ledger, &claimed, &old).await, Verdict::Accepted);
+    // A run-now request claimed and never started: its leader may have recorded it handled
+    // (the storm with Redis failovers found one whose miss never landed, claimed for good).
+    let asked = RunId::manual(&task, "rq-1", at(1));
+    assert_eq!(claim(ledger, &asked, &old).await, Verdict::Accepted);
 
-    // The new leader takes the task over: the unstarted claim is handed over; the started run
+    // The new leader takes the task over: the unstarted claims are handed over; the started run
     // may still be in flight in the old leader's process.
     let taken = ledger.take_over(&task, &new, &[], None).await.unwrap();
     assert_eq!(taken.newest, Some(at(1)));
-    assert_eq!(taken.unstarted, [at(1)]);
+    let mut unstarted: Vec<String> = taken.unstarted.iter().map(|r| r.to_string()).collect();
+    unstarted.sort();
+    let mut expected = vec![claimed.to_string(), asked.to_string()];
+    expected.sort();
+    assert_eq!(unstarted, expected);
+    // The old leader can no longer start either.
+    for run in [&claimed, &asked] {
+        let refused = mark(ledger, run, &old, STARTED).await;
+        assert!(matches!(refused, Verdict::Fenced { .. }), "{refused:?}");
+    }
     assert_eq!(taken.in_flight, [RunId::new(&task, at(0))]);
     assert_eq!(taken.counts, Some(Counts::default()));
     // Once it cannot be running any more, it is settled failed (its outcome is unknown, and it
@@ -209,12 +222,16 @@ async fn fencing_scenario(ledger: &RedisLedger, task: TaskId) {
         Some(RunState::Succeeded)
     );
 
+    // So is the run-now request: it runs once, counted manual.
+    assert_eq!(mark(ledger, &asked, &new, STARTED).await, Verdict::Accepted);
+    assert_eq!(mark(ledger, &asked, &new, DONE).await, Verdict::Accepted);
+
     let expected = Counts {
-        runs: 2,
-        succeeded: 1,
+        runs: 3,
+        succeeded: 2,
         failed: 1,
         missed: 0,
-        manual: 0,
+        manual: 1,
         ..Counts::default()
     };
     assert_eq!(counts(ledger, &task, &new).await, expected);
@@ -327,7 +344,7 @@ async fn records_past_the_retention_are_pruned_and_their_instants_stay_handled()
         .unwrap();
     assert_eq!(
         taken.unstarted,
-        [at(retention + 60)],
+        [RunId::new(&task, at(retention + 60))],
         "the old claim is pruned"
     );
     // A long catch-up asking for the pruned instant again is told it was handled.
@@ -461,7 +478,7 @@ async fn without_leader_election_a_restarted_process_takes_over_the_previous_one
     let taken = ledger.take_over(&task, &after, &[], None).await.unwrap();
     assert_eq!(
         taken.unstarted,
-        [at(1)],
+        [RunId::new(&task, at(1))],
         "the unstarted claim is the new process's now"
     );
     assert_eq!(taken.in_flight, [RunId::new(&task, at(0))]);
