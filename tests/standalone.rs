@@ -443,3 +443,50 @@ async fn a_sqlite_history_survives_kill_9_with_its_counts() {
     keys.dedup();
     assert_eq!(keys.len(), received, "an instant ran twice");
 }
+
+/// A manifest is read again only when its modification time or size changed: rewritten with
+/// the same size and its old modification time put back, it is not read (the task keeps
+/// calling the old path); touched, it is.
+#[tokio::test]
+async fn a_manifest_is_read_again_only_when_its_time_or_size_changed() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let receiver = Receiver::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("tasks");
+    std::fs::create_dir(&manifests).unwrap();
+    let file = manifests.join("a.yaml");
+    let schedule = "{interval: 1s}";
+    std::fs::write(&file, task("a", schedule, &receiver.url("/old"), "")).unwrap();
+    let _standalone = Standalone::start(&manifests, dir.path());
+    let path_called = |path: &'static str| {
+        let receiver = &receiver;
+        async move { receiver.hits().iter().any(|h| h.path == path).then_some(()) }
+    };
+    eventually("a call to /old", || path_called("/old")).await;
+
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::fs::write(&file, task("a", schedule, &receiver.url("/new"), "")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    let before = receiver.count();
+    eventually("three more calls", || async {
+        (receiver.count() >= before + 3).then_some(())
+    })
+    .await;
+    assert!(
+        path_called("/new").await.is_none(),
+        "an unchanged modification time and size were read again"
+    );
+
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    eventually("a call to /new once touched", || path_called("/new")).await;
+}

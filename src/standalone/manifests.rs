@@ -1,10 +1,12 @@
 //! The manifests of standalone mode: read from a file or a directory, again and again, and
 //! turned into what the controller makes of ChronTasks in a cluster (validated tasks for the
-//! engine, observations for the status index). A manifest that cannot be read or is invalid is
-//! reported once, naming its file (and document and field), and never stops the others.
+//! engine, observations for the status index). A file is read and parsed again only when its
+//! modification time or size changed. A manifest that cannot be read or is invalid is reported
+//! once, naming its file (and document and field), and never stops the others.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use chrono_tz::Tz;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -59,6 +61,23 @@ pub struct Manifests {
     next_uid: u64,
     /// The problems reported last time: reported again only when they change.
     reported: Vec<String>,
+    /// Each file as last read, by path.
+    read: HashMap<PathBuf, File>,
+}
+
+/// A manifest file as last read: when it was modified and how long it was, and what it held.
+struct File {
+    stamp: (Option<SystemTime>, u64),
+    documents: Vec<Document>,
+    problems: Vec<String>,
+}
+
+/// One ChronTask document of a file.
+struct Document {
+    /// `FILE (document N)`.
+    place: String,
+    key: TaskKey,
+    task: Result<ChronTask, String>,
 }
 
 impl Manifests {
@@ -91,11 +110,12 @@ impl Manifests {
             stored,
             next_uid: 0,
             reported: Vec::new(),
+            read: HashMap::new(),
         }
     }
 
-    /// Reads every manifest and applies what changed: new tasks, edited ones (a new
-    /// generation), removed ones. Tasks of a file that cannot be read or parsed keep running.
+    /// Reads every manifest that changed and applies what changed: new tasks, edited ones (a
+    /// new generation), removed ones. Tasks of a file that cannot be read or parsed keep running.
     pub async fn reload(&mut self) {
         let mut problems = Vec::new();
         let Some(files) = self.files(&mut problems) else {
@@ -103,19 +123,45 @@ impl Manifests {
             return;
         };
         let mut seen: HashMap<TaskKey, (PathBuf, Result<ChronTask, String>)> = HashMap::new();
+        let mut changed = Vec::new();
         let mut unreadable = Vec::new();
-        for file in files {
-            match std::fs::read_to_string(&file) {
-                Ok(text) => documents(&file, &text, &mut seen, &mut problems),
+        for path in &files {
+            match self.read_if_changed(path) {
+                Ok(true) => changed.push(path.clone()),
+                Ok(false) => {}
                 Err(e) => {
-                    problems.push(format!("{}: cannot read: {e}", file.display()));
-                    unreadable.push(file);
+                    problems.push(format!("{}: cannot read: {e}", path.display()));
+                    unreadable.push(path.clone());
+                    continue;
                 }
             }
+            let file = &self.read[path];
+            problems.extend(file.problems.iter().cloned());
+            for document in &file.documents {
+                if let Some((other, _)) = seen.get(&document.key) {
+                    problems.push(format!(
+                        "{}: ChronTask {} is already defined in {}",
+                        document.place,
+                        document.key,
+                        other.display()
+                    ));
+                    continue;
+                }
+                let entry = (path.clone(), document.task.clone());
+                seen.insert(document.key.clone(), entry);
+            }
         }
+        self.read.retain(|path, _| files.contains(path));
         self.report(problems);
         for (key, (file, task)) in seen.iter() {
-            self.apply(key, file, task.clone()).await;
+            // Unchanged, valid, from the same file: nothing to apply.
+            let settled = self
+                .known
+                .get(key)
+                .is_some_and(|k| k.invalid.is_none() && k.file == *file);
+            if !settled || changed.contains(file) {
+                self.apply(key, file, task.clone()).await;
+            }
         }
         let gone: Vec<TaskKey> = self
             .known
@@ -159,6 +205,25 @@ impl Manifests {
             .collect();
         files.sort();
         Some(files)
+    }
+
+    /// Reads and parses `path` unless its modification time and size are those of the last
+    /// read; `Ok(true)` when it did.
+    fn read_if_changed(&mut self, path: &Path) -> std::io::Result<bool> {
+        let metadata = std::fs::metadata(path)?;
+        let stamp = (metadata.modified().ok(), metadata.len());
+        if self.read.get(path).is_some_and(|file| file.stamp == stamp) {
+            return Ok(false);
+        }
+        let text = std::fs::read_to_string(path)?;
+        let mut file = File {
+            stamp,
+            documents: Vec::new(),
+            problems: Vec::new(),
+        };
+        documents(path, &text, &mut file);
+        self.read.insert(path.to_path_buf(), file);
+        Ok(true)
     }
 
     fn report(&mut self, problems: Vec<String>) {
@@ -297,17 +362,13 @@ impl Manifests {
     }
 }
 
-/// Parses the documents of one file into `seen`, keyed by namespace and name; what cannot be
-/// parsed goes to `problems` (a document that names its task but is not a valid ChronTask makes
+/// Parses the documents of the file at `path` into `file`, each keyed by namespace and name;
+/// what cannot be parsed goes to its problems (a document that names its task but is not a valid ChronTask makes
 /// that task Invalid, as the operator does with an object it cannot decode).
-fn documents(
-    file: &Path,
-    text: &str,
-    seen: &mut HashMap<TaskKey, (PathBuf, Result<ChronTask, String>)>,
-    problems: &mut Vec<String>,
-) {
+fn documents(path: &Path, text: &str, file: &mut File) {
+    let problems = &mut file.problems;
     for (n, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let place = format!("{} (document {})", file.display(), n + 1);
+        let place = format!("{} (document {})", path.display(), n + 1);
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(value) => value,
@@ -341,16 +402,9 @@ fn documents(
         };
         let namespace = text_of("namespace").unwrap_or_else(|| DEFAULT_NAMESPACE.into());
         let key = TaskKey::new(namespace, name);
-        if let Some((other, _)) = seen.get(&key) {
-            problems.push(format!(
-                "{place}: ChronTask {key} is already defined in {}",
-                other.display()
-            ));
-            continue;
-        }
         // Reported as the task's Invalid reason, with its file.
         let task = serde_path_to_error::deserialize::<_, ChronTask>(value)
             .map_err(|e| format!("{}: {}", e.path(), e.inner()));
-        seen.insert(key, (file.to_path_buf(), task));
+        file.documents.push(Document { place, key, task });
     }
 }
