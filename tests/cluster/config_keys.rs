@@ -568,5 +568,8 @@ async fn metrics_auth_kubernetes_serves_metrics_only_to_users_allowed_to_get_the
         (status == 200).then_some(text)
     })
     .await;
-    assert!(text.contains("# TYPE chronflow_start_lag_seconds histogram"), "{text}");
+    assert!(
+        text.contains("# TYPE chronflow_start_lag_seconds histogram"),
+        "{text}"
+    );
 }
