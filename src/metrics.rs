@@ -73,10 +73,9 @@ impl Metrics {
     /// `per_task`: whether run and miss counts carry the task's namespace and name; `selector`:
     /// only those of the tasks it selects ([`Metrics::labels`]).
     pub fn new(per_task: bool, selector: Option<TaskSelector>) -> Self {
-        let per_task = match (per_task, selector) {
-            (false, _) => PerTask::Nobody,
-            (true, None) => PerTask::Everyone,
-            (true, Some(selector)) => PerTask::Selected(selector, Mutex::default()),
+        let per_task = match per_task {
+            false => PerTask::Nobody,
+            true => PerTask::Live(selector, Mutex::default()),
         };
         let mut registry = Registry::with_prefix("chronflow");
         let runs = RunMetrics::register(&mut registry, per_task);
@@ -99,26 +98,25 @@ impl Metrics {
         let _ = self.live.set(live);
     }
 
-    /// A task's labels, as applied: with `metrics.per_task_selector`, whether its runs carry its
-    /// namespace and name from now on (a task no longer selected loses its series).
+    /// A task as applied, with its labels: its runs carry its namespace and name from now on
+    /// when `metrics.per_task_selector` selects it (or there is none); a task no longer
+    /// selected loses its series.
     pub fn labels(&self, task: &TaskKey, labels: &BTreeMap<String, String>) {
-        if let PerTask::Selected(selector, selected) = &self.runs.per_task {
-            let mut selected = selected.lock().unwrap_or_else(|p| p.into_inner());
-            if selector.matches(labels) {
-                selected.insert(task.clone());
-            } else if selected.remove(task) {
+        if let PerTask::Live(selector, live) = &self.runs.per_task {
+            let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+            if selector.as_ref().is_none_or(|s| s.matches(labels)) {
+                live.insert(task.clone());
+            } else if live.remove(task) {
                 self.runs.remove(task);
             }
         }
     }
 
-    /// The task was deleted: its series go.
+    /// The task was deleted: its series go, and reports that arrive late (a run cancelled by
+    /// the deletion) are counted in the series with empty labels.
     pub fn forget(&self, task: &TaskKey) {
-        if let PerTask::Selected(_, selected) = &self.runs.per_task {
-            selected
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(task);
+        if let PerTask::Live(_, live) = &self.runs.per_task {
+            live.lock().unwrap_or_else(|p| p.into_inner()).remove(task);
         }
         self.runs.remove(task);
     }
@@ -135,9 +133,8 @@ impl Metrics {
 /// Which tasks' run and miss counts carry their namespace and name.
 enum PerTask {
     Nobody,
-    Everyone,
-    /// Those the selector matched when last applied.
-    Selected(TaskSelector, Mutex<HashSet<TaskKey>>),
+    /// The tasks applied and not deleted that the selector (if any) matched when last applied.
+    Live(Option<TaskSelector>, Mutex<HashSet<TaskKey>>),
 }
 
 /// Runs, their duration, start lag, retries and misses.
@@ -195,8 +192,7 @@ impl RunMetrics {
     fn task_labels(&self, task: &TaskId) -> (String, String) {
         let labelled = match &self.per_task {
             PerTask::Nobody => false,
-            PerTask::Everyone => true,
-            PerTask::Selected(_, selected) => selected
+            PerTask::Live(_, live) => live
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&task.key),
@@ -575,5 +571,43 @@ impl Collector for Live {
             "Reports about tasks already deleted or re-created",
             counts.stale_reports,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::Trigger;
+
+    fn missed(task: &TaskId) -> Report {
+        Report::Missed {
+            task: task.clone(),
+            count: 1,
+            run: RunId::new(task, Utc::now()),
+            trigger: Trigger::Schedule,
+            kind: MissKind::Deadline,
+            reason: "late".into(),
+        }
+    }
+
+    /// A deleted task's series go, and what it reports late (a run the deletion cancelled) does
+    /// not bring them back: series never grow with churn.
+    #[test]
+    fn a_deleted_task_s_series_go_and_stay_gone() {
+        let metrics = Metrics::new(true, None);
+        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
+        metrics.labels(&task.key, &BTreeMap::new());
+        metrics.runs.observe(&missed(&task));
+        assert!(metrics.encode().contains("task=\"t\""));
+        metrics.forget(&task.key);
+        metrics.runs.observe(&missed(&task));
+        let text = metrics.encode();
+        assert!(!text.contains("task=\"t\""), "{text}");
+        assert!(
+            text.contains(
+                "chronflow_missed_runs_total{namespace=\"\",task=\"\",reason=\"deadline\"} 1"
+            ),
+            "{text}"
+        );
     }
 }
