@@ -47,9 +47,15 @@ fn kubectl(env: &TestEnv, args: &[&str]) -> String {
     ok(env.kubectl_command().args(args))
 }
 
-/// The release binary, built by the Dockerfile's command, in a target directory of its own
-/// (the one running this test is locked by the `cargo test` that runs it).
+/// The release binary, built by the Dockerfile's command: the one `scripts/test` built before
+/// `cargo test` (`CHRONFLOW_RELEASE_BIN`, the benchmark's release build shares it), else one
+/// built here in a target directory of its own (the one running this test is locked by the
+/// `cargo test` that runs it).
 fn release_binary() -> PathBuf {
+    if let Some(built) = std::env::var_os("CHRONFLOW_RELEASE_BIN").map(PathBuf::from) {
+        assert!(built.is_file(), "CHRONFLOW_RELEASE_BIN: no file at {built:?}");
+        return built;
+    }
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-release");
     ok(Command::new(env!("CARGO"))
         .args(["build", "--release", "--locked", "--bin", "chronflow"])
