@@ -53,7 +53,10 @@ fn kubectl(env: &TestEnv, args: &[&str]) -> String {
 /// `cargo test` that runs it).
 fn release_binary() -> PathBuf {
     if let Some(built) = std::env::var_os("CHRONFLOW_RELEASE_BIN").map(PathBuf::from) {
-        assert!(built.is_file(), "CHRONFLOW_RELEASE_BIN: no file at {built:?}");
+        assert!(
+            built.is_file(),
+            "CHRONFLOW_RELEASE_BIN: no file at {built:?}"
+        );
         return built;
     }
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-release");
