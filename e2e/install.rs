@@ -394,8 +394,16 @@ fn renders_each_option(env: &TestEnv) {
             .any(|k| k.starts_with("PodDisruptionBudget"))
     );
 
-    // Watching namespaces: a Role per namespace, no cluster-wide rights.
-    let scoped = kinds(&render(env, &["config.watch_namespaces={shop,ops}"]));
+    // Watching namespaces: a Role per namespace, no cluster-wide rights (with /metrics open;
+    // metrics.auth: kubernetes needs to create TokenReviews and SubjectAccessReviews, which
+    // only exist cluster-wide).
+    let scoped = kinds(&render(
+        env,
+        &[
+            "config.watch_namespaces={shop,ops}",
+            "config.metrics.auth=none",
+        ],
+    ));
     for expected in [
         "Role/shop",
         "RoleBinding/shop",
