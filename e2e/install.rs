@@ -48,7 +48,7 @@ fn kubectl(env: &TestEnv, args: &[&str]) -> String {
 }
 
 /// The release binary, built by the Dockerfile's command: the one `scripts/test` built before
-/// `cargo test` (`CHRONFLOW_RELEASE_BIN`, the benchmark's release build shares it), else one
+/// `cargo test` (`CHRONFLOW_RELEASE_BIN`; the benchmark's build reuses its dependencies), else one
 /// built here in a target directory of its own (the one running this test is locked by the
 /// `cargo test` that runs it).
 fn release_binary() -> PathBuf {
