@@ -455,16 +455,30 @@ mod tests {
         }
     }
 
+    /// A [`RetriedMarks`] over a [`Stalled`] ledger, and where its reports go.
+    fn stalled() -> (
+        Arc<Stalled>,
+        Arc<RetriedMarks>,
+        tokio::sync::mpsc::UnboundedReceiver<Report>,
+    ) {
+        let inner = Arc::new(Stalled::default());
+        let (reports, received) = tokio::sync::mpsc::unbounded_channel::<Report>();
+        let marks = RetriedMarks::new(inner.clone(), Arc::new(reports));
+        (inner, marks, received)
+    }
+
+    /// The run of task ns/t at `second`.
+    fn run(second: i64) -> RunId {
+        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
+        RunId::new(&task, Utc.timestamp_opt(second, 0).unwrap())
+    }
+
     /// A claim made while an earlier claim of the task hangs waits for it; the earlier one
     /// failing, its miss reaches the ledger before the later claim does.
     #[tokio::test]
     async fn a_claim_waits_for_an_earlier_one_and_for_its_miss() {
-        let inner = Arc::new(Stalled::default());
+        let (inner, marks, _received) = stalled();
         let term = Term::single("a#1");
-        let (reports, _received) = tokio::sync::mpsc::unbounded_channel::<Report>();
-        let marks = RetriedMarks::new(inner.clone(), Arc::new(reports));
-        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
-        let run = |second| RunId::new(&task, Utc.timestamp_opt(second, 0).unwrap());
 
         let (first, second) = (run(0), run(1));
         let (earlier, later) = (marks.clone(), marks.clone());
@@ -486,18 +500,15 @@ mod tests {
         );
         assert_eq!(marks.pending(), 0);
     }
+
     /// A miss kept while the ledger refused reaches it before the task's next claim, even when
     /// that claim comes from a term that ended meanwhile (a batch in flight when the Lease
     /// went): a claim that lands never leaves an earlier instant neither run nor counted. When
     /// a newer term took the task over, the ledger fences both.
     #[tokio::test]
     async fn a_kept_miss_reaches_the_ledger_before_the_next_claim_whatever_its_term() {
-        let inner = Arc::new(Stalled::default());
+        let (inner, marks, _received) = stalled();
         let term = Term::single("a#1");
-        let (reports, _received) = tokio::sync::mpsc::unbounded_channel::<Report>();
-        let marks = RetriedMarks::new(inner.clone(), Arc::new(reports));
-        let task = TaskId::new(TaskKey::new("ns", "t"), "uid");
-        let run = |second| RunId::new(&task, Utc.timestamp_opt(second, 0).unwrap());
 
         inner.down.store(true, Ordering::SeqCst);
         let (first, earlier, term_a) = (run(0), marks.clone(), term.clone());
