@@ -91,7 +91,7 @@ fn walk(schema: &Value, value: &Value, at: &str) -> Result<(), (String, String)>
         Value::String(text) => string(schema, text).or_else(fail),
         Value::Number(number) => range(schema, number.as_f64().unwrap_or(0.0)).or_else(fail),
         Value::Array(items) => {
-            count(schema, items.len()).or_else(fail)?;
+            size(schema, "maxItems", "minItems", items.len(), "items").or_else(fail)?;
             unique(schema, items).or_else(fail)?;
             if let Some(item) = schema.get("items") {
                 for (i, value) in items.iter().enumerate() {
@@ -127,16 +127,26 @@ fn walk(schema: &Value, value: &Value, at: &str) -> Result<(), (String, String)>
 
 fn string(schema: &Value, text: &str) -> Result<(), String> {
     // Kubernetes counts characters, not bytes.
-    let length = text.chars().count();
-    if let Some(most) = limit(schema, "maxLength")
-        && length as f64 > most
+    size(
+        schema,
+        "maxLength",
+        "minLength",
+        text.chars().count(),
+        "characters",
+    )
+}
+
+/// `n` within the schema's `most` and `least` keywords (`65 items, at most 64`).
+fn size(schema: &Value, most: &str, least: &str, n: usize, unit: &str) -> Result<(), String> {
+    if let Some(most) = limit(schema, most)
+        && n as f64 > most
     {
-        return Err(format!("{length} characters, at most {most}"));
+        return Err(format!("{n} {unit}, at most {most}"));
     }
-    if let Some(least) = limit(schema, "minLength")
-        && (length as f64) < least
+    if let Some(least) = limit(schema, least)
+        && (n as f64) < least
     {
-        return Err(format!("{length} characters, at least {least}"));
+        return Err(format!("{n} {unit}, at least {least}"));
     }
     Ok(())
 }
@@ -151,20 +161,6 @@ fn range(schema: &Value, number: f64) -> Result<(), String> {
         && number < least
     {
         return Err(format!("{number} is below the minimum {least}"));
-    }
-    Ok(())
-}
-
-fn count(schema: &Value, items: usize) -> Result<(), String> {
-    if let Some(most) = limit(schema, "maxItems")
-        && items as f64 > most
-    {
-        return Err(format!("{items} items, at most {most}"));
-    }
-    if let Some(least) = limit(schema, "minItems")
-        && (items as f64) < least
-    {
-        return Err(format!("{items} items, at least {least}"));
     }
     Ok(())
 }
