@@ -476,6 +476,14 @@ impl Collector for Live {
             "queue_size: the most runs that may wait",
             as_i64(load.queue_size),
         )?;
+        let refused = ConstCounter::new(load.refused);
+        refused.encode(encoder.encode_descriptor(
+            "queue_refused",
+            "Runs refused because the run queue was full, in turn between tasks: queue_size is \
+             too small for the bursts",
+            None,
+            refused.metric_type(),
+        )?)?;
         gauge(
             &mut encoder,
             "workers_busy",

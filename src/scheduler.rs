@@ -196,7 +196,8 @@ impl SchedulerBuilder {
         self
     }
 
-    /// Runs that may wait for a worker (default 1000); beyond, a due run is counted missed.
+    /// Runs that may wait for a worker (default 100 000, about 0.7 KB each): a bound on memory.
+    /// When it is full a due run is counted missed, in turn between tasks.
     pub fn queue_size(mut self, size: usize) -> Self {
         self.queue_size = size.max(1);
         self
@@ -271,7 +272,7 @@ impl Scheduler {
     pub fn builder() -> SchedulerBuilder {
         SchedulerBuilder {
             max_workers: 10,
-            queue_size: 1000,
+            queue_size: 100_000,
             grace: Duration::from_secs(25),
         }
     }

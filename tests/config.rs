@@ -297,7 +297,7 @@ fn effective_configuration_reflects_file_and_environment() {
         config["leader_election"]["lease_duration"],
         Value::from("1m30s")
     );
-    assert_eq!(config["queue_size"], Value::from(1000));
+    assert_eq!(config["queue_size"], Value::from(100_000));
 }
 
 #[test]

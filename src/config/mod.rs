@@ -299,7 +299,7 @@ mod tests {
             &[],
         );
         assert_eq!(config.max_workers, 4);
-        assert_eq!(config.queue_size, 1000);
+        assert_eq!(config.queue_size, 100_000);
         assert_eq!(config.timezone, chrono_tz::Europe::Paris);
         let namespaces: Vec<&str> = config.watch_namespaces.iter().map(|ns| &**ns).collect();
         assert_eq!(namespaces, ["team-a", "team-b"]);

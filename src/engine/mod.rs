@@ -133,10 +133,6 @@ impl EngineHandle {
 /// 30 s).
 const TAKE_OVER_RETRY: Duration = Duration::from_secs(1);
 
-/// Claim batches waiting for the ledger at once; beyond, a due run is counted missed at once
-/// rather than piling up behind a hung Redis (each claim also has `redis.timeout`).
-const CLAIMS_IN_FLIGHT: usize = 4096;
-
 /// What the engine needs besides its tasks.
 pub struct EngineParts {
     /// Where claimed runs go.
@@ -167,7 +163,9 @@ pub struct Engine {
     term: Option<Term>,
     /// Cancelled at shutdown: take-overs still retrying stop.
     shutdown: CancellationToken,
-    /// Permits for claim batches waiting for the ledger.
+    /// Permits for claim batches waiting for the ledger, as many as runs may wait for a worker
+    /// (`queue_size`): beyond, a due run is counted missed at once rather than piling up behind
+    /// a hung Redis (each claim also has `redis.timeout`).
     claims: Arc<tokio::sync::Semaphore>,
     /// Take-over answers, from the tasks that asked the ledger.
     took_over: (
@@ -242,6 +240,7 @@ impl Engine {
     /// An engine and the handle that feeds it; drive the engine with [`Engine::run`].
     pub fn new(parts: EngineParts) -> (Engine, EngineHandle) {
         let (tx, rx) = mpsc::channel(1024);
+        let claims = Arc::new(tokio::sync::Semaphore::new(parts.executor.queue_size()));
         let engine = Engine {
             commands: rx,
             tasks: HashMap::new(),
@@ -250,7 +249,7 @@ impl Engine {
             parts,
             term: None,
             shutdown: CancellationToken::new(),
-            claims: Arc::new(tokio::sync::Semaphore::new(CLAIMS_IN_FLIGHT)),
+            claims,
             took_over: mpsc::unbounded_channel(),
         };
         (engine, EngineHandle { commands: tx })

@@ -73,6 +73,8 @@ impl ExecutorTask {
             state.closed = true;
             state.waiting = 0;
             state.turns.clear();
+            let state = &mut *state;
+            state.refusals.relax(&mut state.tasks);
             let dropped = state
                 .tasks
                 .values_mut()

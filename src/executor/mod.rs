@@ -15,7 +15,7 @@ mod queue;
 pub mod retry;
 mod worker;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -173,6 +173,9 @@ pub struct Load {
     pub busy_workers: usize,
     /// Size of the worker pool.
     pub max_workers: usize,
+    /// Runs refused since start because the queue was full: `queue_size` is too small for
+    /// the bursts the tasks make.
+    pub refused: u64,
 }
 
 /// Handle for submitting runs; cheap to clone.
@@ -210,6 +213,7 @@ impl Executor {
             changed: Notify::new(),
             left_queue: Notify::new(),
             queue_size: config.queue_size.max(1),
+            refused: AtomicU64::new(0),
             per_task_workers: (max_workers / 2).max(1),
             per_namespace: AtomicUsize::new(0),
             namespace_workers: AtomicUsize::new(max_workers),
@@ -241,6 +245,7 @@ impl Executor {
         let mut reports = Vec::new();
         {
             let mut state = self.shared.lock();
+            let state = &mut *state;
             // A new term adopts what this very process may still be waiting for.
             let known = |runs: &TaskRuns| {
                 runs.active.iter().any(|(id, _)| *id == run.run_id)
@@ -250,14 +255,22 @@ impl Executor {
                 debug!(run_id = %run.run_id, "already in flight here; not adopted twice");
                 return;
             }
-            if let Err((kind, reason)) = self.shared.admit(&mut state, &run, &mut reports) {
-                warn!(run_id = %run.run_id, %reason, "run missed");
+            if let Err((kind, reason)) = self.shared.admit(state, &run, &mut reports) {
+                // A full queue says so once a minute (`Shared::make_room`), not once per run.
+                match kind {
+                    MissKind::QueueFull => debug!(run_id = %run.run_id, %reason, "run missed"),
+                    _ => warn!(run_id = %run.run_id, %reason, "run missed"),
+                }
+                if state.tasks.get(&run.task).is_some_and(TaskRuns::is_idle) {
+                    state.tasks.remove(&run.task);
+                }
                 reports.push(missed(&run, kind, reason));
             } else {
                 let id = run.task.clone();
                 state.waiting += 1;
                 let runs = state.tasks.entry(id.clone()).or_default();
                 runs.waiting.push_back(run);
+                state.refusals.enlist(&id, runs);
                 if !std::mem::replace(&mut runs.has_turn, true) {
                     state.turns.push_back(id);
                 }
@@ -326,6 +339,11 @@ impl Executor {
         self.shared.changed.notify_one();
     }
 
+    /// How many runs may wait for a worker (`queue_size`).
+    pub fn queue_size(&self) -> usize {
+        self.shared.queue_size
+    }
+
     /// A handle that reads how busy the executor is without keeping it alive (what metrics
     /// hold: the executor's report sink may hold the metrics).
     pub fn gauge(&self) -> LoadGauge {
@@ -337,10 +355,15 @@ impl Executor {
         let mut reports = Vec::new();
         {
             let mut state = self.shared.lock();
+            let state = &mut *state;
             let Some(runs) = state.tasks.get_mut(task) else {
                 return;
             };
             let dropped: Vec<RunRequest> = runs.waiting.drain(..).collect();
+            state.refusals.enlist(task, runs);
+            if matches!(why, Retire::Deleted) {
+                state.refusals.forget(task);
+            }
             let cancel = match &why {
                 Retire::Deleted => Some(CancelReason::Deleted),
                 Retire::Invalid(reason) => Some(CancelReason::Invalid(reason.clone())),
@@ -413,11 +436,19 @@ pub(crate) mod fixtures {
 
     /// An executor (2 workers, 10 waiting runs) and its reports; its worker side is dropped.
     pub fn executor() -> (Executor, tokio::sync::mpsc::UnboundedReceiver<Report>) {
+        executor_queueing(10)
+    }
+
+    /// An executor (2 workers) where `queue_size` runs may wait, and its reports; its worker
+    /// side is dropped.
+    pub fn executor_queueing(
+        queue_size: usize,
+    ) -> (Executor, tokio::sync::mpsc::UnboundedReceiver<Report>) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
         let config = ExecutorConfig {
             max_workers: 2,
-            queue_size: 10,
+            queue_size,
             log_success: false,
         };
         let (executor, _task) = Executor::new(

@@ -1,12 +1,14 @@
 //! The runs waiting and in flight, per task: the queue bound, each task's concurrency policy
 //! at submission, and whose turn it is when a worker is free.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::cancel::{Cancel, CancelReason};
 use super::{Action, Load, RunRequest, RunSpec, missed};
@@ -22,6 +24,8 @@ pub(super) struct Shared {
     /// ([`Executor::wait_for_room`](super::Executor::wait_for_room)).
     pub(super) left_queue: Notify,
     pub(super) queue_size: usize,
+    /// Runs the full queue refused (or displaced), since start.
+    pub(super) refused: AtomicU64,
     /// The most runs one task may have in flight: half the workers, at least one.
     pub(super) per_task_workers: usize,
     /// The most runs one namespace may have in flight or waiting (`limits`); 0: no cap.
@@ -46,7 +50,70 @@ pub(super) struct State {
     pub(super) busy: HashMap<String, usize>,
     /// Runs waiting, over all tasks.
     pub(super) waiting: usize,
+    pub(super) refusals: Refusals,
     pub(super) closed: bool,
+}
+
+/// How often the full queue refused each task, and who may be displaced (see
+/// [`Shared::make_room`]).
+#[derive(Default)]
+pub(super) struct Refusals {
+    /// Runs refused per task (tasks never refused have no entry; dropped with the task).
+    times: HashMap<TaskId, u64>,
+    /// While the queue is full (until half of it drained): the tasks with a run that may be
+    /// displaced, by times refused, then newest first. Each task's key is in its
+    /// [`TaskRuns::candidate`].
+    candidates: BTreeMap<(u64, Reverse<u64>), TaskId>,
+    ranked: bool,
+    sequence: u64,
+    /// When the queue was last said to be full.
+    warned: Option<DateTime<Utc>>,
+}
+
+impl Refusals {
+    /// Ranks every task with a run that may be displaced, once per time the queue is full.
+    fn rank(&mut self, tasks: &mut HashMap<TaskId, TaskRuns>) {
+        if std::mem::replace(&mut self.ranked, true) {
+            return;
+        }
+        for (id, runs) in tasks.iter_mut() {
+            self.enlist(id, runs);
+        }
+    }
+
+    /// `task`'s runs changed: it is a candidate while it has a run that may be displaced.
+    pub(super) fn enlist(&mut self, task: &TaskId, runs: &mut TaskRuns) {
+        if let Some(key) = runs.candidate.take() {
+            self.candidates.remove(&key);
+        }
+        if self.ranked && runs.waiting.iter().any(|run| !run.adopted) {
+            self.sequence += 1;
+            let times = self.times.get(task).copied().unwrap_or(0);
+            let key = (times, Reverse(self.sequence));
+            self.candidates.insert(key, task.clone());
+            runs.candidate = Some(key);
+        }
+    }
+
+    fn refuse(&mut self, task: &TaskId, runs: &mut TaskRuns) {
+        *self.times.entry(task.clone()).or_default() += 1;
+        self.enlist(task, runs);
+    }
+
+    /// Half the queue drained: the ranking is rebuilt the next time it is full.
+    pub(super) fn relax(&mut self, tasks: &mut HashMap<TaskId, TaskRuns>) {
+        if std::mem::take(&mut self.ranked) {
+            self.candidates.clear();
+            for runs in tasks.values_mut() {
+                runs.candidate = None;
+            }
+        }
+    }
+
+    /// A task is gone: its refusals with it.
+    pub(super) fn forget(&mut self, task: &TaskId) {
+        self.times.remove(task);
+    }
 }
 
 #[derive(Default)]
@@ -58,6 +125,8 @@ pub(super) struct TaskRuns {
     /// [`Executor::release_elsewhere`](super::Executor::release_elsewhere).
     pub(super) elsewhere: Vec<RunId>,
     pub(super) has_turn: bool,
+    /// Its key among the runs the full queue may displace ([`Refusals::candidates`]).
+    pub(super) candidate: Option<(u64, Reverse<u64>)>,
 }
 
 /// Whose turn it is when a worker is free: namespaces take turns, then the tasks within each,
@@ -134,6 +203,7 @@ impl Shared {
                 .sum::<usize>()
                 .saturating_sub(self.job_waits.load(Ordering::Relaxed)),
             max_workers: self.max_workers,
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -174,12 +244,9 @@ impl Shared {
         if state.closed {
             return Err((MissKind::Shutdown, "chronflow is shutting down".into()));
         }
-        if state.waiting >= self.queue_size {
-            let reason = format!(
-                "the run queue is full ({} runs waiting for a worker)",
-                state.waiting
-            );
-            return Err((MissKind::QueueFull, reason));
+        // An adopted run is in flight already (its Job exists): no bound can refuse it.
+        if run.adopted {
+            return Ok(());
         }
         let most = self.per_namespace.load(Ordering::Relaxed);
         if most > 0 {
@@ -199,9 +266,8 @@ impl Shared {
             }
         }
         let runs = state.tasks.entry(run.task.clone()).or_default();
-        // An adopted run is in flight already (its Job exists): no policy can refuse it.
-        if run.sequential || run.adopted {
-            return Ok(());
+        if run.sequential {
+            return self.make_room(state, &run.task, reports);
         }
         let busy = runs.active.len() + runs.waiting.len() + runs.elsewhere.len();
         if let (ConcurrencyPolicy::Replace, Some(held)) =
@@ -213,7 +279,7 @@ impl Shared {
             );
             return Err((MissKind::Concurrency, reason));
         }
-        match run.spec.concurrency {
+        let allowed = match run.spec.concurrency {
             ConcurrencyPolicy::Forbid if busy > 0 => {
                 let previous = runs
                     .active
@@ -232,6 +298,7 @@ impl Shared {
                     handle.cancel(CancelReason::Replaced(run.run_id.clone()));
                 }
                 let dropped: Vec<RunRequest> = runs.waiting.drain(..).collect();
+                state.refusals.enlist(&run.task, runs);
                 state.waiting -= dropped.len();
                 self.left_queue.notify_waiters();
                 let reason = format!("replaced by {} before it started", run.run_id);
@@ -250,7 +317,87 @@ impl Shared {
                 Err((MissKind::Concurrency, reason))
             }
             _ => Ok(()),
+        };
+        allowed?;
+        self.make_room(state, &run.task, reports)
+    }
+
+    /// Room in the queue for a run of `task`. When it is full, refusals go round the tasks:
+    /// the run takes the place of the newest waiting run of a task refused fewer times than
+    /// `task` (that run is missed instead), else it is refused itself. No task is refused
+    /// again while a task competing for the queue was refused less often, whatever order the
+    /// runs come in.
+    fn make_room(
+        &self,
+        state: &mut State,
+        task: &TaskId,
+        reports: &mut Vec<Report>,
+    ) -> Result<(), (MissKind, String)> {
+        if state.waiting < self.queue_size {
+            return Ok(());
         }
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.warn_queue_full(state);
+        let reason = format!(
+            "the run queue is full ({} runs waiting for a worker; queue_size {})",
+            state.waiting, self.queue_size
+        );
+        let State {
+            tasks,
+            turns,
+            refusals,
+            waiting,
+            ..
+        } = state;
+        let times = refusals.times.get(task).copied().unwrap_or(0);
+        refusals.rank(tasks);
+        if let Some(((fewer, _), spared)) = refusals.candidates.first_key_value()
+            && *fewer < times
+        {
+            let spared = spared.clone();
+            let runs = tasks
+                .get_mut(&spared)
+                .expect("candidates have runs waiting");
+            let newest = runs.waiting.iter().rposition(|r| !r.adopted);
+            let evicted = newest.and_then(|newest| runs.waiting.remove(newest));
+            let evicted = evicted.expect("candidates have a run that may be displaced");
+            if runs.waiting.is_empty() {
+                runs.has_turn = false;
+                turns.remove(&spared);
+            }
+            *waiting -= 1;
+            self.left_queue.notify_waiters();
+            refusals.refuse(&spared, runs);
+            if runs.is_idle() {
+                tasks.remove(&spared);
+            }
+            let why = format!("{reason}; its place went to a run of {task}, refused more often");
+            reports.push(missed(&evicted, MissKind::QueueFull, why));
+            return Ok(());
+        }
+        let runs = tasks.entry(task.clone()).or_default();
+        refusals.refuse(task, runs);
+        Err((MissKind::QueueFull, reason))
+    }
+
+    /// At most once a minute: the queue is too small for the bursts it gets.
+    fn warn_queue_full(&self, state: &mut State) {
+        let now = self.clock.now();
+        if state
+            .refusals
+            .warned
+            .is_some_and(|at| now - at < chrono::Duration::minutes(1))
+        {
+            return;
+        }
+        state.refusals.warned = Some(now);
+        warn!(
+            queue_size = self.queue_size,
+            max_workers = self.max_workers,
+            refused = self.refused.load(Ordering::Relaxed),
+            "the run queue is full: runs are refused in turn and counted missed; raise \
+             queue_size (or max_workers) for the bursts this load makes"
+        );
     }
 
     /// The next run to start, taking tasks in turn: the task's starting deadline is checked
@@ -281,6 +428,7 @@ impl Shared {
                     _ => break,
                 }
             }
+            state.refusals.enlist(&id, runs);
             let Some(run) = runs.waiting.front() else {
                 runs.has_turn = false;
                 if runs.is_idle() {
@@ -305,6 +453,7 @@ impl Shared {
             }
             let run = runs.waiting.pop_front()?;
             state.waiting -= 1;
+            state.refusals.enlist(&id, runs);
             self.left_queue.notify_waiters();
             let cancel = Cancel {
                 outlives_process: !holds_worker,
@@ -318,6 +467,9 @@ impl Shared {
                 runs.has_turn = false;
             } else {
                 state.turns.push_back(id);
+            }
+            if state.waiting <= self.queue_size / 2 {
+                state.refusals.relax(&mut state.tasks);
             }
             return Some((run, cancel));
         }
@@ -357,7 +509,7 @@ mod tests {
     use chrono::Utc;
 
     use crate::executor::Retire;
-    use crate::executor::fixtures::{executor, request};
+    use crate::executor::fixtures::{executor, executor_queueing, request};
     use crate::run::{Report, RunId};
 
     #[tokio::test]
@@ -441,6 +593,108 @@ mod tests {
         run.task = crate::run::TaskId::new(crate::run::TaskKey::new(namespace, name), "uid");
         run.run_id = RunId::new(&run.task, now);
         run
+    }
+
+    /// Submits one run of each task, in `order`, then starts and finishes every run admitted;
+    /// returns the tasks refused (their own run, or their waiting run displaced) and checks
+    /// each refusal: no task with a run waiting was refused fewer times than the one refused.
+    fn burst(
+        executor: &crate::executor::Executor,
+        reports: &mut tokio::sync::mpsc::UnboundedReceiver<Report>,
+        order: &[usize],
+        refused: &mut [u64],
+    ) -> Vec<usize> {
+        let index = |run: &RunId| run.task_id().key.name.parse::<usize>().unwrap();
+        let mut now_refused = Vec::new();
+        for &task in order {
+            executor.submit(run_of("ns", &task.to_string()));
+            while let Ok(report) = reports.try_recv() {
+                let Report::Missed { run, kind, .. } = report else {
+                    continue;
+                };
+                assert_eq!(kind, crate::run::MissKind::QueueFull);
+                let who = index(&run);
+                let state = executor.shared.lock();
+                for waiting in state.tasks.values().flat_map(|runs| &runs.waiting) {
+                    let other = index(&waiting.run_id);
+                    assert!(
+                        refused[other] >= refused[who],
+                        "task {who} refused a {}th time while task {other}, refused {} times, \
+                         waits in the queue",
+                        refused[who] + 1,
+                        refused[other]
+                    );
+                }
+                refused[who] += 1;
+                now_refused.push(who);
+            }
+        }
+        let mut missed = Vec::new();
+        while let Some((run, _)) = executor.shared.next_run(&mut missed) {
+            executor.shared.finished(&run.task, &run.run_id);
+        }
+        assert!(missed.is_empty(), "{missed:?}");
+        now_refused
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_the_tasks_in_turn_so_none_starves() {
+        let (executor, mut reports) = executor_queueing(4);
+        let mut refused = [0; 10];
+        let order: Vec<usize> = (0..10).collect();
+        // The same ten tasks due together each second, always in the same order, four places.
+        for second in 1..=5 {
+            let now_refused = burst(&executor, &mut reports, &order, &mut refused);
+            assert_eq!(now_refused.len(), 6, "second {second}: {now_refused:?}");
+        }
+        // 20 runs in 5 bursts: two each, whoever came first.
+        assert_eq!(refused, [3; 10], "refusals per task");
+        assert_eq!(executor.shared.load().refused, 30);
+    }
+
+    #[tokio::test]
+    async fn refusals_stay_even_whatever_order_the_runs_come_in() {
+        let (executor, mut reports) = executor_queueing(5);
+        let mut refused = [0; 12];
+        let mut order: Vec<usize> = (0..12).collect();
+        let mut seed = 0x2910_u64;
+        for _ in 0..40 {
+            // A different order each burst (Fisher–Yates on a small LCG).
+            for i in (1..order.len()).rev() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                order.swap(i, (seed >> 33) as usize % (i + 1));
+            }
+            burst(&executor, &mut reports, &order, &mut refused);
+        }
+        let (fewest, most) = (refused.iter().min().unwrap(), refused.iter().max().unwrap());
+        assert!(most - fewest <= 2, "refusals per task: {refused:?}");
+    }
+
+    #[tokio::test]
+    async fn a_displaced_run_says_which_run_took_its_place() {
+        let (executor, mut reports) = executor_queueing(1);
+        executor.submit(run_of("ns", "a"));
+        executor.submit(run_of("ns", "b")); // refused: b's first refusal, a has none
+        let Ok(Report::Missed { reason, .. }) = reports.try_recv() else {
+            panic!("b refused");
+        };
+        assert!(reason.contains("queue_size 1"), "{reason}");
+        executor.submit(run_of("ns", "b")); // a, never refused, gives way
+        match reports.try_recv() {
+            Ok(Report::Missed { run, reason, .. }) => {
+                assert_eq!(run.task_id().key.name, "a");
+                assert!(
+                    reason.contains("its place went to a run of ns/b"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a's run displaced, got {other:?}"),
+        }
+        let mut missed = Vec::new();
+        let (started, _) = executor.shared.next_run(&mut missed).unwrap();
+        assert_eq!(started.task.key.name, "b");
     }
 
     #[tokio::test]

@@ -156,6 +156,7 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
         "total_tasks": tasks,
         "queue_size": load.waiting,
         "queue_capacity": load.queue_size,
+        "queue_refused": load.refused,
         "active_workers": load.busy_workers,
         "max_workers": load.max_workers,
         "leader": endpoint.leader.borrow().is_some(),
