@@ -422,7 +422,7 @@ pub struct Live {
     pub status: StatusIndex,
     /// The leadership term.
     pub leader: watch::Receiver<Option<Term>>,
-    /// The Redis ledger's pool, when there is one.
+    /// The Redis ledger, when there is one.
     pub redis: Option<Arc<RedisLedger>>,
     /// Marks the shared ledger refused, kept to be sent again.
     pub kept_marks: Option<Arc<RetriedMarks>>,
@@ -510,18 +510,17 @@ impl Collector for Live {
             term.map_or(0, |term| i64::try_from(term.epoch).unwrap_or(i64::MAX)),
         )?;
         if let Some(redis) = &self.redis {
-            let (size, in_use) = redis.pool_status();
             gauge(
                 &mut encoder,
                 "redis_connections",
-                "redis.max_connections: the most connections the ledger opens",
-                as_i64(size),
+                "redis.max_connections: the multiplexed connections the ledger uses",
+                as_i64(redis.connection_count()),
             )?;
             gauge(
                 &mut encoder,
-                "redis_connections_in_use",
-                "Redis connections checked out of the ledger's pool",
-                as_i64(in_use),
+                "redis_operations_in_flight",
+                "Ledger operations sent to Redis and not answered yet",
+                as_i64(redis.in_flight()),
             )?;
         }
         if let Some(skew) = &self.clock_skew {

@@ -31,7 +31,7 @@ pub struct RedisConfig {
     /// A PEM file of the CA that signs the server's certificate, for `rediss://` with a
     /// private CA; without it the web PKI roots are trusted.
     pub ca_file: Option<PathBuf>,
-    /// Connection pool size.
+    /// Multiplexed connections the ledger opens (to each node of a cluster).
     #[serde(deserialize_with = "within::<_, _, 1, 10_000>")]
     pub max_connections: u32,
     /// How long one ledger operation may take, waiting for a connection included.

@@ -24,11 +24,14 @@
 //! leader cannot start anything. A run a stale leader had already started is not undone: its
 //! `finished` mark is accepted (the run did happen), so it is counted once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
-use redis::Script;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{IntoConnectionInfo, ProtocolVersion, RedisFuture, Script, Value};
 
 use futures::future::{BoxFuture, FutureExt};
 
@@ -327,9 +330,10 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// PEM of the CA to trust for `rediss://` (else the web PKI roots).
     pub ca: Option<Vec<u8>>,
-    /// Size of the connection pool.
+    /// Multiplexed connections to open (to each node of a cluster); operations take them in
+    /// turn, many in flight on each.
     pub max_connections: usize,
-    /// How long one ledger operation may take, connection checkout included.
+    /// How long one ledger operation may take, connecting included.
     pub timeout: Duration,
     /// Replicas that must have each write (`WAIT`) before it counts as done; 0: none.
     pub wait_replicas: u32,
@@ -356,16 +360,65 @@ impl RedisSettings {
     }
 }
 
-/// One bounded pool of connections: to one server, or to a cluster (each pooled connection
-/// reaches every node).
-enum Pool {
-    Single(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+/// Connections to Redis, each multiplexed: every operation in flight on it at once, pipelined
+/// on one socket (no checkout per operation, no health check before each), and made again after
+/// a failure. Operations take them in turn.
+enum Connections {
+    Single(Vec<ConnectionManager>),
+    /// A cluster connection reaches every node (one socket per node) and routes each script to
+    /// the node that holds its task's slot; connected on first use.
+    Cluster(
+        Box<ClusterClient>,
+        Vec<tokio::sync::OnceCell<ClusterConnection>>,
+    ),
 }
 
-/// The ledger, over one bounded connection pool.
+/// One of the [`Connections`], for one operation.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(connection) => connection.req_packed_command(cmd),
+            Connection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            Connection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(connection) => connection.get_db(),
+            Connection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// The ledger, over a few multiplexed connections.
 pub struct RedisLedger {
-    pool: Pool,
+    connections: Connections,
+    /// The connection the next operation takes.
+    turn: AtomicUsize,
+    /// Operations waiting for their answer.
+    in_flight: AtomicUsize,
     timeout: Duration,
     wait_replicas: u32,
     by_uid: bool,
@@ -378,52 +431,67 @@ pub struct RedisLedger {
 }
 
 impl RedisLedger {
-    /// Builds the pool; connections are made on demand (the first operation tells whether
-    /// Redis is reachable).
+    /// Prepares the connections; they are made on first use (the first operation tells
+    /// whether Redis is reachable). Within a Tokio runtime.
     pub fn new(settings: &RedisSettings) -> Result<Self, LedgerError> {
-        let wait = Some(settings.timeout);
-        let limits = PoolConfig {
-            max_size: settings.max_connections,
-            timeouts: Timeouts {
-                wait,
-                create: wait,
-                recycle: wait,
-            },
-            ..PoolConfig::default()
-        };
-        let runtime = Some(Runtime::Tokio1);
-        let pool = if let Some(ca) = &settings.ca {
-            if settings.cluster {
-                return Err(redis_error(
-                    "a CA file (redis.ca_file) is not supported with cluster",
-                ));
-            }
-            let certificates = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.clone()),
-            };
-            let client = redis::Client::build_with_tls(settings.url.as_str(), certificates)
-                .map_err(redis_error)?;
-            let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
-                .map_err(redis_error)?;
-            let builder = deadpool_redis::Pool::builder(manager).runtime(Runtime::Tokio1);
-            Pool::Single(builder.config(limits).build().map_err(redis_error)?)
-        } else if settings.cluster {
-            let mut config = deadpool_redis::cluster::Config::from_urls(vec![settings.url.clone()]);
-            config.pool = Some(limits);
-            Pool::Cluster(config.create_pool(runtime).map_err(redis_error)?)
-        } else {
-            let mut config = Config::from_url(settings.url.clone());
-            config.pool = Some(limits);
-            Pool::Single(config.create_pool(runtime).map_err(redis_error)?)
-        };
         if settings.cluster && settings.wait_replicas > 0 {
             return Err(redis_error(
                 "redis.wait_replicas is not supported with redis.cluster",
             ));
         }
+        let count = settings.max_connections.max(1);
+        let connections = if settings.cluster {
+            if settings.ca.is_some() {
+                return Err(redis_error(
+                    "a CA file (redis.ca_file) is not supported with cluster",
+                ));
+            }
+            let client = ClusterClient::builder(vec![settings.url.as_str()])
+                .connection_timeout(settings.timeout)
+                .response_timeout(settings.timeout)
+                .build()
+                .map_err(redis_error)?;
+            let slots = (0..count).map(|_| tokio::sync::OnceCell::new()).collect();
+            Connections::Cluster(Box::new(client), slots)
+        } else {
+            // RESP3: a connection that drops (Redis restarted, failed over) tells its manager,
+            // which makes it again before the next operation needs it.
+            let info = settings
+                .url
+                .as_str()
+                .into_connection_info()
+                .map_err(redis_error)?;
+            let resp3 = info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3);
+            let info = info.set_redis_settings(resp3);
+            let client = match &settings.ca {
+                Some(ca) => {
+                    let certificates = redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(ca.clone()),
+                    };
+                    redis::Client::build_with_tls(info, certificates)
+                }
+                None => redis::Client::open(info),
+            }
+            .map_err(redis_error)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(settings.timeout))
+                .set_response_timeout(Some(settings.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let managers = (0..count)
+                .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+                .collect::<Result<_, _>>()
+                .map_err(redis_error)?;
+            Connections::Single(managers)
+        };
         Ok(Self {
-            pool,
+            connections,
+            turn: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
             timeout: settings.timeout,
             wait_replicas: settings.wait_replicas,
             by_uid: true,
@@ -461,23 +529,47 @@ impl RedisLedger {
     pub async fn eviction_policy(&self) -> Result<String, LedgerError> {
         let mut command = redis::cmd("CONFIG");
         command.arg("GET").arg("maxmemory-policy");
-        let reply: Vec<String> = self.query(&command).await?;
+        let reply: std::collections::HashMap<String, String> = self.query(&command).await?;
         reply
-            .get(1)
+            .get("maxmemory-policy")
             .cloned()
             .ok_or_else(|| redis_error(format!("unexpected CONFIG GET reply {reply:?}")))
     }
 
-    /// Pool size and connections in use, for metrics.
-    pub fn pool_status(&self) -> (usize, usize) {
-        let status = match &self.pool {
-            Pool::Single(pool) => pool.status(),
-            Pool::Cluster(pool) => pool.status(),
-        };
-        (status.max_size, status.size - status.available)
+    /// The connections this ledger uses (`redis.max_connections`), for metrics.
+    pub fn connection_count(&self) -> usize {
+        match &self.connections {
+            Connections::Single(managers) => managers.len(),
+            Connections::Cluster(_, slots) => slots.len(),
+        }
     }
 
-    /// Runs `script` on the task's keys, within the timeout (connection checkout included).
+    /// Operations waiting for their answer, for metrics.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The connection whose turn it is (a cluster's is connected on first use). An operation
+    /// refused by it (Redis was down when it was last made; nothing was sent) is sent once more:
+    /// the refusal made the connection again.
+    async fn connection(&self) -> Result<Connection, LedgerError> {
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        match &self.connections {
+            Connections::Single(managers) => {
+                Ok(Connection::Single(managers[turn % managers.len()].clone()))
+            }
+            Connections::Cluster(client, slots) => {
+                let slot = &slots[turn % slots.len()];
+                let connection = slot
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await
+                    .map_err(redis_error)?;
+                Ok(Connection::Cluster(connection.clone()))
+            }
+        }
+    }
+
+    /// Runs `script` on the task's keys, within the timeout.
     async fn invoke(
         &self,
         script: &Script,
@@ -487,7 +579,8 @@ impl RedisLedger {
         self.invoke_on(script, &self.keys(task), args).await
     }
 
-    /// Runs `script` on `keys`, within the timeout (connection checkout included).
+    /// Runs `script` on `keys`, within the timeout (with `redis.wait_replicas`, until the
+    /// replicas have the write).
     async fn invoke_on<T: redis::FromRedisValue>(
         &self,
         script: &Script,
@@ -502,34 +595,23 @@ impl RedisLedger {
             invocation.arg(arg);
         }
         let run = async {
-            match &self.pool {
-                Pool::Single(pool) => {
-                    let mut connection = pool.get().await.map_err(redis_error)?;
-                    let reply = invocation
-                        .invoke_async(&mut connection)
-                        .await
-                        .map_err(redis_error)?;
-                    self.replicated(&mut connection).await?;
-                    Ok(reply)
+            let mut connection = self.connection().await?;
+            let reply = match invocation.invoke_async(&mut connection).await {
+                Err(error) if error.is_connection_refusal() => {
+                    invocation.invoke_async(&mut connection).await
                 }
-                Pool::Cluster(pool) => {
-                    let mut connection = pool.get().await.map_err(redis_error)?;
-                    invocation
-                        .invoke_async(&mut connection)
-                        .await
-                        .map_err(redis_error)
-                }
+                reply => reply,
             }
+            .map_err(redis_error)?;
+            self.replicated(&mut connection).await?;
+            Ok(reply)
         };
         self.within(run).await
     }
 
     /// With `redis.wait_replicas`, waits (on the connection that wrote) until that many
     /// replicas have the write: a replica promoted after a failover then knows it.
-    async fn replicated(
-        &self,
-        connection: &mut deadpool_redis::Connection,
-    ) -> Result<(), LedgerError> {
+    async fn replicated(&self, connection: &mut Connection) -> Result<(), LedgerError> {
         if self.wait_replicas == 0 {
             return Ok(());
         }
@@ -555,15 +637,12 @@ impl RedisLedger {
         command: &redis::Cmd,
     ) -> Result<T, LedgerError> {
         let run = async {
-            match &self.pool {
-                Pool::Single(pool) => {
-                    let mut connection = pool.get().await.map_err(redis_error)?;
+            let mut connection = self.connection().await?;
+            match command.query_async(&mut connection).await {
+                Err(error) if error.is_connection_refusal() => {
                     command.query_async(&mut connection).await
                 }
-                Pool::Cluster(pool) => {
-                    let mut connection = pool.get().await.map_err(redis_error)?;
-                    command.query_async(&mut connection).await
-                }
+                reply => reply,
             }
             .map_err(redis_error)
         };
@@ -574,6 +653,7 @@ impl RedisLedger {
         &self,
         run: impl Future<Output = Result<T, LedgerError>>,
     ) -> Result<T, LedgerError> {
+        let _in_flight = InFlight::count(&self.in_flight);
         tokio::time::timeout(self.timeout, run)
             .await
             .map_err(|_| LedgerError(format!("redis: no answer within {:?}", self.timeout)))?
@@ -781,6 +861,22 @@ impl Ledger for RedisLedger {
             Ok(())
         }
         .boxed()
+    }
+}
+
+/// Counts an operation in flight until it is answered or dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -492,7 +492,7 @@ pub struct Opened {
     pub recorder: Arc<dyn ReportSink>,
     /// What the history held at start, per task.
     pub stored: HashMap<TaskKey, ChronTaskStatus>,
-    /// The Redis ledger, for its pool metrics.
+    /// The Redis ledger, for its connection metrics.
     pub redis: Option<Arc<RedisLedger>>,
     /// Its marks kept to be sent again, for their metric.
     pub kept_marks: Option<Arc<RetriedMarks>>,

@@ -367,7 +367,7 @@ async fn connections_to(probe: &mut redis::aio::MultiplexedConnection, db: u32) 
 }
 
 #[tokio::test]
-async fn the_pool_never_opens_more_connections_than_its_size() {
+async fn the_ledger_never_opens_more_connections_than_max_connections() {
     // Database 13 is this test's alone, so CLIENT LIST tells its connections apart.
     let base = test_env().redis_url.trim_end_matches("/0").to_string();
     let ledger = RedisLedger::new(&RedisSettings {
@@ -409,7 +409,32 @@ async fn the_pool_never_opens_more_connections_than_its_size() {
         most <= 3 && (1..=3).contains(&after),
         "at most 3 expected: {most} during, {after} after"
     );
-    assert_eq!(ledger.pool_status().0, 3);
+    assert_eq!(ledger.connection_count(), 3);
+}
+
+/// Every connection answers the first operation after Redis restarted, whether it was idle
+/// while Redis was down (its socket closed under it) or failed an operation meanwhile.
+#[tokio::test]
+async fn after_a_redis_restart_the_first_operations_on_every_connection_succeed() {
+    let (mut redis, ledger) = own_redis_ledger(); // four connections
+    let task = task("restart");
+    let leader = term(1, "a");
+    let claim = |i| {
+        let (ledger, run, leader) = (&ledger, RunId::new(&task, at(i)), &leader);
+        async move { ledger.claim(&run, leader).await }
+    };
+    for i in 0..4 {
+        assert_eq!(claim(i).await, Ok(Verdict::Accepted));
+    }
+    redis.kill();
+    for i in 4..6 {
+        assert!(claim(i).await.is_err(), "Redis is down");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    for i in 6..14 {
+        assert_eq!(claim(i).await, Ok(Verdict::Accepted), "claim {i}");
+    }
 }
 
 #[tokio::test]
