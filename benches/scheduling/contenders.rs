@@ -174,8 +174,8 @@ async fn run_chronflow(params: RunParams) -> RunResult {
     let mut core = Core::build(CoreParts {
         executor: ExecutorConfig {
             max_workers: params.workers,
-            // An aligned second puts every task's run in the queue at once.
-            queue_size: n.max(1000),
+            // The configuration's default: an aligned second waits in the queue whole.
+            queue_size: chronflow::config::OperatorConfig::default().queue_size,
             log_success: false,
         },
         max_runs_per_namespace: 0,

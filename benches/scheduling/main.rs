@@ -8,6 +8,10 @@
 //! - `scheduling run ...`: one contender, one shape, one size; prints `RESULT <json>`.
 //! - `scheduling receiver`: the HTTP runs' loopback receiver.
 
+/// The allocator of the `chronflow` binary (`src/main.rs`), for every contender alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod contenders;
 mod failover;
 mod measure;

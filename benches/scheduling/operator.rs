@@ -32,6 +32,60 @@ pub struct OperatorResult {
     pub status_writes_per_s: f64,
     pub apiserver_requests_per_s: f64,
     pub calls_per_s: f64,
+    /// The window's whole seconds: instants due (tasks × seconds), those the receiver got
+    /// (each task and instant once), tasks that got none, the most seconds in a row one task
+    /// went without a run, and the start lag p99 (ms).
+    #[serde(default)]
+    pub instants_expected: u64,
+    #[serde(default)]
+    pub instants_fired: u64,
+    #[serde(default)]
+    pub never_fired: u64,
+    #[serde(default)]
+    pub longest_gap_s: u64,
+    #[serde(default)]
+    pub lag_p99_ms: f64,
+}
+
+/// What the receiver got for the whole seconds from `from_s` (Unix) on, `seconds` of them:
+/// (instants fired, tasks never fired, longest run of seconds one task went without a run,
+/// lag p99 ms).
+fn coverage(
+    receiver: &str,
+    tasks: usize,
+    from_s: i64,
+    seconds: i64,
+) -> Result<(u64, u64, u64, f64), String> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("{receiver}/hits")])
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    let mut fired = vec![vec![false; seconds as usize]; tasks];
+    let mut lags = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut fields = line.split(' ').map(|f| f.parse::<i64>().unwrap_or(-1));
+        let (Some(task), Some(due), Some(at)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let second = due.div_euclid(1_000_000_000) - from_s;
+        if let (Some(row), true) = (fired.get_mut(task as usize), (0..seconds).contains(&second)) {
+            row[second as usize] = true;
+            lags.push(at - due);
+        }
+    }
+    let count = fired.iter().flatten().filter(|f| **f).count() as u64;
+    let never = fired.iter().filter(|row| !row.contains(&true)).count() as u64;
+    let longest_gap = fired
+        .iter()
+        .map(|row| row.split(|f| *f).map(<[bool]>::len).max().unwrap_or(0))
+        .max()
+        .unwrap_or(0) as u64;
+    lags.sort_unstable();
+    let p99 = lags
+        .get(lags.len().saturating_sub(1) * 99 / 100)
+        .map_or(f64::NAN, |ns| *ns as f64 / 1e6);
+    Ok((count, never, longest_gap, p99))
 }
 
 /// The apiserver's request counters: (status writes of ChronTasks, all requests).
@@ -98,13 +152,12 @@ pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, 
     let create_s = created.elapsed().as_secs_f64();
 
     let config = plane.dir.join("operator.yaml");
-    // The configuration's defaults otherwise; the queue holds an aligned second of runs.
+    // The configuration's defaults otherwise.
     std::fs::write(
         &config,
         format!(
-            "watch_namespaces: [{NS}]\nqueue_size: {}\nmetrics:\n  bind: 127.0.0.1:0\n\
-             log:\n  format: json\n  log_task_success: false\n",
-            tasks.max(1000)
+            "watch_namespaces: [{NS}]\nmetrics:\n  bind: 127.0.0.1:0\n\
+             log:\n  format: json\n  log_task_success: false\n"
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -138,11 +191,23 @@ pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, 
         let (status0, total0) = counters(&plane)?;
         let calls0 = calls(receiver)?;
         let at0 = Instant::now();
+        // The window's whole seconds, and 6 s after it for their runs to arrive.
+        let unix = || chrono::Utc::now().timestamp();
+        let from_s = unix() + 1;
         std::thread::sleep(Duration::from_secs(window));
+        let seconds = unix() - from_s;
         let (status1, total1) = counters(&plane)?;
         let calls1 = calls(receiver)?;
         let window_s = at0.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_secs(6));
+        let (instants_fired, never_fired, longest_gap_s, lag_p99_ms) =
+            coverage(receiver, tasks, from_s, seconds)?;
         Ok(OperatorResult {
+            instants_expected: (tasks as i64 * seconds) as u64,
+            instants_fired,
+            never_fired,
+            longest_gap_s,
+            lag_p99_ms,
             tasks,
             create_s,
             scheduled_s,

@@ -394,7 +394,7 @@ pub fn write(
     }
     let _ = writeln!(
         out,
-        "- every task is due every second; {} s measured after {} s of warm-up; chronflow: `max_workers` {}, `queue_size` max(1000, N), memory ledger; tokio-cron-scheduler: `* * * * * *` async jobs, channels of 4 N, the aligned shape only (its instants are whole seconds, which it checks every 500 ms)\n",
+        "- every task is due every second; {} s measured after {} s of warm-up; chronflow: `max_workers` {}, the default `queue_size` (100 000), memory ledger; tokio-cron-scheduler: `* * * * * *` async jobs, channels of 4 N, the aligned shape only (its instants are whole seconds, which it checks every 500 ms)\n",
         context.seconds, context.warmup, context.workers
     );
     let _ = writeln!(out, "![start lag against the number of tasks](lag.svg)\n");
@@ -570,16 +570,16 @@ fn operator_section(out: &mut String, runs: &[OperatorResult]) {
     }
     let _ = writeln!(
         out,
-        "## The operator on a real control plane\n\nOne `chronflow run` (memory ledger, no election; the configuration's defaults, so at most 50 status writes a second, and `queue_size` max(1000, N)) on a kube-apiserver and etcd of its own (`scripts/control-plane`), over N ChronTasks due every second (`* * * * * *`) that POST to the loopback receiver. \"Scheduled\" is when the apiserver shows every task past `Pending` (listed every 2 s), counted from the operator's start; the rates are over a window after that, from the apiserver's `apiserver_request_total` (this measurement's own few requests included).\n"
+        "## The operator on a real control plane\n\nOne `chronflow run` (memory ledger, no election; the configuration's defaults, so at most 50 status writes a second) on a kube-apiserver and etcd of its own (`scripts/control-plane`), over N ChronTasks due every second (`* * * * * *`) that POST to the loopback receiver. \"Scheduled\" is when the apiserver shows every task past `Pending` (listed every 2 s), counted from the operator's start; the rates are over a window after that, from the apiserver's `apiserver_request_total` (this measurement's own few requests included); the instants are the window's whole seconds, as the receiver got them (every task is due at the same instant: each second is a burst of N runs), with the most seconds in a row one task went without a run.\n"
     );
     let _ = writeln!(
         out,
-        "| ChronTasks | created in s | all scheduled after s | operator RSS MiB (÷ N, KB) | status writes/s | apiserver requests/s | calls received/s | window s |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ChronTasks | created in s | all scheduled after s | operator RSS MiB (÷ N, KB) | status writes/s | apiserver requests/s | calls received/s | window s | instants run / due | tasks never run | longest gap s | start lag p99 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in runs {
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.1} | {:.0} ({:.1}) | {:.1} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {:.1} | {:.1} | {:.0} ({:.1}) | {:.1} | {:.0} | {:.0} | {:.0} | {} / {} | {} | {} | {:.0} |",
             r.tasks,
             r.create_s,
             r.scheduled_s,
@@ -588,7 +588,12 @@ fn operator_section(out: &mut String, runs: &[OperatorResult]) {
             r.status_writes_per_s,
             r.apiserver_requests_per_s,
             r.calls_per_s,
-            r.window_s
+            r.window_s,
+            r.instants_fired,
+            r.instants_expected,
+            r.never_fired,
+            r.longest_gap_s,
+            r.lag_p99_ms
         );
     }
     out.push('\n');

@@ -14,7 +14,8 @@
 //! | `chronflow:{task}:open` | sorted set | runs claimed or started, not yet final |
 //! | `chronflow:epoch` | string | the newest epoch handed to a leader ([`Ledger::next_epoch`]) |
 //!
-//! Every write gives the task's keys [`KEY_TTL`] to live again, so the records of a task nobody
+//! Every claim, take-over, adoption and miss gives the task's keys [`KEY_TTL`] to live again (a
+//! start or an end follows its claim: 10 of a run's 15 `EXPIRE`s saved), so the records of a task nobody
 //! deleted through chronflow (deleted while no replica ran) go by themselves; a deleted task's
 //! keys are fenced and go after the deletion grace ([`Ledger::forget`]).
 //!
@@ -224,7 +225,10 @@ else
     if string.sub(ARGV[2], 1, 2) == 'm:' then redis.call('HINCRBY', KEYS[4], 'manual', 1) end
   end
 end
+-- A start or an end follows the claim that gave the keys their time; a miss may come alone.
+if to == 'missed' then
 @KEEP@
+end
 return counts({'accepted'})
 "#;
 
