@@ -3,6 +3,7 @@
 //! Free of `kube`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 
@@ -268,23 +269,21 @@ pub enum ScheduleState {
     /// `since` is when the task last became schedulable (created, resumed, fixed): catch-up
     /// after an outage never reaches before it.
     Scheduled {
-        /// The schedule as shown in status.
-        schedule: String,
+        /// The schedule as shown in status (shared: reported again at every fire).
+        schedule: Arc<str>,
         /// The next instant due.
         next: Option<DateTime<Utc>>,
         /// When it last became schedulable.
         since: DateTime<Utc>,
     },
-    /// `spec.paused`; `reason` may be empty.
-    /// Paused, with the schedule and the pause reason.
+    /// Paused, with the schedule and the pause reason (may be empty).
     Paused {
         /// The schedule as shown in status.
-        schedule: String,
+        schedule: Arc<str>,
         /// The pause reason (may be empty).
         reason: String,
     },
-    /// The spec cannot run; `reason` names the field.
-    /// Invalid, with the reason (the field and why).
+    /// The spec cannot run: the reason names the field and why.
     Invalid {
         /// The field and why.
         reason: String,
@@ -295,7 +294,6 @@ pub enum ScheduleState {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Report {
     /// The task's schedule state changed (or its next instant moved).
-    /// The task's schedule state changed.
     Schedule {
         /// The task.
         task: TaskId,

@@ -225,7 +225,10 @@ struct Backfilling {
 
 enum State {
     Scheduled {
-        task: Box<EngineTask>,
+        /// Shared with what a fire hands on: a fire copies no part of it.
+        task: Arc<EngineTask>,
+        /// `task.schedule.describe()`, reported at every fire.
+        description: Arc<str>,
         /// The next scheduled instant (before jitter); `None` once the schedule has ended.
         next: Option<DateTime<Utc>>,
         /// When its timer fires (next + jitter).
@@ -386,6 +389,7 @@ impl Engine {
         let generation = entry.generation;
         let State::Scheduled {
             task: engine_task,
+            description,
             next,
             fire_at,
             since,
@@ -393,7 +397,7 @@ impl Engine {
         else {
             return;
         };
-        let engine_task = engine_task.clone();
+        let (engine_task, description) = (engine_task.clone(), description.clone());
         // A ledger that keeps records (it has counts) says where the previous leaders stopped:
         // resume right after, whatever this replica's idle timer reached. One that keeps none
         // (memory) knows nothing of other replicas: the timer stays where it is.
@@ -409,15 +413,12 @@ impl Engine {
             self.timers.insert((at, task.key.clone()));
         }
         if moved {
-            let schedule = engine_task.schedule.describe();
-            self.report(
-                &task,
-                ScheduleState::Scheduled {
-                    schedule,
-                    next,
-                    since,
-                },
-            );
+            let state = ScheduleState::Scheduled {
+                schedule: description,
+                next,
+                since,
+            };
+            self.report(&task, state);
         }
         if let Action::Job(_) = engine_task.run.action {
             // A Job outlives the process that created it: this term waits for it and records
@@ -619,7 +620,7 @@ impl Engine {
         let key = id.key.clone();
         let state = match (state, task.paused.clone()) {
             (_, Some(reason)) => {
-                let schedule = task.schedule.describe();
+                let schedule = task.schedule.describe().into();
                 self.report(&id, ScheduleState::Paused { schedule, reason });
                 State::Paused
             }
@@ -669,15 +670,17 @@ impl Engine {
         next: Option<DateTime<Utc>>,
         since: DateTime<Utc>,
     ) -> State {
+        let description: Arc<str> = task.schedule.describe().into();
         let state = ScheduleState::Scheduled {
-            schedule: task.schedule.describe(),
+            schedule: description.clone(),
             next,
             since,
         };
         self.report(&task.id, state);
         State::Scheduled {
             fire_at: next.map(|t| fire_time(&task, t)),
-            task: Box::new(task),
+            task: Arc::new(task),
+            description,
             next,
             since,
         }
@@ -746,6 +749,7 @@ impl Engine {
         };
         let State::Scheduled {
             task,
+            description,
             next,
             fire_at,
             since,
@@ -765,6 +769,7 @@ impl Engine {
             self.timers.insert((at, key.clone()));
         }
         let (task, since, generation) = (task.clone(), *since, entry.generation);
+        let description = description.clone();
 
         if let Some(term) = self
             .term
@@ -795,7 +800,7 @@ impl Engine {
             self.claim_and_submit(key, missed, runs, term);
         }
         let state = ScheduleState::Scheduled {
-            schedule: task.schedule.describe(),
+            schedule: description,
             next: plan.next,
             since,
         };

@@ -266,13 +266,13 @@ impl Executor {
                 }
                 reports.push(missed(&run, kind, reason));
             } else {
-                let id = run.task.clone();
+                let (id, holds_worker) = (run.task.clone(), queue::holds_worker(&run));
                 state.waiting += 1;
                 let runs = state.tasks.entry(id.clone()).or_default();
                 runs.waiting.push_back(run);
                 state.refusals.enlist(&id, runs);
                 if !std::mem::replace(&mut runs.has_turn, true) {
-                    state.turns.push_back(id);
+                    state.turns.push_back(id, holds_worker);
                 }
                 self.shared.changed.notify_one();
             }

@@ -129,12 +129,22 @@ pub(super) struct TaskRuns {
     pub(super) candidate: Option<(u64, Reverse<u64>)>,
 }
 
-/// Whose turn it is when a worker is free: namespaces take turns, then the tasks within each,
-/// so a namespace with a hundred tasks due gets no more turns than one with a single task.
+/// Whose turn it is when a worker is free: lanes take turns, then the tasks within each. A lane
+/// is a namespace's tasks whose runs hold a worker, or its tasks whose runs do not (Jobs): a
+/// namespace with a hundred tasks due gets no more turns than one with a single task, and a lane
+/// whose namespace has all its workers busy is passed over whole, its tasks unseen (with 10 000
+/// tasks of one namespace waiting, looking at each one per free worker stalled the dispatcher).
 #[derive(Default)]
 pub(super) struct Turns {
-    namespaces: VecDeque<String>,
-    tasks: HashMap<String, VecDeque<TaskId>>,
+    lanes: VecDeque<Lane>,
+    tasks: HashMap<Lane, VecDeque<TaskId>>,
+}
+
+/// A namespace's tasks whose runs hold a worker, or those whose runs do not.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Lane {
+    pub(super) namespace: String,
+    pub(super) holds_worker: bool,
 }
 
 impl Turns {
@@ -143,38 +153,61 @@ impl Turns {
         self.tasks.values().map(VecDeque::len).sum()
     }
 
-    /// `task` waits for a turn, after the others of its namespace; a namespace new to the
-    /// rotation comes after the others.
-    pub(super) fn push_back(&mut self, task: TaskId) {
-        let namespace = task.key.namespace.clone();
-        let queue = self.tasks.entry(namespace.clone()).or_default();
+    /// Lanes with a task waiting.
+    fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// `task` waits for a turn in its lane, after the others there; a lane new to the rotation
+    /// comes after the others.
+    pub(super) fn push_back(&mut self, task: TaskId, holds_worker: bool) {
+        let lane = Lane {
+            namespace: task.key.namespace.clone(),
+            holds_worker,
+        };
+        let queue = self.tasks.entry(lane.clone()).or_default();
         if queue.is_empty() {
-            self.namespaces.push_back(namespace);
+            self.lanes.push_back(lane);
         }
         queue.push_back(task);
     }
 
-    /// The next task in turn: the first of the namespace whose turn it is, which then goes
-    /// after the others.
+    /// The lane whose turn it is.
+    fn front(&self) -> Option<&Lane> {
+        self.lanes.front()
+    }
+
+    /// The lane whose turn it is goes after the others, its tasks untouched.
+    fn pass(&mut self) {
+        self.lanes.rotate_left(1.min(self.lanes.len()));
+    }
+
+    /// The next task in turn: the first of the lane whose turn it is, which then goes after
+    /// the others.
     pub(super) fn pop_front(&mut self) -> Option<TaskId> {
-        let namespace = self.namespaces.pop_front()?;
-        let queue = self.tasks.get_mut(&namespace)?;
+        let lane = self.lanes.pop_front()?;
+        let queue = self.tasks.get_mut(&lane)?;
         let task = queue.pop_front();
         if queue.is_empty() {
-            self.tasks.remove(&namespace);
+            self.tasks.remove(&lane);
         } else {
-            self.namespaces.push_back(namespace);
+            self.lanes.push_back(lane);
         }
         task
     }
 
     pub(super) fn remove(&mut self, task: &TaskId) {
-        let namespace = &task.key.namespace;
-        if let Some(queue) = self.tasks.get_mut(namespace) {
-            queue.retain(|id| id != task);
-            if queue.is_empty() {
-                self.tasks.remove(namespace);
-                self.namespaces.retain(|n| n != namespace);
+        for holds_worker in [true, false] {
+            let lane = Lane {
+                namespace: task.key.namespace.clone(),
+                holds_worker,
+            };
+            if let Some(queue) = self.tasks.get_mut(&lane) {
+                queue.retain(|id| id != task);
+                if queue.is_empty() {
+                    self.tasks.remove(&lane);
+                    self.lanes.retain(|l| *l != lane);
+                }
             }
         }
     }
@@ -182,6 +215,11 @@ impl Turns {
     pub(super) fn clear(&mut self) {
         *self = Turns::default();
     }
+}
+
+/// Whether the run takes a worker while it runs (a Job run does not: its Job does the work).
+pub(super) fn holds_worker(run: &RunRequest) -> bool {
+    !matches!(run.spec.action, Action::Job(_))
 }
 
 impl TaskRuns {
@@ -407,7 +445,20 @@ impl Shared {
         let now = self.clock.now();
         let mut state = self.lock();
         let state = &mut *state;
-        for _ in 0..state.turns.len() {
+        let namespace_workers = self.namespace_workers.load(Ordering::Relaxed);
+        let (mut tasks_left, mut passed) = (state.turns.len(), 0);
+        while tasks_left > 0 {
+            let lane = state.turns.front()?;
+            let busy = state.busy.get(&lane.namespace).copied().unwrap_or(0);
+            if lane.holds_worker && busy >= namespace_workers {
+                passed += 1;
+                if passed >= state.turns.lanes() {
+                    return None;
+                }
+                state.turns.pass();
+                continue;
+            }
+            (tasks_left, passed) = (tasks_left - 1, 0);
             let id = state.turns.pop_front()?;
             let Some(runs) = state.tasks.get_mut(&id) else {
                 continue;
@@ -443,12 +494,11 @@ impl Shared {
             } else {
                 self.task_limit(&run.spec)
             };
-            let holds_worker = !matches!(run.spec.action, Action::Job(_));
-            let namespace_full = holds_worker
-                && state.busy.get(&id.key.namespace).copied().unwrap_or(0)
-                    >= self.namespace_workers.load(Ordering::Relaxed);
+            let takes_worker = holds_worker(run);
+            let namespace_full = takes_worker
+                && state.busy.get(&id.key.namespace).copied().unwrap_or(0) >= namespace_workers;
             if runs.active.len() + runs.elsewhere.len() >= limit || namespace_full {
-                state.turns.push_back(id);
+                state.turns.push_back(id, takes_worker);
                 continue;
             }
             let run = runs.waiting.pop_front()?;
@@ -456,17 +506,18 @@ impl Shared {
             state.refusals.enlist(&id, runs);
             self.left_queue.notify_waiters();
             let cancel = Cancel {
-                outlives_process: !holds_worker,
+                outlives_process: !takes_worker,
                 ..Cancel::default()
             };
             runs.active.push((run.run_id.clone(), cancel.clone()));
-            if holds_worker {
+            if takes_worker {
                 *state.busy.entry(id.key.namespace.clone()).or_default() += 1;
             }
             if runs.waiting.is_empty() {
                 runs.has_turn = false;
             } else {
-                state.turns.push_back(id);
+                let next_holds = runs.waiting.front().is_some_and(holds_worker);
+                state.turns.push_back(id, next_holds);
             }
             if state.waiting <= self.queue_size / 2 {
                 state.refusals.relax(&mut state.tasks);
@@ -710,6 +761,38 @@ mod tests {
             order.push(run.task.key.to_string());
         }
         assert_eq!(order, ["a/1", "b/1", "a/2", "a/3"]);
+    }
+
+    #[tokio::test]
+    async fn a_namespace_whose_workers_are_busy_is_passed_over_without_looking_at_its_tasks() {
+        let (executor, _reports) = executor();
+        executor.limit_workers_per_namespace(1);
+        executor.submit(run_of("a", "1"));
+        let mut missed = Vec::new();
+        let first = executor.shared.next_run(&mut missed).unwrap().0;
+        assert_eq!(first.task.key.to_string(), "a/1");
+        // a's one worker is busy: its waiting runs are not looked at, even one whose starting
+        // deadline has passed (a lane of 10 000 tasks was scanned per free worker before).
+        let mut late = run_of("a", "2");
+        late.due -= chrono::Duration::seconds(10);
+        late.spec = std::sync::Arc::new(crate::executor::fixtures::http_spec(
+            "http://127.0.0.1:9/",
+            Duration::from_secs(1),
+            Some(Duration::from_secs(1)),
+        ));
+        executor.submit(late);
+        executor.submit(run_of("b", "1"));
+        let next = executor.shared.next_run(&mut missed).unwrap().0;
+        assert_eq!(next.task.key.to_string(), "b/1");
+        assert!(executor.shared.next_run(&mut missed).is_none());
+        assert!(missed.is_empty(), "a's lane was looked at: {missed:?}");
+        // A worker of a's is free: its late run is looked at then, and missed.
+        executor.shared.finished(&first.task, &first.run_id);
+        assert!(executor.shared.next_run(&mut missed).is_none());
+        assert!(
+            matches!(&missed[..], [Report::Missed { reason, .. }] if reason.contains("starting deadline")),
+            "{missed:?}"
+        );
     }
 
     #[tokio::test]

@@ -228,7 +228,7 @@ impl ReportSink for SqliteHistory {
                 };
                 self.send(Write::Task {
                     task: task.key,
-                    schedule,
+                    schedule: schedule.as_deref().map(str::to_owned),
                     next,
                     phase,
                 });

@@ -820,8 +820,8 @@ fn render(state: &mut TaskState, now: DateTime<Utc>) -> ChronTaskStatus {
             schedule,
             next,
             since,
-        }) => (Some(schedule.clone()), *next, Some(*since)),
-        Some(ScheduleState::Paused { schedule, .. }) => (Some(schedule.clone()), None, None),
+        }) => (Some(schedule.to_string()), *next, Some(*since)),
+        Some(ScheduleState::Paused { schedule, .. }) => (Some(schedule.to_string()), None, None),
         Some(ScheduleState::Invalid { .. }) => (None, None, None),
         None => (
             status.schedule,
