@@ -24,6 +24,7 @@ fn every_panel_queries_metrics_the_operator_exports() {
         "chronflow_reconcile_errors_total",
         "chronflow_queue_depth",
         "chronflow_queue_capacity",
+        "chronflow_queue_refused_total",
         "chronflow_workers_busy",
         "chronflow_workers",
         "chronflow_leader",

@@ -291,7 +291,19 @@ fn report(args: ReportArgs) -> i32 {
     let mut operator_runs = Vec::new();
     for &n in args.operator.as_ref().map_or(&[][..], |s| &s.0[..]) {
         match operator_run(n, args.operator_window) {
-            Ok(r) => operator_runs.push(r),
+            Ok(r) => {
+                // Issue 31: whatever the pool can start, no task starves under the bursts.
+                if r.never_fired > 0 || r.longest_gap_s > 1 {
+                    let starved = format!(
+                        "operator {n}: {} tasks never ran, one went {} s without a run",
+                        r.never_fired, r.longest_gap_s
+                    );
+                    eprintln!("{starved}");
+                    errors.push(starved);
+                    broken = true;
+                }
+                operator_runs.push(r);
+            }
             Err(e) => {
                 eprintln!("operator {n}: {e}");
                 errors.push(format!("operator {n}: {e}"));
@@ -422,13 +434,18 @@ fn operator_run(tasks: usize, window: u64) -> Result<operator::OperatorResult, S
     let _receiver = KillOnDrop(child);
     let r = operator::run(tasks, &url, window)?;
     eprintln!(
-        "operator {tasks}: created in {:.1} s, all scheduled after {:.1} s, {:.0} MiB resident, {:.1} status writes/s, {:.0} apiserver requests/s, {:.0} calls/s",
+        "operator {tasks}: created in {:.1} s, all scheduled after {:.1} s, {:.0} MiB resident, {:.1} status writes/s, {:.0} apiserver requests/s, {:.0} calls/s; instants {}/{}, {} tasks never run, longest gap {} s, lag p99 {:.0} ms",
         r.create_s,
         r.scheduled_s,
         r.rss_bytes as f64 / 1048576.0,
         r.status_writes_per_s,
         r.apiserver_requests_per_s,
-        r.calls_per_s
+        r.calls_per_s,
+        r.instants_fired,
+        r.instants_expected,
+        r.never_fired,
+        r.longest_gap_s,
+        r.lag_p99_ms
     );
     Ok(r)
 }

@@ -102,7 +102,14 @@ async fn metrics_and_stats_count_what_the_receiver_saw() {
     );
     assert_eq!(sample(&text, "chronflow_workers", &[]), Some(10.0));
     assert_eq!(sample(&text, "chronflow_workers_busy", &[]), Some(0.0));
-    assert_eq!(sample(&text, "chronflow_queue_capacity", &[]), Some(1000.0));
+    assert_eq!(
+        sample(&text, "chronflow_queue_capacity", &[]),
+        Some(100_000.0)
+    );
+    assert_eq!(
+        sample(&text, "chronflow_queue_refused_total", &[]),
+        Some(0.0)
+    );
     assert_eq!(sample(&text, "chronflow_leader", &[]), Some(1.0));
     assert!(
         sample(
@@ -124,6 +131,7 @@ async fn metrics_and_stats_count_what_the_receiver_saw() {
     assert_eq!(stats["total_tasks"], 1, "{stats}");
     assert_eq!(stats["tasks_by_phase"]["Paused"], 1, "{stats}");
     assert_eq!(stats["queue_size"], 0);
+    assert_eq!(stats["queue_refused"], 0);
     assert_eq!(stats["active_workers"], 0);
     assert_eq!(stats["max_workers"], 10);
     assert_eq!(stats["leader"], true);
