@@ -389,16 +389,18 @@ impl Shared {
         } = state;
         let times = refusals.times.get(task).copied().unwrap_or(0);
         refusals.rank(tasks);
-        if let Some(((fewer, _), spared)) = refusals.candidates.first_key_value()
-            && *fewer < times
+        // Candidates always have a run that may be displaced (`Refusals::enlist` follows every
+        // change of a task's waiting runs); were one stale, the newcomer is refused instead.
+        let spared = refusals
+            .candidates
+            .first_key_value()
+            .filter(|((fewer, _), _)| *fewer < times)
+            .map(|(_, spared)| spared.clone());
+        if let Some(spared) = spared
+            && let Some(runs) = tasks.get_mut(&spared)
+            && let Some(newest) = runs.waiting.iter().rposition(|r| !r.adopted)
+            && let Some(evicted) = runs.waiting.remove(newest)
         {
-            let spared = spared.clone();
-            let runs = tasks
-                .get_mut(&spared)
-                .expect("candidates have runs waiting");
-            let newest = runs.waiting.iter().rposition(|r| !r.adopted);
-            let evicted = newest.and_then(|newest| runs.waiting.remove(newest));
-            let evicted = evicted.expect("candidates have a run that may be displaced");
             if runs.waiting.is_empty() {
                 runs.has_turn = false;
                 turns.remove(&spared);
