@@ -382,7 +382,6 @@ impl Shared {
         );
         let State {
             tasks,
-            turns,
             refusals,
             waiting,
             ..
@@ -401,16 +400,11 @@ impl Shared {
             && let Some(newest) = runs.waiting.iter().rposition(|r| !r.adopted)
             && let Some(evicted) = runs.waiting.remove(newest)
         {
-            if runs.waiting.is_empty() {
-                runs.has_turn = false;
-                turns.remove(&spared);
-            }
+            // Its turn, if it has no run left, is dropped when the dispatcher reaches it: taking it
+            // out of its lane now would cost the lane's length per displaced run.
             *waiting -= 1;
             self.left_queue.notify_waiters();
             refusals.refuse(&spared, runs);
-            if runs.is_idle() {
-                tasks.remove(&spared);
-            }
             let why = format!("{reason}; its place went to a run of {task}, refused more often");
             reports.push(missed(&evicted, MissKind::QueueFull, why));
             return Ok(());
