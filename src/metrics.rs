@@ -10,6 +10,7 @@
 //! has a fixed, small set of values.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -446,6 +447,23 @@ impl Collector for LiveSlot {
             Some(live) => live.encode(encoder),
             None => Ok(()),
         }
+    }
+}
+
+/// Counts one thing in progress on a gauge's counter for as long as it lives (a Job run waiting
+/// without a worker, a Redis operation waiting for its answer), however it ends.
+pub(crate) struct InProgress<'a>(&'a AtomicUsize);
+
+impl<'a> InProgress<'a> {
+    pub(crate) fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

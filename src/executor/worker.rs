@@ -2,7 +2,7 @@
 //! timeout and retries, or its Job; a `RunGuard` ends its stay in the pool even on a panic.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::OwnedSemaphorePermit;
@@ -15,6 +15,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::ledger::{Ledger, Mark, Marked, Verdict};
+use crate::metrics::InProgress;
 use crate::policy::ConcurrencyPolicy;
 use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink};
 
@@ -247,22 +248,6 @@ async fn still_holds(context: &WorkerContext, run: &RunRequest) -> Result<(), St
     }
 }
 
-/// Counts a Job run that waits without a worker, for as long as it lives.
-struct JobWait<'a>(&'a AtomicUsize);
-
-impl<'a> JobWait<'a> {
-    fn count(waits: &'a AtomicUsize) -> Self {
-        waits.fetch_add(1, Ordering::Relaxed);
-        JobWait(waits)
-    }
-}
-
-impl Drop for JobWait<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A Job run: its Job is created (or found) and watched until it ends; Kubernetes retries and
 /// times it out (`backoffLimit`, `activeDeadlineSeconds`). The worker is held only to create
 /// the Job: waiting for it costs a watch, not a worker. Cancelled by Replace or an invalid
@@ -293,7 +278,8 @@ async fn run_job(
             context.jobs.create(job).await?;
         }
         drop(worker);
-        let _counted = JobWait::count(&context.job_waits);
+        // Counted as a Job run that waits without a worker, for as long as it lives.
+        let _counted = InProgress::count(&context.job_waits);
         Ok(context.jobs.wait(job).await)
     };
     let waited = tokio::select! {

@@ -38,6 +38,7 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::{Counts, Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
 use crate::config::{ConfigError, RedisConfig};
+use crate::metrics::InProgress;
 use crate::run::Term;
 use crate::run::{RunId, TaskId};
 
@@ -657,7 +658,7 @@ impl RedisLedger {
         &self,
         run: impl Future<Output = Result<T, LedgerError>>,
     ) -> Result<T, LedgerError> {
-        let _in_flight = InFlight::count(&self.in_flight);
+        let _in_flight = InProgress::count(&self.in_flight);
         tokio::time::timeout(self.timeout, run)
             .await
             .map_err(|_| LedgerError(format!("redis: no answer within {:?}", self.timeout)))?
@@ -865,22 +866,6 @@ impl Ledger for RedisLedger {
             Ok(())
         }
         .boxed()
-    }
-}
-
-/// Counts an operation in flight until it is answered or dropped.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    fn count(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

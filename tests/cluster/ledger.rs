@@ -430,6 +430,8 @@ async fn after_a_redis_restart_the_first_operations_on_every_connection_succeed(
     for i in 4..6 {
         assert!(claim(i).await.is_err(), "Redis is down");
     }
+    // Down long enough for the connections' own attempts to connect again to fail too: an
+    // outage, not a wait for something to happen.
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.restart();
     for i in 6..14 {
