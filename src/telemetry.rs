@@ -64,3 +64,77 @@ pub fn init(log: &LogConfig) -> Result<LogGuard, Error> {
     };
     Ok(LogGuard(guard))
 }
+
+/// At most [`LogQuota::PER_MINUTE`] lines a minute of one kind of message (a run that failed or
+/// was missed): ten thousand tasks failing each second must not write ten thousand lines a
+/// second. Beyond the quota lines are counted, and the first line of the next minute says how
+/// many were left out; metrics and each task's Events still count every one.
+#[derive(Debug)]
+pub struct LogQuota {
+    what: &'static str,
+    window: std::sync::Mutex<Option<(std::time::Instant, u32, u64)>>,
+}
+
+impl LogQuota {
+    /// Lines of one kind logged in a minute.
+    pub const PER_MINUTE: u32 = 100;
+
+    /// A quota for lines that say `what`.
+    pub const fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            window: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether a line may be logged now.
+    pub fn allow(&self) -> bool {
+        self.allow_at(std::time::Instant::now())
+    }
+
+    fn allow_at(&self, now: std::time::Instant) -> bool {
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let (started, logged, left_out) = window.get_or_insert((now, 0, 0));
+        if now.duration_since(*started) >= std::time::Duration::from_secs(60) {
+            if *left_out > 0 {
+                tracing::warn!(
+                    left_out = *left_out,
+                    "{}: {} more in the last minute were not logged (each task's Events and \
+                     chronflow_runs_total / chronflow_missed_runs_total count them)",
+                    self.what,
+                    *left_out
+                );
+            }
+            (*started, *logged, *left_out) = (now, 0, 0);
+        }
+        if *logged < Self::PER_MINUTE {
+            *logged += 1;
+            true
+        } else {
+            *left_out += 1;
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_quota_lets_so_many_lines_a_minute_through_and_counts_the_rest() {
+        let quota = LogQuota::new("run failed");
+        let start = Instant::now();
+        let allowed = (0..250).filter(|_| quota.allow_at(start)).count();
+        assert_eq!(allowed, LogQuota::PER_MINUTE as usize);
+        let left_out = || quota.window.lock().unwrap().unwrap().2;
+        assert_eq!(left_out(), 150);
+        assert!(!quota.allow_at(start + Duration::from_secs(59)));
+        assert!(
+            quota.allow_at(start + Duration::from_secs(60)),
+            "a new minute"
+        );
+        assert_eq!(left_out(), 0);
+    }
+}

@@ -28,6 +28,7 @@ use crate::ledger::Ledger;
 use crate::policy::ConcurrencyPolicy;
 use crate::run::Term;
 use crate::run::{MissKind, Report, ReportSink, RunId, TaskId, Trigger};
+use crate::telemetry::LogQuota;
 use cancel::CancelReason;
 pub use cancel::Retire;
 pub use dispatch::ExecutorTask;
@@ -257,9 +258,11 @@ impl Executor {
             }
             if let Err((kind, reason)) = self.shared.admit(state, &run, &mut reports) {
                 // A full queue says so once a minute (`Shared::make_room`), not once per run.
-                match kind {
-                    MissKind::QueueFull => debug!(run_id = %run.run_id, %reason, "run missed"),
-                    _ => warn!(run_id = %run.run_id, %reason, "run missed"),
+                static MISSED: LogQuota = LogQuota::new("run missed");
+                if kind != MissKind::QueueFull && MISSED.allow() {
+                    warn!(run_id = %run.run_id, %reason, "run missed");
+                } else {
+                    debug!(run_id = %run.run_id, %reason, "run missed");
                 }
                 if state.tasks.get(&run.task).is_some_and(TaskRuns::is_idle) {
                     state.tasks.remove(&run.task);

@@ -18,6 +18,7 @@ use crate::ledger::{Ledger, Mark, Marked, Verdict};
 use crate::metrics::InProgress;
 use crate::policy::ConcurrencyPolicy;
 use crate::run::{FinishedRun, MissKind, Outcome, Report, ReportSink};
+use crate::telemetry::LogQuota;
 
 pub(super) struct WorkerContext {
     pub(super) http: http::HttpClient,
@@ -133,7 +134,10 @@ pub(super) async fn execute(
         }
     };
     if let Some(reason) = refusal {
-        warn!(%reason, "run not started");
+        static NOT_STARTED: LogQuota = LogQuota::new("run not started");
+        if NOT_STARTED.allow() {
+            warn!(%reason, "run not started");
+        }
         guard.reported = true;
         return;
     }
@@ -172,7 +176,12 @@ pub(super) async fn execute(
         // Not `message`: that is the event's own field, and JSON logs would carry it twice.
         Ok(result) if context.log_success => info!(attempts, %result, "run succeeded"),
         Ok(_) => {}
-        Err(error) => warn!(attempts, %error, "run failed"),
+        Err(error) => {
+            static FAILED: LogQuota = LogQuota::new("run failed");
+            if FAILED.allow() {
+                warn!(attempts, %error, "run failed");
+            }
+        }
     }
     let finished = context.clock.now();
     let succeeded = result.is_ok();
