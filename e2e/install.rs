@@ -134,7 +134,8 @@ async fn helm_install_then_kubectl_as_a_user_would() {
     ok(helm(env)
         .args(["install", "chronflow"])
         .arg(&chart)
-        .args(["-n", NS, "--create-namespace"]));
+        .args(["-n", NS, "--create-namespace"])
+        .args(["--set", "apiPriority.enabled=true"]));
     kubectl(env, &["get", "crd", "chrontasks.chronflow.io"]);
 
     // What the ServiceAccount may do, and may not.
@@ -235,6 +236,17 @@ async fn helm_install_then_kubectl_as_a_user_would() {
     })
     .await;
     assert!(row.starts_with("every-second"), "{row}");
+    // apiPriority.enabled: the apiserver classified the status writes by the chart's FlowSchema.
+    let classified = kubectl(env, &["get", "--raw", "/metrics"])
+        .lines()
+        .filter(|l| l.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
+        .filter(|l| l.contains("flow_schema=\"chronflow-status\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(
+        classified >= 1.0,
+        "no request matched the chart's FlowSchema"
+    );
     kubectl(
         env,
         &[
@@ -391,8 +403,15 @@ fn renders_each_option(env: &TestEnv) {
     assert!(
         !defaults
             .iter()
-            .any(|k| k.starts_with("PodDisruptionBudget"))
+            .any(|k| k.starts_with("PodDisruptionBudget") || k.starts_with("FlowSchema"))
     );
+    let prioritized = kinds(&render(env, &["apiPriority.enabled=true"]));
+    for expected in ["FlowSchema/", "PriorityLevelConfiguration/"] {
+        assert!(
+            prioritized.contains(&expected.to_string()),
+            "{prioritized:?}"
+        );
+    }
 
     // Watching namespaces: a Role per namespace, no cluster-wide rights (with /metrics open;
     // metrics.auth: kubernetes needs to create TokenReviews and SubjectAccessReviews, which

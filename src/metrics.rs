@@ -477,9 +477,15 @@ impl Collector for Live {
         let Some(load) = self.executor.load() else {
             return Ok(());
         };
-        let (counts, backlog) = {
+        let (counts, backlog, staleness, budget, written_after) = {
             let index = self.status.lock();
-            (index.counts(), index.pending_writes())
+            (
+                index.counts(),
+                index.pending_writes(),
+                index.staleness(),
+                index.write_budget(),
+                index.staleness_histogram().clone(),
+            )
         };
         let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         gauge(
@@ -563,16 +569,38 @@ impl Collector for Live {
             "Tasks whose status changed and is not written yet",
             as_i64(backlog),
         )?;
+        let staleness = ConstGauge::new(staleness.as_secs_f64());
+        staleness.encode(encoder.encode_descriptor(
+            "status_staleness_seconds",
+            "How long the oldest status change not yet written has waited",
+            None,
+            staleness.metric_type(),
+        )?)?;
+        written_after.encode(encoder.encode_descriptor(
+            "status_write_staleness_seconds",
+            "For each status write that landed, how long the oldest change it carried had waited",
+            None,
+            written_after.metric_type(),
+        )?)?;
+        let budget = ConstGauge::new(budget);
+        budget.encode(encoder.encode_descriptor(
+            "status_write_budget",
+            "Status writes per second the writer allows now: grows while the apiserver answers \
+             quickly, halves on throttling or slow answers, at most status.max_writes_per_second",
+            None,
+            budget.metric_type(),
+        )?)?;
         let writes = [
             ("written", counts.written),
             ("failed", counts.failed),
+            ("throttled", counts.throttled),
             ("rejected", counts.rejected),
             ("gone", counts.gone),
         ];
         let family = ConstCounter::new(0u64);
         let mut metric = encoder.encode_descriptor(
             "status_writes",
-            "Status writes by result (written, failed and retried, rejected by the apiserver, gone)",
+            "Status writes by result (written, failed and retried, throttled by the apiserver and retried, rejected by the apiserver, gone)",
             None,
             family.metric_type(),
         )?;

@@ -30,6 +30,8 @@ fn every_panel_queries_metrics_the_operator_exports() {
         "chronflow_leader",
         "chronflow_status_writes_total",
         "chronflow_status_write_backlog",
+        "chronflow_status_write_budget",
+        "chronflow_status_staleness_seconds",
         "chronflow_events_dropped_total",
     ]
     .into();

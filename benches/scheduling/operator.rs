@@ -45,6 +45,61 @@ pub struct OperatorResult {
     pub longest_gap_s: u64,
     #[serde(default)]
     pub lag_p99_ms: f64,
+    /// How far status trails the runs over the window: for each status write, how long the
+    /// oldest change it carried had waited (p50, p99, from the operator's histogram: a bucket's
+    /// upper bound), and the most the oldest unwritten change had waited, sampled each second.
+    #[serde(default)]
+    pub staleness_p50_s: f64,
+    #[serde(default)]
+    pub staleness_p99_s: f64,
+    #[serde(default)]
+    pub staleness_max_s: f64,
+}
+
+/// The operator's own `/metrics`: (upper bound, cumulative count) of the staleness histogram's
+/// buckets, and the oldest unwritten change now, seconds.
+fn staleness(metrics: &str) -> Result<(Vec<(f64, f64)>, f64), String> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{metrics}/metrics")])
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+    let mut buckets = Vec::new();
+    let mut now = 0.0;
+    for line in text.lines() {
+        if let Some(rest) =
+            line.strip_prefix("chronflow_status_write_staleness_seconds_bucket{le=\"")
+        {
+            let bound = rest.split('"').next().unwrap_or_default();
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().unwrap_or(f64::NAN)
+            };
+            buckets.push((bound, value(line).unwrap_or(0.0)));
+        } else if line.starts_with("chronflow_status_staleness_seconds ") {
+            now = value(line).unwrap_or(0.0);
+        }
+    }
+    if buckets.is_empty() {
+        return Err("the operator's /metrics has no status staleness histogram".into());
+    }
+    Ok((buckets, now))
+}
+
+/// The bucket bound under which `q` of the writes between two scrapes fall.
+fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before)
+        .map(|((bound, a), (_, b))| (*bound, a - b))
+        .collect();
+    let total = counts.last().map_or(0.0, |(_, n)| *n);
+    counts
+        .iter()
+        .find(|(_, n)| *n >= q * total && total > 0.0)
+        .map_or(f64::NAN, |(bound, _)| *bound)
 }
 
 /// What the receiver got for the whole seconds from `from_s` (Unix) on, `seconds` of them:
@@ -152,11 +207,14 @@ pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, 
     let create_s = created.elapsed().as_secs_f64();
 
     let config = plane.dir.join("operator.yaml");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?;
     // The configuration's defaults otherwise.
     std::fs::write(
         &config,
         format!(
-            "watch_namespaces: [{NS}]\nmetrics:\n  bind: 127.0.0.1:0\n\
+            "watch_namespaces: [{NS}]\nmetrics:\n  bind: {metrics}\n\
              log:\n  format: json\n  log_task_success: false\n"
         ),
     )
@@ -190,11 +248,17 @@ pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, 
         let rss_bytes = rss(operator.id());
         let (status0, total0) = counters(&plane)?;
         let calls0 = calls(receiver)?;
+        let (stale0, _) = staleness(&metrics.to_string())?;
         let at0 = Instant::now();
         // The window's whole seconds, and 6 s after it for their runs to arrive.
         let unix = || chrono::Utc::now().timestamp();
         let from_s = unix() + 1;
-        std::thread::sleep(Duration::from_secs(window));
+        let mut staleness_max_s: f64 = 0.0;
+        while at0.elapsed() < Duration::from_secs(window) {
+            std::thread::sleep(Duration::from_secs(1));
+            staleness_max_s = staleness_max_s.max(staleness(&metrics.to_string())?.1);
+        }
+        let (stale1, _) = staleness(&metrics.to_string())?;
         let seconds = unix() - from_s;
         let (status1, total1) = counters(&plane)?;
         let calls1 = calls(receiver)?;
@@ -208,6 +272,9 @@ pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, 
             never_fired,
             longest_gap_s,
             lag_p99_ms,
+            staleness_p50_s: quantile(&stale0, &stale1, 0.5),
+            staleness_p99_s: quantile(&stale0, &stale1, 0.99),
+            staleness_max_s,
             tasks,
             create_s,
             scheduled_s,

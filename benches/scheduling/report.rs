@@ -570,16 +570,16 @@ fn operator_section(out: &mut String, runs: &[OperatorResult]) {
     }
     let _ = writeln!(
         out,
-        "## The operator on a real control plane\n\nOne `chronflow run` (memory ledger, no election; the configuration's defaults, so at most 50 status writes a second) on a kube-apiserver and etcd of its own (`scripts/control-plane`), over N ChronTasks due every second (`* * * * * *`) that POST to the loopback receiver. \"Scheduled\" is when the apiserver shows every task past `Pending` (listed every 2 s), counted from the operator's start; the rates are over a window after that, from the apiserver's `apiserver_request_total` (this measurement's own few requests included); the instants are the window's whole seconds, as the receiver got them (every task is due at the same instant: each second is a burst of N runs), with the most seconds in a row one task went without a run.\n"
+        "## The operator on a real control plane\n\nOne `chronflow run` (memory ledger, no election; the configuration's defaults: the status write budget adapts to the apiserver, at most 500 writes a second) on a kube-apiserver and etcd of its own (`scripts/control-plane`), over N ChronTasks due every second (`* * * * * *`) that POST to the loopback receiver. \"Scheduled\" is when the apiserver shows every task past `Pending` (listed every 2 s), counted from the operator's start; the rates are over a window after that, from the apiserver's `apiserver_request_total` (this measurement's own few requests included); the instants are the window's whole seconds, as the receiver got them (every task is due at the same instant: each second is a burst of N runs), with the most seconds in a row one task went without a run. Status staleness: for each status write of the window, how long the oldest change it carried had waited (p50 and p99, a bucket's upper bound of the operator's histogram), and the most the oldest unwritten change waited (sampled each second).\n"
     );
     let _ = writeln!(
         out,
-        "| ChronTasks | created in s | all scheduled after s | operator RSS MiB (÷ N, KB) | status writes/s | apiserver requests/s | calls received/s | window s | instants run / due | tasks never run | longest gap s | start lag p99 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ChronTasks | created in s | all scheduled after s | operator RSS MiB (÷ N, KB) | status writes/s | apiserver requests/s | calls received/s | window s | instants run / due | tasks never run | longest gap s | start lag p99 ms | status staleness p50 / p99 / max s |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in runs {
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.1} | {:.0} ({:.1}) | {:.1} | {:.0} | {:.0} | {:.0} | {} / {} | {} | {} | {:.0} |",
+            "| {} | {:.1} | {:.1} | {:.0} ({:.1}) | {:.1} | {:.0} | {:.0} | {:.0} | {} / {} | {} | {} | {:.0} | {} / {} / {:.0} |",
             r.tasks,
             r.create_s,
             r.scheduled_s,
@@ -593,7 +593,10 @@ fn operator_section(out: &mut String, runs: &[OperatorResult]) {
             r.instants_expected,
             r.never_fired,
             r.longest_gap_s,
-            r.lag_p99_ms
+            r.lag_p99_ms,
+            r.staleness_p50_s,
+            r.staleness_p99_s,
+            r.staleness_max_s
         );
     }
     out.push('\n');

@@ -44,7 +44,8 @@ pub struct StatusConfig {
     /// At most one status patch per task per interval.
     #[serde(with = "duration_serde")]
     pub flush_interval: Duration,
-    /// Status writes per second over all tasks: the apiserver's budget.
+    /// The most status writes per second over all tasks: the ceiling of the writer's budget,
+    /// which adapts to the apiserver below it.
     #[serde(deserialize_with = "within::<_, _, 1, 10_000>")]
     pub max_writes_per_second: u32,
 }

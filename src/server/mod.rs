@@ -142,10 +142,15 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
     let Some(load) = endpoint.executor.load() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopped").into_response();
     };
-    let (tasks, phases) = {
+    let (tasks, phases, status) = {
         let index = endpoint.status.lock();
         let phases = index.phases();
-        (phases.values().sum::<usize>(), phases)
+        let status = json!({
+            "backlog": index.pending_writes(),
+            "staleness_seconds": index.staleness().as_secs_f64(),
+            "writes_per_second": index.write_budget(),
+        });
+        (phases.values().sum::<usize>(), phases, status)
     };
     let phases: serde_json::Map<String, serde_json::Value> = phases
         .into_iter()
@@ -163,6 +168,7 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
         "epoch": endpoint.leader.borrow().as_ref().map(|term| term.epoch),
         "version": env!("CARGO_PKG_VERSION"),
         "tasks_by_phase": phases,
+        "status_writes": status,
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

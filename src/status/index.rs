@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::ObjectReference;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -75,6 +76,10 @@ const COUNTS_GRACE: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct WriteState {
     dirty: bool,
+    /// The first change not yet written, and that of the write in flight: how stale the stored
+    /// status is.
+    changed_since: Option<Instant>,
+    sending_since: Option<Instant>,
     /// When the task was first seen: until the engine's first fact, or [`PENDING_GRACE`], its
     /// status is not written (a Pending write would only be followed by the Scheduled one).
     observed: Option<Instant>,
@@ -88,6 +93,13 @@ struct WriteState {
     sending_phase: Option<PhaseKey>,
     failures: u32,
     retry_at: Option<Instant>,
+}
+
+impl WriteState {
+    fn changed(&mut self, now: Instant) {
+        self.dirty = true;
+        self.changed_since.get_or_insert(now);
+    }
 }
 
 #[derive(Default)]
@@ -116,6 +128,8 @@ pub enum WriteResult {
     Rejected(String),
     /// Retried with backoff.
     Failed(String),
+    /// The apiserver's priority and fairness refused it (429): retried with backoff.
+    Throttled(String),
 }
 
 /// What the index has counted since it started, for metrics.
@@ -133,6 +147,8 @@ pub struct Counts {
     pub rejected: u64,
     /// Writes to an object that was gone.
     pub gone: u64,
+    /// Writes the apiserver throttled (429), retried.
+    pub throttled: u64,
 }
 
 /// Reads the status stored in the cluster for a task incarnation (`key`, `uid`), as the
@@ -152,6 +168,10 @@ pub struct Index {
     counts: Counts,
     /// Run counters come from the shared ledger ([`Report::Counts`]), not from counting reports.
     ledger_counts: bool,
+    /// Seconds from a task's first unwritten change until a write of it landed.
+    staleness: Histogram,
+    /// The writer's budget now, writes per second.
+    write_budget: f64,
 }
 
 /// The index behind a lock: the controller, engine and executor record into it; the writer
@@ -171,6 +191,8 @@ impl StatusIndex {
             clock,
             counts: Counts::default(),
             ledger_counts: false,
+            staleness: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
+            write_budget: 0.0,
         })))
     }
 
@@ -289,7 +311,7 @@ impl Index {
             if let Some(stored) = self.stored.iter().find_map(|read| read(key, &state.uid)) {
                 debug!(task = %key, "taking in the stored status");
                 conditions::merge_stored(&mut state.status, stored, &state.history);
-                state.write.dirty = true;
+                state.write.changed(Instant::now());
             }
         }
         if self.ledger_counts {
@@ -326,6 +348,7 @@ impl Index {
                 counts_revision: 0,
                 write: WriteState {
                     dirty: true,
+                    changed_since: Some(Instant::now()),
                     observed: Some(Instant::now()),
                     ..WriteState::default()
                 },
@@ -337,7 +360,7 @@ impl Index {
                 state.reference = reference;
                 state.generation = generation;
                 state.history = history;
-                state.write.dirty = true;
+                state.write.changed(Instant::now());
             }
             // New, or deleted and re-created under the same name while we looked away: nothing
             // of the old one carries over.
@@ -360,7 +383,7 @@ impl Index {
             self.counts.stale_reports += 1;
             return;
         };
-        state.write.dirty = true;
+        state.write.changed(now);
         let mut events: Vec<(&'static str, Severity, String)> = Vec::new();
         let status = &mut state.status;
         if let Some(request) = report.handled_request() {
@@ -582,10 +605,11 @@ impl Index {
 
     /// Up to `limit` statuses to write now, urgent ones first (phase or Ready changed), then
     /// the longest unwritten. A task is written at most once per `min_interval` and never twice
-    /// at once; one whose write failed waits for its backoff.
-    pub fn take(&mut self, limit: usize, min_interval: Duration) -> Vec<Snapshot> {
+    /// at once; one whose write failed waits for its backoff. Also says whether more were due
+    /// than `limit` let through.
+    pub fn take(&mut self, limit: usize, min_interval: Duration) -> (Vec<Snapshot>, bool) {
         if limit == 0 {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let now = Instant::now();
         let mut candidates: Vec<(bool, Option<Instant>, &TaskKey)> = self
@@ -606,7 +630,8 @@ impl Index {
                 (!urgent, s.write.last_write, key)
             })
             .collect();
-        if candidates.len() > limit {
+        let held_back = candidates.len() > limit;
+        if held_back {
             candidates.select_nth_unstable(limit - 1);
             candidates.truncate(limit);
         }
@@ -616,19 +641,21 @@ impl Index {
             .map(|(_, _, key)| key.clone())
             .collect();
         let now_utc = self.clock.now();
-        chosen
+        let batch = chosen
             .into_iter()
             .filter_map(|key| {
                 let state = self.tasks.get_mut(&key)?;
                 state.write.dirty = false;
                 state.write.in_flight = true;
+                state.write.sending_since = state.write.changed_since.take();
                 state.write.sending_phase = Some(phase_key(state));
                 Some(Snapshot {
                     task: TaskId::new(key, state.uid.clone()),
                     status: render(state, now_utc),
                 })
             })
-            .collect()
+            .collect();
+        (batch, held_back)
     }
 
     /// Records how a write from [`Index::take`] ended. `backoff` is the wait before a failed
@@ -650,21 +677,35 @@ impl Index {
         match result {
             WriteResult::Written => {
                 counts.written += 1;
+                if let Some(since) = write.sending_since.take() {
+                    self.staleness.observe((now - since).as_secs_f64());
+                }
                 write.last_write = Some(now);
                 write.written_phase = write.sending_phase.take();
                 write.failures = 0;
                 write.retry_at = None;
             }
-            WriteResult::Gone => counts.gone += 1,
-            WriteResult::Failed(_) => {
-                counts.failed += 1;
+            WriteResult::Gone => {
+                counts.gone += 1;
+                write.sending_since = None;
+            }
+            WriteResult::Failed(_) | WriteResult::Throttled(_) => {
+                if matches!(result, WriteResult::Throttled(_)) {
+                    counts.throttled += 1;
+                } else {
+                    counts.failed += 1;
+                }
+                // Still unwritten since then.
                 write.dirty = true;
+                write.changed_since = write.sending_since.take().or(write.changed_since);
                 write.failures += 1;
                 let factor = 2u32.saturating_pow(write.failures.saturating_sub(1).min(16));
                 write.retry_at = Some(now + backoff.saturating_mul(factor).min(max_backoff));
             }
             WriteResult::Rejected(message) => {
                 counts.rejected += 1;
+                // Not retried until it changes: that change is what waits then.
+                write.sending_since = None;
                 warn!(task = %task, error = %message, "the apiserver rejected the task's status; not retrying until it changes");
                 let note = format!("chronflow cannot write this task's status: {message}");
                 self.emit(
@@ -689,6 +730,32 @@ impl Index {
     /// Counts of what the index did.
     pub fn counts(&self) -> Counts {
         self.counts
+    }
+
+    /// How long the oldest change not yet written has waited (zero: none waits).
+    pub fn staleness(&self) -> Duration {
+        let now = Instant::now();
+        self.tasks
+            .values()
+            .filter_map(|s| s.write.sending_since.or(s.write.changed_since))
+            .map(|since| now - since)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Seconds from a change until the write of it landed, over every write so far.
+    pub fn staleness_histogram(&self) -> &Histogram {
+        &self.staleness
+    }
+
+    /// The writer's budget now, writes per second ([`super::budget::Budget`]).
+    pub fn write_budget(&self) -> f64 {
+        self.write_budget
+    }
+
+    /// The writer says what its budget is now.
+    pub fn set_write_budget(&mut self, rate: f64) {
+        self.write_budget = rate;
     }
 
     /// How many tasks are in each phase now (for `/stats`).
@@ -952,13 +1019,13 @@ mod tests {
         let task = id("t");
         observe(&index, &task, None);
         schedule(&index, &task, scheduled(1));
-        let first = index.lock().take(10, Duration::ZERO).pop().unwrap();
+        let first = index.lock().take(10, Duration::ZERO).0.pop().unwrap();
         index
             .lock()
             .written(&task, WriteResult::Written, Duration::ZERO, Duration::ZERO);
         tokio::time::advance(Duration::from_secs(30)).await;
         finished(&index, &task, 1, Outcome::Succeeded);
-        let second = index.lock().take(10, Duration::ZERO).pop().unwrap();
+        let second = index.lock().take(10, Duration::ZERO).0.pop().unwrap();
         let ready = |s: &Snapshot| s.status.conditions[0].last_transition_time.clone();
         assert_eq!(ready(&first), ready(&second));
     }
@@ -972,7 +1039,7 @@ mod tests {
             schedule(&index, task, scheduled(1));
         }
         let min_interval = Duration::from_secs(1);
-        let first = index.lock().take(4, min_interval);
+        let first = index.lock().take(4, min_interval).0;
         assert_eq!(first.len(), 4, "the budget caps a batch");
         for s in &first {
             index
@@ -983,7 +1050,7 @@ mod tests {
         for s in &first {
             finished(&index, &s.task, 1, Outcome::Succeeded);
         }
-        let second = index.lock().take(100, min_interval);
+        let second = index.lock().take(100, min_interval).0;
         assert_eq!(second.len(), 6, "only the six never written");
         for s in &second {
             index
@@ -996,7 +1063,7 @@ mod tests {
             finished(&index, task, 2, Outcome::Succeeded);
         }
         finished(&index, &tasks[9], 3, Outcome::Failed);
-        let third = index.lock().take(1, min_interval);
+        let third = index.lock().take(1, min_interval).0;
         assert_eq!(third[0].task, tasks[9], "the phase change is urgent");
         assert_eq!(third[0].status.phase, Some(Phase::Failed));
     }
@@ -1009,14 +1076,14 @@ mod tests {
         let (quick, slow) = (id("quick"), id("slow"));
         observe(&index, &quick, None);
         observe(&index, &slow, None);
-        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        assert!(index.lock().take(10, Duration::ZERO).0.is_empty());
         schedule(&index, &quick, scheduled(1));
-        let batch = index.lock().take(10, Duration::ZERO);
+        let batch = index.lock().take(10, Duration::ZERO).0;
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].status.phase, Some(Phase::Scheduled));
         // A task the engine says nothing about is still written, Pending, after a while.
         tokio::time::advance(PENDING_GRACE).await;
-        let batch = index.lock().take(10, Duration::ZERO);
+        let batch = index.lock().take(10, Duration::ZERO).0;
         assert_eq!(batch[0].task, slow);
         assert_eq!(batch[0].status.phase, Some(Phase::Pending));
     }
@@ -1033,7 +1100,7 @@ mod tests {
             schedule(&index, task, scheduled(1));
         }
         index.new_term();
-        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        assert!(index.lock().take(10, Duration::ZERO).0.is_empty());
         let counts = crate::ledger::Counts {
             runs: 25,
             succeeded: 25,
@@ -1043,12 +1110,12 @@ mod tests {
             task: counted.clone(),
             counts,
         });
-        let batch = index.lock().take(10, Duration::ZERO);
+        let batch = index.lock().take(10, Duration::ZERO).0;
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].status.total_runs, 25);
         // A ledger that does not answer does not freeze status for good.
         tokio::time::advance(COUNTS_GRACE).await;
-        assert_eq!(index.lock().take(10, Duration::ZERO)[0].task, silent);
+        assert_eq!(index.lock().take(10, Duration::ZERO).0[0].task, silent);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1084,7 +1151,7 @@ mod tests {
             (asked == uid).then(|| written_since.clone())
         }));
         index.new_term();
-        let batch = index.lock().take(10, Duration::ZERO);
+        let batch = index.lock().take(10, Duration::ZERO).0;
         let status = &batch[0].status;
         assert_eq!(status.total_runs, 12);
         assert_eq!(status.last_run_now.as_deref(), Some("deploy-7"));
@@ -1149,18 +1216,18 @@ mod tests {
         let task = id("t");
         observe(&index, &task, None);
         schedule(&index, &task, scheduled(1));
-        let batch = index.lock().take(10, Duration::ZERO);
+        let batch = index.lock().take(10, Duration::ZERO).0;
         assert_eq!(batch.len(), 1);
         let rejected = WriteResult::Rejected("status.nextRunTime: Invalid value".into());
         index
             .lock()
             .written(&task, rejected, Duration::ZERO, Duration::ZERO);
-        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        assert!(index.lock().take(10, Duration::ZERO).0.is_empty());
         let sent = events(&mut rx);
         assert_eq!(sent[0].0, reasons::STATUS_REJECTED);
         assert!(sent[0].1.contains("Invalid value"), "{sent:?}");
         finished(&index, &task, 1, Outcome::Succeeded);
-        assert_eq!(index.lock().take(10, Duration::ZERO).len(), 1);
+        assert_eq!(index.lock().take(10, Duration::ZERO).0.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1173,9 +1240,50 @@ mod tests {
         let failed = WriteResult::Failed("connection reset".into());
         let backoff = Duration::from_secs(1);
         index.lock().written(&task, failed, backoff, backoff * 8);
-        assert!(index.lock().take(10, Duration::ZERO).is_empty());
+        assert!(index.lock().take(10, Duration::ZERO).0.is_empty());
         tokio::time::advance(backoff).await;
-        assert_eq!(index.lock().take(10, Duration::ZERO).len(), 1);
+        assert_eq!(index.lock().take(10, Duration::ZERO).0.len(), 1);
+    }
+
+    /// Staleness runs from the first change a write carries until that write lands, through
+    /// a throttled attempt; a change made while a write is in flight waits for the next one.
+    #[tokio::test(start_paused = true)]
+    async fn staleness_runs_from_the_first_unwritten_change_until_its_write_lands() {
+        let (index, _events) = index();
+        let task = id("t");
+        let second = Duration::from_secs(1);
+        observe(&index, &task, None);
+        schedule(&index, &task, scheduled(1));
+        assert_eq!(index.lock().staleness(), Duration::ZERO);
+        tokio::time::advance(2 * second).await;
+        assert_eq!(index.lock().staleness(), 2 * second);
+        index.lock().take(10, Duration::ZERO);
+        tokio::time::advance(second).await;
+        let throttled = WriteResult::Throttled("too many requests".into());
+        index.lock().written(&task, throttled, second, second);
+        assert_eq!(index.lock().counts().throttled, 1);
+        assert_eq!(index.lock().staleness(), 3 * second, "still unwritten");
+        tokio::time::advance(second).await;
+        index.lock().take(10, Duration::ZERO);
+        finished(&index, &task, 1, Outcome::Succeeded);
+        tokio::time::advance(second).await;
+        index
+            .lock()
+            .written(&task, WriteResult::Written, second, second);
+        assert_eq!(
+            index.lock().staleness(),
+            second,
+            "the run that finished during the write waits for the next one"
+        );
+        let histogram = {
+            let mut text = String::new();
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register("s", "", index.lock().staleness_histogram().clone());
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            text
+        };
+        assert!(histogram.contains("s_sum 5.0"), "{histogram}");
+        assert!(histogram.contains("s_count 1"), "{histogram}");
     }
 
     #[tokio::test(start_paused = true)]

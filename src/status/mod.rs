@@ -1,11 +1,13 @@
 //! ChronTask status: the only place that writes it. Three parts:
 //! - [`index`]: each task's status in memory, updated synchronously by the controller, engine
 //!   and executor (pure, never waits);
-//! - [`writer`]: writes changed statuses under a global budget with server-side apply;
+//! - [`writer`]: writes changed statuses with server-side apply under a global budget that
+//!   adapts to the apiserver ([`budget`]);
 //! - [`events`]: Kubernetes Events from a bounded queue, rate-limited per task and reason.
 //!
 //! [`conditions`] holds the pure computations (phase, Ready, success rate, recent runs).
 
+pub mod budget;
 pub mod conditions;
 pub mod events;
 pub mod index;

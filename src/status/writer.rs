@@ -1,8 +1,9 @@
 //! The status writer: writes changed tasks from the index to their status subresource with
-//! server-side apply (one field manager, forced), under a global write budget so that many
-//! tasks firing every second cannot flood the apiserver. Urgent changes (phase, Ready) go
-//! first, then the stalest; each task is written at most once per `flush_interval`. Writes run
-//! concurrently with a timeout each and never block whoever records into the index.
+//! server-side apply (one field manager, forced), under a global write budget that adapts to
+//! the apiserver ([`super::budget`]) so that many tasks firing every second cannot flood it.
+//! Urgent changes (phase, Ready) go first, then the stalest; each task is written at most once
+//! per `flush_interval`. Writes run concurrently with a timeout each and never block whoever
+//! records into the index.
 
 use std::time::Duration;
 
@@ -14,8 +15,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::budget::{Answer, Budget};
 use super::index::{Snapshot, StatusIndex, WriteResult};
 use crate::ChronTask;
 use crate::leader::Term;
@@ -28,7 +30,7 @@ pub const FIELD_MANAGER: &str = "chronflow";
 const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Status writes in flight at once.
-const CONCURRENT_PATCHES: usize = 64;
+const CONCURRENT_PATCHES: usize = 128;
 
 /// How often the writer looks for work (and refills its budget).
 const TICK: Duration = Duration::from_millis(50);
@@ -41,7 +43,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct WriterConfig {
     /// At most one write per task per this interval.
     pub flush_interval: Duration,
-    /// Status writes per second over all tasks (the budget); bursts up to one second's worth.
+    /// The most status writes per second over all tasks (the adaptive budget's ceiling);
+    /// bursts up to one second's worth.
     pub writes_per_second: u32,
 }
 
@@ -53,7 +56,7 @@ pub struct StatusWriter {
     config: WriterConfig,
 }
 
-type Write = std::pin::Pin<Box<dyn Future<Output = (TaskId, WriteResult)> + Send>>;
+type Write = std::pin::Pin<Box<dyn Future<Output = (TaskId, WriteResult, Answer)> + Send>>;
 
 impl StatusWriter {
     /// `leader` gates writes: a replica that is not leader keeps its index but writes nothing.
@@ -74,9 +77,7 @@ impl StatusWriter {
     /// Writes until `stop`, then makes a final flush of everything still changed, retrying
     /// failed writes until `final_deadline` has passed since `stop`.
     pub async fn run(self, stop: CancellationToken, final_deadline: Duration) {
-        let rate = f64::from(self.config.writes_per_second.max(1));
-        let mut tokens = rate;
-        let mut refilled = Instant::now();
+        let mut budget = Budget::new(self.config.writes_per_second, Instant::now());
         let mut writes: FuturesUnordered<Write> = FuturesUnordered::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -84,11 +85,11 @@ impl StatusWriter {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some((task, result)) = writes.next(), if !writes.is_empty() => self.done(&task, result),
+                Some((task, result, answer)) = writes.next(), if !writes.is_empty() => {
+                    budget.answered(answer);
+                    self.done(&task, result);
+                }
                 _ = tick.tick() => {
-                    let now = Instant::now();
-                    tokens = (tokens + rate * (now - refilled).as_secs_f64()).min(rate);
-                    refilled = now;
                     ticks += 1;
                     if ticks.is_multiple_of(20) {
                         self.index.lock().release_events();
@@ -98,9 +99,13 @@ impl StatusWriter {
                         continue;
                     }
                     let room = CONCURRENT_PATCHES.saturating_sub(writes.len());
-                    let limit = (tokens.floor() as usize).min(room);
-                    let batch = self.index.lock().take(limit, self.config.flush_interval);
-                    tokens -= batch.len() as f64;
+                    let limit = budget.available(Instant::now(), room);
+                    let (batch, waiting) = {
+                        let mut index = self.index.lock();
+                        index.set_write_budget(budget.rate());
+                        index.take(limit, self.config.flush_interval)
+                    };
+                    budget.spend(batch.len(), waiting);
                     writes.extend(batch.into_iter().map(|s| self.write(s)));
                 }
             }
@@ -109,8 +114,12 @@ impl StatusWriter {
     }
 
     fn done(&self, task: &TaskId, result: WriteResult) {
-        if let WriteResult::Failed(error) = &result {
-            warn!(%task, %error, "status write failed; retrying");
+        match &result {
+            WriteResult::Failed(error) => warn!(%task, %error, "status write failed; retrying"),
+            WriteResult::Throttled(error) => {
+                debug!(%task, %error, "status write throttled; retrying");
+            }
+            _ => {}
         }
         self.index
             .lock()
@@ -125,7 +134,7 @@ impl StatusWriter {
         }
         let deadline = Instant::now() + deadline;
         loop {
-            let batch = self.index.lock().take(usize::MAX, Duration::ZERO);
+            let (batch, _) = self.index.lock().take(usize::MAX, Duration::ZERO);
             writes.extend(batch.into_iter().map(|s| self.write(s)));
             if writes.is_empty() {
                 if self.index.lock().pending_writes() == 0 {
@@ -141,7 +150,7 @@ impl StatusWriter {
                 continue;
             }
             match tokio::time::timeout_at(deadline, writes.next()).await {
-                Ok(Some((task, result))) => self.index.lock().written(&task, result, TICK, TICK),
+                Ok(Some((task, result, _))) => self.index.lock().written(&task, result, TICK, TICK),
                 Ok(None) => {}
                 Err(_) => break,
             }
@@ -171,19 +180,27 @@ impl StatusWriter {
             });
             let patch = Patch::Apply(&patch);
             let call = api.patch_status(&task.key.name, &params, &patch);
-            let result = match tokio::time::timeout(PATCH_TIMEOUT, call).await {
-                Ok(Ok(_)) => WriteResult::Written,
+            let sent = Instant::now();
+            let answered = |result| (result, Answer::In(sent.elapsed()));
+            let (result, answer) = match tokio::time::timeout(PATCH_TIMEOUT, call).await {
+                Ok(Ok(_)) => answered(WriteResult::Written),
                 // Deleted meanwhile (404), or re-created: the uid precondition failed (409).
-                Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => WriteResult::Gone,
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => {
+                    answered(WriteResult::Gone)
+                }
                 Ok(Err(kube::Error::Api(e))) if e.code == 422 || e.code == 400 => {
-                    WriteResult::Rejected(e.message)
+                    answered(WriteResult::Rejected(e.message))
                 }
-                Ok(Err(error)) => WriteResult::Failed(error.to_string()),
-                Err(_) => {
-                    WriteResult::Failed(format!("no answer within {}s", PATCH_TIMEOUT.as_secs()))
+                Ok(Err(kube::Error::Api(e))) if e.code == 429 => {
+                    (WriteResult::Throttled(e.message), Answer::Throttled)
                 }
+                Ok(Err(error)) => (WriteResult::Failed(error.to_string()), Answer::Failed),
+                Err(_) => (
+                    WriteResult::Failed(format!("no answer within {}s", PATCH_TIMEOUT.as_secs())),
+                    Answer::Failed,
+                ),
             };
-            (task, result)
+            (task, result, answer)
         })
     }
 }

@@ -171,3 +171,129 @@ async fn a_slow_apiserver_never_delays_or_loses_a_run() {
         lags[lags.len() / 2]
     );
 }
+
+/// The apiserver's priority and fairness gives the operator's status writes a few seats and
+/// rejects the rest (429): the writer cuts its budget instead of hammering it, and once the
+/// tasks stop, every task's status shows every run the receiver got.
+#[tokio::test]
+async fn a_throttling_apiserver_slows_status_writes_and_loses_no_count() {
+    use k8s_openapi::api::flowcontrol::v1::{FlowSchema, PriorityLevelConfiguration};
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    use kube::api::{DeleteParams, Patch, PatchParams};
+
+    const TASKS: usize = 30;
+    let s = setup("throttled").await;
+    let admin = test_env().client().await;
+    // A user outside system:masters (which priority and fairness exempts) with every right.
+    let user = format!("operator-{}", s.ns);
+    let group = "chronflow-test-operators";
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": group},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
+    }))
+    .unwrap();
+    let params = PatchParams::apply("chronflow-tests").force();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch(group, &params, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let level: PriorityLevelConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": s.ns},
+        "spec": {"type": "Limited", "limited": {
+            "nominalConcurrencyShares": 1, "lendablePercent": 0, "borrowingLimitPercent": 0,
+            "limitResponse": {"type": "Reject"},
+        }},
+    }))
+    .unwrap();
+    let levels = Api::<PriorityLevelConfiguration>::all(admin.clone());
+    levels
+        .patch(&s.ns, &params, &Patch::Apply(&level))
+        .await
+        .unwrap();
+    let schema: FlowSchema = serde_json::from_value(json!({
+        "metadata": {"name": s.ns},
+        "spec": {
+            "priorityLevelConfiguration": {"name": s.ns},
+            "matchingPrecedence": 100,
+            "distinguisherMethod": {"type": "ByUser"},
+            "rules": [{
+                "subjects": [{"kind": "User", "user": {"name": user}}],
+                "resourceRules": [{"verbs": ["patch"], "apiGroups": ["chronflow.io"],
+                                   "resources": ["chrontasks/status"], "namespaces": [s.ns]}],
+            }],
+        },
+    }))
+    .unwrap();
+    let schemas = Api::<FlowSchema>::all(admin.clone());
+    schemas
+        .patch(&s.ns, &params, &Patch::Apply(&schema))
+        .await
+        .unwrap();
+
+    let receiver = Receiver::start(Behavior::default()).await;
+    for i in 0..TASKS {
+        create(
+            &s.api,
+            &format!("t{i}"),
+            json!({"schedule": {"interval": "1s"}, "action": {"http": {"url": receiver.url(&format!("/t{i}"))}}}),
+        )
+        .await;
+    }
+    let mut config = test_env().config().await;
+    config.auth_info.impersonate = Some(user);
+    config.auth_info.impersonate_groups = Some(vec![group.into()]);
+    let metrics = crate::observability::free_address();
+    let operator = Operator::start_with(&s.ns, kube::Client::try_from(config).unwrap(), |c| {
+        c.metrics.bind = metrics;
+        c.status.flush_interval = Duration::from_millis(100);
+    })
+    .await;
+    // The apiserver refused writes (the client retries a 429 after the Retry-After the
+    // apiserver sends, up to a few times: the writer sees slow answers, or the 429 itself once
+    // the client gives up) and the writer cut its budget.
+    let rejected = || async {
+        let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+        let text = admin.request_text(request).await.ok()?;
+        let schema = format!("flow_schema=\"{}\"", s.ns);
+        let count = text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_flowcontrol_rejected_requests_total{"))
+            .filter(|l| l.contains(&schema))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        Some(count)
+    };
+    let budget = || async {
+        let (_, text) = crate::observability::get(metrics, "/metrics").await?;
+        crate::observability::sample(&text, "chronflow_status_write_budget", &[])
+    };
+    let lowest = eventually("429s and a budget cut", || async {
+        let budget = budget().await?;
+        (rejected().await? > 0.0 && budget > 0.0 && budget < 50.0).then_some(budget)
+    })
+    .await;
+    assert!(
+        lowest >= 5.0,
+        "the budget never falls below its floor: {lowest}"
+    );
+
+    // Every task stops; its status then shows each run the receiver got, none lost to a 429.
+    for i in 0..TASKS {
+        crate::operator::patch_spec(&s.api, &format!("t{i}"), json!({"paused": true})).await;
+    }
+    for i in 0..TASKS {
+        let name = format!("t{i}");
+        let path = format!("/{name}");
+        eventually("every run counted in status", || async {
+            let got = receiver.hits().iter().filter(|h| h.path == path).count() as u64;
+            let status = s.api.get(&name).await.ok()?.status?;
+            (status.phase == Some(Phase::Paused) && status.successful_runs == got && got > 0)
+                .then_some(())
+        })
+        .await;
+    }
+    operator.stop().await;
+    let _ = schemas.delete(&s.ns, &DeleteParams::default()).await;
+    let _ = levels.delete(&s.ns, &DeleteParams::default()).await;
+}
