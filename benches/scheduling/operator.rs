@@ -57,8 +57,8 @@ pub struct OperatorResult {
 }
 
 /// The operator's own `/metrics`: (upper bound, cumulative count) of the staleness histogram's
-/// buckets, and the oldest unwritten change now, seconds.
-fn staleness(metrics: &str) -> Result<(Vec<(f64, f64)>, f64), String> {
+/// buckets.
+fn staleness(metrics: &str) -> Result<Vec<(f64, f64)>, String> {
     let out = Command::new("curl")
         .args(["-sf", &format!("http://{metrics}/metrics")])
         .output()
@@ -66,7 +66,6 @@ fn staleness(metrics: &str) -> Result<(Vec<(f64, f64)>, f64), String> {
     let text = String::from_utf8_lossy(&out.stdout);
     let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
     let mut buckets = Vec::new();
-    let mut now = 0.0;
     for line in text.lines() {
         if let Some(rest) =
             line.strip_prefix("chronflow_status_write_staleness_seconds_bucket{le=\"")
@@ -78,14 +77,26 @@ fn staleness(metrics: &str) -> Result<(Vec<(f64, f64)>, f64), String> {
                 bound.parse().unwrap_or(f64::NAN)
             };
             buckets.push((bound, value(line).unwrap_or(0.0)));
-        } else if line.starts_with("chronflow_status_staleness_seconds ") {
-            now = value(line).unwrap_or(0.0);
         }
     }
     if buckets.is_empty() {
         return Err("the operator's /metrics has no status staleness histogram".into());
     }
-    Ok((buckets, now))
+    Ok(buckets)
+}
+
+/// The oldest unwritten status change, seconds, from `/stats` (cheaper to serve each second
+/// than `/metrics`, which carries every task's series).
+fn oldest_unwritten(metrics: &str) -> Result<f64, String> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{metrics}/stats")])
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    let stats: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("/stats: {e}"))?;
+    stats["status_writes"]["staleness_seconds"]
+        .as_f64()
+        .ok_or_else(|| "/stats has no status_writes.staleness_seconds".into())
 }
 
 /// The bucket bound under which `q` of the writes between two scrapes fall.
@@ -248,7 +259,7 @@ pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, 
         let rss_bytes = rss(operator.id());
         let (status0, total0) = counters(&plane)?;
         let calls0 = calls(receiver)?;
-        let (stale0, _) = staleness(&metrics.to_string())?;
+        let stale0 = staleness(&metrics.to_string())?;
         let at0 = Instant::now();
         // The window's whole seconds, and 6 s after it for their runs to arrive.
         let unix = || chrono::Utc::now().timestamp();
@@ -256,9 +267,9 @@ pub fn run(tasks: usize, receiver: &str, window: u64) -> Result<OperatorResult, 
         let mut staleness_max_s: f64 = 0.0;
         while at0.elapsed() < Duration::from_secs(window) {
             std::thread::sleep(Duration::from_secs(1));
-            staleness_max_s = staleness_max_s.max(staleness(&metrics.to_string())?.1);
+            staleness_max_s = staleness_max_s.max(oldest_unwritten(&metrics.to_string())?);
         }
-        let (stale1, _) = staleness(&metrics.to_string())?;
+        let stale1 = staleness(&metrics.to_string())?;
         let seconds = unix() - from_s;
         let (status1, total1) = counters(&plane)?;
         let calls1 = calls(receiver)?;

@@ -47,6 +47,9 @@ const RECHECK: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
+/// `kubectl apply`'s copy of the object it applied last.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// What the controller watches: ChronTasks, decoded or not.
 pub type GuardedTask = DeserializeGuard<ChronTask>;
 
@@ -540,8 +543,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     // hide them (a deleted object keeps its generation).
     let applied = watcher(api, watcher::Config::default())
         .default_backoff()
-        // managedFields are most of an object's size and nothing here reads them.
-        .modify(|task| task.managed_fields_mut().clear())
+        // managedFields are most of an object's size and nothing here reads them, nor kubectl's
+        // copy of the whole object it applied last.
+        .modify(|task| {
+            task.managed_fields_mut().clear();
+            task.annotations_mut().remove(LAST_APPLIED);
+        })
         .reflect(writer)
         .and_then(move |event| {
             let ctx = events_ctx.clone();

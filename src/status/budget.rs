@@ -21,8 +21,8 @@ const GROWTH: f64 = 1.5;
 const CUT: f64 = 0.5;
 
 /// A period whose writes took longer than this on average is a sign of overload: the apiserver
-/// (or etcd) queues them.
-const SLOW: Duration = Duration::from_millis(500);
+/// (or etcd) queues them, or the client retried 429s after the apiserver's Retry-After.
+const SLOW: Duration = Duration::from_secs(1);
 
 /// How one write ended, for the budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

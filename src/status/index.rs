@@ -157,7 +157,9 @@ pub type StoredStatus = Arc<dyn Fn(&TaskKey, &str) -> Option<ChronTaskStatus> + 
 
 /// The index; share it as a [`StatusIndex`].
 pub struct Index {
-    tasks: HashMap<TaskKey, TaskState>,
+    /// Boxed: a task's state is about a kilobyte, and the table keeps up to twice as many
+    /// slots as tasks.
+    tasks: HashMap<TaskKey, Box<TaskState>>,
     /// Where the stored statuses are read (one per watched namespace).
     stored: Vec<StoredStatus>,
     /// The leadership term, followed (see [`StatusIndex::follow_leader`]), and the one seen last.
@@ -365,7 +367,7 @@ impl Index {
             // New, or deleted and re-created under the same name while we looked away: nothing
             // of the old one carries over.
             _ => {
-                self.tasks.insert(task.key.clone(), fresh(status));
+                self.tasks.insert(task.key.clone(), Box::new(fresh(status)));
             }
         }
     }

@@ -10,8 +10,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use kube::api::{Patch, PatchParams};
+use kube::core::Request;
 use kube::{Api, Client};
-use serde_json::json;
+use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::budget::{Answer, Budget};
 use super::index::{Snapshot, StatusIndex, WriteResult};
 use crate::ChronTask;
+use crate::crd::ChronTaskStatus;
 use crate::leader::Term;
 use crate::run::TaskId;
 
@@ -54,6 +56,21 @@ pub struct StatusWriter {
     index: StatusIndex,
     leader: watch::Receiver<Option<Term>>,
     config: WriterConfig,
+}
+
+/// A status write's body: the object's uid (a precondition) and its status.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusApply<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: Uid<'a>,
+    status: &'a ChronTaskStatus,
+}
+
+#[derive(Serialize)]
+struct Uid<'a> {
+    uid: &'a str,
 }
 
 type Write = std::pin::Pin<Box<dyn Future<Output = (TaskId, WriteResult, Answer)> + Send>>;
@@ -170,16 +187,21 @@ impl StatusWriter {
         let client = self.client.clone();
         Box::pin(async move {
             let Snapshot { task, status } = snapshot;
-            let api = Api::<ChronTask>::namespaced(client, &task.key.namespace);
+            let api = Api::<ChronTask>::namespaced(client.clone(), &task.key.namespace);
             let params = PatchParams::apply(FIELD_MANAGER).force();
-            let patch = json!({
-                "apiVersion": "chronflow.io/v1alpha1",
-                "kind": "ChronTask",
-                "metadata": {"uid": task.uid},
-                "status": status,
+            let patch = Patch::Apply(StatusApply {
+                api_version: "chronflow.io/v1alpha1",
+                kind: "ChronTask",
+                metadata: Uid { uid: &task.uid },
+                status: &status,
             });
-            let patch = Patch::Apply(&patch);
-            let call = api.patch_status(&task.key.name, &params, &patch);
+            // The answer is the whole object: read, not decoded (the watch brings it anyway).
+            let call = async {
+                let request = Request::new(api.resource_url())
+                    .patch_subresource("status", &task.key.name, &params, &patch)
+                    .map_err(kube::Error::BuildRequest)?;
+                client.request_text(request).await
+            };
             let sent = Instant::now();
             let answered = |result| (result, Answer::In(sent.elapsed()));
             let (result, answer) = match tokio::time::timeout(PATCH_TIMEOUT, call).await {
