@@ -66,9 +66,9 @@ pub fn init(log: &LogConfig) -> Result<LogGuard, Error> {
 }
 
 /// At most [`LogQuota::PER_MINUTE`] lines a minute of one kind of message (a run that failed or
-/// was missed): ten thousand tasks failing each second must not write ten thousand lines a
-/// second. Beyond the quota lines are counted, and the first line of the next minute says how
-/// many were left out; metrics and each task's Events still count every one.
+/// was missed, a status write that failed): ten thousand tasks failing each second must not
+/// write ten thousand lines a second. Beyond the quota lines are counted, and the first line of
+/// the next minute says how many were left out; the metrics still count every one.
 #[derive(Debug)]
 pub struct LogQuota {
     what: &'static str,
@@ -99,8 +99,8 @@ impl LogQuota {
             if *left_out > 0 {
                 tracing::warn!(
                     left_out = *left_out,
-                    "{}: {} more in the last minute were not logged (each task's Events and \
-                     chronflow_runs_total / chronflow_missed_runs_total count them)",
+                    "{}: {} more in the last minute were not logged (the metrics, and for runs \
+                     each task's status and Events, count every one)",
                     self.what,
                     *left_out
                 );

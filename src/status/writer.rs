@@ -24,6 +24,7 @@ use crate::ChronTask;
 use crate::crd::ChronTaskStatus;
 use crate::leader::Term;
 use crate::run::TaskId;
+use crate::telemetry::LogQuota;
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "chronflow";
@@ -131,8 +132,11 @@ impl StatusWriter {
     }
 
     fn done(&self, task: &TaskId, result: WriteResult) {
+        static FAILED: LogQuota = LogQuota::new("status write failed");
         match &result {
-            WriteResult::Failed(error) => warn!(%task, %error, "status write failed; retrying"),
+            WriteResult::Failed(error) if FAILED.allow() => {
+                warn!(%task, %error, "status write failed; retrying");
+            }
             WriteResult::Throttled(error) => {
                 debug!(%task, %error, "status write throttled; retrying");
             }
