@@ -359,7 +359,7 @@ impl Elector {
 
     fn term(&self, epoch: u64) -> Term {
         Term {
-            holder: self.identity.to_string(),
+            holder: Arc::from(self.identity.to_string()),
             epoch,
         }
     }

@@ -7,9 +7,15 @@ use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 
-/// A task's name: its namespace and name (the resource name is the unique task name).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TaskKey {
+/// A task's name: its namespace and name (the resource name is the unique task name). Shared:
+/// every map and every report about the task holds the same allocation, and a clone is a
+/// reference count.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskKey(Arc<KeyParts>);
+
+/// The parts of a [`TaskKey`], read through it (`key.namespace`).
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyParts {
     /// The task's namespace.
     pub namespace: String,
     /// The task's name.
@@ -19,15 +25,32 @@ pub struct TaskKey {
 impl TaskKey {
     /// The task `name` of `namespace`.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
+        Self(Arc::new(KeyParts {
             namespace: namespace.into(),
             name: name.into(),
-        }
+        }))
     }
 
     /// Whether the task lives in `namespace`; `None` stands for every namespace.
     pub fn is_in(&self, namespace: Option<&str>) -> bool {
         namespace.is_none_or(|ns| ns == self.namespace)
+    }
+}
+
+impl std::ops::Deref for TaskKey {
+    type Target = KeyParts;
+
+    fn deref(&self) -> &KeyParts {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskKey")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -38,21 +61,22 @@ impl fmt::Display for TaskKey {
 }
 
 /// One incarnation of a task: its name and the object's uid. A task deleted and re-created under
-/// the same name is another task; reports about the old one must not touch the new one.
+/// the same name is another task; reports about the old one must not touch the new one. Cheap
+/// to clone (two reference counts).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TaskId {
     /// The task's name.
     pub key: TaskKey,
     /// The object's uid.
-    pub uid: String,
+    pub uid: Arc<str>,
 }
 
 impl TaskId {
     /// The incarnation `uid` of `key`.
-    pub fn new(key: TaskKey, uid: impl Into<String>) -> Self {
+    pub fn new(key: TaskKey, uid: impl AsRef<str>) -> Self {
         Self {
             key,
-            uid: uid.into(),
+            uid: Arc::from(uid.as_ref()),
         }
     }
 }
@@ -69,7 +93,10 @@ impl fmt::Display for TaskId {
 /// key and the `Idempotency-Key`. Two ids are the same run when their text is the same (a
 /// request's id carries when it was seen, which differs between replicas).
 #[derive(Clone, Debug)]
-pub struct RunId {
+pub struct RunId(Arc<RunParts>);
+
+#[derive(Debug)]
+struct RunParts {
     text: String,
     task: TaskId,
     instant: DateTime<Utc>,
@@ -81,7 +108,7 @@ impl RunId {
     /// schedules and of the Redis ledger, so every replica names a run alike.
     pub fn new(task: &TaskId, scheduled: DateTime<Utc>) -> Self {
         let scheduled = scheduled.trunc_subsecs(3);
-        Self {
+        Self(Arc::new(RunParts {
             text: format!(
                 "{}@{}",
                 task.key,
@@ -90,17 +117,17 @@ impl RunId {
             task: task.clone(),
             instant: scheduled,
             request: None,
-        }
+        }))
     }
 
     /// The run of run-now request `request` (the annotation's value), seen at `seen`.
     pub fn manual(task: &TaskId, request: &str, seen: DateTime<Utc>) -> Self {
-        Self {
+        Self(Arc::new(RunParts {
             text: format!("{}@manual:{request}", task.key),
             task: task.clone(),
             instant: seen,
             request: Some(request.to_string()),
-        }
+        }))
     }
 
     /// The run of `task` whose id is `text` (as [`RunId::as_str`] wrote it); a run-now
@@ -117,34 +144,34 @@ impl RunId {
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.text
+        &self.0.text
     }
 
     /// The run's task.
     pub fn task(&self) -> &TaskKey {
-        &self.task.key
+        &self.0.task.key
     }
 
     /// The incarnation of the task the run belongs to: a task deleted and re-created under the
     /// same name has other runs (and another ledger record), though their ids read alike.
     pub fn task_id(&self) -> &TaskId {
-        &self.task
+        &self.0.task
     }
 
     /// The scheduled instant (before jitter); for a run-now request, when it was seen.
     pub fn instant(&self) -> DateTime<Utc> {
-        self.instant
+        self.0.instant
     }
 
     /// The run-now request this run answers, if it is one.
     pub fn request(&self) -> Option<&str> {
-        self.request.as_deref()
+        self.0.request.as_deref()
     }
 }
 
 impl PartialEq for RunId {
     fn eq(&self, other: &Self) -> bool {
-        self.text == other.text
+        self.0.text == other.0.text
     }
 }
 
@@ -152,7 +179,7 @@ impl Eq for RunId {}
 
 impl std::hash::Hash for RunId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.text.hash(state);
+        self.0.text.hash(state);
     }
 }
 
@@ -164,15 +191,15 @@ impl PartialOrd for RunId {
 
 impl Ord for RunId {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.text.cmp(&other.text)
+        self.0.text.cmp(&other.0.text)
     }
 }
 
 /// One leadership: who holds the Lease and the epoch it won it with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Term {
-    /// The replica's identity (`POD_NAME`).
-    pub holder: String,
+    /// The replica's identity (`POD_NAME`), shared by every run of the term.
+    pub holder: Arc<str>,
     /// The fencing epoch: the Lease's transitions when it was won.
     pub epoch: u64,
 }
@@ -181,7 +208,7 @@ impl Term {
     /// The one term of a replica that runs without leader election.
     pub fn single(holder: &str) -> Self {
         Self {
-            holder: holder.to_string(),
+            holder: Arc::from(holder),
             epoch: 0,
         }
     }
@@ -226,7 +253,7 @@ impl Trigger {
 
 impl fmt::Display for RunId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(&self.0.text)
     }
 }
 

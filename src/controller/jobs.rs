@@ -92,7 +92,7 @@ impl KubeJobs {
             .iter()
             .filter(|job| {
                 job.metadata.namespace.as_deref() == Some(task.key.namespace.as_str())
-                    && job.labels().get(TASK_UID_LABEL) == Some(&task.uid)
+                    && job.labels().get(TASK_UID_LABEL) == Some(&task.uid.to_string())
                     && job.metadata.deletion_timestamp.is_none()
                     && ended(job).is_none()
             })
@@ -182,7 +182,7 @@ impl KubeJobs {
             match store.get(&reference) {
                 Some(job) => {
                     let owner = job.labels().get(TASK_UID_LABEL);
-                    if owner != Some(&run.task.uid) {
+                    if owner.map(String::as_str) != Some(&*run.task.uid) {
                         return failed(format!(
                             "Job {} exists and belongs to another task (label {TASK_UID_LABEL}: \
                              {owner:?}); delete it or rename the task",
@@ -225,7 +225,7 @@ impl KubeJobs {
         let mut failed = Vec::new();
         for job in store.state() {
             let ours = job.metadata.namespace.as_deref() == Some(namespace)
-                && job.labels().get(TASK_UID_LABEL) == Some(&run.task.uid);
+                && job.labels().get(TASK_UID_LABEL) == Some(&run.task.uid.to_string());
             match ended(&job).filter(|_| ours) {
                 Some(JobEnd { result: Ok(_), .. }) => succeeded.push(job),
                 Some(_) => failed.push(job),
@@ -364,7 +364,7 @@ fn job_of(run: &JobRun<'_>) -> Job {
     let task = &run.task.key;
     let labels = meta.labels.get_or_insert_with(Default::default);
     labels.insert("app.kubernetes.io/managed-by".into(), "chronflow".into());
-    labels.insert(TASK_UID_LABEL.into(), run.task.uid.clone());
+    labels.insert(TASK_UID_LABEL.into(), run.task.uid.to_string());
     if task.name.len() <= 63 {
         labels.insert(TASK_LABEL.into(), task.name.clone());
     }
@@ -388,7 +388,7 @@ fn job_of(run: &JobRun<'_>) -> Job {
                 api_version: ChronTask::api_version(&()).into_owned(),
                 kind: ChronTask::kind(&()).into_owned(),
                 name: task.name.clone(),
-                uid: run.task.uid.clone(),
+                uid: run.task.uid.to_string(),
                 controller: Some(true),
                 block_owner_deletion: None,
             }]),

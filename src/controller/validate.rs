@@ -628,7 +628,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(valid.engine.id.key, TaskKey::new("ns", "t"));
-        assert_eq!(valid.engine.id.uid, "u-1");
+        assert_eq!(&*valid.engine.id.uid, "u-1");
         assert_eq!(valid.engine.jitter, Some(Duration::from_secs(2)));
         assert_eq!(valid.engine.run.timeout, Duration::from_secs(30));
         assert_eq!(valid.engine.run.retry.max_attempts(), 1);

@@ -157,7 +157,7 @@ pub struct Engine {
     /// (fire time, task): the timer queue, earliest first.
     timers: BTreeSet<(DateTime<Utc>, TaskKey)>,
     /// Uids of deleted tasks, with when they were deleted.
-    tombstones: HashMap<String, DateTime<Utc>>,
+    tombstones: HashMap<Arc<str>, DateTime<Utc>>,
     parts: EngineParts,
     /// The term the engine last acted on; a new one starts a take-over.
     term: Option<Term>,
@@ -182,7 +182,7 @@ struct TookOver {
 }
 
 struct Entry {
-    uid: String,
+    uid: Arc<str>,
     generation: i64,
     state: State,
     /// Waiting for the ledger's take-over answer: no timer until it comes, so nothing is

@@ -629,7 +629,7 @@ mod tests {
         new.task.uid = "uid-2".into();
         executor.submit(new);
         let (started, _) = executor.shared.next_run(&mut missed).expect("not blocked");
-        assert_eq!(started.task.uid, "uid-2");
+        assert_eq!(&*started.task.uid, "uid-2");
         assert!(missed.is_empty(), "{missed:?}");
     }
 

@@ -152,7 +152,7 @@ impl Verdict {
             Verdict::Held(record)
                 if record.state == RunState::Claimed
                     && record.epoch == term.epoch
-                    && record.holder == term.holder =>
+                    && *record.holder == *term.holder =>
             {
                 Verdict::Accepted
             }

@@ -676,7 +676,7 @@ impl RedisLedger {
         let args = [
             term.epoch.to_string(),
             field(run),
-            term.holder.clone(),
+            term.holder.to_string(),
             millis(run.instant() - retention),
             millis(run.instant()),
             mode.to_string(),
@@ -720,7 +720,7 @@ impl Ledger for RedisLedger {
             let args = [
                 term.epoch.to_string(),
                 field(run),
-                term.holder.clone(),
+                term.holder.to_string(),
                 state.to_string(),
                 count.to_string(),
                 millis(run.instant()),
@@ -746,7 +746,7 @@ impl Ledger for RedisLedger {
             let args = [
                 term.epoch.to_string(),
                 field(run),
-                term.holder.clone(),
+                term.holder.to_string(),
                 millis(run.instant()),
             ];
             let reply = self.invoke(&self.adopt, run.task_id(), &args).await?;
@@ -766,7 +766,7 @@ impl Ledger for RedisLedger {
         seed: Option<Counts>,
     ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
         async move {
-            let mut args = vec![term.epoch.to_string(), term.holder.clone()];
+            let mut args = vec![term.epoch.to_string(), term.holder.to_string()];
             match seed {
                 Some(seed) => args.extend(
                     [

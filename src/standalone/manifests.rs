@@ -279,7 +279,7 @@ impl Manifests {
         let outcome = match task {
             Ok(mut task) => {
                 let meta = &mut task.metadata;
-                meta.uid = Some(id.uid.clone());
+                meta.uid = Some(id.uid.to_string());
                 meta.generation = Some(generation);
                 meta.namespace = Some(key.namespace.clone());
                 meta.creation_timestamp.get_or_insert_with(anchor);
@@ -327,7 +327,7 @@ impl Manifests {
             kind: Some("ChronTask".into()),
             namespace: Some(id.key.namespace.clone()),
             name: Some(id.key.name.clone()),
-            uid: Some(id.uid.clone()),
+            uid: Some(id.uid.to_string()),
             ..Default::default()
         };
         let history = task

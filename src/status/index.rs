@@ -48,7 +48,7 @@ pub struct Observed {
 type PhaseKey = (Phase, bool, &'static str, Option<String>);
 
 struct TaskState {
-    uid: String,
+    uid: Arc<str>,
     reference: ObjectReference,
     generation: Option<i64>,
     history: HistorySpec,
@@ -933,7 +933,7 @@ mod tests {
             reference: ObjectReference {
                 name: Some(task.key.name.clone()),
                 namespace: Some(task.key.namespace.clone()),
-                uid: Some(task.uid.clone()),
+                uid: Some(task.uid.to_string()),
                 ..Default::default()
             },
             generation: Some(1),
@@ -1150,7 +1150,7 @@ mod tests {
         };
         let uid = task.uid.clone();
         index.read_stored_from(Arc::new(move |_: &TaskKey, asked: &str| {
-            (asked == uid).then(|| written_since.clone())
+            (asked == &*uid).then(|| written_since.clone())
         }));
         index.new_term();
         let batch = index.lock().take(10, Duration::ZERO).0;

@@ -50,7 +50,7 @@ fn ledger(max_connections: usize) -> RedisLedger {
 
 fn term(epoch: u64, holder: &str) -> Term {
     Term {
-        holder: holder.to_string(),
+        holder: holder.into(),
         epoch,
     }
 }
