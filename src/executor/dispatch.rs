@@ -1,16 +1,21 @@
-//! The worker side's loop: a free worker takes the next run in turn; at shutdown, runs still
-//! waiting are reported missed and runs in flight drain, then are cancelled.
+//! The worker side: `max_workers` loops, each taking the next run in turn and running it, so a
+//! burst costs no task per run and a worker that ends a run starts the next without a wake-up.
+//! A Job run holds a worker only until its Job exists: it goes on in a task of its own. At
+//! shutdown, runs still waiting are reported missed and runs in flight drain, then are
+//! cancelled.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::cancel::CancelReason;
-use super::queue::Shared;
+use super::queue::{Shared, holds_worker};
 use super::worker::{RunGuard, WorkerContext, execute};
 use super::{RunRequest, missed};
 use crate::run::MissKind;
@@ -26,17 +31,29 @@ impl ExecutorTask {
     /// Starts runs until `shutdown`. Then: runs still waiting are reported missed, runs in
     /// flight may finish within `grace`, and the rest are cancelled and reported.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
-        let mut workers = JoinSet::new();
-        'dispatch: loop {
+        let this = Arc::new(self);
+        // The worker loops and the Job runs they hand off.
+        let tracker = TaskTracker::new();
+        for _ in 0..this.shared.max_workers {
+            tracker.spawn(this.clone().work(shutdown.clone(), tracker.clone()));
+        }
+        shutdown.cancelled().await;
+        this.stop(tracker, grace).await;
+    }
+
+    /// One worker: takes the next run while a worker is free and runs it, until `shutdown`.
+    async fn work(self: Arc<Self>, shutdown: CancellationToken, tracker: TaskTracker) {
+        loop {
+            // A worker of the pool: a Job run waiting for its Job gives its own back early.
             let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                biased;
+                _ = shutdown.cancelled() => return,
                 permit = self.workers.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => break,
+                    Err(_) => return,
                 },
             };
             let (run, cancel) = loop {
-                reap(&mut workers);
                 let mut reports = Vec::new();
                 let next = self.shared.next_run(&mut reports);
                 self.shared.publish(reports);
@@ -44,11 +61,13 @@ impl ExecutorTask {
                     break next;
                 }
                 tokio::select! {
-                    _ = shutdown.cancelled() => break 'dispatch,
+                    biased;
+                    _ = shutdown.cancelled() => return,
                     _ = self.shared.changed.notified() => {}
                 }
             };
             let context = self.context.clone();
+            let outlives_worker = !holds_worker(&run);
             let guard = RunGuard {
                 shared: self.shared.clone(),
                 started: context.clock.now(),
@@ -56,18 +75,21 @@ impl ExecutorTask {
                 reported: false,
             };
             let span = info_span!("run", run_id = %guard.run.run_id);
-            workers.spawn(
-                async move {
-                    let mut guard = guard;
-                    execute(&context, &mut guard, &cancel, permit).await;
-                }
-                .instrument(span),
-            );
+            let running = async move {
+                let mut guard = guard;
+                execute(&context, &mut guard, &cancel, permit).await;
+            }
+            .instrument(span);
+            if outlives_worker {
+                tracker.spawn(running);
+            } else if AssertUnwindSafe(running).catch_unwind().await.is_err() {
+                // Its RunGuard reported it failed and freed its task; the worker goes on.
+                debug!("a run's worker panicked");
+            }
         }
-        self.stop(workers, grace).await;
     }
 
-    async fn stop(&self, mut workers: JoinSet<()>, grace: Duration) {
+    async fn stop(&self, workers: TaskTracker, grace: Duration) {
         let dropped: Vec<RunRequest> = {
             let mut state = self.shared.lock();
             state.closed = true;
@@ -96,11 +118,8 @@ impl ExecutorTask {
                 cancel.cancel(CancelReason::Shutdown);
             }
         }
-        let drained = tokio::time::timeout(grace, async {
-            while workers.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        workers.close();
+        if tokio::time::timeout(grace, workers.wait()).await.is_err() {
             warn!(
                 runs = workers.len(),
                 "runs still in flight after the shutdown grace period; cancelling them"
@@ -111,24 +130,95 @@ impl ExecutorTask {
                 }
             }
             // Cancelled runs report and return at once; the bound only guards against a bug.
-            let reported = tokio::time::timeout(Duration::from_secs(2), async {
-                while workers.join_next().await.is_some() {}
-            })
-            .await;
-            if reported.is_err() {
-                workers.shutdown().await;
+            if tokio::time::timeout(Duration::from_secs(2), workers.wait())
+                .await
+                .is_err()
+            {
+                warn!(runs = workers.len(), "runs did not end when cancelled");
             }
         }
     }
 }
 
-/// Collects finished workers; a panic was already reported by its [`RunGuard`].
-fn reap(workers: &mut JoinSet<()>) {
-    while let Some(ended) = workers.try_join_next() {
-        if let Err(error) = ended
-            && error.is_panic()
-        {
-            debug!(%error, "a run's worker panicked");
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use chrono::Utc;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::clock::Clock;
+    use crate::executor::fixtures::{memory_ledger, request};
+    use crate::executor::http::{NoValues, client};
+    use crate::executor::{Action, CallAction, Executor, ExecutorConfig, RunSpec, job};
+    use crate::run::{Outcome, Report, RunId, TaskId, TaskKey};
+
+    /// `n` runs of `n` tasks due now, whose action panics for task `t0` and succeeds for the
+    /// others.
+    fn burst(n: usize) -> Vec<crate::executor::RunRequest> {
+        let call = Action::Call(CallAction(Arc::new(|info| {
+            Box::pin(async move {
+                assert!(!info.run_id.starts_with("ns/t0@"), "a bug in an action");
+                Ok(String::new())
+            })
+        })));
+        let now = Utc::now();
+        (0..n)
+            .map(|i| {
+                let mut run = request(now, now, None);
+                run.task = TaskId::new(TaskKey::new("ns", format!("t{i}")), "uid");
+                run.run_id = RunId::new(&run.task, now);
+                run.spec = Arc::new(RunSpec {
+                    action: call.clone(),
+                    ..(*run.spec).clone()
+                });
+                run
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_burst_larger_than_the_pool_runs_whole_and_a_panicking_run_costs_no_worker() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (sink, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let config = ExecutorConfig {
+            max_workers: 2,
+            queue_size: 100,
+            log_success: false,
+        };
+        let (executor, workers) = Executor::new(
+            config,
+            Arc::new(sink),
+            Clock::System,
+            client().unwrap(),
+            Arc::new(NoValues),
+            Arc::new(job::NoJobs),
+            memory_ledger(),
+        );
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(workers.run(stop.clone(), Duration::from_secs(1)));
+        // Each burst makes a worker's run panic: by the third, no worker would be left.
+        for _ in 0..3 {
+            for run in burst(50) {
+                executor.submit(run);
+            }
+            let (mut succeeded, mut failed) = (0, 0);
+            while succeeded + failed < 50 {
+                let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+                    .await
+                    .expect("every run of the burst ends")
+                    .unwrap();
+                if let Report::Finished { run, .. } = report {
+                    match run.outcome {
+                        Outcome::Succeeded => succeeded += 1,
+                        _ => failed += 1,
+                    }
+                }
+            }
+            assert_eq!((succeeded, failed), (49, 1));
         }
+        stop.cancel();
+        running.await.unwrap();
     }
 }

@@ -18,7 +18,7 @@ use crate::run::{MissKind, Report, ReportSink, RunId, TaskId};
 
 pub(super) struct Shared {
     pub(super) state: Mutex<State>,
-    /// Wakes the dispatcher: a run was queued or a run finished.
+    /// Wakes an idle worker: a run was queued or a run finished.
     pub(super) changed: Notify,
     /// Wakes whoever waits for a task's runs to leave the queue
     /// ([`Executor::wait_for_room`](super::Executor::wait_for_room)).
@@ -133,7 +133,7 @@ pub(super) struct TaskRuns {
 /// is a namespace's tasks whose runs hold a worker, or its tasks whose runs do not (Jobs): a
 /// namespace with a hundred tasks due gets no more turns than one with a single task, and a lane
 /// whose namespace has all its workers busy is passed over whole, its tasks unseen (with 10 000
-/// tasks of one namespace waiting, looking at each one per free worker stalled the dispatcher).
+/// tasks of one namespace waiting, looking at each one per free worker stalled the workers).
 #[derive(Default)]
 pub(super) struct Turns {
     lanes: VecDeque<Lane>,
@@ -400,7 +400,7 @@ impl Shared {
             && let Some(newest) = runs.waiting.iter().rposition(|r| !r.adopted)
             && let Some(evicted) = runs.waiting.remove(newest)
         {
-            // Its turn, if it has no run left, is dropped when the dispatcher reaches it: taking it
+            // Its turn, if it has no run left, is dropped when a worker reaches it: taking it
             // out of its lane now would cost the lane's length per displaced run.
             *waiting -= 1;
             self.left_queue.notify_waiters();
@@ -517,6 +517,11 @@ impl Shared {
             }
             if state.waiting <= self.queue_size / 2 {
                 state.refusals.relax(&mut state.tasks);
+            }
+            if state.waiting > 0 {
+                // Another idle worker takes the next one: the notice that woke this one may
+                // have stood for several runs.
+                self.changed.notify_one();
             }
             return Some((run, cancel));
         }

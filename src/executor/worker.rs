@@ -155,17 +155,19 @@ pub(super) async fn execute(
         job: job.as_ref().map(|(name, _)| name.clone()),
     });
     let (attempts, result) = match job {
-        Some((name, action)) => match run_job(context, run, &name, action, cancel, worker).await {
-            Some(end) => end,
-            None => {
-                // Shut down with the Job running: it runs on, and whoever leads next finds it
-                // by name and records its end (the run stays started in the ledger and in
-                // status.active).
-                info!(job = %name, "shutting down; the run's Job runs on and is adopted by the next leader");
-                guard.reported = true;
-                return;
+        Some((name, action)) => {
+            match Box::pin(run_job(context, run, &name, action, cancel, worker)).await {
+                Some(end) => end,
+                None => {
+                    // Shut down with the Job running: it runs on, and whoever leads next finds it
+                    // by name and records its end (the run stays started in the ledger and in
+                    // status.active).
+                    info!(job = %name, "shutting down; the run's Job runs on and is adopted by the next leader");
+                    guard.reported = true;
+                    return;
+                }
             }
-        },
+        }
         None => attempt_all(context, run, cancel).await,
     };
     let result = match cancel.reason.get() {
@@ -219,7 +221,9 @@ async fn attempt_all(
         if let Err(refused) = still_holds(context, run).await {
             break Err(format!("attempt {attempts} not made: {refused}"));
         }
-        let attempt = attempt_once(context, run, attempts);
+        // Boxed: an HTTP attempt's future is kilobytes, and inline it would make every run's
+        // future (moved when the run starts) as large, whatever its action.
+        let attempt = Box::pin(attempt_once(context, run, attempts));
         let result = tokio::select! {
             _ = cancel.token.cancelled() => break Err(String::new()),
             result = tokio::time::timeout(spec.timeout, attempt) => result
