@@ -172,6 +172,9 @@ pub struct Engine {
         mpsc::UnboundedSender<TookOver>,
         mpsc::UnboundedReceiver<TookOver>,
     ),
+    /// Runs the ledger accepted at once, submitted together before the engine waits again
+    /// (one lock of the executor for an aligned burst, not one per run).
+    burst: Vec<RunRequest>,
 }
 
 /// The ledger's answer about one task, for the term that asked.
@@ -254,6 +257,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             claims,
             took_over: mpsc::unbounded_channel(),
+            burst: Vec::new(),
         };
         (engine, EngineHandle { commands: tx })
     }
@@ -295,6 +299,7 @@ impl Engine {
                 },
                 _ = sleep => self.fire_due(clock.now()),
             }
+            self.submit_burst();
         }
     }
 
@@ -891,7 +896,7 @@ impl Engine {
             // and counts these instants in its gap.
             if leader.borrow().as_ref() != Some(&term) {
                 debug!(%task, "the term ended; the next one counts this batch's instants");
-                return;
+                return (Vec::new(), None);
             }
             if let Some(report) = missed {
                 sink.record(report);
@@ -908,18 +913,34 @@ impl Engine {
                         reason: "too many claims are waiting for the ledger".into(),
                     });
                 }
-                return;
+                return (Vec::new(), None);
             }
+            let mut accepted = Vec::with_capacity(runs.len());
             for run in runs {
                 let verdict = ledger.claim(&run.run_id, &term).await;
-                claimed(&executor, sink.as_ref(), run, verdict);
+                accepted.extend(claimed(sink.as_ref(), run, verdict));
             }
-            drop((permit, done));
+            // Held until the runs are submitted: the task's next batch waits for it.
+            (accepted, Some(done))
         });
         let mut context = Context::from_waker(futures::task::noop_waker_ref());
-        if work.as_mut().poll(&mut context) == Poll::Pending {
+        match work.as_mut().poll(&mut context) {
+            // Submitted with the rest of the burst before the engine waits again.
+            Poll::Ready((accepted, _done)) => self.burst.extend(accepted),
             // Spawned tasks are polled at once, with a real waker.
-            tokio::spawn(work);
+            Poll::Pending => {
+                tokio::spawn(async move {
+                    let (accepted, _done) = work.await;
+                    executor.submit_all(accepted);
+                });
+            }
+        }
+    }
+
+    /// Hands the runs claimed since the last call to the executor, all at once.
+    fn submit_burst(&mut self) {
+        if !self.burst.is_empty() {
+            self.parts.executor.submit_all(self.burst.drain(..));
         }
     }
 
@@ -931,15 +952,14 @@ impl Engine {
     }
 }
 
-/// Acts on the ledger's answer to a claim.
+/// Acts on the ledger's answer to a claim: the run, if this term may run it.
 fn claimed(
-    executor: &Executor,
     sink: &dyn ReportSink,
     run: RunRequest,
     verdict: Result<Verdict, LedgerError>,
-) {
+) -> Option<RunRequest> {
     match verdict {
-        Ok(Verdict::Accepted) => executor.submit(run),
+        Ok(Verdict::Accepted) => return Some(run),
         Ok(Verdict::Held(record) | Verdict::Busy(record)) => {
             debug!(run_id = %run.run_id, ?record, "already claimed; not running it again");
         }
@@ -959,6 +979,7 @@ fn claimed(
             });
         }
     }
+    None
 }
 
 /// Resolves once `term` is over. Never, where nobody can end it: without leader election the

@@ -103,7 +103,9 @@ impl Engine {
             if let Ok(Verdict::Held(_)) = verdict {
                 sink.record(handled);
             }
-            claimed(&executor, sink.as_ref(), run, verdict);
+            if let Some(run) = claimed(sink.as_ref(), run, verdict) {
+                executor.submit(run);
+            }
         });
     }
 }

@@ -243,44 +243,60 @@ impl Executor {
     /// Takes a run without waiting. The task's concurrency policy is applied here, before the
     /// run takes a worker; a run that cannot be taken is reported as missed, with the reason.
     pub fn submit(&self, run: RunRequest) {
+        self.submit_all([run]);
+    }
+
+    /// [`submit`](Self::submit) for several runs, under one lock (an aligned burst).
+    pub fn submit_all(&self, runs: impl IntoIterator<Item = RunRequest>) {
         let mut reports = Vec::new();
+        let mut queued = false;
         {
             let mut state = self.shared.lock();
-            let state = &mut *state;
-            // A new term adopts what this very process may still be waiting for.
-            let known = |runs: &TaskRuns| {
-                runs.active.iter().any(|(id, _)| *id == run.run_id)
-                    || runs.waiting.iter().any(|r| r.run_id == run.run_id)
-            };
-            if run.adopted && state.tasks.get(&run.task).is_some_and(known) {
-                debug!(run_id = %run.run_id, "already in flight here; not adopted twice");
-                return;
-            }
-            if let Err((kind, reason)) = self.shared.admit(state, &run, &mut reports) {
-                // A full queue says so once a minute (`Shared::make_room`), not once per run.
-                static MISSED: LogQuota = LogQuota::new("run missed");
-                if kind != MissKind::QueueFull && MISSED.allow() {
-                    warn!(run_id = %run.run_id, %reason, "run missed");
-                } else {
-                    debug!(run_id = %run.run_id, %reason, "run missed");
-                }
-                if state.tasks.get(&run.task).is_some_and(TaskRuns::is_idle) {
-                    state.tasks.remove(&run.task);
-                }
-                reports.push(missed(&run, kind, reason));
-            } else {
-                let (id, holds_worker) = (run.task.clone(), queue::holds_worker(&run));
-                state.waiting += 1;
-                let runs = state.tasks.entry(id.clone()).or_default();
-                runs.waiting.push_back(run);
-                state.refusals.enlist(&id, runs);
-                if !std::mem::replace(&mut runs.has_turn, true) {
-                    state.turns.push_back(id, holds_worker);
-                }
-                self.shared.changed.notify_one();
+            for run in runs {
+                queued |= self.queue(&mut state, run, &mut reports);
             }
         }
+        if queued {
+            // One worker; each one that takes a run wakes the next while runs wait.
+            self.shared.changed.notify_one();
+        }
         self.shared.publish(reports);
+    }
+
+    /// Queues `run` or reports it missed; whether it was queued.
+    fn queue(&self, state: &mut queue::State, run: RunRequest, reports: &mut Vec<Report>) -> bool {
+        // A new term adopts what this very process may still be waiting for.
+        let known = |runs: &TaskRuns| {
+            runs.active.iter().any(|(id, _)| *id == run.run_id)
+                || runs.waiting.iter().any(|r| r.run_id == run.run_id)
+        };
+        if run.adopted && state.tasks.get(&run.task).is_some_and(known) {
+            debug!(run_id = %run.run_id, "already in flight here; not adopted twice");
+            return false;
+        }
+        if let Err((kind, reason)) = self.shared.admit(state, &run, reports) {
+            // A full queue says so once a minute (`Shared::make_room`), not once per run.
+            static MISSED: LogQuota = LogQuota::new("run missed");
+            if kind != MissKind::QueueFull && MISSED.allow() {
+                warn!(run_id = %run.run_id, %reason, "run missed");
+            } else {
+                debug!(run_id = %run.run_id, %reason, "run missed");
+            }
+            if state.tasks.get(&run.task).is_some_and(TaskRuns::is_idle) {
+                state.tasks.remove(&run.task);
+            }
+            reports.push(missed(&run, kind, reason));
+            return false;
+        }
+        let (id, holds_worker) = (run.task.clone(), queue::holds_worker(&run));
+        state.waiting += 1;
+        let runs = state.tasks.entry(id.clone()).or_default();
+        runs.waiting.push_back(run);
+        state.refusals.enlist(&id, runs);
+        if !std::mem::replace(&mut runs.has_turn, true) {
+            state.turns.push_back(id, holds_worker);
+        }
+        true
     }
 
     /// Returns once `task` has no run waiting for a worker: a backfill hands over its next run
