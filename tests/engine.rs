@@ -38,7 +38,7 @@ fn task(
         catch_up,
         catch_up_from,
         run: Arc::new(RunSpec {
-            action: Action::Http(HttpAction {
+            action: Action::Http(Box::new(HttpAction {
                 url: chronflow::executor::http::Target::Url(url.parse().unwrap()),
                 method: reqwest::Method::POST,
                 headers: vec![("X-Test".into(), HeaderValue::Literal("1".into()))],
@@ -46,7 +46,7 @@ fn task(
                 success_codes: SuccessCodes::parse(&[]).unwrap(),
                 follow_redirects: chronflow::policy::FollowRedirects::Never,
                 tls: Default::default(),
-            }),
+            })),
             timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             concurrency: ConcurrencyPolicy::Allow,

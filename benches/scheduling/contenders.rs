@@ -224,7 +224,7 @@ async fn run_chronflow(params: RunParams) -> RunResult {
                     Box::pin(async { Ok(String::new()) })
                 })))
             }
-            Some(receiver) => Action::Http(HttpAction {
+            Some(receiver) => Action::Http(Box::new(HttpAction {
                 url: chronflow::executor::http::Target::Url(
                     task_url(receiver, i).parse().expect("a URL"),
                 ),
@@ -234,7 +234,7 @@ async fn run_chronflow(params: RunParams) -> RunResult {
                 success_codes: SuccessCodes::parse(&[]).expect("default codes"),
                 follow_redirects: FollowRedirects::Never,
                 tls: Default::default(),
-            }),
+            })),
         };
         core.engine
             .upsert(engine_task(i, n, params.shape, base, end, action))

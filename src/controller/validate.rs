@@ -327,7 +327,7 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
                     .collect(),
                 working_dir: exec.working_dir.as_ref().map(Into::into),
             };
-            Ok((Action::Exec(action), Vec::new()))
+            Ok((Action::Exec(Box::new(action)), Vec::new()))
         }
         (Some(http), None, None) => {
             let mut references = Vec::new();
@@ -410,7 +410,7 @@ fn action(task: &ChronTask) -> Result<(Action, Vec<ValueRef>), Invalid> {
                 follow_redirects: http.follow_redirects,
                 tls,
             };
-            Ok((Action::Http(action), references))
+            Ok((Action::Http(Box::new(action)), references))
         }
         (None, Some(job), None) => {
             let containers = job

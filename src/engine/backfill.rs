@@ -206,7 +206,10 @@ impl super::Engine {
             _ => return entry.extras.stop_backfills(),
         };
         let generation = entry.generation;
-        let backfills = &mut entry.extras.backfills;
+        if task.backfills.is_empty() && entry.extras.rare.is_none() {
+            return;
+        }
+        let backfills = &mut entry.extras.rare().backfills;
         backfills.retain(|id, backfill| {
             let wanted = task.backfills.iter().any(|b| &b.id == id);
             if !wanted {

@@ -13,7 +13,7 @@ pub mod backfill;
 pub mod catch_up;
 mod run_now;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,7 +29,9 @@ use crate::executor::{Action, Executor, Retire, RunRequest, RunSpec};
 use crate::ledger::{Counts, Ledger, LedgerError, TakeOver, Verdict};
 use crate::policy::CatchUpPolicy;
 use crate::run::Term;
-use crate::run::{MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, Trigger};
+use crate::run::{
+    MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, TaskMap, Trigger,
+};
 use crate::schedule::{Schedule, jitter};
 use backfill::Progress;
 pub use backfill::{BackfillRequest, MAX_BACKFILL};
@@ -153,11 +155,14 @@ pub struct EngineParts {
 /// The engine's state; drive it with [`Engine::run`].
 pub struct Engine {
     commands: mpsc::Receiver<Command>,
-    tasks: HashMap<TaskKey, Entry>,
-    /// (fire time, task): the timer queue, earliest first.
-    timers: BTreeSet<(DateTime<Utc>, TaskKey)>,
+    tasks: TaskMap<TaskKey, Entry>,
+    /// The timer queue, earliest first: (fire time, the entry's `seq`) → task. Ordered by a
+    /// number, not the key, so an aligned burst compares no names.
+    timers: BTreeMap<(DateTime<Utc>, u64), TaskKey>,
+    /// The last `Entry::seq` given.
+    seq: u64,
     /// Uids of deleted tasks, with when they were deleted.
-    tombstones: HashMap<Arc<str>, DateTime<Utc>>,
+    tombstones: TaskMap<Arc<str>, DateTime<Utc>>,
     parts: EngineParts,
     /// The term the engine last acted on; a new one starts a take-over.
     term: Option<Term>,
@@ -185,6 +190,8 @@ struct TookOver {
 }
 
 struct Entry {
+    /// Tells this entry's timer from others due at the same instant.
+    seq: u64,
     uid: Arc<str>,
     generation: i64,
     state: State,
@@ -195,25 +202,48 @@ struct Entry {
     extras: Extras,
 }
 
-/// A task's run-now requests and backfills.
+/// What outlives a change of a task's state.
 #[derive(Default)]
 struct Extras {
+    /// The end of the task's latest batch of claims: the next batch (and its misses) waits for
+    /// it, so the ledger records a task's instants in order even when Redis answers slower
+    /// than the task fires. Out of order, a newer leader taking over between two batches would
+    /// resume after a later instant and never count the earlier ones still unclaimed.
+    claims: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Allocated only for a task that was asked to run now or to backfill: most never are.
+    rare: Option<Box<Rare>>,
+}
+
+/// A task's run-now requests and backfills.
+#[derive(Default)]
+struct Rare {
     /// A request that waits for this replica to lead.
     request: Option<run_now::Request>,
     /// The latest request handled by this process: seen again, it is not run again.
     served: Option<String>,
     /// Backfills by id: running, or where they stopped.
     backfills: HashMap<String, Backfilling>,
-    /// The end of the task's latest batch of claims: the next batch (and its misses) waits for
-    /// it, so the ledger records a task's instants in order even when Redis answers slower
-    /// than the task fires. Out of order, a newer leader taking over between two batches would
-    /// resume after a later instant and never count the earlier ones still unclaimed.
-    claims: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Extras {
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    fn has_request(&self) -> bool {
+        self.rare
+            .as_ref()
+            .is_some_and(|rare| rare.request.is_some())
+    }
+
+    fn drop_request(&mut self) {
+        if let Some(rare) = &mut self.rare {
+            rare.request = None;
+        }
+    }
+
     fn stop_backfills(&mut self) {
-        for backfill in self.backfills.values() {
+        for backfill in self.rare.iter().flat_map(|rare| rare.backfills.values()) {
             backfill.cancel.cancel();
         }
     }
@@ -249,9 +279,10 @@ impl Engine {
         let claims = Arc::new(tokio::sync::Semaphore::new(parts.executor.queue_size()));
         let engine = Engine {
             commands: rx,
-            tasks: HashMap::new(),
-            timers: BTreeSet::new(),
-            tombstones: HashMap::new(),
+            tasks: TaskMap::default(),
+            timers: BTreeMap::new(),
+            seq: 0,
+            tombstones: TaskMap::default(),
             parts,
             term: None,
             shutdown: CancellationToken::new(),
@@ -270,7 +301,7 @@ impl Engine {
         self.shutdown = shutdown.clone();
         self.on_term(leader.borrow_and_update().clone());
         loop {
-            let wake = self.timers.first().map(|(at, _)| *at);
+            let wake = self.timers.first_key_value().map(|((at, _), _)| *at);
             let sleep = async {
                 match wake {
                     Some(at) => clock.sleep_until(at).await,
@@ -315,7 +346,7 @@ impl Engine {
         for (key, entry) in &mut self.tasks {
             if let State::Scheduled { fire_at, task, .. } = &entry.state {
                 if let Some(at) = fire_at {
-                    self.timers.remove(&(*at, key.clone()));
+                    self.timers.remove(&(*at, entry.seq));
                 }
                 entry.taking_over = true;
                 asks.push((task.id.clone(), task.counts));
@@ -331,7 +362,7 @@ impl Engine {
         let waiting: Vec<TaskKey> = self
             .tasks
             .iter()
-            .filter(|(_, entry)| !entry.taking_over && entry.extras.request.is_some())
+            .filter(|(_, entry)| !entry.taking_over && entry.extras.has_request())
             .map(|(key, _)| key.clone())
             .collect();
         for key in waiting {
@@ -391,7 +422,7 @@ impl Engine {
             return;
         };
         entry.taking_over = false;
-        let generation = entry.generation;
+        let (generation, seq) = (entry.generation, entry.seq);
         let State::Scheduled {
             task: engine_task,
             description,
@@ -415,7 +446,7 @@ impl Engine {
         }
         let (next, since) = (*next, *since);
         if let Some(at) = *fire_at {
-            self.timers.insert((at, task.key.clone()));
+            self.timers.insert((at, seq), task.key.clone());
         }
         if moved {
             let state = ScheduleState::Scheduled {
@@ -543,7 +574,7 @@ impl Engine {
             fire_at: Some(at), ..
         } = &entry.state
         {
-            self.timers.remove(&(*at, key.clone()));
+            self.timers.remove(&(*at, entry.seq));
         }
         Some(entry)
     }
@@ -609,8 +640,11 @@ impl Engine {
             None => (None, Extras::default()),
         };
         match &task.run_now {
-            Some(run_now) if extras.served.as_ref() != Some(&run_now.request) => {
-                extras.request = Some(run_now::Request {
+            Some(run_now)
+                if extras.rare.as_ref().and_then(|rare| rare.served.as_ref())
+                    != Some(&run_now.request) =>
+            {
+                extras.rare().request = Some(run_now::Request {
                     request: run_now.request.clone(),
                     spec: task.run.clone(),
                     generation,
@@ -620,7 +654,7 @@ impl Engine {
             Some(_) => {}
             // Handled by another leader (the status says so) or withdrawn: a standby must not
             // serve it when it leads later.
-            None => extras.request = None,
+            None => extras.drop_request(),
         }
         let key = id.key.clone();
         let state = match (state, task.paused.clone()) {
@@ -699,14 +733,16 @@ impl Engine {
         taking_over: bool,
         extras: Extras,
     ) {
+        self.seq += 1;
         if let State::Scheduled {
             fire_at: Some(at), ..
         } = &state
             && !taking_over
         {
-            self.timers.insert((*at, id.key.clone()));
+            self.timers.insert((*at, self.seq), id.key.clone());
         }
         let entry = Entry {
+            seq: self.seq,
             uid: id.uid,
             generation,
             state,
@@ -732,18 +768,18 @@ impl Engine {
             None => (0, Extras::default()),
         };
         extras.stop_backfills();
-        extras.request = None;
+        extras.drop_request();
         self.report(&id, ScheduleState::Invalid { reason });
         self.insert(id, generation, State::Invalid, false, extras);
     }
 
     /// Fires every timer that is due, earliest first.
     fn fire_due(&mut self, now: DateTime<Utc>) {
-        while let Some((at, key)) = self.timers.first().cloned() {
-            if at > now {
+        while let Some(timer) = self.timers.first_entry() {
+            if timer.key().0 > now {
                 break;
             }
-            self.timers.remove(&(at, key.clone()));
+            let key = timer.remove();
             self.fire(&key, now);
         }
     }
@@ -771,7 +807,7 @@ impl Engine {
         *next = plan.next;
         *fire_at = plan.next.map(|t| fire_time(task, t));
         if let Some(at) = *fire_at {
-            self.timers.insert((at, key.clone()));
+            self.timers.insert((at, entry.seq), key.clone());
         }
         let (task, since, generation) = (task.clone(), *since, entry.generation);
         let description = description.clone();

@@ -35,10 +35,13 @@ impl Engine {
         let Some(entry) = self.tasks.get_mut(key).filter(|e| !e.taking_over) else {
             return;
         };
-        let Some(request) = entry.extras.request.take() else {
+        let Some(rare) = &mut entry.extras.rare else {
             return;
         };
-        entry.extras.served = Some(request.request.clone());
+        let Some(request) = rare.request.take() else {
+            return;
+        };
+        rare.served = Some(request.request.clone());
         let task = TaskId::new(key.clone(), entry.uid.clone());
         let run_id = RunId::manual(&task, &request.request, now);
         let handled = Report::RequestHandled {

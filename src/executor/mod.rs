@@ -42,9 +42,9 @@ use worker::WorkerContext;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// An HTTP request.
-    Http(HttpAction),
+    Http(Box<HttpAction>),
     /// A command: standalone mode only.
-    Exec(exec::ExecAction),
+    Exec(Box<exec::ExecAction>),
     /// A function of the embedding program (`crate::scheduler`).
     Call(CallAction),
     /// A Kubernetes Job per run: the operator only.
@@ -436,7 +436,7 @@ pub(crate) mod fixtures {
     /// A `Forbid` POST to `url` with no retry.
     pub fn http_spec(url: &str, timeout: Duration, starting_deadline: Option<Duration>) -> RunSpec {
         RunSpec {
-            action: Action::Http(HttpAction {
+            action: Action::Http(Box::new(HttpAction {
                 url: Target::Url(url.parse().unwrap()),
                 method: reqwest::Method::POST,
                 headers: Vec::new(),
@@ -444,7 +444,7 @@ pub(crate) mod fixtures {
                 success_codes: http::SuccessCodes::parse(&[]).unwrap(),
                 follow_redirects: crate::policy::FollowRedirects::Never,
                 tls: http::Tls::default(),
-            }),
+            })),
             timeout,
             retry: RetryPolicy::default(),
             concurrency: ConcurrencyPolicy::Forbid,

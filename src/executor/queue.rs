@@ -14,7 +14,7 @@ use super::cancel::{Cancel, CancelReason};
 use super::{Action, Load, RunRequest, RunSpec, missed};
 use crate::clock::Clock;
 use crate::policy::ConcurrencyPolicy;
-use crate::run::{MissKind, Report, ReportSink, RunId, TaskId};
+use crate::run::{MissKind, Report, ReportSink, RunId, TaskId, TaskMap};
 
 pub(super) struct Shared {
     pub(super) state: Mutex<State>,
@@ -42,7 +42,7 @@ pub(super) struct Shared {
 
 #[derive(Default)]
 pub(super) struct State {
-    pub(super) tasks: HashMap<TaskId, TaskRuns>,
+    pub(super) tasks: TaskMap<TaskId, TaskRuns>,
     /// Tasks with waiting runs, in turn order.
     pub(super) turns: Turns,
     /// Workers held per namespace (runs in flight but those of Jobs, which hold none while
@@ -59,7 +59,7 @@ pub(super) struct State {
 #[derive(Default)]
 pub(super) struct Refusals {
     /// Runs refused per task (tasks never refused have no entry; dropped with the task).
-    times: HashMap<TaskId, u64>,
+    times: TaskMap<TaskId, u64>,
     /// While the queue is full (until half of it drained): the tasks with a run that may be
     /// displaced, by times refused, then newest first. Each task's key is in its
     /// [`TaskRuns::candidate`].
@@ -72,7 +72,7 @@ pub(super) struct Refusals {
 
 impl Refusals {
     /// Ranks every task with a run that may be displaced, once per time the queue is full.
-    fn rank(&mut self, tasks: &mut HashMap<TaskId, TaskRuns>) {
+    fn rank(&mut self, tasks: &mut TaskMap<TaskId, TaskRuns>) {
         if std::mem::replace(&mut self.ranked, true) {
             return;
         }
@@ -101,7 +101,7 @@ impl Refusals {
     }
 
     /// Half the queue drained: the ranking is rebuilt the next time it is full.
-    pub(super) fn relax(&mut self, tasks: &mut HashMap<TaskId, TaskRuns>) {
+    pub(super) fn relax(&mut self, tasks: &mut TaskMap<TaskId, TaskRuns>) {
         if std::mem::take(&mut self.ranked) {
             self.candidates.clear();
             for runs in tasks.values_mut() {

@@ -7,7 +7,7 @@
 //! knows only this process's runs: across a restart, the status (the last handled run-now
 //! request, a backfill's progress) keeps them from running again.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::{Counts, Ledger, LedgerError, Mark, Marked, Record, RunState, TakeOver, Verdict};
 use crate::run::Term;
-use crate::run::{RunId, TaskId};
+use crate::run::{RunId, TaskId, TaskMap};
 
 /// Run-now requests remembered per task.
 const REQUESTS_KEPT: usize = 32;
@@ -29,7 +29,7 @@ pub struct MemoryLedger {
 
 #[derive(Default)]
 struct State {
-    tasks: HashMap<TaskId, Claims>,
+    tasks: TaskMap<TaskId, Claims>,
     last_prune: Option<Instant>,
 }
 

@@ -15,7 +15,7 @@
 //! after the newest record. A kept finished mark lands even then: the ledger takes the end of a
 //! run its own term started.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +26,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info};
 
 use super::{Counts, Ledger, LedgerError, Mark, Marked, TakeOver, Verdict};
-use crate::run::{MissKind, Report, ReportSink, RunId, TaskId, Term};
+use crate::run::{MissKind, Report, ReportSink, RunId, TaskId, TaskMap, Term};
 
 /// Entries kept per task before its missed marks coalesce.
 pub const KEPT_PER_TASK: usize = 64;
@@ -43,7 +43,7 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 pub struct RetriedMarks {
     inner: Arc<dyn Ledger>,
     sink: Arc<dyn ReportSink>,
-    tasks: Mutex<HashMap<TaskId, TaskMarks>>,
+    tasks: Mutex<TaskMap<TaskId, TaskMarks>>,
     next_id: AtomicU64,
     wake: Notify,
 }
@@ -95,7 +95,7 @@ impl RetriedMarks {
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, TaskMarks>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TaskMap<TaskId, TaskMarks>> {
         self.tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -22,7 +22,9 @@ use crate::crd::{
     ActiveRun, BackfillStatus, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord,
 };
 use crate::ledger::{Ledger, RecordMissed, RetriedMarks};
-use crate::run::{Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, Term};
+use crate::run::{
+    Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, TaskMap, Term,
+};
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
 /// summed up in the next.
@@ -159,7 +161,7 @@ pub type StoredStatus = Arc<dyn Fn(&TaskKey, &str) -> Option<ChronTaskStatus> + 
 pub struct Index {
     /// Boxed: a task's state is about a kilobyte, and the table keeps up to twice as many
     /// slots as tasks.
-    tasks: HashMap<TaskKey, Box<TaskState>>,
+    tasks: TaskMap<TaskKey, Box<TaskState>>,
     /// Where the stored statuses are read (one per watched namespace).
     stored: Vec<StoredStatus>,
     /// The leadership term, followed (see [`StatusIndex::follow_leader`]), and the one seen last.
@@ -185,7 +187,7 @@ impl StatusIndex {
     /// An empty index that queues Events on `events`.
     pub fn new(events: mpsc::Sender<EventRequest>, clock: Clock) -> Self {
         Self(Arc::new(Mutex::new(Index {
-            tasks: HashMap::new(),
+            tasks: TaskMap::default(),
             stored: Vec::new(),
             leader: None,
             term: None,

@@ -793,7 +793,7 @@ fn http_task(
         catch_up: CatchUpPolicy::Skip,
         catch_up_from: Some(Utc::now() - chrono::Duration::seconds(1)),
         run: std::sync::Arc::new(RunSpec {
-            action: Action::Http(HttpAction {
+            action: Action::Http(Box::new(HttpAction {
                 url: chronflow::executor::http::Target::Url(receiver.url("/hook").parse().unwrap()),
                 method: reqwest::Method::POST,
                 headers: Vec::new(),
@@ -801,7 +801,7 @@ fn http_task(
                 success_codes: SuccessCodes::parse(&[]).unwrap(),
                 follow_redirects: FollowRedirects::Never,
                 tls: Default::default(),
-            }),
+            })),
             timeout: Duration::from_secs(5),
             retry,
             concurrency: ConcurrencyPolicy::Forbid,
