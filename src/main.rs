@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// mimalloc rather than glibc's malloc: a run's many small, short-lived allocations spent about
-/// a quarter of the firing path's CPU in malloc and free (docs/benchmarks.md).
+/// a quarter of the firing path's CPU in malloc and free (docs/benchmarks.md). Built without
+/// transparent huge pages (Cargo.toml): an operator's memory, not its TLB, is what users count.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
