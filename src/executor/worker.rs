@@ -221,9 +221,7 @@ async fn attempt_all(
         if let Err(refused) = still_holds(context, run).await {
             break Err(format!("attempt {attempts} not made: {refused}"));
         }
-        // Boxed: an HTTP attempt's future is kilobytes, and inline it would make every run's
-        // future (moved when the run starts) as large, whatever its action.
-        let attempt = Box::pin(attempt_once(context, run, attempts));
+        let attempt = attempt_once(context, run, attempts);
         let result = tokio::select! {
             _ = cancel.token.cancelled() => break Err(String::new()),
             result = tokio::time::timeout(spec.timeout, attempt) => result
@@ -333,11 +331,19 @@ async fn attempt_once(
         number,
         epoch: run.term.epoch,
     };
+    // Boxed where they are large (an HTTP attempt's future is kilobytes): inline, every
+    // attempt's future would be as large, whatever its action, and copied whole at each start.
     match &run.spec.action {
         Action::Http(action) => {
-            http::attempt(&context.http, &context.values, action, attempt).await
+            Box::pin(http::attempt(
+                &context.http,
+                &context.values,
+                action,
+                attempt,
+            ))
+            .await
         }
-        Action::Exec(action) => exec::attempt(action, attempt).await,
+        Action::Exec(action) => Box::pin(exec::attempt(action, attempt)).await,
         Action::Job(_) => Err("internal error: a Job run has no attempts of its own".into()),
         Action::Call(call) => {
             let info = RunInfo {
