@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -131,6 +132,10 @@ impl EngineHandle {
     }
 }
 
+/// Runs of a burst handed to the executor at once: enough that its lock is rarely taken, few
+/// enough that the workers start on a burst before all of it is claimed.
+const BURST_CHUNK: usize = 256;
+
 /// How long a failed take-over (or settling) waits before it is tried again (doubling up to
 /// 30 s).
 const TAKE_OVER_RETRY: Duration = Duration::from_secs(1);
@@ -205,10 +210,11 @@ struct Entry {
 /// What outlives a change of a task's state.
 #[derive(Default)]
 struct Extras {
-    /// The end of the task's latest batch of claims: the next batch (and its misses) waits for
-    /// it, so the ledger records a task's instants in order even when Redis answers slower
-    /// than the task fires. Out of order, a newer leader taking over between two batches would
-    /// resume after a later instant and never count the earlier ones still unclaimed.
+    /// The end of the task's latest batch of claims, while it waits for the ledger: the next
+    /// batch (and its misses) waits for it, so the ledger records a task's instants in order
+    /// even when Redis answers slower than the task fires. Out of order, a newer leader taking
+    /// over between two batches would resume after a later instant and never count the earlier
+    /// ones still unclaimed.
     claims: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Allocated only for a task that was asked to run now or to backfill: most never are.
     rare: Option<Box<Rare>>,
@@ -781,6 +787,10 @@ impl Engine {
             }
             let key = timer.remove();
             self.fire(&key, now);
+            // The workers start on a large burst's first runs while the rest are claimed.
+            if self.burst.len() >= BURST_CHUNK {
+                self.submit_burst();
+            }
         }
     }
 
@@ -908,11 +918,17 @@ impl Engine {
         if runs.is_empty() && missed.is_none() {
             return;
         }
-        let (done, end) = tokio::sync::oneshot::channel::<()>();
-        let previous = match self.tasks.get_mut(key) {
-            Some(entry) => entry.extras.claims.replace(end),
-            None => None,
-        };
+        // Only a batch still waiting for the ledger is waited for: awaiting one that ended
+        // would cost tokio's cooperative budget, and past 128 of them in one burst every claim
+        // would wait and go off the loop.
+        let previous = self
+            .tasks
+            .get_mut(key)
+            .and_then(|entry| entry.extras.claims.take())
+            .and_then(|mut previous| {
+                let waiting = matches!(previous.try_recv(), Err(TryRecvError::Empty));
+                waiting.then_some(previous)
+            });
         let permit = self.claims.clone().try_acquire_owned().ok();
         let (ledger, executor, sink, leader, task) = (
             self.parts.ledger.clone(),
@@ -932,7 +948,7 @@ impl Engine {
             // and counts these instants in its gap.
             if leader.borrow().as_ref() != Some(&term) {
                 debug!(%task, "the term ended; the next one counts this batch's instants");
-                return (Vec::new(), None);
+                return Vec::new();
             }
             if let Some(report) = missed {
                 sink.record(report);
@@ -949,25 +965,29 @@ impl Engine {
                         reason: "too many claims are waiting for the ledger".into(),
                     });
                 }
-                return (Vec::new(), None);
+                return Vec::new();
             }
             let mut accepted = Vec::with_capacity(runs.len());
             for run in runs {
                 let verdict = ledger.claim(&run.run_id, &term).await;
                 accepted.extend(claimed(sink.as_ref(), run, verdict));
             }
-            // Held until the runs are submitted: the task's next batch waits for it.
-            (accepted, Some(done))
+            accepted
         });
         let mut context = Context::from_waker(futures::task::noop_waker_ref());
         match work.as_mut().poll(&mut context) {
             // Submitted with the rest of the burst before the engine waits again.
-            Poll::Ready((accepted, _done)) => self.burst.extend(accepted),
-            // Spawned tasks are polled at once, with a real waker.
+            Poll::Ready(accepted) => self.burst.extend(accepted),
+            // Spawned tasks are polled at once, with a real waker. The task's next batch waits
+            // until these runs are submitted.
             Poll::Pending => {
+                let (done, end) = tokio::sync::oneshot::channel::<()>();
+                if let Some(entry) = self.tasks.get_mut(key) {
+                    entry.extras.claims = Some(end);
+                }
                 tokio::spawn(async move {
-                    let (accepted, _done) = work.await;
-                    executor.submit_all(accepted);
+                    executor.submit_all(work.await);
+                    drop(done);
                 });
             }
         }
@@ -1095,6 +1115,23 @@ mod tests {
         mpsc::UnboundedReceiver<Report>,
         CancellationToken,
     ) {
+        let (engine, handle, executor_task, reports) = build(ledger, leader);
+        let stop = CancellationToken::new();
+        tokio::spawn(engine.run(stop.clone()));
+        tokio::spawn(executor_task.run(stop.clone(), Duration::from_secs(1)));
+        (handle, reports, stop)
+    }
+
+    /// An engine and its executor, not running yet.
+    fn build(
+        ledger: Arc<dyn Ledger>,
+        leader: watch::Receiver<Option<Term>>,
+    ) -> (
+        Engine,
+        EngineHandle,
+        crate::executor::ExecutorTask,
+        mpsc::UnboundedReceiver<Report>,
+    ) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let clock = Clock::tokio_at(t(0));
         let (tx, reports) = mpsc::unbounded_channel();
@@ -1122,10 +1159,32 @@ mod tests {
             clock,
             backfill_per_second: 10,
         });
-        let stop = CancellationToken::new();
-        tokio::spawn(engine.run(stop.clone()));
-        tokio::spawn(executor_task.run(stop.clone(), Duration::from_secs(1)));
-        (handle, reports, stop)
+        (engine, handle, executor_task, reports)
+    }
+
+    /// A ledger that answers at once has a whole aligned burst claimed on the timer loop,
+    /// however large: tokio's cooperative budget once made every claim after the 128th of a
+    /// burst wait, go off the loop as a task of its own and lock the executor alone.
+    #[tokio::test(start_paused = true)]
+    async fn an_aligned_burst_is_claimed_on_the_loop() {
+        let term = Term::single("test");
+        let (_leader_tx, leader) = watch::channel(Some(term.clone()));
+        let ledger = ClaimLog::new(Duration::ZERO);
+        let (mut engine, _handle, _workers, _reports) = build(ledger.clone(), leader);
+        // Scheduled before leading: no take-over stands between the tasks and their timers.
+        for i in 0..500 {
+            let mut task = hourly(None);
+            task.id = TaskId::new(TaskKey::new("ns", format!("t{i}")), format!("uid-{i}"));
+            engine.upsert(task, t(0));
+        }
+        engine.term = Some(term);
+        // Two bursts: the second waits for nothing the first left behind.
+        for hour in [1, 2] {
+            engine.fire_due(t(hour));
+            let mut claimed = ledger.claimed.lock().unwrap();
+            assert_eq!(claimed.len(), 500, "claims made on the loop at {hour} h");
+            claimed.clear();
+        }
     }
 
     /// Every hour on the hour, on a grid that started long ago.
@@ -1206,14 +1265,25 @@ mod tests {
         stop.cancel();
     }
 
-    /// A memory ledger whose first claim takes 2.5 s (Redis slow for a moment), logging the
-    /// instants claimed in the order they reach it.
-    struct SlowFirstClaim {
+    /// A memory ledger logging the instants claimed in the order they reach it, whose first
+    /// claim may take a while (Redis slow for a moment).
+    struct ClaimLog {
         inner: Arc<dyn Ledger>,
         claimed: std::sync::Mutex<Vec<DateTime<Utc>>>,
+        first_claim_takes: Duration,
     }
 
-    impl Ledger for SlowFirstClaim {
+    impl ClaimLog {
+        fn new(first_claim_takes: Duration) -> Arc<Self> {
+            Arc::new(ClaimLog {
+                inner: memory_ledger(),
+                claimed: Default::default(),
+                first_claim_takes,
+            })
+        }
+    }
+
+    impl Ledger for ClaimLog {
         fn claim<'a>(
             &'a self,
             run: &'a RunId,
@@ -1221,8 +1291,8 @@ mod tests {
         ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
             Box::pin(async move {
                 let first = self.claimed.lock().unwrap().is_empty();
-                if first {
-                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                if first && !self.first_claim_takes.is_zero() {
+                    tokio::time::sleep(self.first_claim_takes).await;
                 }
                 self.claimed.lock().unwrap().push(run.instant());
                 self.inner.claim(run, term).await
@@ -1285,10 +1355,7 @@ mod tests {
     /// instant and never counts the earlier one (the fault storm found it: seed 0x2910).
     #[tokio::test(start_paused = true)]
     async fn a_slow_claim_keeps_the_task_s_later_instants_behind_it() {
-        let ledger = Arc::new(SlowFirstClaim {
-            inner: memory_ledger(),
-            claimed: Default::default(),
-        });
+        let ledger = ClaimLog::new(Duration::from_millis(2500));
         let (engine, mut reports, stop) = start_with(ledger.clone());
         let mut task = hourly(None);
         task.schedule =
@@ -1309,10 +1376,7 @@ mod tests {
     /// leader frozen across a Lease deletion).
     #[tokio::test(start_paused = true)]
     async fn batches_waiting_when_the_term_ends_claim_nothing() {
-        let ledger = Arc::new(SlowFirstClaim {
-            inner: memory_ledger(),
-            claimed: Default::default(),
-        });
+        let ledger = ClaimLog::new(Duration::from_millis(2500));
         let (term, leader) = watch::channel(Some(Term::single("test")));
         let (engine, _reports, stop) = start_leading(ledger.clone(), leader);
         let mut task = hourly(None);
