@@ -102,7 +102,7 @@ pub struct RunResult {
     /// Anything the reader must know about this run.
     pub notes: Vec<String>,
     /// With the Redis ledger, per fire over the window: round trips (commands clients sent:
-    /// scripts, pings, connection setup; the ledger pipelines nothing), commands Redis ran
+    /// scripts, batched reads, pings, connection setup), commands Redis ran
     /// (those its Lua scripts call included), and Redis's own CPU in µs.
     #[serde(default)]
     pub redis_round_trips_per_fire: Option<f64>,
@@ -313,7 +313,7 @@ struct RedisStats {
 
 /// Commands a client sends itself; the rest of what Redis counts is called from scripts
 /// (`INFO commandstats` counts both).
-const CLIENT_COMMANDS: [&str; 12] = [
+const CLIENT_COMMANDS: [&str; 13] = [
     "eval",
     "evalsha",
     "eval_ro",
@@ -326,6 +326,8 @@ const CLIENT_COMMANDS: [&str; 12] = [
     "info",
     "multi",
     "exec",
+    // The term checks before attempts, batched (no script calls it).
+    "mget",
 ];
 
 async fn redis_stats(connection: &mut redis::aio::MultiplexedConnection) -> RedisStats {

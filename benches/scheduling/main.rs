@@ -74,6 +74,11 @@ struct ReportArgs {
     /// chronflow's max_workers (its configuration's default is 10).
     #[arg(long, default_value_t = 10)]
     workers: usize,
+    /// chronflow's max_workers in the Redis-ledger part: each run holds its worker across two
+    /// round trips to Redis (its start and its end are recorded), so the part measures the
+    /// ledger, not a pool of 10 waiting on it.
+    #[arg(long, default_value_t = 100)]
+    redis_workers: usize,
     /// Skip tokio-cron-scheduler (the report then has no ratios).
     #[arg(long)]
     no_peer: bool,
@@ -221,6 +226,7 @@ fn report(args: ReportArgs) -> i32 {
         for &n in &redis_rates {
             plan.push(RunParams {
                 redis: Some(server.url()),
+                workers: args.redis_workers,
                 ..params(Contender::Chronflow, Kind::Engine, Shape::Spread, n)
             });
         }

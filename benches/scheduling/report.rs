@@ -485,7 +485,8 @@ fn redis_section(out: &mut String, redis: &[RunResult], runs: &[RunResult]) {
     }
     let _ = writeln!(
         out,
-        "## Redis ledger: chronflow, a no-op action, tasks spread over each second\n\nA redis-server of the benchmark's own on loopback (no persistence), emptied before each rate; the ledger's defaults (10 connections, 2 s per operation). tokio-cron-scheduler has no shared ledger: the comparison is chronflow's memory ledger in the same run.\n"
+        "## Redis ledger: chronflow, a no-op action, tasks spread over each second\n\nA redis-server of the benchmark's own on loopback (no persistence), emptied before each rate; the ledger's defaults (10 connections, 2 s per operation); `max_workers` {} (a run holds its worker across two round trips to Redis: its start and its end are recorded). tokio-cron-scheduler has no shared ledger: the comparison is chronflow's memory ledger in the same run.\n",
+        redis[0].params.workers
     );
     let _ = writeln!(
         out,

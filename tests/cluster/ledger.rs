@@ -136,6 +136,86 @@ async fn of_many_concurrent_claims_of_one_run_exactly_one_wins() {
     }
 }
 
+/// Claims and marks of many tasks asked at once travel together (a few script calls, not one
+/// per operation), and each gets its own answer: another term's claim is held, ends are
+/// counted on their own task. A task's keys all keep their TTL once its first run ended, the
+/// set of open runs included (its last run removed from it).
+#[tokio::test]
+async fn operations_of_many_tasks_share_script_calls_and_each_gets_its_own_answer() {
+    let (redis, ledger) = own_redis_ledger();
+    let mut probe = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (mine, theirs) = (term(1, "a"), term(1, "b"));
+    let tasks: Vec<TaskId> = (0..300).map(|i| task(&format!("many-{i}"))).collect();
+    let runs: Vec<RunId> = tasks.iter().map(|task| RunId::new(task, at(0))).collect();
+    for run in runs.iter().step_by(3) {
+        assert_eq!(claim(&ledger, run, &theirs).await, Verdict::Accepted);
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut probe)
+        .await
+        .unwrap();
+
+    let verdicts = join_all(runs.iter().map(|run| claim(&ledger, run, &mine))).await;
+    for (i, verdict) in verdicts.iter().enumerate() {
+        match i % 3 {
+            0 => assert_eq!(
+                state(verdict),
+                Some(RunState::Claimed),
+                "task {i}: {verdict:?}"
+            ),
+            _ => assert_eq!(*verdict, Verdict::Accepted, "task {i}"),
+        }
+    }
+    let mine_only = || runs.iter().enumerate().filter(|(i, _)| i % 3 != 0);
+    let started = join_all(mine_only().map(|(_, run)| mark(&ledger, run, &mine, STARTED))).await;
+    assert!(
+        started.iter().all(|v| *v == Verdict::Accepted),
+        "{started:?}"
+    );
+    let ends = mine_only().map(|(i, run)| {
+        let end = if i % 2 == 0 { DONE } else { FAILED };
+        ledger.mark(run, &mine, end)
+    });
+    for ((i, _), marked) in mine_only().zip(join_all(ends).await) {
+        let marked = marked.unwrap();
+        assert_eq!(marked.verdict, Verdict::Accepted);
+        let counts = marked.counts.expect("an end's counts");
+        assert_eq!((counts.runs, counts.succeeded), (1, (i % 2 == 0) as u64));
+    }
+
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut probe)
+        .await
+        .unwrap();
+    let calls: u64 = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .expect("script calls in INFO commandstats");
+    let operations = runs.len() + 2 * mine_only().count();
+    assert!(
+        calls * 20 <= operations as u64,
+        "{calls} script calls for {operations} operations asked at once"
+    );
+
+    let kept = chronflow::ledger::redis::KEY_TTL.as_secs() as i64;
+    let tag = format!("chronflow:{{{}/{}}}", tasks[1].key, tasks[1].uid);
+    for key in ["epoch", "runs", "order", "counts", "open"] {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(format!("{tag}:{key}"))
+            .query_async(&mut probe)
+            .await
+            .unwrap();
+        assert!(kept - 60 <= ttl && ttl <= kept, "TTL {ttl} s of {key}");
+    }
+}
+
 #[tokio::test]
 async fn a_take_over_fences_the_old_leader_settles_its_runs_and_adopts_its_claims() {
     fencing_scenario(&ledger(4), task("fence")).await;
