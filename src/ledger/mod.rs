@@ -75,8 +75,9 @@ pub trait Ledger: Send + Sync {
     fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>>;
 
     /// Whether `term` may still act on `task`: no newer term took it over (nor was it forgotten).
-    /// Asked before each attempt and before a Job is created, so a leader frozen after a run's
-    /// start and woken after a take-over sends nothing.
+    /// Asked before each retry and before a Job is created (the first attempt follows the
+    /// start, which fenced it), so a leader frozen after a run's start and woken after a
+    /// take-over sends nothing.
     fn holds<'a>(
         &'a self,
         task: &'a TaskId,

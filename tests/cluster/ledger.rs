@@ -851,6 +851,52 @@ async fn no_attempt_is_sent_once_a_newer_term_took_the_task_over() {
     core.stop();
 }
 
+/// A run's first attempt follows its start, which the ledger accepted for the term: the term is
+/// asked again only before a retry, not at the cost of a round trip for every run.
+#[tokio::test]
+async fn only_a_retry_asks_the_ledger_whether_the_term_still_holds() {
+    use chronflow::executor::RetryPolicy;
+    use std::sync::Arc;
+
+    let receiver = Receiver::start(Behavior {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let (redis, ledger) = own_redis_ledger();
+    let ledger = Arc::new(ledger);
+    let leader = term(ledger.next_epoch(1).await.unwrap(), "one");
+    let core = engine_core::Core::start_with(4, 16, ledger.clone() as Arc<dyn Ledger>, leader);
+    let id = task("first-attempt");
+    let engine_task = http_task(
+        &id,
+        Duration::from_secs(30),
+        &receiver,
+        RetryPolicy::default(),
+    );
+    core.engine.upsert(engine_task).await;
+    eventually("the run", || async {
+        (receiver.count() >= 1).then_some(())
+    })
+    .await;
+    let mut probe = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Any check before the attempt was made before the receiver saw it.
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut probe)
+        .await
+        .unwrap();
+    assert!(
+        !stats.contains("cmdstat_mget:"),
+        "a term check for a run whose first attempt went out: {stats}"
+    );
+    core.stop();
+}
+
 /// A task every `every` from now (its first instant due at once), calling `receiver` with a
 /// 5 s timeout under `Forbid`.
 fn http_task(
