@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::cancel::CancelReason;
+use super::ending::{self, Ending};
 use super::queue::{Shared, holds_worker};
 use super::worker::{RunGuard, WorkerContext, execute};
 use super::{RunRequest, missed};
@@ -25,13 +26,33 @@ pub struct ExecutorTask {
     pub(super) shared: Arc<Shared>,
     pub(super) workers: Arc<Semaphore>,
     pub(super) context: Arc<WorkerContext>,
+    /// The runs' ends the workers hand over.
+    pub(super) endings: mpsc::UnboundedReceiver<Ending>,
 }
 
 impl ExecutorTask {
     /// Starts runs until `shutdown`. Then: runs still waiting are reported missed, runs in
-    /// flight may finish within `grace`, and the rest are cancelled and reported.
+    /// flight may finish within `grace`, and the rest are cancelled and reported; returns once
+    /// the ends of the runs that ended are recorded.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
-        let this = Arc::new(self);
+        let ExecutorTask {
+            shared,
+            workers,
+            context,
+            endings,
+        } = self;
+        let workers_done = CancellationToken::new();
+        let recording = tokio::spawn(ending::record(
+            endings,
+            context.ledger.clone(),
+            context.sink.clone(),
+            workers_done.clone(),
+        ));
+        let this = Arc::new(Pool {
+            shared,
+            workers,
+            context,
+        });
         // The worker loops and the Job runs they hand off.
         let tracker = TaskTracker::new();
         for _ in 0..this.shared.max_workers {
@@ -39,8 +60,19 @@ impl ExecutorTask {
         }
         shutdown.cancelled().await;
         this.stop(tracker, grace).await;
+        workers_done.cancel();
+        let _ = recording.await;
     }
+}
 
+/// The worker loops' shared part.
+struct Pool {
+    shared: Arc<Shared>,
+    workers: Arc<Semaphore>,
+    context: Arc<WorkerContext>,
+}
+
+impl Pool {
     /// One worker: takes the next run while a worker is free and runs it, until `shutdown`.
     async fn work(self: Arc<Self>, shutdown: CancellationToken, tracker: TaskTracker) {
         loop {
@@ -152,7 +184,8 @@ mod tests {
     use crate::executor::fixtures::{memory_ledger, request};
     use crate::executor::http::{NoValues, client};
     use crate::executor::{Action, CallAction, Executor, ExecutorConfig, RunSpec, job};
-    use crate::run::{Outcome, Report, RunId, TaskId, TaskKey};
+    use crate::ledger::{Counts, Ledger, LedgerError, Mark, Marked, TakeOver, Verdict};
+    use crate::run::{Outcome, Report, RunId, TaskId, TaskKey, Term};
 
     /// `n` runs of `n` tasks due now, whose action panics for task `t0` and succeeds for the
     /// others.
@@ -176,6 +209,135 @@ mod tests {
                 run
             })
             .collect()
+    }
+
+    /// A ledger whose runs' ends land only as the test lets them.
+    struct HeldEnds {
+        inner: Arc<dyn Ledger>,
+        ends: tokio::sync::Semaphore,
+        landed: tokio::sync::watch::Sender<usize>,
+    }
+
+    impl Ledger for HeldEnds {
+        fn claim<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Verdict> {
+            self.inner.claim(run, term)
+        }
+        fn claim_past<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Verdict> {
+            self.inner.claim_past(run, term)
+        }
+        fn mark<'a>(&'a self, run: &'a RunId, term: &'a Term, mark: Mark) -> Answer<'a, Marked> {
+            Box::pin(async move {
+                let end = matches!(mark, Mark::Finished { .. });
+                if end {
+                    self.ends.acquire().await.unwrap().forget();
+                }
+                let marked = self.inner.mark(run, term, mark).await;
+                if end {
+                    self.landed.send_modify(|landed| *landed += 1);
+                }
+                marked
+            })
+        }
+        fn adopt<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Marked> {
+            self.inner.adopt(run, term)
+        }
+        fn take_over<'a>(
+            &'a self,
+            task: &'a TaskId,
+            term: &'a Term,
+            settle: &'a [RunId],
+            seed: Option<Counts>,
+        ) -> Answer<'a, TakeOver> {
+            self.inner.take_over(task, term, settle, seed)
+        }
+        fn next_epoch(&self, floor: u64) -> Answer<'_, u64> {
+            self.inner.next_epoch(floor)
+        }
+        fn holds<'a>(&'a self, task: &'a TaskId, term: &'a Term) -> Answer<'a, bool> {
+            self.inner.holds(task, term)
+        }
+        fn server_time(&self) -> Answer<'_, Option<chrono::DateTime<Utc>>> {
+            self.inner.server_time()
+        }
+        fn forget<'a>(&'a self, task: &'a TaskId, grace: Duration) -> Answer<'a, ()> {
+            self.inner.forget(task, grace)
+        }
+    }
+
+    type Answer<'a, T> = futures::future::BoxFuture<'a, Result<T, LedgerError>>;
+
+    /// A worker hands a run's end to the ledger and takes the next run: one whose end is slow to
+    /// land (a round trip to Redis) holds no worker. At shutdown the executor returns once the
+    /// ends of the runs that ended are recorded.
+    #[tokio::test]
+    async fn a_run_s_end_is_recorded_off_its_worker_and_before_shutdown_returns() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (sink, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let (landed, ends_landed) = tokio::sync::watch::channel(0);
+        let ledger = Arc::new(HeldEnds {
+            inner: memory_ledger(),
+            ends: tokio::sync::Semaphore::new(0),
+            landed,
+        });
+        let config = ExecutorConfig {
+            max_workers: 1,
+            queue_size: 100,
+            log_success: false,
+        };
+        let (executor, workers) = Executor::new(
+            config,
+            Arc::new(sink),
+            Clock::System,
+            client().unwrap(),
+            Arc::new(NoValues),
+            Arc::new(job::NoJobs),
+            ledger.clone(),
+        );
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(workers.run(stop.clone(), Duration::from_secs(1)));
+        // t1 to t4 succeed (t0 is the one that panics).
+        let mut runs = burst(5).into_iter().skip(1);
+        executor.submit_all(runs.by_ref().take(3));
+        let mut finished = 0;
+        while finished < 3 {
+            let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+                .await
+                .expect("the one worker runs every run while no end has landed")
+                .unwrap();
+            if let Report::Finished { .. } = report {
+                finished += 1;
+            }
+        }
+        assert_eq!(*ends_landed.borrow(), 0);
+        ledger.ends.add_permits(3);
+        let mut watching = ends_landed.clone();
+        tokio::time::timeout(Duration::from_secs(10), watching.wait_for(|n| *n == 3))
+            .await
+            .expect("the ends land once let")
+            .unwrap();
+
+        executor.submit_all(runs.take(1));
+        loop {
+            let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+                .await
+                .expect("the last run ends")
+                .unwrap();
+            if let Report::Finished { .. } = report {
+                break;
+            }
+        }
+        stop.cancel();
+        let let_it_land = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ledger.ends.add_permits(1);
+        };
+        let (returned, ()) = tokio::join!(running, let_it_land);
+        returned.unwrap();
+        assert_eq!(
+            *ends_landed.borrow(),
+            4,
+            "shutdown returned before the last end was recorded"
+        );
     }
 
     #[tokio::test]

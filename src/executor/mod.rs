@@ -8,6 +8,7 @@
 pub mod address;
 mod cancel;
 mod dispatch;
+mod ending;
 pub mod exec;
 pub mod http;
 pub mod job;
@@ -223,6 +224,7 @@ impl Executor {
             sink: sink.clone(),
             clock,
         });
+        let (endings, ending) = tokio::sync::mpsc::unbounded_channel();
         let task = ExecutorTask {
             shared: shared.clone(),
             workers: Arc::new(Semaphore::new(max_workers)),
@@ -235,7 +237,9 @@ impl Executor {
                 log_success: config.log_success,
                 sink,
                 clock,
+                endings,
             }),
+            endings: ending,
         };
         (Executor { shared }, task)
     }

@@ -9,6 +9,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, error, info, warn};
 
 use super::cancel::{Cancel, CancelReason};
+use super::ending::{Ending, Endings};
 use super::queue::Shared;
 use super::{
     Action, JobAction, JobRunner, RunInfo, RunRequest, ValueSource, exec, http, job, missed,
@@ -29,6 +30,7 @@ pub(super) struct WorkerContext {
     pub(super) log_success: bool,
     pub(super) sink: Arc<dyn ReportSink>,
     pub(super) clock: Clock,
+    pub(super) endings: Endings,
 }
 
 /// Ends a run's stay in the pool however its worker ends, even by a panic: the task's runs in
@@ -86,7 +88,7 @@ fn finished_report(
 
 /// Runs all attempts of one run and reports its start and finish, recording both in the
 /// ledger: its start first, which the ledger refuses once a newer leader took the task over
-/// (fencing), then its end, which carries the task's counts.
+/// (fencing), then its end, which carries the task's counts (handed over: the worker goes on).
 pub(super) async fn execute(
     context: &WorkerContext,
     guard: &mut RunGuard,
@@ -195,17 +197,13 @@ pub(super) async fn execute(
         result,
     ));
     guard.reported = true;
-    let mark = Mark::Finished { succeeded };
-    match context.ledger.mark(&run.run_id, &run.term, mark).await {
-        Ok(marked) => {
-            if let Some(counts) = marked.counts {
-                let task = run.task.clone();
-                context.sink.record(Report::Counts { task, counts });
-            }
-        }
-        // A shared ledger keeps the mark and sends it again until it lands (RetriedMarks).
-        Err(error) => warn!(%error, "cannot record the run's end in the ledger yet"),
-    }
+    // Recorded off the worker (`ending`); the executor outlives its workers until it is.
+    let _ = context.endings.send(Ending {
+        task: run.task.clone(),
+        run_id: run.run_id.clone(),
+        term: run.term.clone(),
+        succeeded,
+    });
 }
 
 /// Every attempt of a run, with the task's timeout on each and its retry policy between them.
