@@ -2089,7 +2089,7 @@ async fn an_instant_due_while_redis_was_down_is_counted_when_its_leader_dies() {
 /// Found by the fault checker on 1b910ce (seed 0x2910, 1.5 min: the backfill task's ledger
 /// counted 0 missed with 4 missed records; Redis's append-only file shows `HINCRBY …:counts
 /// missed -1` before each backfill claim of an instant that had no record): the CLAIM script's
-/// `local counted = record ~= nil` (src/ledger/redis.rs) is always true, since Redis hands Lua
+/// `local counted = record ~= nil` (src/ledger/redis/scripts.rs) is always true, since Redis hands Lua
 /// a missing hash field as `false`, not `nil`; so every backfill claim takes one from the task's
 /// missed count while it is above 0, whether or not the instant was counted missed. Fixed.
 #[tokio::test]
