@@ -1566,9 +1566,13 @@ async fn gather(
             .arg(format!("{tag}:open"))
             .arg(0)
             .arg(-1)
-            .query_async(&mut redis)
+            .query_async::<Vec<String>>(&mut redis)
             .await
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            // The member that keeps the set, and its TTL, when no run is open.
+            .filter(|run| run != "-")
+            .collect();
         let count = |key: &str| counts.get(key).copied().unwrap_or(0);
         let facts = Facts {
             since: since[&name],
