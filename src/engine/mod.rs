@@ -1073,11 +1073,10 @@ fn fire_time(task: &EngineTask, instant: DateTime<Utc>) -> DateTime<Utc> {
 mod tests {
     use super::*;
     use crate::executor::ExecutorConfig;
-    use crate::executor::fixtures::{http_spec, memory_ledger};
+    use crate::executor::fixtures::{TestLedger, http_spec, memory_ledger};
     use crate::executor::http::NoValues;
     use crate::schedule::IntervalAnchor;
     use chrono::TimeZone;
-    use futures::future::BoxFuture;
 
     fn t(hours: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(hours)
@@ -1169,7 +1168,7 @@ mod tests {
     async fn an_aligned_burst_is_claimed_on_the_loop() {
         let term = Term::single("test");
         let (_leader_tx, leader) = watch::channel(Some(term.clone()));
-        let ledger = ClaimLog::new(Duration::ZERO);
+        let ledger = Arc::new(TestLedger::new());
         let (mut engine, _handle, _workers, _reports) = build(ledger.clone(), leader);
         // Scheduled before leading: no take-over stands between the tasks and their timers.
         for i in 0..500 {
@@ -1265,97 +1264,11 @@ mod tests {
         stop.cancel();
     }
 
-    /// A memory ledger logging the instants claimed in the order they reach it, whose first
-    /// claim may take a while (Redis slow for a moment).
-    struct ClaimLog {
-        inner: Arc<dyn Ledger>,
-        claimed: std::sync::Mutex<Vec<DateTime<Utc>>>,
-        first_claim_takes: Duration,
-    }
-
-    impl ClaimLog {
-        fn new(first_claim_takes: Duration) -> Arc<Self> {
-            Arc::new(ClaimLog {
-                inner: memory_ledger(),
-                claimed: Default::default(),
-                first_claim_takes,
-            })
-        }
-    }
-
-    impl Ledger for ClaimLog {
-        fn claim<'a>(
-            &'a self,
-            run: &'a RunId,
-            term: &'a Term,
-        ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
-            Box::pin(async move {
-                let first = self.claimed.lock().unwrap().is_empty();
-                if first && !self.first_claim_takes.is_zero() {
-                    tokio::time::sleep(self.first_claim_takes).await;
-                }
-                self.claimed.lock().unwrap().push(run.instant());
-                self.inner.claim(run, term).await
-            })
-        }
-        fn claim_past<'a>(
-            &'a self,
-            run: &'a RunId,
-            term: &'a Term,
-        ) -> BoxFuture<'a, Result<Verdict, LedgerError>> {
-            self.inner.claim_past(run, term)
-        }
-        fn mark<'a>(
-            &'a self,
-            run: &'a RunId,
-            term: &'a Term,
-            mark: crate::ledger::Mark,
-        ) -> BoxFuture<'a, Result<crate::ledger::Marked, LedgerError>> {
-            self.inner.mark(run, term, mark)
-        }
-        fn adopt<'a>(
-            &'a self,
-            run: &'a RunId,
-            term: &'a Term,
-        ) -> BoxFuture<'a, Result<crate::ledger::Marked, LedgerError>> {
-            self.inner.adopt(run, term)
-        }
-        fn take_over<'a>(
-            &'a self,
-            task: &'a TaskId,
-            term: &'a Term,
-            settle: &'a [RunId],
-            seed: Option<Counts>,
-        ) -> BoxFuture<'a, Result<TakeOver, LedgerError>> {
-            self.inner.take_over(task, term, settle, seed)
-        }
-        fn next_epoch(&self, floor: u64) -> BoxFuture<'_, Result<u64, LedgerError>> {
-            self.inner.next_epoch(floor)
-        }
-        fn holds<'a>(
-            &'a self,
-            task: &'a TaskId,
-            term: &'a Term,
-        ) -> BoxFuture<'a, Result<bool, LedgerError>> {
-            self.inner.holds(task, term)
-        }
-        fn server_time(&self) -> BoxFuture<'_, Result<Option<DateTime<Utc>>, LedgerError>> {
-            self.inner.server_time()
-        }
-        fn forget<'a>(
-            &'a self,
-            task: &'a TaskId,
-            grace: Duration,
-        ) -> BoxFuture<'a, Result<(), LedgerError>> {
-            self.inner.forget(task, grace)
-        }
-    }
-
     /// Out of order, a newer leader taking over between two claims resumes after the later
     /// instant and never counts the earlier one (the fault storm found it: seed 0x2910).
     #[tokio::test(start_paused = true)]
     async fn a_slow_claim_keeps_the_task_s_later_instants_behind_it() {
-        let ledger = ClaimLog::new(Duration::from_millis(2500));
+        let ledger = Arc::new(TestLedger::new().first_claim_takes(Duration::from_millis(2500)));
         let (engine, mut reports, stop) = start_with(ledger.clone());
         let mut task = hourly(None);
         task.schedule =
@@ -1376,7 +1289,7 @@ mod tests {
     /// leader frozen across a Lease deletion).
     #[tokio::test(start_paused = true)]
     async fn batches_waiting_when_the_term_ends_claim_nothing() {
-        let ledger = ClaimLog::new(Duration::from_millis(2500));
+        let ledger = Arc::new(TestLedger::new().first_claim_takes(Duration::from_millis(2500)));
         let (term, leader) = watch::channel(Some(Term::single("test")));
         let (engine, _reports, stop) = start_leading(ledger.clone(), leader);
         let mut task = hourly(None);

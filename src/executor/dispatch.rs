@@ -181,11 +181,11 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use crate::clock::Clock;
-    use crate::executor::fixtures::{memory_ledger, request};
+    use crate::executor::fixtures::{TestLedger, memory_ledger, request};
     use crate::executor::http::{NoValues, client};
     use crate::executor::{Action, CallAction, Executor, ExecutorConfig, RunSpec, job};
-    use crate::ledger::{Counts, Ledger, LedgerError, Mark, Marked, TakeOver, Verdict};
-    use crate::run::{Outcome, Report, RunId, TaskId, TaskKey, Term};
+    use crate::ledger::Ledger;
+    use crate::run::{Outcome, Report, RunId, TaskId, TaskKey};
 
     /// `n` runs of `n` tasks due now, whose action panics for task `t0` and succeeds for the
     /// others.
@@ -211,76 +211,21 @@ mod tests {
             .collect()
     }
 
-    /// A ledger whose runs' ends land only as the test lets them.
-    struct HeldEnds {
-        inner: Arc<dyn Ledger>,
-        ends: tokio::sync::Semaphore,
-        landed: tokio::sync::watch::Sender<usize>,
-    }
-
-    impl Ledger for HeldEnds {
-        fn claim<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Verdict> {
-            self.inner.claim(run, term)
-        }
-        fn claim_past<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Verdict> {
-            self.inner.claim_past(run, term)
-        }
-        fn mark<'a>(&'a self, run: &'a RunId, term: &'a Term, mark: Mark) -> Answer<'a, Marked> {
-            Box::pin(async move {
-                let end = matches!(mark, Mark::Finished { .. });
-                if end {
-                    self.ends.acquire().await.unwrap().forget();
-                }
-                let marked = self.inner.mark(run, term, mark).await;
-                if end {
-                    self.landed.send_modify(|landed| *landed += 1);
-                }
-                marked
-            })
-        }
-        fn adopt<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Marked> {
-            self.inner.adopt(run, term)
-        }
-        fn take_over<'a>(
-            &'a self,
-            task: &'a TaskId,
-            term: &'a Term,
-            settle: &'a [RunId],
-            seed: Option<Counts>,
-        ) -> Answer<'a, TakeOver> {
-            self.inner.take_over(task, term, settle, seed)
-        }
-        fn next_epoch(&self, floor: u64) -> Answer<'_, u64> {
-            self.inner.next_epoch(floor)
-        }
-        fn holds<'a>(&'a self, task: &'a TaskId, term: &'a Term) -> Answer<'a, bool> {
-            self.inner.holds(task, term)
-        }
-        fn server_time(&self) -> Answer<'_, Option<chrono::DateTime<Utc>>> {
-            self.inner.server_time()
-        }
-        fn forget<'a>(&'a self, task: &'a TaskId, grace: Duration) -> Answer<'a, ()> {
-            self.inner.forget(task, grace)
-        }
-    }
-
-    type Answer<'a, T> = futures::future::BoxFuture<'a, Result<T, LedgerError>>;
-
-    /// A worker hands a run's end to the ledger and takes the next run: one whose end is slow to
-    /// land (a round trip to Redis) holds no worker. At shutdown the executor returns once the
-    /// ends of the runs that ended are recorded.
-    #[tokio::test]
-    async fn a_run_s_end_is_recorded_off_its_worker_and_before_shutdown_returns() {
+    /// An executor of `max_workers` over `ledger`, running until the token is cancelled; its
+    /// reports.
+    fn start(
+        max_workers: usize,
+        ledger: Arc<dyn Ledger>,
+    ) -> (
+        Executor,
+        tokio::sync::mpsc::UnboundedReceiver<Report>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (sink, mut reports) = tokio::sync::mpsc::unbounded_channel();
-        let (landed, ends_landed) = tokio::sync::watch::channel(0);
-        let ledger = Arc::new(HeldEnds {
-            inner: memory_ledger(),
-            ends: tokio::sync::Semaphore::new(0),
-            landed,
-        });
+        let (sink, reports) = tokio::sync::mpsc::unbounded_channel();
         let config = ExecutorConfig {
-            max_workers: 1,
+            max_workers,
             queue_size: 100,
             log_success: false,
         };
@@ -291,10 +236,21 @@ mod tests {
             client().unwrap(),
             Arc::new(NoValues),
             Arc::new(job::NoJobs),
-            ledger.clone(),
+            ledger,
         );
         let stop = CancellationToken::new();
         let running = tokio::spawn(workers.run(stop.clone(), Duration::from_secs(1)));
+        (executor, reports, stop, running)
+    }
+
+    /// A worker hands a run's end to the ledger and takes the next run: one whose end is slow to
+    /// land (a round trip to Redis) holds no worker. At shutdown the executor returns once the
+    /// ends of the runs that ended are recorded.
+    #[tokio::test]
+    async fn a_run_s_end_is_recorded_off_its_worker_and_before_shutdown_returns() {
+        let ledger = Arc::new(TestLedger::new().holding_ends());
+        let ends_landed = ledger.landed.subscribe();
+        let (executor, mut reports, stop, running) = start(1, ledger.clone());
         // t1 to t4 succeed (t0 is the one that panics).
         let mut runs = burst(5).into_iter().skip(1);
         executor.submit_all(runs.by_ref().take(3));
@@ -342,24 +298,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_larger_than_the_pool_runs_whole_and_a_panicking_run_costs_no_worker() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let (sink, mut reports) = tokio::sync::mpsc::unbounded_channel();
-        let config = ExecutorConfig {
-            max_workers: 2,
-            queue_size: 100,
-            log_success: false,
-        };
-        let (executor, workers) = Executor::new(
-            config,
-            Arc::new(sink),
-            Clock::System,
-            client().unwrap(),
-            Arc::new(NoValues),
-            Arc::new(job::NoJobs),
-            memory_ledger(),
-        );
-        let stop = CancellationToken::new();
-        let running = tokio::spawn(workers.run(stop.clone(), Duration::from_secs(1)));
+        let (executor, mut reports, stop, running) = start(2, memory_ledger());
         // Each burst makes a worker's run panic: by the third, no worker would be left.
         for _ in 0..3 {
             for run in burst(50) {

@@ -430,11 +430,109 @@ impl Executor {
 pub(crate) mod fixtures {
     use super::http::{NoValues, Target};
     use super::*;
+    use crate::ledger::{Counts, LedgerError, Mark, Marked, TakeOver, Verdict};
     use crate::run::TaskKey;
 
     /// The single-replica ledger.
     pub fn memory_ledger() -> Arc<dyn Ledger> {
         Arc::new(crate::ledger::MemoryLedger::new(Duration::from_secs(3600)))
+    }
+
+    /// The memory ledger as a test watches it: claims logged in the order they reach it (the
+    /// first may be made to take a while: Redis slow for a moment), and runs' ends counted as
+    /// they land, held until the test lets them when it asks so.
+    pub struct TestLedger {
+        inner: Arc<dyn Ledger>,
+        /// The instants claimed, in order.
+        pub claimed: Mutex<Vec<DateTime<Utc>>>,
+        first_claim_takes: Duration,
+        /// Ends wait for a permit each (`holding_ends`).
+        pub ends: Semaphore,
+        hold_ends: bool,
+        /// How many ends landed.
+        pub landed: tokio::sync::watch::Sender<usize>,
+    }
+
+    impl TestLedger {
+        pub fn new() -> Self {
+            TestLedger {
+                inner: memory_ledger(),
+                claimed: Default::default(),
+                first_claim_takes: Duration::ZERO,
+                ends: Semaphore::new(0),
+                hold_ends: false,
+                landed: tokio::sync::watch::Sender::new(0),
+            }
+        }
+
+        pub fn first_claim_takes(self, first_claim_takes: Duration) -> Self {
+            TestLedger {
+                first_claim_takes,
+                ..self
+            }
+        }
+
+        pub fn holding_ends(self) -> Self {
+            TestLedger {
+                hold_ends: true,
+                ..self
+            }
+        }
+    }
+
+    type Answer<'a, T> = futures::future::BoxFuture<'a, Result<T, LedgerError>>;
+
+    impl Ledger for TestLedger {
+        fn claim<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Verdict> {
+            Box::pin(async move {
+                let first = self.claimed.lock().unwrap().is_empty();
+                if first && !self.first_claim_takes.is_zero() {
+                    tokio::time::sleep(self.first_claim_takes).await;
+                }
+                self.claimed.lock().unwrap().push(run.instant());
+                self.inner.claim(run, term).await
+            })
+        }
+        fn claim_past<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Verdict> {
+            self.inner.claim_past(run, term)
+        }
+        fn mark<'a>(&'a self, run: &'a RunId, term: &'a Term, mark: Mark) -> Answer<'a, Marked> {
+            Box::pin(async move {
+                let end = matches!(mark, Mark::Finished { .. });
+                if end && self.hold_ends {
+                    self.ends.acquire().await.unwrap().forget();
+                }
+                let marked = self.inner.mark(run, term, mark).await;
+                if end {
+                    self.landed.send_modify(|landed| *landed += 1);
+                }
+                marked
+            })
+        }
+        fn adopt<'a>(&'a self, run: &'a RunId, term: &'a Term) -> Answer<'a, Marked> {
+            self.inner.adopt(run, term)
+        }
+        fn take_over<'a>(
+            &'a self,
+            task: &'a TaskId,
+            term: &'a Term,
+            settle: &'a [RunId],
+            seed: Option<Counts>,
+        ) -> Answer<'a, TakeOver> {
+            self.inner.take_over(task, term, settle, seed)
+        }
+        fn next_epoch(&self, floor: u64) -> Answer<'_, u64> {
+            self.inner.next_epoch(floor)
+        }
+        fn holds<'a>(&'a self, task: &'a TaskId, term: &'a Term) -> Answer<'a, bool> {
+            self.inner.holds(task, term)
+        }
+        fn server_time(&self) -> Answer<'_, Option<DateTime<Utc>>> {
+            self.inner.server_time()
+        }
+        fn forget<'a>(&'a self, task: &'a TaskId, grace: Duration) -> Answer<'a, ()> {
+            self.inner.forget(task, grace)
+        }
     }
 
     /// A `Forbid` POST to `url` with no retry.
