@@ -84,9 +84,28 @@ impl Replica {
     }
 
     /// SIGTERM, and the exit status.
+    /// SIGTERM, then its exit status; a replica that has not exited within two minutes (far
+    /// past any drain here) is killed and the test fails with its logs, rather than waiting
+    /// for ever.
     pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal("-TERM");
-        self.child.take().unwrap().wait().unwrap()
+        let mut child = self.child.take().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within 2 min of SIGTERM:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub(crate) fn kill(&mut self) {
