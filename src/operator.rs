@@ -161,10 +161,15 @@ pub async fn run(
     let writing = CancellationToken::new();
     let mut writing_tasks = JoinSet::new();
     writing_tasks.spawn(server::serve(listener, endpoint, writing.clone()));
-    if let Err(error) = check_crd(&client, &namespaces).await {
+    // Stopped while the apiserver is slow to answer: nothing has started yet.
+    let started = tokio::select! {
+        checked = check_crd(&client, &namespaces) => checked.map(|()| true),
+        () = shutdown.cancelled() => Ok(false),
+    };
+    if !matches!(started, Ok(true)) {
         writing.cancel();
         while writing_tasks.join_next().await.is_some() {}
-        return Err(error);
+        return started.map(|_| info!("chronflow operator stopped before it started"));
     }
     health.crd_served();
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use kube::core::DeserializeGuard;
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
@@ -21,7 +21,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::ChronTask;
 use crate::crd::{
@@ -579,10 +579,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         })
         .applied_objects()
         .predicate_filter(spec_or_request, Default::default());
-    let tasks = store.clone();
-    Controller::for_stream(applied, store)
+    let (tasks, listed) = (store.clone(), store.clone());
+    let stop = shutdown.clone();
+    let controller = Controller::for_stream(applied, store)
         .reconcile_on(rechecks)
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(
             move |task, ctx| reconcile(task, ctx, tasks.clone()),
             error_policy,
@@ -592,8 +593,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             if let Err(error) = result {
                 warn!(%error, "controller");
             }
-        })
-        .await;
+        });
+    // On shutdown kube's controller lets the reconciles in flight finish, and before the first
+    // list came back it waits for that list, which it no longer reads: it would never return.
+    // No reconcile starts before that list, so there is nothing to wait for.
+    let before_first_list = async {
+        shutdown.cancelled().await;
+        if listed.wait_until_ready().now_or_never().is_some() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = controller => {}
+        () = before_first_list => debug!("stopped before the first list of ChronTasks"),
+    }
 }
 
 async fn forget(ctx: &Context, task: TaskId) {

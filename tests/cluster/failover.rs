@@ -837,7 +837,9 @@ async fn a_run_now_request_runs_once_across_failovers() {
     };
 
     // The leader dies as the request arrives: whether it saw it, claimed it or started it, the
-    // next leader runs it or leaves it, and it runs once.
+    // request is counted once and sent at most once. The next leader runs it unless the ledger
+    // recorded its start: a kill between that record and the call leaves it unsent, and the next
+    // leader, which cannot know, counts it failed once it cannot be running any more.
     let first = leader_among(ns, &names).await;
     annotate("at-the-kill").await;
     replicas.get_mut(&first).unwrap().kill();
@@ -846,15 +848,19 @@ async fn a_run_now_request_runs_once_across_failovers() {
         holder(ns).await.filter(|h| others.contains(&h.as_str()))
     })
     .await;
-    eventually("the request run once", || async {
-        (calls("at-the-kill") == 1).then_some(())
-    })
-    .await;
     // Finished (Forbid would skip a request while it runs).
-    status_where(api, "now", "the first request counted", |st| {
+    let status = status_where(api, "now", "the first request counted", |st| {
         st.manual_runs == 1
     })
     .await;
+    match calls("at-the-kill") {
+        1 => {}
+        0 => {
+            assert_eq!(status.failed_runs, 1, "{status:?}");
+            eprintln!("the first leader died between the request's start and its call");
+        }
+        sent => panic!("the request was sent {sent} times"),
+    }
 
     // The next leader dies with the run in flight: its successor never sends it again, and
     // counts it once it cannot be running any more (outcome unknown: failed).
@@ -869,7 +875,8 @@ async fn a_run_now_request_runs_once_across_failovers() {
     })
     .await;
     assert_eq!(status.total_runs, 2, "{status:?}");
-    assert_eq!((calls("at-the-kill"), calls("in-flight")), (1, 1));
+    assert!(calls("at-the-kill") <= 1);
+    assert_eq!(calls("in-flight"), 1);
     for replica in replicas.values_mut().filter(|r| r.child.is_some()) {
         assert!(replica.terminate().success(), "{}", replica.logs());
     }

@@ -11,10 +11,11 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+use crate::observability::{free_address, get};
 use crate::operator::{Operator, chrontask, patch_spec, status_where};
 use crate::support::delay_proxy::DelayProxy;
 use crate::support::receiver::{Behavior, Receiver};
-use crate::support::{Rule, client_as, grant, namespace, test_env};
+use crate::support::{Rule, client_as, eventually, grant, namespace, test_env};
 
 async fn start(ns: &str, client: Client, grace: Duration) -> Operator {
     Operator::start_with(ns, client, |config| config.shutdown.grace_period = grace).await
@@ -216,4 +217,36 @@ async fn without_rights_to_list_chrontasks_start_up_stops_with_a_clear_error() {
         "{error}"
     );
     assert_eq!(error.exit_code(), 1);
+}
+
+/// Stopped before it is up (the apiserver slow or unreachable at start, a rollout that moves on
+/// at once), a replica exits at once: while it checks the CRD, and while its first list of
+/// ChronTasks is on its way. kube's controller waits on shutdown for that first list, but no
+/// longer reads the watch that brings it: such a replica never exited.
+#[tokio::test]
+async fn a_replica_stopped_before_its_first_list_exits_at_once() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "early-stop").await;
+    // Every request takes at least 2 s (each chunk a client sends waits that long).
+    let (_proxy, slow) = DelayProxy::in_front_of_apiserver(Duration::from_secs(2)).await;
+    let stopped_within = |what: &'static str, address| {
+        let slow = slow.clone();
+        let ns = ns.clone();
+        async move {
+            let operator = Operator::start_with(&ns, slow, |c| c.metrics.bind = address).await;
+            eventually(what, || async {
+                get(address, "/readyz").await.filter(|(_, why)| why == what)
+            })
+            .await;
+            tokio::time::timeout(Duration::from_secs(10), operator.stop())
+                .await
+                .unwrap_or_else(|_| panic!("still running 10 s after the stop, {what}"));
+        }
+    };
+    stopped_within("waiting for the ChronTask CRD", free_address()).await;
+    stopped_within(
+        "waiting for the first sync of the ChronTask watch",
+        free_address(),
+    )
+    .await;
 }
