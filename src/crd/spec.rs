@@ -252,8 +252,10 @@ pub struct ActionSpec {
     pub http: Option<HttpAction>,
 
     /// Create a Job per run, named from the run.
+    // Boxed: a Job template is most of a ChronTask's size in memory (2.4 of 3.8 KB), and the
+    // informer caches every task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<JobAction>,
+    pub job: Option<Box<JobAction>>,
 
     /// Run a command: `chronflow standalone` only (the apiserver refuses it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
