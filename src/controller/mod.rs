@@ -252,7 +252,8 @@ async fn reconcile_task(
         task: id.clone(),
         reference: task.object_ref(&()),
         generation: task.metadata.generation,
-        status: task.status.clone(),
+        // The watch brought it to the index.
+        status: None,
         history: task.spec.history.unwrap_or_default(),
     });
 
@@ -427,6 +428,26 @@ async fn within_task_cap(
     )))
 }
 
+/// What the informer keeps of a status, the few fields reconcile reads (the status index holds
+/// the whole): the counters and where catch-up starts (`validate`), the runs in flight (those
+/// of a Job action are adopted) and the run-now request handled last (a standby reconciles when
+/// it changes, see [`spec_or_request`]). Not the history, the conditions, the messages.
+fn cached_status(status: &ChronTaskStatus) -> ChronTaskStatus {
+    ChronTaskStatus {
+        phase: status.phase,
+        schedulable_since: status.schedulable_since,
+        last_schedule_time: status.last_schedule_time,
+        total_runs: status.total_runs,
+        successful_runs: status.successful_runs,
+        failed_runs: status.failed_runs,
+        missed_runs: status.missed_runs,
+        manual_runs: status.manual_runs,
+        last_run_now: status.last_run_now.clone(),
+        active: status.active.clone(),
+        ..ChronTaskStatus::default()
+    }
+}
+
 /// What a reconcile acts on: the spec (its generation), the run-now annotations, the labels
 /// (`metrics.per_task_selector`) and the request last handled (`status.lastRunNow`, so standbys
 /// forget it); other status writes and metadata changes pass by.
@@ -524,16 +545,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         None => Api::all(ctx.client.clone()),
     };
     let (store, writer) = reflector::store();
-    // A new leader takes in the statuses other leaders wrote since it last looked.
-    let reader: Store<GuardedTask> = store.clone();
-    ctx.status
-        .read_stored_from(Arc::new(move |key: &TaskKey, uid: &str| {
-            let guarded =
-                reader.get(&ObjectRef::<GuardedTask>::new(&key.name).within(&key.namespace))?;
-            let task = guarded.0.as_ref().ok()?;
-            let same = task.metadata.uid.as_deref() == Some(uid);
-            task.status.clone().filter(|_| same)
-        }));
+    let index = ctx.status.clone();
     let events_ctx = ctx.clone();
     let events_store = store.clone();
     let scope = namespace.clone();
@@ -544,10 +556,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     let applied = watcher(api, watcher::Config::default())
         .default_backoff()
         // managedFields are most of an object's size and nothing here reads them, nor kubectl's
-        // copy of the whole object it applied last.
-        .modify(|task| {
+        // copy of the whole object it applied last. The status goes to the status index, which
+        // keeps the one copy of it.
+        .modify(move |task| {
             task.managed_fields_mut().clear();
             task.annotations_mut().remove(LAST_APPLIED);
+            let id = id_of(task);
+            if let Ok(task) = &mut task.0
+                && let Some(status) = task.status.take()
+            {
+                task.status = Some(cached_status(&status));
+                index.stored(&id, status);
+            }
         })
         .reflect(writer)
         .and_then(move |event| {

@@ -39,8 +39,9 @@ pub struct Observed {
     pub reference: ObjectReference,
     /// The spec's generation.
     pub generation: Option<i64>,
-    /// The status stored in the cluster: the first time, it seeds the counters, so they survive
-    /// an operator restart.
+    /// The status stored in the cluster, when the watch could not bring it (an object that does
+    /// not decode): the first time, it seeds the counters, so they survive an operator restart.
+    /// Otherwise the seed is what the watch brought ([`StatusIndex::stored`]).
     pub status: Option<ChronTaskStatus>,
     /// How many runs `status.recentRuns` keeps.
     pub history: HistorySpec,
@@ -153,17 +154,14 @@ pub struct Counts {
     pub throttled: u64,
 }
 
-/// Reads the status stored in the cluster for a task incarnation (`key`, `uid`), as the
-/// controller's informer last saw it.
-pub type StoredStatus = Arc<dyn Fn(&TaskKey, &str) -> Option<ChronTaskStatus> + Send + Sync>;
-
 /// The index; share it as a [`StatusIndex`].
 pub struct Index {
     /// Boxed: a task's state is about a kilobyte, and the table keeps up to twice as many
     /// slots as tasks.
     tasks: TaskMap<TaskKey, Box<TaskState>>,
-    /// Where the stored statuses are read (one per watched namespace).
-    stored: Vec<StoredStatus>,
+    /// Stored statuses of tasks the controller has not observed yet, with their uid: the seeds
+    /// of their first observation.
+    seeds: TaskMap<TaskKey, (Arc<str>, ChronTaskStatus)>,
     /// The leadership term, followed (see [`StatusIndex::follow_leader`]), and the one seen last.
     leader: Option<watch::Receiver<Option<Term>>>,
     term: Option<Term>,
@@ -188,7 +186,7 @@ impl StatusIndex {
     pub fn new(events: mpsc::Sender<EventRequest>, clock: Clock) -> Self {
         Self(Arc::new(Mutex::new(Index {
             tasks: TaskMap::default(),
-            stored: Vec::new(),
+            seeds: TaskMap::default(),
             leader: None,
             term: None,
             events,
@@ -200,9 +198,13 @@ impl StatusIndex {
         })))
     }
 
-    /// Where the statuses stored in the cluster can be read, for [`StatusIndex::new_term`].
-    pub fn read_stored_from(&self, stored: StoredStatus) {
-        self.lock().stored.push(stored);
+    /// A task's status as stored in the cluster, each time the watch brings it: the index keeps
+    /// the one copy (the informer caches the object without it). It seeds a task not observed
+    /// yet; a replica that does not lead takes in what the leader wrote, so that once it leads
+    /// its writes set nothing back and drop nothing; a leader's own writes coming back change
+    /// nothing.
+    pub fn stored(&self, task: &TaskId, status: ChronTaskStatus) {
+        self.lock().take_in(task, status);
     }
 
     /// Follows the leadership term: the first report or write of a new term is preceded by
@@ -214,11 +216,9 @@ impl StatusIndex {
         index.follow();
     }
 
-    /// This replica leads in a new term. What it holds of each task is as old as when it last
-    /// looked (a standby's view dates from its start): the statuses other leaders wrote since
-    /// are taken in first, so its writes set nothing back and drop nothing. With counts from
-    /// the shared ledger, no task's status is written before its counts came from the ledger
-    /// (its take-over), or for a while.
+    /// This replica leads in a new term (it took in what other leaders wrote while it did not
+    /// lead: [`StatusIndex::stored`]). With counts from the shared ledger, no task's status is
+    /// written before its counts came from the ledger (its take-over), or for a while.
     pub fn new_term(&self) {
         self.lock().begin_term();
     }
@@ -271,19 +271,28 @@ impl StatusIndex {
         {
             index.tasks.remove(&task.key);
         }
+        if index
+            .seeds
+            .get(&task.key)
+            .is_some_and(|(uid, _)| *uid == task.uid)
+        {
+            index.seeds.remove(&task.key);
+        }
     }
 
     /// After a re-list: every task of `namespace` (all: `None`) not in `keep` is gone; returns
     /// those it forgot.
     pub fn retain(&self, namespace: Option<&str>, keep: &HashSet<TaskKey>) -> Vec<TaskKey> {
         let mut gone = Vec::new();
-        self.lock().tasks.retain(|key, _| {
-            let stays = !key.is_in(namespace) || keep.contains(key);
-            if !stays {
+        let stays = |key: &TaskKey| !key.is_in(namespace) || keep.contains(key);
+        let mut index = self.lock();
+        index.tasks.retain(|key, _| {
+            if !stays(key) {
                 gone.push(key.clone());
             }
-            stays
+            stays(key)
         });
+        index.seeds.retain(|key, _| stays(key));
         gone
     }
 }
@@ -308,20 +317,32 @@ impl Index {
     }
 
     fn begin_term(&mut self) {
-        for (key, state) in &mut self.tasks {
+        for state in self.tasks.values_mut() {
             // The take-over's counts come first in a term, whatever revision the ledger is at
             // (it restarts from 1 when the ledger lost a task's counts).
             state.counts_revision = 0;
-            if let Some(stored) = self.stored.iter().find_map(|read| read(key, &state.uid)) {
-                debug!(task = %key, "taking in the stored status");
-                conditions::merge_stored(&mut state.status, stored, &state.history);
-                state.write.changed(Instant::now());
-            }
         }
         if self.ledger_counts {
             let now = Instant::now();
             for state in self.tasks.values_mut() {
                 state.write.counts_awaited = Some(now);
+            }
+        }
+    }
+
+    fn take_in(&mut self, task: &TaskId, stored: ChronTaskStatus) {
+        self.follow();
+        let leading = self.term.is_some();
+        match self.tasks.get_mut(&task.key) {
+            Some(state) if state.uid == task.uid => {
+                if !leading {
+                    conditions::merge_stored(&mut state.status, stored, &state.history);
+                    state.write.changed(Instant::now());
+                }
+            }
+            _ => {
+                self.seeds
+                    .insert(task.key.clone(), (task.uid.clone(), stored));
             }
         }
     }
@@ -334,6 +355,15 @@ impl Index {
             status,
             history,
         } = observed;
+        let seed = match self.seeds.remove(&task.key) {
+            Some((uid, seed)) if uid == task.uid => Some(seed),
+            _ => None,
+        };
+        if self.seeds.is_empty() {
+            // The first list seeds every task at once: its table would stay that large.
+            self.seeds = TaskMap::default();
+        }
+        let status = status.or(seed);
         let fresh = |status: Option<ChronTaskStatus>| {
             let status = status.unwrap_or_default();
             TaskState {
@@ -1150,10 +1180,8 @@ mod tests {
             }],
             ..ChronTaskStatus::default()
         };
-        let uid = task.uid.clone();
-        index.read_stored_from(Arc::new(move |_: &TaskKey, asked: &str| {
-            (asked == &*uid).then(|| written_since.clone())
-        }));
+        // Not leading: what the watch brings is taken in.
+        index.stored(&task, written_since);
         index.new_term();
         let batch = index.lock().take(10, Duration::ZERO).0;
         let status = &batch[0].status;
@@ -1163,27 +1191,56 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn what_a_new_term_reports_is_not_overwritten_by_the_stored_status() {
+    async fn a_leader_s_own_writes_coming_back_set_nothing_back() {
         // The engine's first answers of a term can come before the writer's next tick.
         let (index, _events) = index();
         let task = id("t");
         observe(&index, &task, None);
         let (term, leader) = watch::channel(None);
         index.follow_leader(leader);
-        index.read_stored_from(Arc::new(|_: &TaskKey, _: &str| {
-            Some(ChronTaskStatus {
-                last_run_now: Some("older".into()),
-                ..ChronTaskStatus::default()
-            })
-        }));
+        let handled = |request: &str| ChronTaskStatus {
+            last_run_now: Some(request.into()),
+            ..ChronTaskStatus::default()
+        };
+        index.stored(&task, handled("older"));
         term.send_replace(Some(Term::single("me")));
         index.record(Report::RequestHandled {
             task: task.clone(),
             request: "newer".into(),
         });
         index.lock().follow(); // the writer's tick
+        // An earlier write of its own comes back through the watch.
+        index.stored(&task, handled("older"));
         let status = &index.lock().tasks[&task.key].status;
         assert_eq!(status.last_run_now.as_deref(), Some("newer"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_the_watch_brings_first_seeds_the_task_and_a_deleted_one_s_is_dropped() {
+        let (index, _events) = index();
+        let (task, other) = (id("t"), id("u"));
+        let stored = ChronTaskStatus {
+            total_runs: 7,
+            successful_runs: 7,
+            ..ChronTaskStatus::default()
+        };
+        index.stored(&task, stored.clone());
+        index.stored(&other, stored);
+        observe(&index, &task, None);
+        assert_eq!(index.lock().tasks[&task.key].status.total_runs, 7);
+        // Deleted before it was observed: its seed goes too.
+        index.forget(&other);
+        assert!(index.lock().seeds.is_empty());
+        // Created again under the same name: its own status, nothing of the old one.
+        let again = TaskId::new(task.key.clone(), "uid-2");
+        let its_own = ChronTaskStatus {
+            total_runs: 2,
+            ..ChronTaskStatus::default()
+        };
+        index.stored(&again, its_own);
+        assert_eq!(index.lock().tasks[&task.key].status.total_runs, 7);
+        observe(&index, &again, None);
+        assert_eq!(index.lock().tasks[&task.key].status.total_runs, 2);
     }
 
     #[tokio::test(start_paused = true)]
