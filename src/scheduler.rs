@@ -338,7 +338,6 @@ impl Scheduler {
         }
         self.index.observe(Observed {
             task: task.id.clone(),
-            reference: Default::default(),
             generation: Some(task.generation),
             status: None,
             history: Default::default(),

@@ -237,7 +237,6 @@ async fn reconcile_task(
             let status = stored_status(&ctx.client, &id).await;
             ctx.status.observe(Observed {
                 task: id.clone(),
-                reference: guarded.object_ref(&()),
                 generation: undecodable.metadata.generation,
                 status,
                 history: Default::default(),
@@ -250,7 +249,6 @@ async fn reconcile_task(
     };
     ctx.status.observe(Observed {
         task: id.clone(),
-        reference: task.object_ref(&()),
         generation: task.metadata.generation,
         // The watch brought it to the index.
         status: None,

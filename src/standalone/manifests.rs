@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use chrono_tz::Tz;
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::Deserialize;
 use tracing::{error, info, warn};
@@ -322,14 +321,6 @@ impl Manifests {
         task: &Result<ChronTask, String>,
         seed: Option<ChronTaskStatus>,
     ) {
-        let reference = ObjectReference {
-            api_version: Some("chronflow.io/v1alpha1".into()),
-            kind: Some("ChronTask".into()),
-            namespace: Some(id.key.namespace.clone()),
-            name: Some(id.key.name.clone()),
-            uid: Some(id.uid.to_string()),
-            ..Default::default()
-        };
         let history = task
             .as_ref()
             .ok()
@@ -337,7 +328,6 @@ impl Manifests {
             .unwrap_or_default();
         self.index.observe(Observed {
             task: id.clone(),
-            reference,
             generation: Some(generation),
             status: seed,
             history,

@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use super::conditions::{self, PhaseInputs, SpecState};
 use super::events::{EventRequest, Severity, reasons};
+use crate::ChronTask;
 use crate::clock::Clock;
 use crate::crd::{
     ActiveRun, BackfillStatus, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord,
@@ -25,6 +26,7 @@ use crate::ledger::{Ledger, RecordMissed, RetriedMarks};
 use crate::run::{
     Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, TaskMap, Term,
 };
+use kube::Resource;
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
 /// summed up in the next.
@@ -35,8 +37,6 @@ pub const EVENT_WINDOW: Duration = Duration::from_secs(60);
 pub struct Observed {
     /// The task and its incarnation.
     pub task: TaskId,
-    /// The object, for Events.
-    pub reference: ObjectReference,
     /// The spec's generation.
     pub generation: Option<i64>,
     /// The status stored in the cluster, when the watch could not bring it (an object that does
@@ -52,7 +52,6 @@ type PhaseKey = (Phase, bool, &'static str, Option<String>);
 
 struct TaskState {
     uid: Arc<str>,
-    reference: ObjectReference,
     generation: Option<i64>,
     history: HistorySpec,
     /// The engine's latest fact; `None` until it reports.
@@ -67,6 +66,7 @@ struct TaskState {
     /// The revision of the ledger's counts applied last ([`crate::ledger::Counts::revision`]).
     counts_revision: u64,
     write: WriteState,
+    /// Windows of the rate-limited Event reasons this task sent (most tasks send none).
     events: HashMap<&'static str, EventWindow>,
 }
 
@@ -350,7 +350,6 @@ impl Index {
     fn observe(&mut self, observed: Observed) {
         let Observed {
             task,
-            reference,
             generation,
             status,
             history,
@@ -368,7 +367,6 @@ impl Index {
             let status = status.unwrap_or_default();
             TaskState {
                 uid: task.uid.clone(),
-                reference: reference.clone(),
                 generation,
                 history,
                 schedule: None,
@@ -391,7 +389,6 @@ impl Index {
         };
         match self.tasks.get_mut(&task.key) {
             Some(state) if state.uid == task.uid => {
-                state.reference = reference;
                 state.generation = generation;
                 state.history = history;
                 state.write.changed(Instant::now());
@@ -588,21 +585,23 @@ impl Index {
             return;
         };
         let throttled = matches!(reason, reasons::RUN_FAILED | reasons::RUN_MISSED);
-        let window = state.events.entry(reason).or_default();
-        if throttled && window.last_sent.is_some_and(|at| now - at < EVENT_WINDOW) {
-            window.suppressed += 1;
-            window.pending = Some((severity, note));
-            return;
+        let mut suppressed = 0;
+        if throttled {
+            let window = state.events.entry(reason).or_default();
+            if window.last_sent.is_some_and(|at| now - at < EVENT_WINDOW) {
+                window.suppressed += 1;
+                window.pending = Some((severity, note));
+                return;
+            }
+            suppressed = std::mem::take(&mut window.suppressed);
+            window.last_sent = Some(now);
+            window.pending = None;
         }
-        let note = with_suppressed(note, reason, window.suppressed);
-        window.last_sent = Some(now);
-        window.suppressed = 0;
-        window.pending = None;
         let request = EventRequest {
-            reference: state.reference.clone(),
+            reference: object_reference(key, &state.uid),
             severity,
             reason,
-            note,
+            note: with_suppressed(note, reason, suppressed),
         };
         if self.events.try_send(request).is_err() {
             self.counts.events_dropped += 1;
@@ -808,6 +807,18 @@ impl Index {
     }
 }
 
+/// The ChronTask an Event is about, made when one is sent rather than kept for every task.
+fn object_reference(key: &TaskKey, uid: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(ChronTask::api_version(&()).into_owned()),
+        kind: Some(ChronTask::kind(&()).into_owned()),
+        name: Some(key.name.clone()),
+        namespace: Some(key.namespace.clone()),
+        uid: Some(uid.to_string()),
+        ..ObjectReference::default()
+    }
+}
+
 /// The Event a schedule fact calls for: only on a real change, and not one the stored status
 /// already shows (an operator restart re-reports every task's state).
 fn state_event(
@@ -962,12 +973,6 @@ mod tests {
     fn observe(index: &StatusIndex, task: &TaskId, status: Option<ChronTaskStatus>) {
         index.observe(Observed {
             task: task.clone(),
-            reference: ObjectReference {
-                name: Some(task.key.name.clone()),
-                namespace: Some(task.key.namespace.clone()),
-                uid: Some(task.uid.to_string()),
-                ..Default::default()
-            },
             generation: Some(1),
             status,
             history: HistorySpec::default(),
