@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Resource;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -26,7 +27,6 @@ use crate::ledger::{Ledger, RecordMissed, RetriedMarks};
 use crate::run::{
     Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, TaskMap, Term,
 };
-use kube::Resource;
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
 /// summed up in the next.
