@@ -47,8 +47,8 @@ fn kubectl(env: &TestEnv, args: &[&str]) -> String {
     ok(env.kubectl_command().args(args))
 }
 
-/// The optimized binary: the one `scripts/test` built before `cargo test` with the bench profile
-/// (`CHRONFLOW_RELEASE_BIN`; the release profile's settings, reused by the benchmark), else one
+/// The optimized binary: the one `scripts/test` built before `cargo test` (`cargo bench --no-run`)
+/// (`CHRONFLOW_RELEASE_BIN`, the release profile's settings, the benchmark's build), else one
 /// built here in a target directory of its own (the one running this test is locked by the
 /// `cargo test` that runs it).
 fn release_binary() -> PathBuf {

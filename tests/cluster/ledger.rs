@@ -1129,7 +1129,10 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
 
     redis.kill();
     assert!(marks.mark(&run, &leader, DONE).await.is_err());
-    for second in 1..=1000 {
+    // Well past the backlog's bound; each refusal waits out the client's reconnect delay (about
+    // 150 ms), and a task's missed marks go one at a time.
+    let outage: i64 = 200;
+    for second in 1..=outage {
         let missed = RunId::new(&task, at(second));
         let refused = marks
             .mark(&missed, &leader, Mark::Missed { count: 1 })
@@ -1146,7 +1149,7 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
         loop {
             match reports.recv().await {
                 Some(Report::Counts { counts, .. })
-                    if counts.missed == 1000 && counts.runs == 1 =>
+                    if counts.missed == outage as u64 && counts.runs == 1 =>
                 {
                     return counts;
                 }
