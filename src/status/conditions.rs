@@ -100,6 +100,8 @@ pub fn set_ready(
         last_transition_time,
     };
     conditions.retain(|c| c.type_ != READY);
+    // Room for this one only: a first push makes room for four (512 B per task).
+    conditions.reserve_exact(1);
     conditions.push(condition);
 }
 
@@ -122,15 +124,32 @@ pub fn success_rate(successful: u64, failed: u64) -> Option<String> {
 /// Adds a run to `recent` (newest first), keeping at most the history limits of successful and
 /// of failed-or-missed runs.
 pub fn push_recent(recent: &mut Vec<RunRecord>, record: RunRecord, history: &HistorySpec) {
+    let succeeded = |run: &RunRecord| run.outcome == RunOutcome::Succeeded;
+    let limit = |succeeded| {
+        if succeeded {
+            history.successful_runs_limit as usize
+        } else {
+            history.failed_runs_limit as usize
+        }
+    };
+    // The oldest of its kind goes first when its kind is full: the list never grows past its
+    // bound (a Vec keeps the capacity it grew to, and every task keeps one).
+    let kind = succeeded(&record);
+    if recent.iter().filter(|run| succeeded(run) == kind).count() >= limit(kind)
+        && let Some(oldest) = recent.iter().rposition(|run| succeeded(run) == kind)
+    {
+        recent.remove(oldest);
+    }
     recent.insert(0, record);
     let (mut successes, mut failures) = (0, 0);
     recent.retain(|run| {
-        let (count, limit) = match run.outcome {
-            RunOutcome::Succeeded => (&mut successes, history.successful_runs_limit),
-            RunOutcome::Failed | RunOutcome::Missed => (&mut failures, history.failed_runs_limit),
+        let count = if succeeded(run) {
+            &mut successes
+        } else {
+            &mut failures
         };
         *count += 1;
-        *count <= limit
+        *count <= limit(succeeded(run))
     });
 }
 
@@ -297,6 +316,23 @@ mod tests {
     }
 
     #[test]
+    fn recent_runs_never_hold_room_for_more_than_they_keep() {
+        let history = HistorySpec::default();
+        let kept = (history.successful_runs_limit + history.failed_runs_limit) as usize;
+        let mut recent = Vec::new();
+        for n in 0..20 {
+            let outcome = if n % 3 == 0 {
+                RunOutcome::Failed
+            } else {
+                RunOutcome::Succeeded
+            };
+            push_recent(&mut recent, record(n, outcome), &history);
+            assert!(recent.len() <= kept);
+            assert_eq!(recent.capacity(), kept, "after run {n}");
+        }
+    }
+
+    #[test]
     fn ready_transition_time_moves_only_on_change() {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let t1 = t0 + chrono::Duration::seconds(60);
@@ -304,6 +340,7 @@ mod tests {
         set_ready(&mut conditions, true, "Scheduled", None, Some(1), t0);
         set_ready(&mut conditions, true, "Scheduled", None, Some(2), t1);
         assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions.capacity(), 1, "room for one condition only");
         assert_eq!(
             conditions[0].last_transition_time.0.as_second(),
             t0.timestamp()

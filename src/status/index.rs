@@ -4,7 +4,7 @@
 //! ([`super::writer`]) takes snapshots of changed tasks under its budget; Events leave through a
 //! bounded queue, rate-limited per task and reason.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,9 +24,7 @@ use crate::crd::{
     ActiveRun, BackfillStatus, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord,
 };
 use crate::ledger::{Ledger, RecordMissed, RetriedMarks};
-use crate::run::{
-    Outcome, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, TaskMap, Term,
-};
+use crate::run::{Outcome, Report, ReportSink, ScheduleState, TaskId, TaskKey, TaskMap, Term};
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
 /// summed up in the next.
@@ -59,15 +57,15 @@ struct TaskState {
     /// The phase and message stored in the cluster when first seen, so that state Events
     /// (Paused, InvalidSpec) are not sent again after an operator restart.
     stored_phase: Option<(Phase, Option<String>)>,
-    active: BTreeMap<RunId, ActiveRun>,
-    /// Counters, history and conditions (as last rendered, so lastTransitionTime only moves on
-    /// change).
+    /// Counters, history, conditions (as last rendered, so lastTransitionTime only moves on
+    /// change) and the runs in flight (by id; no allocation while there is none).
     status: ChronTaskStatus,
     /// The revision of the ledger's counts applied last ([`crate::ledger::Counts::revision`]).
     counts_revision: u64,
     write: WriteState,
-    /// Windows of the rate-limited Event reasons this task sent (most tasks send none).
-    events: HashMap<&'static str, EventWindow>,
+    /// Windows of the rate-limited Event reasons ([`THROTTLED`]) while one is open (most tasks
+    /// have none).
+    events: Option<Box<EventWindows>>,
 }
 
 /// How long a new task's status waits for the engine's first fact before it is written Pending.
@@ -104,6 +102,11 @@ impl WriteState {
         self.changed_since.get_or_insert(now);
     }
 }
+
+/// The Event reasons sent at most once per task and [`EVENT_WINDOW`].
+const THROTTLED: [&str; 2] = [reasons::RUN_FAILED, reasons::RUN_MISSED];
+
+type EventWindows = [EventWindow; THROTTLED.len()];
 
 #[derive(Default)]
 struct EventWindow {
@@ -371,7 +374,6 @@ impl Index {
                 history,
                 schedule: None,
                 stored_phase: status.phase.map(|p| (p, status.message.clone())),
-                active: BTreeMap::new(),
                 // Runs in flight and derived fields are recomputed; counters and history stay.
                 status: ChronTaskStatus {
                     active: Vec::new(),
@@ -384,7 +386,7 @@ impl Index {
                     observed: Some(Instant::now()),
                     ..WriteState::default()
                 },
-                events: HashMap::new(),
+                events: None,
             }
         };
         match self.tasks.get_mut(&task.key) {
@@ -448,10 +450,19 @@ impl Index {
                     start_time: Some(started),
                     job_name: job,
                 };
-                state.active.insert(run_id, active);
+                let runs = &mut status.active;
+                match runs.binary_search_by(|run| run.run_id.as_str().cmp(run_id.as_str())) {
+                    Ok(at) => runs[at] = active,
+                    Err(at) => runs.insert(at, active),
+                }
             }
             Report::Finished { run, .. } => {
-                state.active.remove(&run.run_id);
+                status
+                    .active
+                    .retain(|active| active.run_id != run.run_id.as_str());
+                if status.active.is_empty() {
+                    status.active = Vec::new();
+                }
                 if run.run_id.request().is_none() {
                     status.last_schedule_time = status.last_schedule_time.max(Some(run.scheduled));
                 }
@@ -584,10 +595,9 @@ impl Index {
         let Some(state) = self.tasks.get_mut(key) else {
             return;
         };
-        let throttled = matches!(reason, reasons::RUN_FAILED | reasons::RUN_MISSED);
         let mut suppressed = 0;
-        if throttled {
-            let window = state.events.entry(reason).or_default();
+        if let Some(slot) = THROTTLED.iter().position(|throttled| *throttled == reason) {
+            let window = &mut state.events.get_or_insert_default()[slot];
             if window.last_sent.is_some_and(|at| now - at < EVENT_WINDOW) {
                 window.suppressed += 1;
                 window.pending = Some((severity, note));
@@ -612,26 +622,36 @@ impl Index {
     pub fn release_events(&mut self) {
         let now = Instant::now();
         let mut due = Vec::new();
-        for (key, state) in &self.tasks {
-            for (reason, window) in &state.events {
-                if window.pending.is_some()
-                    && window.last_sent.is_none_or(|at| now - at >= EVENT_WINDOW)
-                {
-                    due.push((key.clone(), *reason));
+        for (key, state) in &mut self.tasks {
+            let Some(windows) = &state.events else {
+                continue;
+            };
+            let mut open = false;
+            for (slot, window) in windows.iter().enumerate() {
+                let passed = window.last_sent.is_none_or(|at| now - at >= EVENT_WINDOW);
+                if window.pending.is_some() && passed {
+                    due.push((key.clone(), slot));
                 }
+                open |= window.pending.is_some() || !passed;
+            }
+            // Windows that passed with nothing held back are forgotten: the next Event goes
+            // out at once, as it would have.
+            if !open {
+                state.events = None;
             }
         }
-        for (key, reason) in due {
+        for (key, slot) in due {
             let pending = self
                 .tasks
                 .get_mut(&key)
-                .and_then(|s| s.events.get_mut(reason))
-                .and_then(|w| {
-                    w.suppressed = w.suppressed.saturating_sub(1);
-                    w.pending.take()
+                .and_then(|s| s.events.as_mut())
+                .and_then(|windows| {
+                    let window = &mut windows[slot];
+                    window.suppressed = window.suppressed.saturating_sub(1);
+                    window.pending.take()
                 });
             if let Some((severity, note)) = pending {
-                self.emit(&key, reason, severity, note, now);
+                self.emit(&key, THROTTLED[slot], severity, note, now);
             }
         }
     }
@@ -903,7 +923,7 @@ fn phase_key(state: &TaskState) -> PhaseKey {
     let (spec, has_next_run) = spec_state(state.schedule.as_ref());
     conditions::phase(&PhaseInputs {
         spec: &spec,
-        running: !state.active.is_empty(),
+        running: !state.status.active.is_empty(),
         has_next_run,
         last_outcome: state.status.last_run.as_ref().map(|r| r.outcome),
     })
@@ -941,7 +961,6 @@ fn render(state: &mut TaskState, now: DateTime<Utc>) -> ChronTaskStatus {
             status.schedulable_since,
         ),
     };
-    status.active = state.active.values().cloned().collect();
     status.success_rate = conditions::success_rate(status.successful_runs, status.failed_runs);
     status.observed_generation = state.generation;
     status
@@ -954,7 +973,7 @@ fn format_seconds(duration: chrono::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::FinishedRun;
+    use crate::run::{FinishedRun, RunId};
     use chrono::TimeZone;
 
     fn t(second: i64) -> DateTime<Utc> {
@@ -1372,6 +1391,15 @@ mod tests {
             "the newest run: {sent:?}"
         );
         assert!(sent[0].1.contains("3 more RunFailed"), "{sent:?}");
+        tokio::time::advance(EVENT_WINDOW).await;
+        index.lock().release_events();
+        assert!(events(&mut rx).is_empty());
+        assert!(
+            index.lock().tasks[&task.key].events.is_none(),
+            "a window that passed with nothing held back is forgotten"
+        );
+        finished(&index, &task, 6, Outcome::Failed);
+        assert_eq!(events(&mut rx).len(), 1, "the next failure is sent at once");
     }
 
     #[tokio::test(start_paused = true)]
