@@ -147,15 +147,18 @@ impl StatusWriter {
             .written(task, result, self.config.flush_interval, MAX_BACKOFF);
     }
 
-    /// Writes everything still changed, with no budget and no per-task interval, retrying
-    /// failures until the deadline: the last runs' outcomes must reach the cluster.
+    /// Writes everything still changed, with no budget and no per-task interval (but at most
+    /// [`CONCURRENT_PATCHES`] at once), retrying failures until the deadline: the last runs' outcomes must reach the cluster.
     async fn final_flush(&self, mut writes: FuturesUnordered<Write>, deadline: Duration) {
         if self.leader.borrow().is_none() {
             return;
         }
         let deadline = Instant::now() + deadline;
         loop {
-            let (batch, _) = self.index.lock().take(usize::MAX, Duration::ZERO);
+            // No budget, but no more writes at once than ever: thousands of connections at
+            // once were refused, by an apiserver that answers them all the slower.
+            let room = CONCURRENT_PATCHES.saturating_sub(writes.len());
+            let (batch, _) = self.index.lock().take(room, Duration::ZERO);
             writes.extend(batch.into_iter().map(|s| self.write(s)));
             if writes.is_empty() {
                 if self.index.lock().pending_writes() == 0 {
@@ -228,5 +231,73 @@ impl StatusWriter {
             };
             (task, result, answer)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::crd::HistorySpec;
+    use crate::run::{Report, ReportSink, ScheduleState, TaskKey};
+    use crate::status::index::Observed;
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    /// At a stop with many statuses unwritten (92 245 at 100 000 tasks), the final flush
+    /// started one write per task at once: hundreds of connections refused, on an apiserver
+    /// already busy.
+    #[tokio::test]
+    async fn the_final_flush_keeps_as_few_writes_in_flight_as_ever() {
+        let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (events, _events) = tokio::sync::mpsc::channel(16);
+        let index = StatusIndex::new(events, Clock::System);
+        let term = Term {
+            holder: "me".into(),
+            epoch: 1,
+        };
+        let (_leading, leader) = watch::channel(Some(term));
+        index.follow_leader(leader.clone());
+        for n in 0..CONCURRENT_PATCHES * 3 {
+            let task = TaskId::new(TaskKey::new("ns", format!("t-{n}")), format!("uid-{n}"));
+            index.observe(Observed {
+                task: task.clone(),
+                generation: Some(1),
+                status: None,
+                history: HistorySpec::default(),
+            });
+            index.record(Report::Schedule {
+                task,
+                state: ScheduleState::Scheduled {
+                    schedule: "every 1s".into(),
+                    next: None,
+                    since: chrono::Utc::now(),
+                },
+            });
+        }
+        let config = WriterConfig {
+            flush_interval: Duration::ZERO,
+            writes_per_second: 1,
+        };
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let writer = StatusWriter::new(client, index, leader, config);
+        let _flush = tokio::spawn(writer.run(stop, Duration::from_secs(60)));
+        // Nothing is answered: every write the flush started is still in flight.
+        let mut in_flight = Vec::new();
+        while let Ok(Some(call)) =
+            tokio::time::timeout(Duration::from_millis(500), api.next_request()).await
+        {
+            in_flight.push(call);
+        }
+        assert_eq!(in_flight.len(), CONCURRENT_PATCHES);
+        let (_, respond) = in_flight.pop().unwrap();
+        respond.send_response(Response::builder().status(500).body(Body::empty()).unwrap());
+        let next = tokio::time::timeout(Duration::from_secs(5), api.next_request()).await;
+        assert!(
+            matches!(next, Ok(Some(_))),
+            "an answer makes room for the next"
+        );
     }
 }
