@@ -44,6 +44,7 @@ pub mod run;
 pub mod schedule;
 pub mod scheduler;
 pub mod server;
+pub mod shard;
 pub mod standalone;
 pub mod status;
 pub mod telemetry;
