@@ -36,6 +36,7 @@ pub mod error;
 pub mod executor;
 pub mod leader;
 pub mod ledger;
+pub mod members;
 pub mod metrics;
 pub mod names;
 pub mod operator;

@@ -19,6 +19,7 @@ mod ledger;
 mod lifecycle;
 mod load;
 mod logging;
+mod members;
 mod observability;
 mod operator;
 mod run_now;

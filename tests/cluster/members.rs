@@ -1,0 +1,144 @@
+//! Replicas announce themselves with a Lease each and agree on the ring of shards (issue 32's
+//! first steps, `src/members.rs`): against the real apiserver, every member sees the same
+//! members and owners, one that dies leaves once its Lease expired, one that stops leaves at
+//! once, and only the leaver's shards move.
+
+use std::time::Duration;
+
+use chronflow::leader::{Identity, Timings};
+use chronflow::members::{MEMBER_OF, Members};
+use chronflow::shard::{Ring, moves};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{eventually, namespace, test_env};
+
+const GROUP: &str = "chronflow-leader";
+const LEASE: Duration = Duration::from_secs(4);
+
+struct Member {
+    ring: watch::Receiver<Ring>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Member {
+    fn start(client: &Client, ns: &str, pod: &str) -> Member {
+        let timings = Timings {
+            lease_duration: LEASE,
+            renew_deadline: Duration::from_secs(3),
+            retry_period: Duration::from_millis(200),
+            max_clock_skew: Duration::ZERO,
+        };
+        let members = Members::new(
+            Api::namespaced(client.clone(), ns),
+            GROUP,
+            Identity::new(pod),
+            timings,
+        );
+        let (tx, ring) = watch::channel(Ring::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { members.run(tx, stop).await }
+        });
+        Member { ring, stop, task }
+    }
+
+    fn members(&self) -> Vec<String> {
+        let ring = self.ring.borrow();
+        ring.members().iter().map(|m| m.to_string()).collect()
+    }
+}
+
+async fn all_see(members: &[&Member], expected: &[&str]) {
+    eventually(&format!("every member to see {expected:?}"), || async {
+        members
+            .iter()
+            .all(|m| m.members() == expected)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn replicas_agree_on_the_ring_and_a_leaver_moves_only_its_own_shards() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "members").await;
+    let a = Member::start(&client, &ns, "chronflow-a");
+    let b = Member::start(&client, &ns, "chronflow-b");
+    let c = Member::start(&client, &ns, "chronflow-c");
+    all_see(
+        &[&a, &b, &c],
+        &["chronflow-a", "chronflow-b", "chronflow-c"],
+    )
+    .await;
+    let three = a.ring.borrow().clone();
+    for other in [&b, &c] {
+        assert!(
+            moves(&three, &other.ring.borrow()).is_empty(),
+            "one owner per shard everywhere"
+        );
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let listed = leases
+        .list(&ListParams::default().labels(&format!("{MEMBER_OF}={GROUP}")))
+        .await
+        .unwrap();
+    let mut names: Vec<_> = listed
+        .items
+        .iter()
+        .map(|l| l.metadata.name.clone().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "chronflow-leader-chronflow-a",
+            "chronflow-leader-chronflow-b",
+            "chronflow-leader-chronflow-c"
+        ]
+    );
+
+    // Killed: nothing deletes its Lease; the others wait for it to expire.
+    c.task.abort();
+    let killed = Instant::now();
+    all_see(&[&a, &b], &["chronflow-a", "chronflow-b"]).await;
+    let gone_after = killed.elapsed();
+    assert!(
+        gone_after >= LEASE - Duration::from_secs(1),
+        "left {gone_after:?} after it died: before its Lease expired"
+    );
+    let two = a.ring.borrow().clone();
+    let moved = moves(&three, &two);
+    assert!(!moved.is_empty());
+    assert!(
+        moved
+            .iter()
+            .all(|m| m.from.as_deref() == Some("chronflow-c")),
+        "only the dead replica's shards move: {moved:?}"
+    );
+
+    // Stopped: it deletes its Lease and leaves at once.
+    b.stop.cancel();
+    let stopped = Instant::now();
+    b.task.await.unwrap();
+    all_see(&[&a], &["chronflow-a"]).await;
+    assert!(
+        stopped.elapsed() < LEASE / 2,
+        "left {:?} after it stopped",
+        stopped.elapsed()
+    );
+    assert!(
+        leases
+            .get_opt("chronflow-leader-chronflow-b")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    a.stop.cancel();
+}
