@@ -261,17 +261,25 @@ mod tests {
         }
 
         #[test]
-        fn no_replica_is_left_out_or_loaded_double(names in prop::collection::hash_set("[a-z][a-z0-9-]{0,20}", 2..6)) {
+        fn no_replica_is_left_out_or_loaded_double(
+            names in prop::collection::hash_set("[a-z][a-z0-9-]{0,20}", 2..6),
+        ) {
             let ring = Ring::new(&names);
             let share = SHARDS / names.len();
             for name in &names {
                 let held = ring.shards_of(name).len();
-                prop_assert!(held > share / 3 && held < share * 2, "{} holds {} for {} each", name, held, share);
+                prop_assert!(
+                    held > share / 3 && held < share * 2,
+                    "{} holds {} for {} each", name, held, share
+                );
             }
         }
 
         #[test]
-        fn a_replica_that_joins_only_takes_shards(names in members(), newcomer in "[A-Z][a-z]{0,8}") {
+        fn a_replica_that_joins_only_takes_shards(
+            names in members(),
+            newcomer in "[A-Z][a-z]{0,8}",
+        ) {
             let before = Ring::new(&names);
             let after = Ring::new(names.iter().map(String::as_str).chain([newcomer.as_str()]));
             for moved in moves(&before, &after) {
@@ -280,7 +288,10 @@ mod tests {
         }
 
         #[test]
-        fn a_replica_that_leaves_gives_up_only_its_own(names in members(), leaving in any::<prop::sample::Index>()) {
+        fn a_replica_that_leaves_gives_up_only_its_own(
+            names in members(),
+            leaving in any::<prop::sample::Index>(),
+        ) {
             let before = Ring::new(&names);
             let gone = leaving.get(&names).clone();
             let after = Ring::new(names.iter().filter(|n| **n != gone));

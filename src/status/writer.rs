@@ -148,7 +148,8 @@ impl StatusWriter {
     }
 
     /// Writes everything still changed, with no budget and no per-task interval (but at most
-    /// [`CONCURRENT_PATCHES`] at once), retrying failures until the deadline: the last runs' outcomes must reach the cluster.
+    /// [`CONCURRENT_PATCHES`] at once), retrying failures until the deadline: the last runs'
+    /// outcomes must reach the cluster.
     async fn final_flush(&self, mut writes: FuturesUnordered<Write>, deadline: Duration) {
         if self.leader.borrow().is_none() {
             return;
