@@ -153,6 +153,9 @@ async fn helm_install_then_kubectl_as_a_user_would() {
         &["get", "secrets", "-n", "shop"],
         &["get", "configmaps", "-n", "shop"],
         &["update", "leases.coordination.k8s.io", "-n", NS],
+        // Each replica's member Lease: listed with the others', deleted at a stop.
+        &["list", "leases.coordination.k8s.io", "-n", NS],
+        &["delete", "leases.coordination.k8s.io", "-n", NS],
         // config.metrics.auth: kubernetes, the chart's default.
         &["create", "tokenreviews.authentication.k8s.io"],
         &["create", "subjectaccessreviews.authorization.k8s.io"],

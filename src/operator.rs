@@ -22,10 +22,12 @@ use crate::controller::{self, Context, JobRules, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
 use crate::leader::{Elector, Identity, Term, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
+use crate::members::Members;
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::run::ReportSink;
 use crate::server::access::Access;
 use crate::server::{self, Endpoint, Health};
+use crate::shard::Ring;
 use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
 
@@ -140,6 +142,15 @@ pub async fn run(
             epochs,
         ))
     });
+    // Each replica announces itself beside the election (issue 32: shards will be spread over
+    // these members); `kubectl get leases` and `/stats` show them.
+    let members = election.then(|| {
+        let lease = &config.leader_election;
+        let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
+        let timings = Timings::from(lease);
+        let members = Members::new(api, &lease.lease_name, instance.clone(), timings);
+        (members, watch::channel(Ring::default()))
+    });
     metrics.watch(Live {
         executor: core.load.clone(),
         status: index.clone(),
@@ -154,6 +165,7 @@ pub async fn run(
         executor: core.load.clone(),
         health: health.clone(),
         leader: leader.clone(),
+        members: members.as_ref().map(|(_, (_, ring))| ring.clone()),
         access: (config.metrics.auth == MetricsAuth::Kubernetes)
             .then(|| Arc::new(Access::new(client.clone(), "/metrics"))),
     };
@@ -191,6 +203,11 @@ pub async fn run(
         });
     } else {
         drop(term_tx); // the one term never changes
+    }
+    // Its Lease goes with the writing stage, as the leader's is released after it.
+    if let Some((members, (ring, _))) = members {
+        let stop = writing.clone();
+        writing_tasks.spawn(async move { members.run(ring, stop).await });
     }
     let writer = StatusWriter::new(
         client.clone(),

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::executor::LoadGauge;
 use crate::leader::Term;
 use crate::metrics::Metrics;
+use crate::shard::Ring;
 use crate::status::StatusIndex;
 
 /// What readiness waits for: the ChronTask CRD served, the first watch sync of every watched
@@ -98,6 +99,8 @@ pub struct Endpoint {
     pub health: Arc<Health>,
     /// The leadership term, for `/stats`.
     pub leader: watch::Receiver<Option<Term>>,
+    /// The live replicas (`src/members.rs`), for `/stats`; `None` without leader election.
+    pub members: Option<watch::Receiver<Ring>>,
     /// Who may read `/metrics`: `None`, whoever reaches the port.
     pub access: Option<Arc<access::Access>>,
 }
@@ -166,6 +169,10 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
         "max_workers": load.max_workers,
         "leader": endpoint.leader.borrow().is_some(),
         "epoch": endpoint.leader.borrow().as_ref().map(|term| term.epoch),
+        "members": endpoint.members.as_ref().map(|ring| {
+            let ring = ring.borrow();
+            ring.members().iter().map(ToString::to_string).collect::<Vec<_>>()
+        }),
         "version": env!("CARGO_PKG_VERSION"),
         "tasks_by_phase": phases,
         "status_writes": status,

@@ -146,6 +146,7 @@ pub async fn run(
             executor: core.load.clone(),
             health: health.clone(),
             leader,
+            members: None,
             access: None,
         };
         tasks.spawn(server::serve(listener, endpoint, firing.clone()));

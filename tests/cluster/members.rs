@@ -142,3 +142,56 @@ async fn replicas_agree_on_the_ring_and_a_leaver_moves_only_its_own_shards() {
     );
     a.stop.cancel();
 }
+
+/// The operator runs it: two `chronflow run` replicas list each other in `/stats` and in
+/// `kubectl get leases`; one stopped with SIGTERM deletes its Lease on its way out.
+#[tokio::test]
+async fn replicas_of_the_operator_list_each_other_and_a_stopped_one_leaves() {
+    use crate::failover::Replica;
+    use crate::observability::{free_address, get};
+
+    let client = test_env().client().await;
+    let ns = namespace(&client, "members-op").await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = &test_env().redis_url;
+    let endpoints = [free_address(), free_address()];
+    let mut replicas = [("m0", endpoints[0]), ("m1", endpoints[1])].map(|(name, address)| {
+        let bind = address.to_string();
+        let env = [("SCHEDULER__METRICS__BIND", bind.as_str())];
+        Replica::start_with(&ns, name, redis, &dir, "", &test_env().kubeconfig, &env)
+    });
+    let members_at = |address| async move {
+        let (_, stats) = get(address, "/stats").await?;
+        let stats: serde_json::Value = serde_json::from_str(&stats).ok()?;
+        Some(stats["members"].clone())
+    };
+    for address in endpoints {
+        eventually("each replica to list both", || async {
+            members_at(address)
+                .await
+                .filter(|m| *m == serde_json::json!(["m0", "m1"]))
+        })
+        .await;
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    for name in ["chronflow-leader-m0", "chronflow-leader-m1"] {
+        assert!(leases.get_opt(name).await.unwrap().is_some(), "{name}");
+    }
+
+    assert!(replicas[1].terminate().success(), "{}", replicas[1].logs());
+    // Deleted on its way out, not left to expire.
+    assert!(
+        leases
+            .get_opt("chronflow-leader-m1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    eventually("the other to list itself only", || async {
+        members_at(endpoints[0])
+            .await
+            .filter(|m| *m == serde_json::json!(["m0"]))
+    })
+    .await;
+    assert!(replicas[0].terminate().success(), "{}", replicas[0].logs());
+}
