@@ -61,6 +61,12 @@ pub const MAX_STARTING_DEADLINE_SECONDS: i64 = 366 * 86_400;
         json_path = ".status.message",
         priority = "1"
     ),
+    printcolumn(
+        name = "Replica",
+        type_ = "string",
+        json_path = ".status.replica",
+        priority = "1"
+    ),
     selectable = ".status.phase",
     selectable = ".spec.paused"
 )]

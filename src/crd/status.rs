@@ -99,6 +99,11 @@ pub struct ChronTaskStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// The replica (its pod name) that runs the task and wrote this status: with several
+    /// replicas, the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Lifecycle phase of a ChronTask.

@@ -694,6 +694,7 @@ impl Index {
             .map(|(_, _, key)| key.clone())
             .collect();
         let now_utc = self.clock.now();
+        let replica = self.replica();
         let batch = chosen
             .into_iter()
             .filter_map(|key| {
@@ -704,7 +705,7 @@ impl Index {
                 state.write.sending_phase = Some(phase_key(state));
                 Some(Snapshot {
                     task: TaskId::new(key, state.uid.clone()),
-                    status: render(state, now_utc),
+                    status: render(state, now_utc, replica.as_deref()),
                 })
             })
             .collect();
@@ -823,7 +824,16 @@ impl Index {
     /// The status as it would be written now (tests, `/stats`).
     pub fn status(&mut self, key: &TaskKey) -> Option<ChronTaskStatus> {
         let now = self.clock.now();
-        self.tasks.get_mut(key).map(|state| render(state, now))
+        let replica = self.replica();
+        self.tasks
+            .get_mut(key)
+            .map(|state| render(state, now, replica.as_deref()))
+    }
+
+    /// The pod name of this term's holder (`POD_NAME#nonce`).
+    fn replica(&self) -> Option<String> {
+        let holder = &self.term.as_ref()?.holder;
+        Some(holder.split('#').next().unwrap_or(holder).to_string())
     }
 }
 
@@ -930,7 +940,7 @@ fn phase_key(state: &TaskState) -> PhaseKey {
 }
 
 /// The status to write: what is stored plus what is derived from the task's state.
-fn render(state: &mut TaskState, now: DateTime<Utc>) -> ChronTaskStatus {
+fn render(state: &mut TaskState, now: DateTime<Utc>, replica: Option<&str>) -> ChronTaskStatus {
     let (phase, ready, reason, message) = phase_key(state);
     conditions::set_ready(
         &mut state.status.conditions,
@@ -963,6 +973,7 @@ fn render(state: &mut TaskState, now: DateTime<Utc>) -> ChronTaskStatus {
     };
     status.success_rate = conditions::success_rate(status.successful_runs, status.failed_runs);
     status.observed_generation = state.generation;
+    status.replica = replica.map(str::to_string);
     status
 }
 
@@ -1237,6 +1248,26 @@ mod tests {
         index.stored(&task, handled("older"));
         let status = &index.lock().tasks[&task.key].status;
         assert_eq!(status.last_run_now.as_deref(), Some("newer"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_status_names_the_replica_of_the_term_that_writes_it() {
+        let (index, _events) = index();
+        let task = id("t");
+        observe(&index, &task, None);
+        schedule(&index, &task, scheduled(5));
+        let (term, leader) = watch::channel(None);
+        index.follow_leader(leader);
+        assert_eq!(index.lock().status(&task.key).unwrap().replica, None);
+        let holder = Term {
+            holder: "chronflow-1#0badcafe".into(),
+            epoch: 3,
+        };
+        term.send_replace(Some(holder));
+        index.lock().follow();
+        let (written, _) = index.lock().take(10, Duration::ZERO);
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].status.replica.as_deref(), Some("chronflow-1"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -127,7 +127,7 @@ impl Drop for Replica {
 }
 
 /// The Lease's holder, if any: the replica's name (its `POD_NAME`, without the process's nonce).
-async fn holder(ns: &str) -> Option<String> {
+pub(crate) async fn holder(ns: &str) -> Option<String> {
     holder_in(test_env().client().await, ns).await
 }
 

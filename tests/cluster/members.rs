@@ -144,21 +144,25 @@ async fn replicas_agree_on_the_ring_and_a_leaver_moves_only_its_own_shards() {
 }
 
 /// The operator runs it: two `chronflow run` replicas list each other in `/stats` and in
-/// `kubectl get leases`; one stopped with SIGTERM deletes its Lease on its way out.
+/// `kubectl get leases`, and a task's status names the leader; the leader stopped with SIGTERM
+/// deletes its Lease on its way out, and the other names itself.
 #[tokio::test]
 async fn replicas_of_the_operator_list_each_other_and_a_stopped_one_leaves() {
-    use crate::failover::Replica;
+    use crate::failover::{Replica, holder};
     use crate::observability::{free_address, get};
+    use crate::operator::{create, status_where};
+    use chronflow::ChronTask;
 
     let client = test_env().client().await;
     let ns = namespace(&client, "members-op").await;
     let dir = tempfile::tempdir().unwrap();
     let redis = &test_env().redis_url;
     let endpoints = [free_address(), free_address()];
-    let mut replicas = [("m0", endpoints[0]), ("m1", endpoints[1])].map(|(name, address)| {
-        let bind = address.to_string();
+    let names = ["m0", "m1"];
+    let mut replicas = [0, 1].map(|i| {
+        let bind = endpoints[i].to_string();
         let env = [("SCHEDULER__METRICS__BIND", bind.as_str())];
-        Replica::start_with(&ns, name, redis, &dir, "", &test_env().kubeconfig, &env)
+        Replica::start_with(&ns, names[i], redis, &dir, "", &test_env().kubeconfig, &env)
     });
     let members_at = |address| async move {
         let (_, stats) = get(address, "/stats").await?;
@@ -169,7 +173,7 @@ async fn replicas_of_the_operator_list_each_other_and_a_stopped_one_leaves() {
         eventually("each replica to list both", || async {
             members_at(address)
                 .await
-                .filter(|m| *m == serde_json::json!(["m0", "m1"]))
+                .filter(|m| *m == serde_json::json!(names))
         })
         .await;
     }
@@ -178,20 +182,40 @@ async fn replicas_of_the_operator_list_each_other_and_a_stopped_one_leaves() {
         assert!(leases.get_opt(name).await.unwrap().is_some(), "{name}");
     }
 
-    assert!(replicas[1].terminate().success(), "{}", replicas[1].logs());
-    // Deleted on its way out, not left to expire.
-    assert!(
-        leases
-            .get_opt("chronflow-leader-m1")
-            .await
-            .unwrap()
-            .is_none()
-    );
-    eventually("the other to list itself only", || async {
-        members_at(endpoints[0])
-            .await
-            .filter(|m| *m == serde_json::json!(["m0"]))
+    let tasks: Api<ChronTask> = Api::namespaced(client.clone(), &ns);
+    let spec = serde_json::json!({
+        "schedule": {"interval": "1h"},
+        "action": {"http": {"url": "http://127.0.0.1:9/never"}}
+    });
+    create(&tasks, "named", spec).await;
+    let leader = eventually("a leader", || async { holder(&ns).await }).await;
+    status_where(&tasks, "named", "the leader's name", |s| {
+        s.replica.as_deref() == Some(leader.as_str())
     })
     .await;
-    assert!(replicas[0].terminate().success(), "{}", replicas[0].logs());
+
+    let (stopped, other) = if leader == names[0] { (0, 1) } else { (1, 0) };
+    assert!(
+        replicas[stopped].terminate().success(),
+        "{}",
+        replicas[stopped].logs()
+    );
+    // Deleted on its way out, not left to expire.
+    let gone = format!("chronflow-leader-{}", names[stopped]);
+    assert!(leases.get_opt(&gone).await.unwrap().is_none());
+    eventually("the other to list itself only", || async {
+        members_at(endpoints[other])
+            .await
+            .filter(|m| *m == serde_json::json!([names[other]]))
+    })
+    .await;
+    status_where(&tasks, "named", "the new leader's name", |s| {
+        s.replica.as_deref() == Some(names[other])
+    })
+    .await;
+    assert!(
+        replicas[other].terminate().success(),
+        "{}",
+        replicas[other].logs()
+    );
 }
