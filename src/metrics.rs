@@ -32,6 +32,7 @@ use crate::ledger::{
     Counts, Ledger, LedgerError, Mark, Marked, RedisLedger, RetriedMarks, TakeOver, Verdict,
 };
 use crate::run::{MissKind, Outcome, Report, ReportSink, RunId, TaskId, TaskKey};
+use crate::shard::Ring;
 use crate::status::StatusIndex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -429,6 +430,8 @@ pub struct Live {
     pub kept_marks: Option<Arc<RetriedMarks>>,
     /// The local clock minus the ledger's, in ms, as the elector last measured it.
     pub clock_skew: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// The live replicas (`src/members.rs`), with leader election.
+    pub members: Option<watch::Receiver<Ring>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -553,6 +556,15 @@ impl Collector for Live {
                 "clock_skew_milliseconds",
                 "This replica's clock minus the Redis ledger's; beyond leader_election.max_clock_skew it does not lead",
                 skew.load(std::sync::atomic::Ordering::Relaxed),
+            )?;
+        }
+        if let Some(ring) = &self.members {
+            let members = ring.borrow().members().len();
+            gauge(
+                &mut encoder,
+                "members",
+                "Live replicas: member Leases renewed within their duration, this one included",
+                as_i64(members),
             )?;
         }
         if let Some(kept) = &self.kept_marks {

@@ -158,6 +158,7 @@ pub async fn run(
         redis,
         kept_marks,
         clock_skew: elector.as_ref().map(|elector| elector.clock_skew()),
+        members: members.as_ref().map(|(_, (_, ring))| ring.clone()),
     });
     let endpoint = Endpoint {
         metrics: metrics.clone(),

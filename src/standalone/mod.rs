@@ -139,6 +139,7 @@ pub async fn run(
             redis,
             kept_marks,
             clock_skew: None,
+            members: None,
         });
         let endpoint = Endpoint {
             metrics: metrics.clone(),

@@ -177,6 +177,11 @@ async fn replicas_of_the_operator_list_each_other_and_a_stopped_one_leaves() {
         })
         .await;
     }
+    let (_, metrics) = get(endpoints[0], "/metrics").await.unwrap();
+    assert!(
+        metrics.lines().any(|line| line == "chronflow_members 2"),
+        "{metrics}"
+    );
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     for name in ["chronflow-leader-m0", "chronflow-leader-m1"] {
         assert!(leases.get_opt(name).await.unwrap().is_some(), "{name}");
