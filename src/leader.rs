@@ -106,6 +106,12 @@ impl Identity {
     }
 }
 
+/// The pod name in a holder (`POD_NAME#nonce`, a Lease's or a ledger record's); the whole
+/// holder when it carries no nonce.
+pub fn pod_name(holder: &str) -> &str {
+    holder.rsplit_once('#').map_or(holder, |(pod, _)| pod)
+}
+
 impl std::fmt::Display for Identity {
     /// `name#nonce`: the Lease's holder and the ledger's.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -460,5 +466,11 @@ mod tests {
         assert!(!me.earlier_self(&Identity::new("chronflow-1").to_string()));
         assert!(!me.earlier_self("chronflow-0"), "a holder without a nonce");
         assert!(!me.earlier_self(""));
+        assert_eq!(pod_name(&me.to_string()), "chronflow-0");
+        assert_eq!(
+            pod_name("chronflow-0"),
+            "chronflow-0",
+            "a holder without a nonce"
+        );
     }
 }

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::leader::{Identity, Timings};
+use crate::leader::{Identity, Timings, pod_name};
 use crate::shard::Ring;
 
 /// The label that makes a Lease a member of a group (its value: the group's name).
@@ -154,8 +154,8 @@ impl Members {
                     u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
                 );
                 let holder = spec.holder_identity.as_deref()?;
-                let pod = holder.rsplit_once('#').map_or(holder, |(pod, _)| pod);
-                (now.duration_since(entry.changed_at) < duration).then(|| pod.to_string())
+                (now.duration_since(entry.changed_at) < duration)
+                    .then(|| pod_name(holder).to_string())
             })
             .collect();
         live.sort();

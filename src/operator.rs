@@ -151,6 +151,7 @@ pub async fn run(
         let members = Members::new(api, &lease.lease_name, instance.clone(), timings);
         (members, watch::channel(Ring::default()))
     });
+    let ring = members.as_ref().map(|(_, (_, ring))| ring.clone());
     metrics.watch(Live {
         executor: core.load.clone(),
         status: index.clone(),
@@ -158,7 +159,7 @@ pub async fn run(
         redis,
         kept_marks,
         clock_skew: elector.as_ref().map(|elector| elector.clock_skew()),
-        members: members.as_ref().map(|(_, (_, ring))| ring.clone()),
+        members: ring.clone(),
     });
     let endpoint = Endpoint {
         metrics: metrics.clone(),
@@ -166,7 +167,7 @@ pub async fn run(
         executor: core.load.clone(),
         health: health.clone(),
         leader: leader.clone(),
-        members: members.as_ref().map(|(_, (_, ring))| ring.clone()),
+        members: ring,
         access: (config.metrics.auth == MetricsAuth::Kubernetes)
             .then(|| Arc::new(Access::new(client.clone(), "/metrics"))),
     };

@@ -830,10 +830,9 @@ impl Index {
             .map(|state| render(state, now, replica.as_deref()))
     }
 
-    /// The pod name of this term's holder (`POD_NAME#nonce`).
+    /// The pod name of this term's holder.
     fn replica(&self) -> Option<String> {
-        let holder = &self.term.as_ref()?.holder;
-        Some(holder.split('#').next().unwrap_or(holder).to_string())
+        Some(crate::leader::pod_name(&self.term.as_ref()?.holder).to_string())
     }
 }
 

@@ -135,7 +135,7 @@ async fn holder_in(client: kube::Client, ns: &str) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(client, ns);
     let lease = leases.get_opt(LEASE).await.ok()??;
     let holder = lease.spec?.holder_identity.filter(|h| !h.is_empty())?;
-    Some(holder.split('#').next()?.to_string())
+    Some(chronflow::leader::pod_name(&holder).to_string())
 }
 
 async fn leader_among(ns: &str, names: &[&str]) -> String {

@@ -1114,7 +1114,7 @@ impl Rig {
             .ok()?
             .ok()??;
         let holder = lease.spec?.holder_identity?;
-        let pod = holder.split('#').next()?;
+        let pod = chronflow::leader::pod_name(&holder);
         let same_pod: Vec<usize> = (0..self.live.len())
             .filter(|i| self.live[*i].pod == pod)
             .collect();
