@@ -58,4 +58,9 @@ impl Cancel {
         let _ = self.reason.set(reason);
         self.token.cancel();
     }
+
+    /// The same run's handle (clones of one handle are the same).
+    pub(super) fn same(&self, other: &Cancel) -> bool {
+        Arc::ptr_eq(&self.reason, &other.reason)
+    }
 }

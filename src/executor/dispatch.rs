@@ -104,6 +104,7 @@ impl Pool {
                 shared: self.shared.clone(),
                 started: context.clock.now(),
                 run,
+                cancel: cancel.clone(),
                 reported: false,
             };
             let span = info_span!("run", run_id = %guard.run.run_id);

@@ -565,10 +565,19 @@ pub(crate) mod fixtures {
     pub fn executor_queueing(
         queue_size: usize,
     ) -> (Executor, tokio::sync::mpsc::UnboundedReceiver<Report>) {
+        executor_with(2, queue_size)
+    }
+
+    /// An executor of `max_workers` where `queue_size` runs may wait, and its reports; its
+    /// worker side is dropped.
+    pub fn executor_with(
+        max_workers: usize,
+        queue_size: usize,
+    ) -> (Executor, tokio::sync::mpsc::UnboundedReceiver<Report>) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
         let config = ExecutorConfig {
-            max_workers: 2,
+            max_workers,
             queue_size,
             log_success: false,
         };

@@ -529,15 +529,21 @@ impl Shared {
     }
 
     /// A run left the worker pool.
-    pub(super) fn finished(&self, task: &TaskId, run_id: &RunId) {
+    /// A run handed out by [`Shared::next_run`] ended; `cancel` is the handle it was handed
+    /// out with. A run may be handed out twice under one id (a leader that lost its term and
+    /// won the next re-runs the claims it had not started): only this one's place is freed.
+    pub(super) fn finished(&self, task: &TaskId, run_id: &RunId, cancel: &Cancel) {
         {
             let mut state = self.lock();
             let mut freed = false;
             if let Some(runs) = state.tasks.get_mut(task) {
-                runs.active.retain(|(id, cancel)| {
-                    freed |= id == run_id && !cancel.outlives_process;
-                    id != run_id
-                });
+                if let Some(at) = runs
+                    .active
+                    .iter()
+                    .position(|(id, theirs)| id == run_id && theirs.same(cancel))
+                {
+                    freed = !runs.active.remove(at).1.outlives_process;
+                }
                 if runs.is_idle() {
                     state.tasks.remove(task);
                 }
@@ -561,7 +567,7 @@ mod tests {
     use chrono::Utc;
 
     use crate::executor::Retire;
-    use crate::executor::fixtures::{executor, executor_queueing, request};
+    use crate::executor::fixtures::{executor, executor_queueing, executor_with, request};
     use crate::run::{Report, RunId};
 
     #[tokio::test]
@@ -682,8 +688,8 @@ mod tests {
             }
         }
         let mut missed = Vec::new();
-        while let Some((run, _)) = executor.shared.next_run(&mut missed) {
-            executor.shared.finished(&run.task, &run.run_id);
+        while let Some((run, cancel)) = executor.shared.next_run(&mut missed) {
+            executor.shared.finished(&run.task, &run.run_id, &cancel);
         }
         assert!(missed.is_empty(), "{missed:?}");
         now_refused
@@ -770,7 +776,7 @@ mod tests {
         executor.limit_workers_per_namespace(1);
         executor.submit(run_of("a", "1"));
         let mut missed = Vec::new();
-        let first = executor.shared.next_run(&mut missed).unwrap().0;
+        let (first, first_cancel) = executor.shared.next_run(&mut missed).unwrap();
         assert_eq!(first.task.key.to_string(), "a/1");
         // a's one worker is busy: its waiting runs are not looked at, even one whose starting
         // deadline has passed (a lane of 10 000 tasks was scanned per free worker before).
@@ -788,7 +794,9 @@ mod tests {
         assert!(executor.shared.next_run(&mut missed).is_none());
         assert!(missed.is_empty(), "a's lane was looked at: {missed:?}");
         // A worker of a's is free: its late run is looked at then, and missed.
-        executor.shared.finished(&first.task, &first.run_id);
+        executor
+            .shared
+            .finished(&first.task, &first.run_id, &first_cancel);
         assert!(executor.shared.next_run(&mut missed).is_none());
         assert!(
             matches!(&missed[..], [Report::Missed { reason, .. }] if reason.contains("starting deadline")),
@@ -804,12 +812,49 @@ mod tests {
             executor.submit(run_of(namespace, name));
         }
         let mut missed = Vec::new();
-        let mut next = || executor.shared.next_run(&mut missed).map(|(run, _)| run);
-        let first = next().unwrap();
+        let mut next = || executor.shared.next_run(&mut missed);
+        let (first, first_cancel) = next().unwrap();
         assert_eq!(first.task.key.to_string(), "a/1");
-        assert_eq!(next().unwrap().task.key.to_string(), "b/1");
+        assert_eq!(next().unwrap().0.task.key.to_string(), "b/1");
         assert!(next().is_none(), "a/2 waits while a/1 holds a's one worker");
-        executor.shared.finished(&first.task, &first.run_id);
-        assert_eq!(next().unwrap().task.key.to_string(), "a/2");
+        executor
+            .shared
+            .finished(&first.task, &first.run_id, &first_cancel);
+        assert_eq!(next().unwrap().0.task.key.to_string(), "a/2");
+    }
+
+    #[tokio::test]
+    async fn a_run_handed_out_twice_frees_only_its_own_place_when_one_ends() {
+        // A leader that lost its term and won the next one re-runs the runs it had claimed but
+        // not started, under the same ids: the refused one's end must not free the other's
+        // place (three runs of a task allowed two were in flight at once).
+        let (executor, mut reports) = executor_with(4, 10);
+        let allow_two = |at| {
+            let mut run = request(at, at, None);
+            let spec = std::sync::Arc::make_mut(&mut run.spec);
+            spec.concurrency = crate::policy::ConcurrencyPolicy::Allow;
+            spec.max_concurrent_runs = 2;
+            run
+        };
+        let now = Utc::now();
+        let mut missed = Vec::new();
+        executor.submit(allow_two(now));
+        let (refused, refused_cancel) = executor.shared.next_run(&mut missed).unwrap();
+        executor.submit(allow_two(now));
+        let (again, _) = executor.shared.next_run(&mut missed).unwrap();
+        assert_eq!(refused.run_id, again.run_id);
+        executor
+            .shared
+            .finished(&refused.task, &refused.run_id, &refused_cancel);
+        executor.submit(allow_two(now + chrono::Duration::seconds(1)));
+        assert!(executor.shared.next_run(&mut missed).is_some());
+        assert!(missed.is_empty(), "{missed:?}");
+        executor.submit(allow_two(now + chrono::Duration::seconds(2)));
+        match reports.try_recv() {
+            Ok(Report::Missed { reason, .. }) => {
+                assert!(reason.contains("the most allowed: 2"), "{reason}")
+            }
+            other => panic!("a third run in flight: {other:?}"),
+        }
     }
 }

@@ -39,6 +39,8 @@ pub(super) struct WorkerContext {
 pub(super) struct RunGuard {
     pub(super) shared: Arc<Shared>,
     pub(super) run: RunRequest,
+    /// The handle the run was handed out with: it names the run's place in the pool.
+    pub(super) cancel: Cancel,
     pub(super) started: DateTime<Utc>,
     pub(super) reported: bool,
 }
@@ -56,7 +58,8 @@ impl Drop for RunGuard {
                 Err("internal error: the run's worker panicked (a chronflow bug)".into()),
             ));
         }
-        self.shared.finished(&self.run.task, &self.run.run_id);
+        self.shared
+            .finished(&self.run.task, &self.run.run_id, &self.cancel);
     }
 }
 
@@ -374,10 +377,11 @@ mod tests {
         let run = request(at, at, None);
         executor.submit(run);
         let mut dropped = Vec::new();
-        let (run, _cancel) = executor.shared.next_run(&mut dropped).unwrap();
+        let (run, cancel) = executor.shared.next_run(&mut dropped).unwrap();
         let guard = RunGuard {
             shared: executor.shared.clone(),
             run: run.clone(),
+            cancel,
             started: at,
             reported: false,
         };
