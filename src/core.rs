@@ -19,7 +19,7 @@ use crate::executor::job::{JobRunner, NoJobs};
 use crate::executor::{Executor, ExecutorConfig, ExecutorTask, LoadGauge};
 use crate::ledger::Ledger;
 use crate::run::ReportSink;
-use crate::run::Term;
+use crate::shard::Terms;
 
 /// What a core is made of.
 pub struct CoreParts {
@@ -41,8 +41,9 @@ pub struct CoreParts {
     pub ledger: Arc<dyn Ledger>,
     /// Where every report goes (the status index, history, a channel in tests).
     pub sink: Arc<dyn ReportSink>,
-    /// The leadership term; `Some` from start to end where no election runs.
-    pub leader: watch::Receiver<Option<Term>>,
+    /// The terms of the shards this replica holds; every shard from start to end where no
+    /// election runs.
+    pub leader: watch::Receiver<Terms>,
     /// The time source (paused tokio time in tests).
     pub clock: Clock,
 }
@@ -55,7 +56,7 @@ impl CoreParts {
         values: Arc<dyn ValueSource>,
         ledger: Arc<dyn Ledger>,
         sink: Arc<dyn ReportSink>,
-        leader: watch::Receiver<Option<Term>>,
+        leader: watch::Receiver<Terms>,
     ) -> Result<CoreParts, Error> {
         let policy = AddressPolicy {
             deny: config.http.deny_cidrs.clone(),

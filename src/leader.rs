@@ -32,6 +32,7 @@ use crate::config::LeaderElectionConfig;
 use crate::ledger::Ledger;
 
 pub use crate::run::Term;
+pub use crate::shard::Terms;
 
 /// The Lease annotation that carries the current term's epoch: the next candidate starts above
 /// it even when the ledger lost its counter (a Redis restarted empty).
@@ -199,7 +200,7 @@ impl Elector {
     /// drained, so a standby leads only after this replica stopped acting.
     pub async fn run(
         &self,
-        term: watch::Sender<Option<Term>>,
+        term: watch::Sender<Terms>,
         stop: CancellationToken,
         on_first_round: impl FnOnce(),
     ) {
@@ -211,7 +212,7 @@ impl Elector {
             match self.check_clock().await {
                 Err(problem) => {
                     renewed_at = None;
-                    let stepped_down = term.send_replace(None).is_some();
+                    let stepped_down = !term.send_replace(Terms::default()).is_empty();
                     if stepped_down || !skewed {
                         warn!(%problem, stepped_down, "clock skew; not leading");
                     }
@@ -227,7 +228,7 @@ impl Elector {
                 }
                 Ok(()) => {}
             }
-            let leading = term.borrow().is_some();
+            let leading = !term.borrow().is_empty();
             if self.draining.is_cancelled() && !leading {
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -245,7 +246,7 @@ impl Elector {
                 // Woken after a freeze (SIGSTOP, a starved node): too late to renew.
                 Err("the renew deadline passed before this replica could renew".to_string())
             } else {
-                let current = term.borrow().clone();
+                let current = term.borrow().newest().cloned();
                 let attempt = self.attempt(&mut observed, current);
                 match tokio::time::timeout(budget, attempt).await {
                     Ok(outcome) => outcome,
@@ -262,14 +263,14 @@ impl Elector {
             match outcome {
                 Ok(Some(won)) => {
                     renewed_at = Some(Instant::now());
-                    if term.borrow().as_ref() != Some(&won) {
+                    if term.borrow().newest() != Some(&won) {
                         info!(holder = %won.holder, epoch = won.epoch, "leading");
-                        term.send_replace(Some(won));
+                        term.send_replace(Terms::all(won));
                     }
                 }
                 Ok(None) => {
                     renewed_at = None;
-                    if term.send_replace(None).is_some() {
+                    if !term.send_replace(Terms::default()).is_empty() {
                         warn!("lost the lease to another replica; stopped firing");
                     }
                 }
@@ -278,7 +279,7 @@ impl Elector {
                         renewed_at.is_some_and(|at| at.elapsed() >= self.timings.renew_deadline);
                     if overdue {
                         renewed_at = None;
-                        term.send_replace(None);
+                        term.send_replace(Terms::default());
                         warn!(%error, "could not renew the lease within renew_deadline; stopped firing");
                     } else {
                         debug!(%error, "lease update failed; retrying");

@@ -33,6 +33,7 @@ use crate::ledger::{
 };
 use crate::run::{MissKind, Outcome, Report, ReportSink, RunId, TaskId, TaskKey};
 use crate::shard::Ring;
+use crate::shard::Terms;
 use crate::status::StatusIndex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -422,8 +423,8 @@ pub struct Live {
     pub executor: LoadGauge,
     /// Tasks by phase, status writes.
     pub status: StatusIndex,
-    /// The leadership term.
-    pub leader: watch::Receiver<Option<Term>>,
+    /// The terms of the shards this replica holds.
+    pub leader: watch::Receiver<Terms>,
     /// The Redis ledger, when there is one.
     pub redis: Option<Arc<RedisLedger>>,
     /// Marks the shared ledger refused, kept to be sent again.
@@ -523,18 +524,26 @@ impl Collector for Live {
             "max_workers: the size of the worker pool",
             as_i64(load.max_workers),
         )?;
-        let term = self.leader.borrow().clone();
+        let terms = self.leader.borrow().clone();
         gauge(
             &mut encoder,
             "leader",
             "1 while this replica leads (fires and writes status)",
-            i64::from(term.is_some()),
+            i64::from(!terms.is_empty()),
         )?;
         gauge(
             &mut encoder,
             "leader_epoch",
-            "The epoch of this replica's leadership term (0 without leader election or while not leading)",
-            term.map_or(0, |term| i64::try_from(term.epoch).unwrap_or(i64::MAX)),
+            "The epoch of this replica's newest term (0 without leader election or while not leading)",
+            terms
+                .newest()
+                .map_or(0, |term| i64::try_from(term.epoch).unwrap_or(i64::MAX)),
+        )?;
+        gauge(
+            &mut encoder,
+            "shards",
+            "The shards (of 256) whose tasks this replica runs",
+            as_i64(terms.held()),
         )?;
         if let Some(redis) = &self.redis {
             gauge(

@@ -20,7 +20,7 @@ use crate::config::{BackendType, MetricsAuth};
 use crate::controller::jobs::KubeJobs;
 use crate::controller::{self, Context, JobRules, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
-use crate::leader::{Elector, Identity, Term, Timings};
+use crate::leader::{Elector, Identity, Term, Terms, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
 use crate::members::Members;
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
@@ -74,7 +74,8 @@ pub async fn run(
     // Without leader election this replica leads, in one term, from start to exit.
     let election = config.leader_election.enabled;
     let holder = instance.to_string();
-    let (term_tx, leader) = watch::channel((!election).then(|| Term::single(&holder)));
+    let alone = (!election).then(|| Terms::all(Term::single(&holder)));
+    let (term_tx, leader) = watch::channel(alone.unwrap_or_default());
     let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
     index.follow_leader(leader.clone());

@@ -46,7 +46,7 @@ use crate::engine::{EngineHandle, EngineTask};
 use crate::executor::http::{HttpClient, NoValues};
 use crate::executor::{Action, CallAction, ExecutorConfig, LoadGauge, RunSpec};
 pub use crate::executor::{RetryPolicy, RunInfo};
-use crate::leader::Term;
+use crate::leader::{Term, Terms};
 use crate::ledger::MemoryLedger;
 use crate::policy::CatchUpPolicy;
 pub use crate::policy::{Backoff, ConcurrencyPolicy};
@@ -213,7 +213,7 @@ impl SchedulerBuilder {
     pub fn start(self) -> Result<Scheduler, SchedulerError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let clock = Clock::System;
-        let (_term, leader) = watch::channel(Some(Term::single("embedded")));
+        let (_term, leader) = watch::channel(Terms::all(Term::single("embedded")));
         let (events_tx, _events) = mpsc::channel(events::EVENT_QUEUE);
         let index = StatusIndex::new(events_tx, clock);
         let http = HttpClient::new(Default::default(), None)

@@ -13,6 +13,8 @@
 use std::hash::Hasher;
 use std::sync::Arc;
 
+use crate::run::Term;
+
 /// Virtual shards. Fixed: changing it moves every task at the upgrade.
 pub const SHARDS: usize = 256;
 
@@ -114,6 +116,58 @@ impl Ring {
         Shard::all()
             .filter(|shard| self.owner(*shard).is_some_and(|owner| &**owner == member))
             .collect()
+    }
+}
+
+/// The term this replica acts in for each shard it holds: a task is run, its misses marked and
+/// its status written only in the term of its shard. Without leader election one term holds
+/// every shard from start to exit; with one leader, the leader's term holds every shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Terms(Arc<[Option<Term>]>);
+
+impl Terms {
+    /// Every shard in `term`.
+    pub fn all(term: Term) -> Self {
+        Self(vec![Some(term); SHARDS].into())
+    }
+
+    /// `shards` in their terms, no other.
+    pub fn of_shards(shards: impl IntoIterator<Item = (Shard, Term)>) -> Self {
+        let mut terms = vec![None; SHARDS];
+        for (shard, term) in shards {
+            terms[shard.index()] = Some(term);
+        }
+        Self(terms.into())
+    }
+
+    /// The term of `shard`, if this replica holds it.
+    pub fn shard(&self, shard: Shard) -> Option<&Term> {
+        self.0.get(shard.index())?.as_ref()
+    }
+
+    /// The term of the task whose uid is `uid`, if this replica holds its shard.
+    pub fn task(&self, uid: &str) -> Option<&Term> {
+        self.shard(Shard::of(uid))
+    }
+
+    /// Whether the task whose uid is `uid` is this replica's in `term`.
+    pub fn holds(&self, uid: &str, term: &Term) -> bool {
+        self.task(uid) == Some(term)
+    }
+
+    /// How many shards this replica holds.
+    pub fn held(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+
+    /// Whether it holds no shard.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+
+    /// The newest term it holds a shard in.
+    pub fn newest(&self) -> Option<&Term> {
+        self.0.iter().flatten().max_by_key(|term| term.epoch)
     }
 }
 

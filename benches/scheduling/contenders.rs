@@ -11,7 +11,7 @@ use chronflow::core::{Core, CoreParts};
 use chronflow::engine::EngineTask;
 use chronflow::executor::http::{NoValues, SCHEDULED_TIME, SuccessCodes};
 use chronflow::executor::{Action, CallAction, ExecutorConfig, HttpAction, RetryPolicy, RunSpec};
-use chronflow::leader::Term;
+use chronflow::leader::{Term, Terms};
 use chronflow::ledger::MemoryLedger;
 use chronflow::ledger::redis::{RedisLedger, RedisSettings};
 use chronflow::policy::{CatchUpPolicy, ConcurrencyPolicy, FollowRedirects};
@@ -170,7 +170,7 @@ async fn run_chronflow(params: RunParams) -> RunResult {
     let recorder = Arc::new(Recorder::new(n, params.seconds));
     recorder.set_start(window.t0_ns);
     let counts = Arc::new(Counts::default());
-    let (_leader_tx, leader) = watch::channel(Some(Term::single("bench")));
+    let (_leader_tx, leader) = watch::channel(Terms::all(Term::single("bench")));
     let mut core = Core::build(CoreParts {
         executor: ExecutorConfig {
             max_workers: params.workers,

@@ -662,7 +662,7 @@ mod tests {
     use crate::engine::{Engine, EngineParts};
     use crate::executor::fixtures::memory_ledger;
     use crate::executor::{Executor, ExecutorConfig};
-    use crate::leader::Term;
+    use crate::leader::{Term, Terms};
     use http::{Request, Response};
     use kube::client::Body;
     use serde_json::json;
@@ -676,7 +676,7 @@ mod tests {
         stop: CancellationToken,
         tasks: Store<GuardedTask>,
         _events: mpsc::Receiver<crate::status::events::EventRequest>,
-        _leader: watch::Sender<Option<Term>>,
+        _leader: watch::Sender<Terms>,
     }
 
     impl Drop for Harness {
@@ -710,7 +710,7 @@ mod tests {
             Arc::new(crate::executor::job::NoJobs),
             ledger.clone(),
         );
-        let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
+        let (leader_tx, leader) = watch::channel(Terms::all(Term::single("test")));
         let (engine, handle) = Engine::new(EngineParts {
             executor,
             ledger,

@@ -20,6 +20,7 @@ use crate::ledger::redis::RETENTION;
 use crate::ledger::{Ledger, Verdict};
 use crate::run::Term;
 use crate::run::{BackfillPhase, BackfillProgress, Report, ReportSink, RunId, TaskKey, Trigger};
+use crate::shard::Terms;
 
 /// The most instants one backfill range may hold.
 pub const MAX_BACKFILL: usize = 10_000;
@@ -52,7 +53,7 @@ pub(super) struct Driver {
     pub ledger: Arc<dyn Ledger>,
     pub executor: Executor,
     pub sink: Arc<dyn ReportSink>,
-    pub leader: watch::Receiver<Option<Term>>,
+    pub leader: watch::Receiver<Terms>,
     pub clock: Clock,
     pub task: EngineTask,
     pub generation: i64,
@@ -141,7 +142,8 @@ impl Driver {
         let run_id = RunId::new(&self.task.id, instant);
         let (mut wait, mut again) = (CLAIM_RETRY, false);
         loop {
-            if self.leader.borrow().as_ref() != Some(&self.term) || self.cancel.is_cancelled() {
+            let uid = &self.task.id.uid;
+            if !self.leader.borrow().holds(uid, &self.term) || self.cancel.is_cancelled() {
                 return false;
             }
             let verdict = self.ledger.claim_past(&run_id, &self.term).await;
@@ -196,7 +198,10 @@ impl super::Engine {
     /// Starts, keeps or stops the task's backfill drivers: they run while this replica leads a
     /// scheduled task that is not being taken over, each from where it stopped.
     pub(super) fn sync_backfills(&mut self, key: &TaskKey) {
-        let term = self.leading();
+        let Some(uid) = self.tasks.get(key).map(|entry| entry.uid.clone()) else {
+            return;
+        };
+        let term = self.leading(&uid);
         let shutdown = self.shutdown.clone();
         let Some(entry) = self.tasks.get_mut(key) else {
             return;

@@ -34,6 +34,7 @@ use crate::run::{
     MissKind, Report, ReportSink, RunId, ScheduleState, TaskId, TaskKey, TaskMap, Trigger,
 };
 use crate::schedule::{Schedule, jitter};
+use crate::shard::{Shard, Terms};
 use backfill::Progress;
 pub use backfill::{BackfillRequest, MAX_BACKFILL};
 
@@ -146,9 +147,9 @@ pub struct EngineParts {
     pub executor: Executor,
     /// Where runs are claimed.
     pub ledger: Arc<dyn Ledger>,
-    /// The leadership term, checked when acting: a replica that is not leader (`None`) keeps its
-    /// timers but runs nothing.
-    pub leader: watch::Receiver<Option<Term>>,
+    /// The term of each shard this replica holds, checked when acting: a task whose shard it
+    /// does not hold keeps its timer but runs nothing.
+    pub leader: watch::Receiver<Terms>,
     /// Where the engine's reports go.
     pub sink: Arc<dyn ReportSink>,
     /// The time source.
@@ -169,8 +170,8 @@ pub struct Engine {
     /// Uids of deleted tasks, with when they were deleted.
     tombstones: TaskMap<Arc<str>, DateTime<Utc>>,
     parts: EngineParts,
-    /// The term the engine last acted on; a new one starts a take-over.
-    term: Option<Term>,
+    /// The terms the engine last acted on; a shard in a new term has its tasks taken over.
+    terms: Terms,
     /// Cancelled at shutdown: take-overs still retrying stop.
     shutdown: CancellationToken,
     /// Permits for claim batches waiting for the ledger, as many as runs may wait for a worker
@@ -290,7 +291,7 @@ impl Engine {
             seq: 0,
             tombstones: TaskMap::default(),
             parts,
-            term: None,
+            terms: Terms::default(),
             shutdown: CancellationToken::new(),
             claims,
             took_over: mpsc::unbounded_channel(),
@@ -305,7 +306,7 @@ impl Engine {
         let mut leader = self.parts.leader.clone();
         let mut leader_open = true;
         self.shutdown = shutdown.clone();
-        self.on_term(leader.borrow_and_update().clone());
+        self.on_terms(leader.borrow_and_update().clone());
         loop {
             let wake = self.timers.first_key_value().map(|((at, _), _)| *at);
             let sleep = async {
@@ -326,8 +327,8 @@ impl Engine {
                 biased;
                 _ = shutdown.cancelled() => break,
                 () = term_changed => {
-                    let term = leader.borrow_and_update().clone();
-                    self.on_term(term);
+                    let terms = leader.borrow_and_update().clone();
+                    self.on_terms(terms);
                 }
                 Some(answer) = self.took_over.1.recv() => self.apply_take_over(answer),
                 command = self.commands.recv() => match command {
@@ -340,29 +341,38 @@ impl Engine {
         }
     }
 
-    /// A new term: this replica leads (again), so it takes every scheduled task over; their
-    /// timers wait for the ledger's answers.
-    fn on_term(&mut self, term: Option<Term>) {
-        let new = term.is_some() && term != self.term;
-        self.term = term.clone();
-        let Some(term) = term.filter(|_| new) else {
+    /// New terms: this replica holds shards (again, or newly), so it takes their tasks over;
+    /// their timers wait for the ledger's answers.
+    fn on_terms(&mut self, terms: Terms) {
+        let old = std::mem::replace(&mut self.terms, terms);
+        let fresh: Vec<Option<Term>> = Shard::all()
+            .map(|shard| {
+                let term = self.terms.shard(shard);
+                term.filter(|term| old.shard(shard) != Some(term)).cloned()
+            })
+            .collect();
+        if fresh.iter().all(Option::is_none) {
             return;
-        };
+        }
         let mut asks = Vec::new();
         for (key, entry) in &mut self.tasks {
+            let Some(term) = &fresh[Shard::of(&entry.uid).index()] else {
+                continue;
+            };
             if let State::Scheduled { fire_at, task, .. } = &entry.state {
                 if let Some(at) = fire_at {
                     self.timers.remove(&(*at, entry.seq));
                 }
                 entry.taking_over = true;
-                asks.push((task.id.clone(), task.counts));
+                asks.push((task.id.clone(), task.counts, term.clone()));
             } else {
                 // Paused or invalid: nothing to fire, but its status shows the ledger's counts.
-                asks.push((TaskId::new(key.clone(), entry.uid.clone()), None));
+                let task = TaskId::new(key.clone(), entry.uid.clone());
+                asks.push((task, None, term.clone()));
             }
         }
-        for (task, seed) in asks {
-            self.spawn_take_over(task, term.clone(), seed);
+        for (task, seed, term) in asks {
+            self.spawn_take_over(task, term, seed);
         }
         // Tasks not taken over (paused) may have a request waiting for this replica to lead.
         let waiting: Vec<TaskKey> = self
@@ -376,11 +386,15 @@ impl Engine {
         }
     }
 
-    /// The term this replica acts in: the engine's, while it still leads.
-    fn leading(&self) -> Option<Term> {
-        self.term
-            .clone()
-            .filter(|t| Some(t) == self.parts.leader.borrow().as_ref())
+    /// The term this replica acts in for the task whose uid is `uid`: the engine's, while the
+    /// replica still holds the task's shard in it.
+    fn leading(&self, uid: &str) -> Option<Term> {
+        let term = self.terms.task(uid)?;
+        self.parts
+            .leader
+            .borrow()
+            .holds(uid, term)
+            .then(|| term.clone())
     }
 
     /// Asks the ledger about `task` off the loop, retrying while `term` lasts.
@@ -403,7 +417,7 @@ impl Engine {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    () = term_ends(&mut leader, &term) => return,
+                    () = term_ends(&mut leader, &task.uid, &term) => return,
                     _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(30)),
                 }
             }
@@ -414,7 +428,7 @@ impl Engine {
     /// a dead leader never started (run now), its runs that may still be in flight, and where
     /// the previous leaders stopped; then the task's timer runs again.
     fn apply_take_over(&mut self, took: TookOver) {
-        if self.term.as_ref() != Some(&took.term) {
+        if self.terms.task(&took.task.uid) != Some(&took.term) {
             return;
         }
         let TookOver { task, term, answer } = took;
@@ -522,9 +536,9 @@ impl Engine {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    () = term_ends(&mut leader, &term) => break,
+                    () = term_ends(&mut leader, &task.uid, &term) => break,
                 }
-                if leader.borrow().as_ref() != Some(&term) {
+                if !leader.borrow().holds(&task.uid, &term) {
                     break;
                 }
                 match ledger.take_over(&task, &term, &runs, None).await {
@@ -698,8 +712,12 @@ impl Engine {
         };
         // First seen while leading: take it over from the ledger before its timer runs.
         let scheduled = matches!(state, State::Scheduled { .. });
-        let ask = first_sight && scheduled && self.term.is_some();
-        if let (true, Some(term)) = (ask, self.term.clone()) {
+        let term = self
+            .terms
+            .task(&id.uid)
+            .filter(|_| first_sight && scheduled);
+        let ask = term.is_some();
+        if let Some(term) = term.cloned() {
             self.spawn_take_over(id.clone(), term, counts);
         }
         let taking_over = scheduled && (ask || was_taking_over);
@@ -822,11 +840,7 @@ impl Engine {
         let (task, since, generation) = (task.clone(), *since, entry.generation);
         let description = description.clone();
 
-        if let Some(term) = self
-            .term
-            .clone()
-            .filter(|t| Some(t) == self.parts.leader.borrow().as_ref())
-        {
+        if let Some(term) = self.leading(&task.id.uid) {
             let missed = plan
                 .latest_missed
                 .filter(|_| plan.missed > 0)
@@ -848,7 +862,7 @@ impl Engine {
                 .into_iter()
                 .map(|scheduled| self.request(&task, generation, scheduled, sequential, &term))
                 .collect();
-            self.claim_and_submit(key, missed, runs, term);
+            self.claim_and_submit(&task.id, missed, runs, term);
         }
         let state = ScheduleState::Scheduled {
             schedule: description,
@@ -910,7 +924,7 @@ impl Engine {
     /// off the loop.
     fn claim_and_submit(
         &mut self,
-        key: &TaskKey,
+        id: &TaskId,
         missed: Option<Report>,
         runs: Vec<RunRequest>,
         term: Term,
@@ -923,7 +937,7 @@ impl Engine {
         // would wait and go off the loop.
         let previous = self
             .tasks
-            .get_mut(key)
+            .get_mut(&id.key)
             .and_then(|entry| entry.extras.claims.take())
             .and_then(|mut previous| {
                 let waiting = matches!(previous.try_recv(), Err(TryRecvError::Empty));
@@ -935,7 +949,7 @@ impl Engine {
             self.parts.executor.clone(),
             self.parts.sink.clone(),
             self.parts.leader.clone(),
-            key.clone(),
+            id.clone(),
         );
         let mut work = Box::pin(async move {
             if let Some(previous) = previous {
@@ -946,7 +960,7 @@ impl Engine {
             // nothing more of the task: its misses would be marked under no term, and a claim
             // landing after them would hide them. The next term resumes after the newest record
             // and counts these instants in its gap.
-            if leader.borrow().as_ref() != Some(&term) {
+            if !leader.borrow().holds(&task.uid, &term) {
                 debug!(%task, "the term ended; the next one counts this batch's instants");
                 return Vec::new();
             }
@@ -982,7 +996,7 @@ impl Engine {
             // until these runs are submitted.
             Poll::Pending => {
                 let (done, end) = tokio::sync::oneshot::channel::<()>();
-                if let Some(entry) = self.tasks.get_mut(key) {
+                if let Some(entry) = self.tasks.get_mut(&id.key) {
                     entry.extras.claims = Some(end);
                 }
                 tokio::spawn(async move {
@@ -1038,14 +1052,11 @@ fn claimed(
     None
 }
 
-/// Resolves once `term` is over. Never, where nobody can end it: without leader election the
-/// one term's sender is dropped at start, and a closed channel is no end of the term.
-async fn term_ends(leader: &mut watch::Receiver<Option<Term>>, term: &Term) {
-    if leader
-        .wait_for(|now| now.as_ref() != Some(term))
-        .await
-        .is_err()
-    {
+/// Resolves once `term` is over for the task whose uid is `uid`. Never, where nobody can end
+/// it: without leader election the one term's sender is dropped at start, and a closed channel
+/// is no end of the term.
+async fn term_ends(leader: &mut watch::Receiver<Terms>, uid: &str, term: &Term) {
+    if leader.wait_for(|now| !now.holds(uid, term)).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
@@ -1100,7 +1111,7 @@ mod tests {
         mpsc::UnboundedReceiver<Report>,
         CancellationToken,
     ) {
-        let (leader_tx, leader) = watch::channel(Some(Term::single("test")));
+        let (leader_tx, leader) = watch::channel(Terms::all(Term::single("test")));
         std::mem::forget(leader_tx); // leads for the whole test
         start_leading(ledger, leader)
     }
@@ -1108,7 +1119,7 @@ mod tests {
     /// [`start_with`], leading while `leader` says so.
     fn start_leading(
         ledger: Arc<dyn Ledger>,
-        leader: watch::Receiver<Option<Term>>,
+        leader: watch::Receiver<Terms>,
     ) -> (
         EngineHandle,
         mpsc::UnboundedReceiver<Report>,
@@ -1124,7 +1135,7 @@ mod tests {
     /// An engine and its executor, not running yet.
     fn build(
         ledger: Arc<dyn Ledger>,
-        leader: watch::Receiver<Option<Term>>,
+        leader: watch::Receiver<Terms>,
     ) -> (
         Engine,
         EngineHandle,
@@ -1167,7 +1178,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_aligned_burst_is_claimed_on_the_loop() {
         let term = Term::single("test");
-        let (_leader_tx, leader) = watch::channel(Some(term.clone()));
+        let (_leader_tx, leader) = watch::channel(Terms::all(term.clone()));
         let ledger = Arc::new(TestLedger::new());
         let (mut engine, _handle, _workers, _reports) = build(ledger.clone(), leader);
         // Scheduled before leading: no take-over stands between the tasks and their timers.
@@ -1176,7 +1187,7 @@ mod tests {
             task.id = TaskId::new(TaskKey::new("ns", format!("t{i}")), format!("uid-{i}"));
             engine.upsert(task, t(0));
         }
-        engine.term = Some(term);
+        engine.terms = Terms::all(term);
         // Two bursts: the second waits for nothing the first left behind.
         for hour in [1, 2] {
             engine.fire_due(t(hour));
@@ -1290,7 +1301,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn batches_waiting_when_the_term_ends_claim_nothing() {
         let ledger = Arc::new(TestLedger::new().first_claim_takes(Duration::from_millis(2500)));
-        let (term, leader) = watch::channel(Some(Term::single("test")));
+        let (term, leader) = watch::channel(Terms::all(Term::single("test")));
         let (engine, _reports, stop) = start_leading(ledger.clone(), leader);
         let mut task = hourly(None);
         task.schedule =
@@ -1298,11 +1309,51 @@ mod tests {
         engine.upsert(task).await;
         // The first claim (1 s) takes until 3.5 s; the timer fired at 2 and 3 meanwhile.
         tokio::time::sleep(Duration::from_millis(3200)).await;
-        term.send_replace(None);
+        term.send_replace(Terms::default());
         tokio::time::sleep(Duration::from_secs(3)).await;
         let claimed = ledger.claimed.lock().unwrap().clone();
         let first = t(0) + chrono::Duration::seconds(1);
         assert_eq!(claimed, [first], "claims of a term that had ended");
+        stop.cancel();
+    }
+
+    /// A replica runs the tasks of the shards it holds, no other; a shard it gains has its
+    /// tasks taken over (the ledger asked first), one it loses stops at once.
+    #[tokio::test(start_paused = true)]
+    async fn only_the_tasks_of_the_shards_held_run() {
+        let ledger = Arc::new(TestLedger::new());
+        let (mine, theirs) = ("a", "foobar"); // shards 0xaf and 0x85
+        assert_ne!(Shard::of(mine), Shard::of(theirs));
+        let term = Term::single("test");
+        let held =
+            |uids: &[&str]| Terms::of_shards(uids.iter().map(|u| (Shard::of(u), term.clone())));
+        let (terms, leader) = watch::channel(held(&[mine]));
+        let (engine, _reports, stop) = start_leading(ledger.clone(), leader);
+        // Both every second, `theirs` half a second later: its instants end in .5.
+        for (uid, offset) in [(mine, 0), (theirs, 500)] {
+            let mut task = hourly(None);
+            task.id = TaskId::new(TaskKey::new("ns", uid), uid);
+            let anchor = t(0) + chrono::Duration::milliseconds(offset);
+            task.schedule =
+                Schedule::interval(Duration::from_secs(1), IntervalAnchor::Start(anchor)).unwrap();
+            engine.upsert(task).await;
+        }
+        let claimed = || -> Vec<i64> {
+            let claimed = ledger.claimed.lock().unwrap();
+            claimed
+                .iter()
+                .map(|at| (*at - t(0)).num_milliseconds())
+                .collect()
+        };
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        assert_eq!(claimed(), [1000, 2000], "only the held shard's task");
+        terms.send_replace(held(&[theirs]));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = claimed();
+        assert!(
+            after[2..].iter().all(|ms| ms % 1000 == 500) && after.len() >= 4,
+            "the shard lost stops, the one gained runs: {after:?}"
+        );
         stop.cancel();
     }
 }

@@ -28,7 +28,10 @@ impl Engine {
     /// Runs the task's waiting run-now request, if this replica leads and the task is not being
     /// taken over: claimed in the ledger by its request, so it runs once whoever sees it.
     pub(super) fn serve_request(&mut self, key: &TaskKey) {
-        let Some(term) = self.leading() else {
+        let Some(uid) = self.tasks.get(key).map(|entry| entry.uid.clone()) else {
+            return;
+        };
+        let Some(term) = self.leading(&uid) else {
             return;
         };
         let now = self.parts.clock.now();
@@ -97,7 +100,7 @@ impl Engine {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    () = term_ends(&mut leader, &term) => return,
+                    () = term_ends(&mut leader, &run.task.uid, &term) => return,
                     _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(30)),
                 }
             };

@@ -27,6 +27,7 @@ use tracing::{debug, info};
 
 use super::{Counts, Ledger, LedgerError, Mark, Marked, TakeOver, Verdict};
 use crate::run::{MissKind, Report, ReportSink, RunId, TaskId, TaskMap, Term};
+use crate::shard::Terms;
 
 /// Entries kept per task before its missed marks coalesce.
 pub const KEPT_PER_TASK: usize = 64;
@@ -214,8 +215,8 @@ impl RetriedMarks {
 pub struct RecordMissed {
     /// Where missed runs are marked.
     pub ledger: Arc<RetriedMarks>,
-    /// The term missed runs are marked under.
-    pub leader: watch::Receiver<Option<Term>>,
+    /// The terms missed runs are marked under: each in its shard's.
+    pub leader: watch::Receiver<Terms>,
     /// Where every report goes on.
     pub inner: Arc<dyn ReportSink>,
 }
@@ -226,7 +227,7 @@ impl ReportSink for RecordMissed {
             count, run, kind, ..
         } = &report
             && *kind != MissKind::Claim
-            && let Some(term) = self.leader.borrow().clone()
+            && let Some(term) = self.leader.borrow().task(&run.task_id().uid).cloned()
         {
             self.ledger.missed(run, &term, *count);
         }

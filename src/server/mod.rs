@@ -18,9 +18,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::LoadGauge;
-use crate::leader::Term;
 use crate::metrics::Metrics;
 use crate::shard::Ring;
+use crate::shard::Terms;
 use crate::status::StatusIndex;
 
 /// What readiness waits for: the ChronTask CRD served, the first watch sync of every watched
@@ -97,8 +97,8 @@ pub struct Endpoint {
     pub executor: LoadGauge,
     /// What `/healthz` and `/readyz` answer.
     pub health: Arc<Health>,
-    /// The leadership term, for `/stats`.
-    pub leader: watch::Receiver<Option<Term>>,
+    /// The terms of the shards this replica holds, for `/stats`.
+    pub leader: watch::Receiver<Terms>,
     /// The live replicas (`src/members.rs`), for `/stats`; `None` without leader election.
     pub members: Option<watch::Receiver<Ring>>,
     /// Who may read `/metrics`: `None`, whoever reaches the port.
@@ -167,8 +167,9 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
         "queue_refused": load.refused,
         "active_workers": load.busy_workers,
         "max_workers": load.max_workers,
-        "leader": endpoint.leader.borrow().is_some(),
-        "epoch": endpoint.leader.borrow().as_ref().map(|term| term.epoch),
+        "leader": !endpoint.leader.borrow().is_empty(),
+        "epoch": endpoint.leader.borrow().newest().map(|term| term.epoch),
+        "shards": endpoint.leader.borrow().held(),
         "members": endpoint.members.as_ref().map(|ring| {
             let ring = ring.borrow();
             ring.members().iter().map(ToString::to_string).collect::<Vec<_>>()

@@ -20,9 +20,9 @@ use tracing::warn;
 use crate::Error;
 use crate::config::OperatorConfig;
 use crate::crd::{ChronTaskStatus, RunOutcome, RunRecord};
-use crate::leader::Term;
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings, RetriedMarks};
 use crate::run::{Outcome, Report, ReportSink, ScheduleState, TaskKey, Trigger};
+use crate::shard::Terms;
 use crate::status::StatusIndex;
 use crate::status::conditions::success_rate;
 
@@ -503,7 +503,7 @@ pub fn open_history(
     kind: &HistoryKind,
     config: &OperatorConfig,
     index: &StatusIndex,
-    leader: &watch::Receiver<Option<Term>>,
+    leader: &watch::Receiver<Terms>,
 ) -> Result<Opened, Error> {
     let memory = || -> Arc<dyn Ledger> { Arc::new(MemoryLedger::new(MemoryLedger::IDLE)) };
     Ok(match kind {

@@ -22,7 +22,7 @@ use tracing::info;
 use crate::clock::Clock;
 use crate::config::{MetricsAuth, OperatorConfig};
 use crate::core::{Core, CoreParts};
-use crate::leader::Term;
+use crate::leader::{Term, Terms};
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::server::{self, Endpoint, Health};
 use crate::status::{StatusIndex, events};
@@ -90,8 +90,9 @@ pub async fn run(
     let path = args.path.clone().unwrap_or_default();
     let clock = Clock::System;
     // It always leads; under a name of its own, since with a shared Redis ledger others lead too.
-    let (_term, leader) =
-        watch::channel(Some(Term::single(&crate::operator::identity().to_string())));
+    let (_term, leader) = watch::channel(Terms::all(Term::single(
+        &crate::operator::identity().to_string(),
+    )));
     // Events have no one to go to here: what they say is logged already.
     let (events_tx, _events) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);

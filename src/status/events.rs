@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::clock::Clock;
-use crate::leader::Term;
+use crate::shard::Terms;
 
 /// Capacity of the Event queue; past it Events are dropped and counted.
 pub const EVENT_QUEUE: usize = 1024;
@@ -64,19 +64,20 @@ pub struct EventRequest {
 /// Events created at once: a slow apiserver must not turn the queue into a backlog.
 const CONCURRENT_EVENTS: usize = 16;
 
-/// Publishes queued Events while this replica leads, until `stop`; then what is already
-/// queued (the last runs' failures) still goes out.
+/// Publishes queued Events of the tasks whose shards this replica holds, until `stop`; then
+/// what is already queued (the last runs' failures) still goes out.
 pub async fn publish(
     client: Client,
     mut queue: mpsc::Receiver<EventRequest>,
-    leader: watch::Receiver<Option<Term>>,
+    leader: watch::Receiver<Terms>,
     instance: String,
     clock: Clock,
     stop: CancellationToken,
 ) {
     let send = |request: EventRequest| {
         let (client, instance) = (client.clone(), instance.clone());
-        let leading = leader.borrow().is_some();
+        let uid = request.reference.uid.as_deref().unwrap_or_default();
+        let leading = leader.borrow().task(uid).is_some();
         async move {
             if leading {
                 create(client, request, instance, clock.now()).await;

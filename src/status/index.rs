@@ -24,7 +24,8 @@ use crate::crd::{
     ActiveRun, BackfillStatus, ChronTaskStatus, HistorySpec, Phase, RunOutcome, RunRecord,
 };
 use crate::ledger::{Ledger, RecordMissed, RetriedMarks};
-use crate::run::{Outcome, Report, ReportSink, ScheduleState, TaskId, TaskKey, TaskMap, Term};
+use crate::run::{Outcome, Report, ReportSink, ScheduleState, TaskId, TaskKey, TaskMap};
+use crate::shard::{Shard, Terms};
 
 /// At most one Event per task and reason in this window; the ones in between are counted and
 /// summed up in the next.
@@ -165,9 +166,10 @@ pub struct Index {
     /// Stored statuses of tasks the controller has not observed yet, with their uid: the seeds
     /// of their first observation.
     seeds: TaskMap<TaskKey, (Arc<str>, ChronTaskStatus)>,
-    /// The leadership term, followed (see [`StatusIndex::follow_leader`]), and the one seen last.
-    leader: Option<watch::Receiver<Option<Term>>>,
-    term: Option<Term>,
+    /// The terms of the shards this replica holds, followed (see [`StatusIndex::follow_leader`]),
+    /// and the ones seen last. Only the tasks of its shards are written.
+    leader: Option<watch::Receiver<Terms>>,
+    terms: Terms,
     events: mpsc::Sender<EventRequest>,
     clock: Clock,
     counts: Counts,
@@ -191,7 +193,7 @@ impl StatusIndex {
             tasks: TaskMap::default(),
             seeds: TaskMap::default(),
             leader: None,
-            term: None,
+            terms: Terms::default(),
             events,
             clock,
             counts: Counts::default(),
@@ -210,20 +212,21 @@ impl StatusIndex {
         self.lock().take_in(task, status);
     }
 
-    /// Follows the leadership term: the first report or write of a new term is preceded by
-    /// [`StatusIndex::new_term`], whoever acts first (the engine's take-over answers can come
-    /// before the writer's next tick).
-    pub fn follow_leader(&self, leader: watch::Receiver<Option<Term>>) {
+    /// Follows the terms of the shards this replica holds: a task is written only while its
+    /// shard is held, and the first report or write of a task in a new term of its shard is
+    /// preceded by the term's start, whoever acts first (the engine's take-over answers can
+    /// come before the writer's next tick).
+    pub fn follow_leader(&self, leader: watch::Receiver<Terms>) {
         let mut index = self.lock();
         index.leader = Some(leader);
         index.follow();
     }
 
-    /// This replica leads in a new term (it took in what other leaders wrote while it did not
-    /// lead: [`StatusIndex::stored`]). With counts from the shared ledger, no task's status is
-    /// written before its counts came from the ledger (its take-over), or for a while.
+    /// This replica leads every task in a new term (it took in what other leaders wrote while
+    /// it did not lead: [`StatusIndex::stored`]). With counts from the shared ledger, no task's
+    /// status is written before its counts came from the ledger (its take-over), or for a while.
     pub fn new_term(&self) {
-        self.lock().begin_term();
+        self.lock().begin_term(|_| true);
     }
 
     /// Run counters are taken from the shared ledger's [`Report::Counts`] from now on: with
@@ -239,7 +242,7 @@ impl StatusIndex {
     pub fn counting_from(
         &self,
         ledger: Arc<dyn Ledger>,
-        leader: watch::Receiver<Option<Term>>,
+        leader: watch::Receiver<Terms>,
     ) -> (Arc<RetriedMarks>, Arc<dyn ReportSink>) {
         self.count_from_ledger();
         let index: Arc<dyn ReportSink> = Arc::new(self.clone());
@@ -307,27 +310,41 @@ impl ReportSink for StatusIndex {
 }
 
 impl Index {
-    /// Begins a new term if the leader changed since the index last looked.
+    /// Begins a new term for the tasks of every shard held anew (or in a new term) since the
+    /// index last looked.
     pub fn follow(&mut self) {
         let Some(leader) = &self.leader else {
             return;
         };
         let now = leader.borrow().clone();
-        if now.is_some() && now != self.term {
-            self.begin_term();
+        if now == self.terms {
+            return;
         }
-        self.term = now;
+        let old = std::mem::replace(&mut self.terms, now);
+        let fresh: Vec<bool> = Shard::all()
+            .map(|shard| {
+                let term = self.terms.shard(shard);
+                term.is_some() && term != old.shard(shard)
+            })
+            .collect();
+        if fresh.contains(&true) {
+            self.begin_term(|uid| fresh[Shard::of(uid).index()]);
+        }
     }
 
-    fn begin_term(&mut self) {
-        for state in self.tasks.values_mut() {
+    /// Whether this replica writes the status of the task whose uid is `uid`: it holds its
+    /// shard, or it follows no terms (one replica alone, or a test).
+    fn writes(&self, uid: &str) -> bool {
+        self.leader.is_none() || self.terms.task(uid).is_some()
+    }
+
+    fn begin_term(&mut self, fresh: impl Fn(&str) -> bool) {
+        let now = Instant::now();
+        for state in self.tasks.values_mut().filter(|state| fresh(&state.uid)) {
             // The take-over's counts come first in a term, whatever revision the ledger is at
             // (it restarts from 1 when the ledger lost a task's counts).
             state.counts_revision = 0;
-        }
-        if self.ledger_counts {
-            let now = Instant::now();
-            for state in self.tasks.values_mut() {
+            if self.ledger_counts {
                 state.write.counts_awaited = Some(now);
             }
         }
@@ -335,7 +352,7 @@ impl Index {
 
     fn take_in(&mut self, task: &TaskId, stored: ChronTaskStatus) {
         self.follow();
-        let leading = self.term.is_some();
+        let leading = self.terms.task(&task.uid).is_some();
         match self.tasks.get_mut(&task.key) {
             Some(state) if state.uid == task.uid => {
                 if !leading {
@@ -672,6 +689,7 @@ impl Index {
                 let w = &s.write;
                 w.dirty
                     && !w.in_flight
+                    && self.writes(&s.uid)
                     && (s.schedule.is_some()
                         || w.observed.is_none_or(|at| now - at >= PENDING_GRACE))
                     && w.counts_awaited.is_none_or(|at| now - at >= COUNTS_GRACE)
@@ -830,9 +848,9 @@ impl Index {
             .map(|state| render(state, now, replica.as_deref()))
     }
 
-    /// The pod name of this term's holder.
+    /// The pod name of this replica (the holder of its terms).
     fn replica(&self) -> Option<String> {
-        Some(crate::leader::pod_name(&self.term.as_ref()?.holder).to_string())
+        Some(crate::leader::pod_name(&self.terms.newest()?.holder).to_string())
     }
 }
 
@@ -983,6 +1001,7 @@ fn format_seconds(duration: chrono::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::Term;
     use crate::run::{FinishedRun, RunId};
     use chrono::TimeZone;
 
@@ -1230,14 +1249,14 @@ mod tests {
         let (index, _events) = index();
         let task = id("t");
         observe(&index, &task, None);
-        let (term, leader) = watch::channel(None);
+        let (term, leader) = watch::channel(Terms::default());
         index.follow_leader(leader);
         let handled = |request: &str| ChronTaskStatus {
             last_run_now: Some(request.into()),
             ..ChronTaskStatus::default()
         };
         index.stored(&task, handled("older"));
-        term.send_replace(Some(Term::single("me")));
+        term.send_replace(Terms::all(Term::single("me")));
         index.record(Report::RequestHandled {
             task: task.clone(),
             request: "newer".into(),
@@ -1250,19 +1269,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_replica_writes_the_statuses_of_its_shards_only() {
+        let (index, _events) = index();
+        let (mine, theirs) = (id("mine"), id("theirs"));
+        assert_ne!(Shard::of(&mine.uid), Shard::of(&theirs.uid));
+        for task in [&mine, &theirs] {
+            observe(&index, task, None);
+            schedule(&index, task, scheduled(5));
+        }
+        let term = Term::single("me");
+        let (_terms, leader) = watch::channel(Terms::of_shards([(Shard::of(&mine.uid), term)]));
+        index.follow_leader(leader);
+        let (written, _) = index.lock().take(10, Duration::ZERO);
+        let written: Vec<_> = written.iter().map(|snapshot| &snapshot.task).collect();
+        assert_eq!(written, [&mine]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_status_names_the_replica_of_the_term_that_writes_it() {
         let (index, _events) = index();
         let task = id("t");
         observe(&index, &task, None);
         schedule(&index, &task, scheduled(5));
-        let (term, leader) = watch::channel(None);
+        let (term, leader) = watch::channel(Terms::default());
         index.follow_leader(leader);
         assert_eq!(index.lock().status(&task.key).unwrap().replica, None);
         let holder = Term {
             holder: "chronflow-1#0badcafe".into(),
             epoch: 3,
         };
-        term.send_replace(Some(holder));
+        term.send_replace(Terms::all(holder));
         index.lock().follow();
         let (written, _) = index.lock().take(10, Duration::ZERO);
         assert_eq!(written.len(), 1);

@@ -22,8 +22,8 @@ use super::budget::{Answer, Budget};
 use super::index::{Snapshot, StatusIndex, WriteResult};
 use crate::ChronTask;
 use crate::crd::ChronTaskStatus;
-use crate::leader::Term;
 use crate::run::TaskId;
+use crate::shard::Terms;
 use crate::telemetry::LogQuota;
 
 /// Field manager of every status write.
@@ -55,7 +55,7 @@ pub struct WriterConfig {
 pub struct StatusWriter {
     client: Client,
     index: StatusIndex,
-    leader: watch::Receiver<Option<Term>>,
+    leader: watch::Receiver<Terms>,
     config: WriterConfig,
 }
 
@@ -77,11 +77,12 @@ struct Uid<'a> {
 type Write = std::pin::Pin<Box<dyn Future<Output = (TaskId, WriteResult, Answer)> + Send>>;
 
 impl StatusWriter {
-    /// `leader` gates writes: a replica that is not leader keeps its index but writes nothing.
+    /// `leader` gates writes: a replica that holds no shard keeps its index but writes nothing,
+    /// and the index gives only the tasks of the shards it holds.
     pub fn new(
         client: Client,
         index: StatusIndex,
-        leader: watch::Receiver<Option<Term>>,
+        leader: watch::Receiver<Terms>,
         config: WriterConfig,
     ) -> Self {
         Self {
@@ -113,7 +114,7 @@ impl StatusWriter {
                         self.index.lock().release_events();
                     }
                     self.index.lock().follow();
-                    if self.leader.borrow().is_none() {
+                    if self.leader.borrow().is_empty() {
                         continue;
                     }
                     let room = CONCURRENT_PATCHES.saturating_sub(writes.len());
@@ -151,7 +152,7 @@ impl StatusWriter {
     /// [`CONCURRENT_PATCHES`] at once), retrying failures until the deadline: the last runs'
     /// outcomes must reach the cluster.
     async fn final_flush(&self, mut writes: FuturesUnordered<Write>, deadline: Duration) {
-        if self.leader.borrow().is_none() {
+        if self.leader.borrow().is_empty() {
             return;
         }
         let deadline = Instant::now() + deadline;
@@ -240,6 +241,7 @@ mod tests {
     use super::*;
     use crate::clock::Clock;
     use crate::crd::HistorySpec;
+    use crate::run::Term;
     use crate::run::{Report, ReportSink, ScheduleState, TaskKey};
     use crate::status::index::Observed;
     use http::{Request, Response};
@@ -258,7 +260,7 @@ mod tests {
             holder: "me".into(),
             epoch: 1,
         };
-        let (_leading, leader) = watch::channel(Some(term));
+        let (_leading, leader) = watch::channel(Terms::all(term));
         index.follow_leader(leader.clone());
         for n in 0..CONCURRENT_PATCHES * 3 {
             let task = TaskId::new(TaskKey::new("ns", format!("t-{n}")), format!("uid-{n}"));

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronflow::leader::{Elector, Identity, Term, Timings};
+use chronflow::leader::{Elector, Identity, Term, Terms, Timings};
 use chronflow::ledger::{Ledger, MemoryLedger};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
@@ -30,7 +30,7 @@ fn timings() -> Timings {
 /// An elector running in the background, with its published term.
 struct Candidate {
     elector: Arc<Elector>,
-    term: watch::Receiver<Option<Term>>,
+    term: watch::Receiver<Terms>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -46,7 +46,7 @@ impl Candidate {
         let api: Api<Lease> = Api::namespaced(client, ns);
         let identity = Identity::new(name);
         let elector = Arc::new(Elector::new(api, LEASE, identity, timings(), epochs));
-        let (tx, term) = watch::channel(None);
+        let (tx, term) = watch::channel(Terms::default());
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let (elector, stop) = (elector.clone(), stop.clone());
@@ -61,14 +61,14 @@ impl Candidate {
     }
 
     fn term(&self) -> Option<Term> {
-        self.term.borrow().clone()
+        self.term.borrow().newest().cloned()
     }
 
     /// Stops competing (the loop ends; the Lease is left as it is).
     async fn halt(self) -> Option<Term> {
         self.stop.cancel();
         self.task.await.expect("elector task ends cleanly");
-        self.term.borrow().clone()
+        self.term.borrow().newest().cloned()
     }
 }
 
@@ -143,14 +143,14 @@ async fn an_abandoned_lease_is_taken_after_it_expires_and_the_old_leader_steps_d
 
     // `a` wakes up still believing in its old term; its first round shows it someone else's
     // Lease and it steps down.
-    let (tx, term) = watch::channel(stale);
+    let (tx, term) = watch::channel(stale.map(Terms::all).unwrap_or_default());
     let stop = CancellationToken::new();
     let woken = tokio::spawn({
         let (elector, stop) = (elector_a, stop.clone());
         async move { elector.run(tx, stop, || {}).await }
     });
     eventually("the woken leader to step down", || async {
-        term.borrow().is_none().then_some(())
+        term.borrow().is_empty().then_some(())
     })
     .await;
     assert_eq!(b.term(), Some(second));

@@ -1170,6 +1170,7 @@ async fn marks_refused_during_an_outage_land_once_redis_is_back() {
 /// nor counted (the fault checker's seed 0x2910 found one).
 #[tokio::test]
 async fn an_instant_that_could_not_be_claimed_is_recorded_before_any_later_one() {
+    use chronflow::leader::Terms;
     use chronflow::ledger::{RecordMissed, RetriedMarks};
     use chronflow::run::{MissKind, Report, ReportSink, Trigger};
     use std::sync::Arc;
@@ -1179,7 +1180,7 @@ async fn an_instant_that_could_not_be_claimed_is_recorded_before_any_later_one()
     let (reports, _received) = tokio::sync::mpsc::unbounded_channel::<Report>();
     let reports: Arc<dyn ReportSink> = Arc::new(reports);
     let old = term(inner.next_epoch(1).await.unwrap(), "old");
-    let (leader, watch) = tokio::sync::watch::channel(Some(old.clone()));
+    let (leader, watch) = tokio::sync::watch::channel(Terms::all(old.clone()));
     let marks = RetriedMarks::new(inner.clone(), reports.clone());
     // The engine's sink: it reports what it could not claim.
     let sink = RecordMissed {
@@ -1204,13 +1205,13 @@ async fn an_instant_that_could_not_be_claimed_is_recorded_before_any_later_one()
     tokio::time::sleep(Duration::from_millis(3500)).await;
     // The term ends (the Lease deleted) while a batch of its claims is still on its way (the
     // long run with Redis failovers found one): the batch's claim lands after the kept miss.
-    leader.send_replace(None);
+    leader.send_replace(Terms::default());
     redis.restart();
     assert_eq!(claim_in(&*marks, &run(1), &old).await, Verdict::Accepted);
 
     // The next leader resumes after the newest record.
     let new = term(inner.next_epoch(1).await.unwrap(), "new");
-    leader.send_replace(Some(new.clone()));
+    leader.send_replace(Terms::all(new.clone()));
     let took = inner.take_over(&task, &new, &[], None).await.unwrap();
     assert_eq!(took.newest, Some(at(1)));
     let counts = took.counts.unwrap();

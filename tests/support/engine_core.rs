@@ -9,7 +9,7 @@ use chronflow::core::CoreParts;
 use chronflow::engine::EngineHandle;
 use chronflow::executor::ExecutorConfig;
 use chronflow::executor::http::NoValues;
-use chronflow::leader::Term;
+use chronflow::leader::{Term, Terms};
 use chronflow::ledger::{Ledger, MemoryLedger};
 use chronflow::run::Report;
 use tokio::sync::{mpsc, watch};
@@ -51,7 +51,7 @@ impl Core {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (reports_tx, reports) = mpsc::unbounded_channel();
         // The receiver keeps the last value.
-        let (_leader_tx, leader) = watch::channel(Some(term));
+        let (_leader_tx, leader) = watch::channel(Terms::all(term));
         let mut core = chronflow::core::Core::build(CoreParts {
             executor: ExecutorConfig {
                 max_workers,
