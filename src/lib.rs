@@ -34,6 +34,7 @@ pub mod crd;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod handover;
 pub mod leader;
 pub mod ledger;
 pub mod members;

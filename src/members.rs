@@ -1,34 +1,76 @@
 //! The live replicas, for sharding (`docs/architecture.md`, "Shards"): each replica keeps a
 //! `coordination.k8s.io/v1` Lease of its own, `<group>-<pod name>`, labelled
-//! [`MEMBER_OF`]` = <group>` and renewed every retry period; each lists the group's Leases and
-//! publishes the [`Ring`] of the live ones. A member is live while its Lease changed within its
-//! `leaseDurationSeconds`, as this process saw it: expiry is judged on the local clock from
-//! when the Lease was last seen to change, as the elector judges its Lease (`src/leader.rs`),
-//! never by comparing another replica's timestamps with ours. A replica that stops deletes its
-//! Lease, so the others see it leave at once; one that dies leaves after its Lease expired.
+//! [`MEMBER_OF`]` = <group>` and renewed every retry period; each watches the group's Leases and
+//! publishes a [`View`]: the [`Ring`] of the live members and what each acknowledged (the
+//! handshake of `src/handover.rs`, carried in its Lease's annotations). A member is live while
+//! its Lease changed within its `leaseDurationSeconds`, as this process saw it: expiry is
+//! judged on the local clock from when the Lease was last seen to change, as the elector judges
+//! its Lease (`src/leader.rs`), never by comparing another replica's timestamps with ours. A
+//! replica that stops says so in its Lease (it leaves the ring at once), then deletes it; one
+//! that dies leaves once its Lease expired.
 //!
 //! On the ring a member is its pod name, not the process (`Identity`'s nonce): a container
 //! restarted in place comes back to the shards it had.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::leader::{Identity, Timings, pod_name};
+use crate::leader::{EPOCH_ANNOTATION, Identity, Timings, pod_name};
 use crate::shard::Ring;
 
 /// The label that makes a Lease a member of a group (its value: the group's name).
 pub const MEMBER_OF: &str = "chronflow.io/member-of";
 
+/// The annotation naming the ring a member acts on ([`Ring::id`], in hex): it runs no shard
+/// another member owns on that ring.
+pub const RING_ANNOTATION: &str = "chronflow.io/ring";
+
+/// The annotation of a member on its way out (`"true"`): it runs nothing and leaves the ring.
+pub const LEAVING_ANNOTATION: &str = "chronflow.io/leaving";
+
 const FIELD_MANAGER: &str = "chronflow-members";
+
+/// What a member says in its Lease.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// The ring it acts on; `None` before it acted on one (or while it holds nothing).
+    pub ring: Option<u64>,
+    /// The newest epoch it holds shards in (the floor of the next one drawn).
+    pub epoch: u64,
+    /// On its way out: it runs nothing.
+    pub leaving: bool,
+}
+
+/// The members as this replica sees them.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// The ring of the live members (not leaving).
+    pub ring: Ring,
+    /// What each live member (leaving or not) said last, by pod name.
+    pub acks: BTreeMap<Arc<str>, Ack>,
+    /// This replica renewed its Lease within the renew deadline: it may act on the ring.
+    pub renewed: bool,
+}
+
+impl PartialEq for View {
+    fn eq(&self, other: &Self) -> bool {
+        self.ring.members() == other.ring.members()
+            && self.acks == other.acks
+            && self.renewed == other.renewed
+    }
+}
 
 /// This replica's membership in `group`, in `api`'s namespace.
 pub struct Members {
@@ -40,7 +82,7 @@ pub struct Members {
 
 /// What this process last saw of a member's Lease, and when it saw it change.
 struct Seen {
-    resource_version: Option<String>,
+    lease: Lease,
     changed_at: Instant,
 }
 
@@ -60,39 +102,64 @@ impl Members {
         format!("{}-{}", self.group, self.identity.name)
     }
 
-    /// Renews this replica's Lease and publishes the ring of the live members into `ring` every
-    /// retry period until `stop`, then deletes its Lease.
-    pub async fn run(&self, ring: watch::Sender<Ring>, stop: CancellationToken) {
+    /// Renews this replica's Lease every retry period and at once when `ack` changes, watches
+    /// the group's Leases and publishes what it sees into `view`, until `stop`; then deletes
+    /// its Lease.
+    pub async fn run(
+        &self,
+        view: watch::Sender<View>,
+        mut ack: watch::Receiver<Ack>,
+        stop: CancellationToken,
+    ) {
+        let selector = format!("{MEMBER_OF}={}", self.group);
+        let config = watcher::Config::default().labels(&selector);
+        let mut events = watcher(self.api.clone(), config).default_backoff().boxed();
         let mut seen: HashMap<String, Seen> = HashMap::new();
+        let mut listing: Option<HashSet<String>> = None;
         let mut tick = tokio::time::interval(self.timings.retry_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewed_at: Option<Instant> = None;
+        let mut ack_open = true;
         loop {
-            tokio::select! {
+            let renew = tokio::select! {
+                biased;
                 () = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            if let Err(error) = self.renew().await {
-                warn!(%error, "could not renew this replica's member Lease");
-            }
-            match self.live(&mut seen).await {
-                Ok(live) => {
-                    let changed = ring.send_if_modified(|ring| {
-                        let same = ring
-                            .members()
-                            .iter()
-                            .map(|m| &**m)
-                            .eq(live.iter().map(String::as_str));
-                        if !same {
-                            *ring = Ring::new(&live);
-                        }
-                        !same
-                    });
-                    if changed {
-                        info!(members = ?live, "the replicas changed");
-                    }
+                _ = tick.tick() => true,
+                changed = ack.changed(), if ack_open => {
+                    ack_open = changed.is_ok();
+                    true
                 }
-                // Keep the ring as it was: an apiserver that does not answer moves no shard.
-                Err(error) => warn!(%error, "could not list the member Leases"),
+                event = events.next() => {
+                    match event {
+                        Some(Ok(event)) => see(&mut seen, &mut listing, event),
+                        Some(Err(error)) => warn!(%error, "watching the member Leases failed; retrying"),
+                        None => break,
+                    }
+                    false
+                }
+            };
+            if renew {
+                let said = ack.borrow_and_update().clone();
+                // Never longer than a retry period: the view must go on telling whether this
+                // replica still renews.
+                match tokio::time::timeout(self.timings.retry_period, self.renew(&said)).await {
+                    Ok(Ok(())) => renewed_at = Some(Instant::now()),
+                    Ok(Err(error)) => warn!(%error, "could not renew this replica's member Lease"),
+                    Err(_) => warn!("no answer renewing this replica's member Lease"),
+                }
+            }
+            let renewed = renewed_at.is_some_and(|at| at.elapsed() < self.timings.renew_deadline);
+            let now = live(&seen, renewed);
+            let changed = view.send_if_modified(|view| {
+                let same = *view == now;
+                if !same {
+                    *view = now;
+                }
+                !same
+            });
+            if changed {
+                let view = view.borrow();
+                info!(members = ?view.ring.members(), renewed, "the replicas changed");
             }
         }
         match self
@@ -105,11 +172,20 @@ impl Members {
         }
     }
 
-    async fn renew(&self) -> Result<(), kube::Error> {
+    async fn renew(&self, ack: &Ack) -> Result<(), kube::Error> {
+        let mut annotations =
+            BTreeMap::from([(EPOCH_ANNOTATION.to_string(), ack.epoch.to_string())]);
+        if let Some(ring) = ack.ring {
+            annotations.insert(RING_ANNOTATION.to_string(), format!("{ring:016x}"));
+        }
+        if ack.leaving {
+            annotations.insert(LEAVING_ANNOTATION.to_string(), "true".to_string());
+        }
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(self.lease_name()),
                 labels: Some([(MEMBER_OF.to_string(), self.group.clone())].into()),
+                annotations: Some(annotations),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -127,39 +203,86 @@ impl Members {
             .await?;
         Ok(())
     }
+}
 
-    /// The live members' pod names, sorted.
-    async fn live(&self, seen: &mut HashMap<String, Seen>) -> Result<Vec<String>, kube::Error> {
-        let selector = format!("{MEMBER_OF}={}", self.group);
-        let leases = self
-            .api
-            .list(&ListParams::default().labels(&selector))
-            .await?;
+/// Takes in one watch event: a Lease seen changing is seen now; a re-list drops the Leases it
+/// did not bring.
+fn see(
+    seen: &mut HashMap<String, Seen>,
+    listing: &mut Option<HashSet<String>>,
+    event: watcher::Event<Lease>,
+) {
+    let mut keep = |lease: Lease| {
+        let name = lease.name_any();
         let now = Instant::now();
-        seen.retain(|name, _| leases.items.iter().any(|l| l.name_any() == *name));
-        let mut live: Vec<String> = leases
-            .items
-            .iter()
-            .filter_map(|lease| {
-                let entry = seen.entry(lease.name_any()).or_insert_with(|| Seen {
-                    resource_version: None,
-                    changed_at: now,
-                });
-                if entry.resource_version != lease.metadata.resource_version {
-                    entry.resource_version = lease.metadata.resource_version.clone();
-                    entry.changed_at = now;
-                }
-                let spec = lease.spec.as_ref()?;
-                let duration = Duration::from_secs(
-                    u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+        match seen.get_mut(&name) {
+            Some(known) if known.lease.resource_version() == lease.resource_version() => {}
+            Some(known) => {
+                known.lease = lease;
+                known.changed_at = now;
+            }
+            None => {
+                seen.insert(
+                    name.clone(),
+                    Seen {
+                        lease,
+                        changed_at: now,
+                    },
                 );
-                let holder = spec.holder_identity.as_deref()?;
-                (now.duration_since(entry.changed_at) < duration)
-                    .then(|| pod_name(holder).to_string())
-            })
-            .collect();
-        live.sort();
-        live.dedup();
-        Ok(live)
+            }
+        }
+        name
+    };
+    match event {
+        watcher::Event::Apply(lease) => {
+            keep(lease);
+        }
+        watcher::Event::Delete(lease) => {
+            seen.remove(&lease.name_any());
+        }
+        watcher::Event::Init => *listing = Some(HashSet::new()),
+        watcher::Event::InitApply(lease) => {
+            let name = keep(lease);
+            listing.get_or_insert_default().insert(name);
+        }
+        watcher::Event::InitDone => {
+            let listed = listing.take().unwrap_or_default();
+            seen.retain(|name, _| listed.contains(name));
+        }
+    }
+}
+
+/// The live members of what was seen, and what they said.
+fn live(seen: &HashMap<String, Seen>, renewed: bool) -> View {
+    let now = Instant::now();
+    let mut acks: BTreeMap<Arc<str>, Ack> = BTreeMap::new();
+    for Seen { lease, changed_at } in seen.values() {
+        let Some(spec) = &lease.spec else {
+            continue;
+        };
+        let duration = Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+        );
+        let Some(holder) = spec.holder_identity.as_deref() else {
+            continue;
+        };
+        if now.duration_since(*changed_at) >= duration {
+            continue;
+        }
+        let annotation = |key| lease.annotations().get(key).map(String::as_str);
+        let ack = Ack {
+            ring: annotation(RING_ANNOTATION).and_then(|hex| u64::from_str_radix(hex, 16).ok()),
+            epoch: annotation(EPOCH_ANNOTATION)
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(0),
+            leaving: annotation(LEAVING_ANNOTATION) == Some("true"),
+        };
+        acks.insert(Arc::from(pod_name(holder)), ack);
+    }
+    let staying = acks.iter().filter(|(_, ack)| !ack.leaving);
+    View {
+        ring: Ring::new(staying.map(|(member, _)| member.clone())),
+        acks,
+        renewed,
     }
 }

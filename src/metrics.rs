@@ -27,12 +27,13 @@ use tokio::sync::watch;
 
 use crate::config::TaskSelector;
 use crate::executor::LoadGauge;
+use crate::handover::Handovers;
 use crate::leader::Term;
 use crate::ledger::{
     Counts, Ledger, LedgerError, Mark, Marked, RedisLedger, RetriedMarks, TakeOver, Verdict,
 };
+use crate::members::View;
 use crate::run::{MissKind, Outcome, Report, ReportSink, RunId, TaskId, TaskKey};
-use crate::shard::Ring;
 use crate::shard::Terms;
 use crate::status::StatusIndex;
 
@@ -432,7 +433,9 @@ pub struct Live {
     /// The local clock minus the ledger's, in ms, as the elector last measured it.
     pub clock_skew: Option<Arc<std::sync::atomic::AtomicI64>>,
     /// The live replicas (`src/members.rs`), with leader election.
-    pub members: Option<watch::Receiver<Ring>>,
+    pub members: Option<watch::Receiver<View>>,
+    /// The shards taken and let go (`src/handover.rs`), when sharded.
+    pub handovers: Option<watch::Receiver<Handovers>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -469,6 +472,16 @@ impl Drop for InProgress<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
 }
 
 fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
@@ -567,8 +580,31 @@ impl Collector for Live {
                 skew.load(std::sync::atomic::Ordering::Relaxed),
             )?;
         }
-        if let Some(ring) = &self.members {
-            let members = ring.borrow().members().len();
+        if let Some(handovers) = &self.handovers {
+            let handovers = handovers.borrow().clone();
+            counter(
+                &mut encoder,
+                "shards_taken",
+                "Shards this replica took from the ring since it started, each in a new term",
+                handovers.taken,
+            )?;
+            counter(
+                &mut encoder,
+                "shards_released",
+                "Shards this replica let go since it started (the ring gave them to others, it left or could not renew)",
+                handovers.released,
+            )?;
+            gauge(
+                &mut encoder,
+                "last_handover_milliseconds",
+                "From the ring's change to the shards taken, the last time this replica took shards",
+                handovers
+                    .last_duration
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            )?;
+        }
+        if let Some(view) = &self.members {
+            let members = view.borrow().ring.members().len();
             gauge(
                 &mut encoder,
                 "members",

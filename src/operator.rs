@@ -20,14 +20,14 @@ use crate::config::{BackendType, MetricsAuth};
 use crate::controller::jobs::KubeJobs;
 use crate::controller::{self, Context, JobRules, KubeValues, TenantLimits};
 use crate::core::{Core, CoreParts};
+use crate::handover::{Handover, Handovers};
 use crate::leader::{Elector, Identity, Term, Terms, Timings};
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger, RedisSettings};
-use crate::members::Members;
+use crate::members::{Ack, Members, View};
 use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::run::ReportSink;
 use crate::server::access::Access;
 use crate::server::{self, Endpoint, Health};
-use crate::shard::Ring;
 use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
 
@@ -76,6 +76,8 @@ pub async fn run(
     let holder = instance.to_string();
     let alone = (!election).then(|| Terms::all(Term::single(&holder)));
     let (term_tx, leader) = watch::channel(alone.unwrap_or_default());
+    // Given to whoever decides the terms: the elector, or the handover when sharded.
+    let mut term_tx = Some(term_tx);
     let (events_tx, events_rx) = mpsc::channel(events::EVENT_QUEUE);
     let index = StatusIndex::new(events_tx, clock);
     index.follow_leader(leader.clone());
@@ -130,7 +132,9 @@ pub async fn run(
     if let Some(redis) = &redis {
         tokio::spawn(warn_if_evicting(redis.clone()));
     }
-    let elector = election.then(|| {
+    // Sharded, the replicas split the tasks (src/handover.rs) and no one Lease is elected.
+    let sharding = election && config.leader_election.sharding;
+    let elector = (election && !sharding).then(|| {
         let lease = &config.leader_election;
         let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
         let timings = Timings::from(lease);
@@ -143,16 +147,21 @@ pub async fn run(
             epochs,
         ))
     });
-    // Each replica announces itself beside the election (issue 32: shards will be spread over
-    // these members); `kubectl get leases` and `/stats` show them.
+    // Each replica announces itself with a member Lease (sharded, the shards are spread over
+    // the members); `kubectl get leases` and `/stats` show them.
     let members = election.then(|| {
         let lease = &config.leader_election;
         let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
         let timings = Timings::from(lease);
         let members = Members::new(api, &lease.lease_name, instance.clone(), timings);
-        (members, watch::channel(Ring::default()))
+        (
+            members,
+            watch::channel(View::default()),
+            watch::channel(Ack::default()),
+        )
     });
-    let ring = members.as_ref().map(|(_, (_, ring))| ring.clone());
+    let view = members.as_ref().map(|(_, (_, view), _)| view.clone());
+    let (handovers_tx, handovers) = watch::channel(Handovers::default());
     metrics.watch(Live {
         executor: core.load.clone(),
         status: index.clone(),
@@ -160,7 +169,8 @@ pub async fn run(
         redis,
         kept_marks,
         clock_skew: elector.as_ref().map(|elector| elector.clock_skew()),
-        members: ring.clone(),
+        members: view.clone(),
+        handovers: sharding.then(|| handovers.clone()),
     });
     let endpoint = Endpoint {
         metrics: metrics.clone(),
@@ -168,7 +178,8 @@ pub async fn run(
         executor: core.load.clone(),
         health: health.clone(),
         leader: leader.clone(),
-        members: ring,
+        members: view.clone(),
+        handovers: sharding.then_some(handovers),
         access: (config.metrics.auth == MetricsAuth::Kubernetes)
             .then(|| Arc::new(Access::new(client.clone(), "/metrics"))),
     };
@@ -190,7 +201,7 @@ pub async fn run(
 
     // The Lease is kept through the drain and the last status write (the writing stage), and
     // released after them, so a standby leads only once this replica stopped acting.
-    if let Some(elector) = &elector {
+    if let (Some(elector), Some(term_tx)) = (&elector, term_tx.take_if(|_| !sharding)) {
         let (elector, stop, health) = (elector.clone(), writing.clone(), health.clone());
         let draining = shutdown.clone();
         writing_tasks.spawn(async move {
@@ -204,13 +215,32 @@ pub async fn run(
                 () = drain => {}
             }
         });
-    } else {
-        drop(term_tx); // the one term never changes
     }
     // Its Lease goes with the writing stage, as the leader's is released after it.
-    if let Some((members, (ring, _))) = members {
+    if let Some((members, (view_tx, view), (ack_tx, ack))) = members {
         let stop = writing.clone();
-        writing_tasks.spawn(async move { members.run(ring, stop).await });
+        writing_tasks.spawn(async move { members.run(view_tx, ack, stop).await });
+        // Sharded, SIGTERM lets every shard go at once: the others take them over while this
+        // replica drains its runs in flight.
+        if let Some(term_tx) = term_tx.take() {
+            let lease = &config.leader_election;
+            let handover = Handover::new(instance.clone(), ledger.clone(), lease.retry_period);
+            let stopping = (shutdown.clone(), writing.clone());
+            let health = health.clone();
+            let mut first_round = view.clone();
+            writing_tasks.spawn(async move {
+                let ready = async {
+                    if first_round.wait_for(|view| view.renewed).await.is_ok() {
+                        health.lease_known();
+                    }
+                    std::future::pending::<()>().await
+                };
+                tokio::select! {
+                    () = handover.run(view, term_tx, ack_tx, handovers_tx, stopping) => {}
+                    () = ready => {}
+                }
+            });
+        }
     }
     let writer = StatusWriter::new(
         client.clone(),

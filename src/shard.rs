@@ -100,6 +100,16 @@ impl Ring {
         &self.members
     }
 
+    /// Names the ring: every replica that sees the same members gets the same id.
+    pub fn id(&self) -> u64 {
+        let mut hasher = fnv::FnvHasher::default();
+        for member in &self.members {
+            hasher.write(member.as_bytes());
+            hasher.write_u8(0);
+        }
+        hasher.finish()
+    }
+
     /// Who runs `shard`; `None` on an empty ring.
     pub fn owner(&self, shard: Shard) -> Option<&Arc<str>> {
         let (first, last) = shard.hash_range();

@@ -12,6 +12,9 @@ use super::values::{Namespace, duration_serde, text};
 pub struct LeaderElectionConfig {
     /// Whether replicas elect a leader through a `coordination.k8s.io` Lease.
     pub enabled: bool,
+    /// With `enabled`: the tasks are split between the replicas by shard
+    /// (`docs/architecture.md`, "Shards") rather than all run by one leader.
+    pub sharding: bool,
     /// Name of the Lease object.
     #[serde(deserialize_with = "text")]
     pub lease_name: String,

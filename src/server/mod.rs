@@ -18,8 +18,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::LoadGauge;
+use crate::handover::Handovers;
+use crate::members::View;
 use crate::metrics::Metrics;
-use crate::shard::Ring;
 use crate::shard::Terms;
 use crate::status::StatusIndex;
 
@@ -100,7 +101,9 @@ pub struct Endpoint {
     /// The terms of the shards this replica holds, for `/stats`.
     pub leader: watch::Receiver<Terms>,
     /// The live replicas (`src/members.rs`), for `/stats`; `None` without leader election.
-    pub members: Option<watch::Receiver<Ring>>,
+    pub members: Option<watch::Receiver<View>>,
+    /// The shards taken and let go (`src/handover.rs`), for `/stats`; `None` unless sharded.
+    pub handovers: Option<watch::Receiver<Handovers>>,
     /// Who may read `/metrics`: `None`, whoever reaches the port.
     pub access: Option<Arc<access::Access>>,
 }
@@ -170,8 +173,16 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
         "leader": !endpoint.leader.borrow().is_empty(),
         "epoch": endpoint.leader.borrow().newest().map(|term| term.epoch),
         "shards": endpoint.leader.borrow().held(),
-        "members": endpoint.members.as_ref().map(|ring| {
-            let ring = ring.borrow();
+        "handovers": endpoint.handovers.as_ref().map(|handovers| {
+            let handovers = handovers.borrow();
+            json!({
+                "taken": handovers.taken,
+                "released": handovers.released,
+                "last_ms": handovers.last_duration.map(|d| d.as_millis() as u64),
+            })
+        }),
+        "members": endpoint.members.as_ref().map(|view| {
+            let ring = &view.borrow().ring;
             ring.members().iter().map(ToString::to_string).collect::<Vec<_>>()
         }),
         "version": env!("CARGO_PKG_VERSION"),

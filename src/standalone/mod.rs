@@ -141,6 +141,7 @@ pub async fn run(
             kept_marks,
             clock_skew: None,
             members: None,
+            handovers: None,
         });
         let endpoint = Endpoint {
             metrics: metrics.clone(),
@@ -149,6 +150,7 @@ pub async fn run(
             health: health.clone(),
             leader,
             members: None,
+            handovers: None,
             access: None,
         };
         tasks.spawn(server::serve(listener, endpoint, firing.clone()));

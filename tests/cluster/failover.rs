@@ -146,7 +146,7 @@ async fn leader_among(ns: &str, names: &[&str]) -> String {
 }
 
 /// Waits until the receiver has had `more` calls beyond those it has now.
-async fn more_calls(receiver: &Receiver, more: usize) {
+pub(crate) async fn more_calls(receiver: &Receiver, more: usize) {
     let target = receiver.count() + more;
     let what = format!("{more} more calls");
     eventually(&what, || async {
@@ -156,7 +156,7 @@ async fn more_calls(receiver: &Receiver, more: usize) {
 }
 
 /// Every instant of `task` the receiver saw, asserting none arrived twice.
-fn instants(hits: &[Hit], ns: &str, task: &str) -> BTreeSet<DateTime<Utc>> {
+pub(crate) fn instants(hits: &[Hit], ns: &str, task: &str) -> BTreeSet<DateTime<Utc>> {
     let prefix = format!("{ns}/{task}@");
     let mut seen = BTreeMap::new();
     for hit in hits
@@ -174,7 +174,7 @@ fn instants(hits: &[Hit], ns: &str, task: &str) -> BTreeSet<DateTime<Utc>> {
 }
 
 /// Asserts the instants are every second from the first to the last (no gap).
-fn assert_contiguous(instants: &BTreeSet<DateTime<Utc>>, what: &str) {
+pub(crate) fn assert_contiguous(instants: &BTreeSet<DateTime<Utc>>, what: &str) {
     let (Some(first), Some(last)) = (instants.first(), instants.last()) else {
         panic!("{what}: nothing received");
     };
@@ -191,7 +191,11 @@ fn assert_contiguous(instants: &BTreeSet<DateTime<Utc>>, what: &str) {
 /// receiver: the take-over counts it failed and never runs it again (see docs/operations.md).
 /// So every instant from the first to the last was received, or counted failed or missed (an
 /// overloaded executor, the final shutdown), and status counts each received call once.
-async fn assert_counted_once(api: &Api<ChronTask>, name: &str, seen: &BTreeSet<DateTime<Utc>>) {
+pub(crate) async fn assert_counted_once(
+    api: &Api<ChronTask>,
+    name: &str,
+    seen: &BTreeSet<DateTime<Utc>>,
+) {
     let (first, last) = (*seen.first().unwrap(), *seen.last().unwrap());
     let gaps = (last - first).num_seconds() + 1 - seen.len() as i64;
     let status = api.get(name).await.unwrap().status.unwrap_or_default();
@@ -211,7 +215,7 @@ async fn assert_counted_once(api: &Api<ChronTask>, name: &str, seen: &BTreeSet<D
 }
 
 /// A 1 s task calling `receiver`, catching up every missed instant.
-async fn every_second(api: &Api<ChronTask>, name: &str, receiver: &Receiver) {
+pub(crate) async fn every_second(api: &Api<ChronTask>, name: &str, receiver: &Receiver) {
     let spec = json!({
         "schedule": {"cron": "* * * * * *"},
         "catchUp": "All",
@@ -223,7 +227,7 @@ async fn every_second(api: &Api<ChronTask>, name: &str, receiver: &Receiver) {
 }
 
 /// Waits until the status of `name` counts exactly the runs the receiver saw.
-async fn status_matches(api: &Api<ChronTask>, name: &str, received: usize) {
+pub(crate) async fn status_matches(api: &Api<ChronTask>, name: &str, received: usize) {
     let what = format!("{name}'s status to count {received} runs");
     status_where(api, name, &what, |s| s.total_runs == received as u64).await;
 }

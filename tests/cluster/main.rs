@@ -23,5 +23,6 @@ mod members;
 mod observability;
 mod operator;
 mod run_now;
+mod shards;
 mod standalone_shared;
 mod tenant;

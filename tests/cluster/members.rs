@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chronflow::leader::{Identity, Timings};
-use chronflow::members::{MEMBER_OF, Members};
+use chronflow::members::{Ack, MEMBER_OF, Members, View};
 use chronflow::shard::{Ring, moves};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::ListParams;
@@ -21,7 +21,7 @@ const GROUP: &str = "chronflow-leader";
 const LEASE: Duration = Duration::from_secs(4);
 
 struct Member {
-    ring: watch::Receiver<Ring>,
+    view: watch::Receiver<View>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -40,17 +40,23 @@ impl Member {
             Identity::new(pod),
             timings,
         );
-        let (tx, ring) = watch::channel(Ring::default());
+        let (tx, view) = watch::channel(View::default());
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let stop = stop.clone();
-            async move { members.run(tx, stop).await }
+            // Says nothing: the handshake is `src/handover.rs`'s.
+            let (_said, ack) = watch::channel(Ack::default());
+            async move { members.run(tx, ack, stop).await }
         });
-        Member { ring, stop, task }
+        Member { view, stop, task }
+    }
+
+    fn ring(&self) -> Ring {
+        self.view.borrow().ring.clone()
     }
 
     fn members(&self) -> Vec<String> {
-        let ring = self.ring.borrow();
+        let ring = self.ring();
         ring.members().iter().map(|m| m.to_string()).collect()
     }
 }
@@ -77,10 +83,10 @@ async fn replicas_agree_on_the_ring_and_a_leaver_moves_only_its_own_shards() {
         &["chronflow-a", "chronflow-b", "chronflow-c"],
     )
     .await;
-    let three = a.ring.borrow().clone();
+    let three = a.ring();
     for other in [&b, &c] {
         assert!(
-            moves(&three, &other.ring.borrow()).is_empty(),
+            moves(&three, &other.ring()).is_empty(),
             "one owner per shard everywhere"
         );
     }
@@ -113,7 +119,7 @@ async fn replicas_agree_on_the_ring_and_a_leaver_moves_only_its_own_shards() {
         gone_after >= LEASE - Duration::from_secs(1),
         "left {gone_after:?} after it died: before its Lease expired"
     );
-    let two = a.ring.borrow().clone();
+    let two = a.ring();
     let moved = moves(&three, &two);
     assert!(!moved.is_empty());
     assert!(

@@ -1,0 +1,366 @@
+//! Which shards this replica runs, and from when (`docs/architecture.md`, "Shards"): the
+//! handshake by which a shard moves between replicas with neither a gap nor a double.
+//!
+//! Every replica acts on the ring of the live members it sees (`src/members.rs`). On a new ring
+//! it first lets go of the shards the ring gives to others (the engine stops claiming their
+//! tasks at once; runs in flight finish under the take-over rules), then says in its Lease that
+//! it acts on that ring. A shard the ring gives it is taken only once every other live member
+//! said the same: none of them runs it any more. A replica that died leaves the ring once its
+//! Lease expired; one that stops says it is leaving and leaves at once.
+//!
+//! The shards taken together get one new term, whose epoch comes from the run ledger
+//! ([`Ledger::next_epoch`], above every epoch a member announced), so a replica that lost its
+//! shards while frozen and still claims is fenced by the ledger, as a stale leader is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::leader::Identity;
+use crate::ledger::Ledger;
+use crate::members::{Ack, View};
+use crate::run::Term;
+use crate::shard::{Shard, Terms};
+
+/// This replica's side of the handshake.
+pub struct Handover {
+    identity: Identity,
+    epochs: Arc<dyn Ledger>,
+    /// The pause before an epoch the ledger could not give is asked again.
+    retry: Duration,
+}
+
+/// What a handover did, for `/stats` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Handovers {
+    /// Shards taken since start.
+    pub taken: u64,
+    /// Shards let go since start.
+    pub released: u64,
+    /// From the ring's change to the shards taken, the last time shards were taken.
+    pub last_duration: Option<Duration>,
+}
+
+impl Handover {
+    /// The handshake of `identity`, drawing epochs from `epochs`; `retry` is the pause before
+    /// the ledger is asked again.
+    pub fn new(identity: Identity, epochs: Arc<dyn Ledger>, retry: Duration) -> Self {
+        Self {
+            identity,
+            epochs,
+            retry,
+        }
+    }
+
+    /// Follows `view` into `terms` (the shards held and their terms) and `ack` (what this
+    /// replica's Lease says), until `leave`: then lets go of every shard and says it is leaving,
+    /// so that the others take them over at once; the last replica keeps them until `stop`,
+    /// there being no one to take them (its runs drain and its last statuses are written).
+    pub async fn run(
+        &self,
+        mut view: watch::Receiver<View>,
+        terms: watch::Sender<Terms>,
+        ack: watch::Sender<Ack>,
+        handovers: watch::Sender<Handovers>,
+        (leave, stop): (CancellationToken, CancellationToken),
+    ) {
+        // When the ring last changed: a handover's duration counts from there.
+        let mut ring_since = (0, Instant::now());
+        loop {
+            let now = view.borrow_and_update().clone();
+            if now.ring.id() != ring_since.0 {
+                ring_since = (now.ring.id(), Instant::now());
+            }
+            let pending = self
+                .step(&now, &terms, &ack, &handovers, ring_since.1)
+                .await;
+            tokio::select! {
+                biased;
+                () = leave.cancelled() => break,
+                changed = view.changed() => if changed.is_err() {
+                    break;
+                },
+                () = tokio::time::sleep(self.retry), if pending => {}
+            }
+        }
+        let me = &*self.identity.name;
+        let others = view.borrow().ring.members().iter().any(|m| **m != *me);
+        if !others {
+            info!("the last replica: keeps its shards until it stopped");
+            return stop.cancelled().await;
+        }
+        // Let go first, then say so: the others take the shards only once it no longer runs them.
+        let released = terms.send_replace(Terms::default()).held();
+        info!(released, "leaving: let go of every shard");
+        ack.send_modify(|ack| {
+            ack.ring = None;
+            ack.leaving = true;
+        });
+        handovers.send_modify(|h| h.released += released as u64);
+    }
+
+    /// Acts on one view; `true` when shards wait for an epoch the ledger could not give.
+    async fn step(
+        &self,
+        view: &View,
+        terms: &watch::Sender<Terms>,
+        ack: &watch::Sender<Ack>,
+        handovers: &watch::Sender<Handovers>,
+        ring_since: Instant,
+    ) -> bool {
+        if !view.renewed {
+            let released = terms.send_replace(Terms::default()).held();
+            if released > 0 {
+                warn!(
+                    released,
+                    "could not renew this replica's member Lease within renew_deadline; stopped firing"
+                );
+                handovers.send_modify(|h| h.released += released as u64);
+            }
+            ack.send_if_modified(|ack| ack.ring.take().is_some());
+            return false;
+        }
+        let ring = &view.ring;
+        let mine = ring.shards_of(&self.identity.name);
+        let held = terms.borrow().clone();
+        let kept: Vec<(Shard, Term)> = mine
+            .iter()
+            .filter_map(|shard| Some((*shard, held.shard(*shard)?.clone())))
+            .collect();
+        let released = held.held() - kept.len();
+        if released > 0 {
+            info!(
+                released,
+                kept = kept.len(),
+                "the ring gives shards to other replicas: stopped firing them"
+            );
+            terms.send_replace(Terms::of_shards(kept.iter().cloned()));
+            handovers.send_modify(|h| h.released += released as u64);
+        }
+        let id = ring.id();
+        ack.send_if_modified(|ack| ack.ring.replace(id) != Some(id));
+        if kept.len() == mine.len() {
+            return false;
+        }
+        let waiting: Vec<&str> = ring
+            .members()
+            .iter()
+            .filter(|member| ***member != *self.identity.name)
+            .filter(|member| {
+                view.acks
+                    .get(*member)
+                    .is_none_or(|ack| ack.ring != Some(id))
+            })
+            .map(|member| &**member)
+            .collect();
+        if !waiting.is_empty() {
+            debug!(
+                ?waiting,
+                "waiting for the other replicas to let go of their shards"
+            );
+            return false;
+        }
+        // Above every epoch a member holds, even if the ledger lost its counter.
+        let floor = view.acks.values().map(|ack| ack.epoch).max().unwrap_or(0) + 1;
+        let epoch = match self.epochs.next_epoch(floor).await {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                warn!(%error, "cannot draw an epoch for the shards this replica takes; retrying");
+                return true;
+            }
+        };
+        let term = Term {
+            holder: Arc::from(self.identity.to_string()),
+            epoch,
+        };
+        let taken = mine.len() - kept.len();
+        info!(taken, epoch, "took shards");
+        let all = mine.into_iter().map(|shard| match held.shard(shard) {
+            Some(kept) => (shard, kept.clone()),
+            None => (shard, term.clone()),
+        });
+        terms.send_replace(Terms::of_shards(all));
+        ack.send_modify(|ack| ack.epoch = ack.epoch.max(epoch));
+        handovers.send_modify(|h| {
+            h.taken += taken as u64;
+            h.last_duration = Some(ring_since.elapsed());
+        });
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::ledger::MemoryLedger;
+    use crate::shard::{Ring, SHARDS};
+
+    /// One replica's handshake, fed views by the test.
+    struct Replica {
+        view: watch::Sender<View>,
+        terms: watch::Receiver<Terms>,
+        ack: watch::Receiver<Ack>,
+        leave: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Replica {
+        fn start(name: &str) -> Replica {
+            let ledger = Arc::new(MemoryLedger::new(MemoryLedger::IDLE));
+            let handover = Handover::new(Identity::new(name), ledger, Duration::from_secs(1));
+            let (view, views) = watch::channel(View::default());
+            let (terms_tx, terms) = watch::channel(Terms::default());
+            let (ack_tx, ack) = watch::channel(Ack::default());
+            let (handovers, _) = watch::channel(Handovers::default());
+            let leave = CancellationToken::new();
+            let task = tokio::spawn({
+                let leave = leave.clone();
+                let stopping = (leave, CancellationToken::new());
+                async move {
+                    handover
+                        .run(views, terms_tx, ack_tx, handovers, stopping)
+                        .await
+                }
+            });
+            Replica {
+                view,
+                terms,
+                ack,
+                leave,
+                task,
+            }
+        }
+
+        /// Shows it `members`, which said `acks`, and waits until it acted on them.
+        async fn sees(&mut self, members: &[&str], acks: &[(&str, Ack)]) -> Terms {
+            let acks: BTreeMap<Arc<str>, Ack> = acks
+                .iter()
+                .map(|(member, ack)| (Arc::from(*member), ack.clone()))
+                .collect();
+            let ring = Ring::new(members);
+            let id = ring.id();
+            self.view.send_replace(View {
+                ring,
+                acks,
+                renewed: true,
+            });
+            self.ack.wait_for(|ack| ack.ring == Some(id)).await.unwrap();
+            tokio::task::yield_now().await;
+            self.terms.borrow().clone()
+        }
+    }
+
+    fn acked(members: &[&str], epoch: u64) -> Ack {
+        Ack {
+            ring: Some(Ring::new(members).id()),
+            epoch,
+            leaving: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn alone_a_replica_takes_every_shard_in_one_new_term() {
+        let mut a = Replica::start("a");
+        let terms = a.sees(&["a"], &[("a", Ack::default())]).await;
+        assert_eq!(terms.held(), SHARDS);
+        let term = terms.newest().unwrap().clone();
+        assert!(Shard::all().all(|shard| terms.shard(shard) == Some(&term)));
+        assert_eq!(a.ack.borrow().epoch, term.epoch);
+    }
+
+    #[tokio::test]
+    async fn a_joining_replica_takes_its_shards_only_once_the_others_let_go() {
+        let mut b = Replica::start("b");
+        // `a` still acts on the ring it was alone on: it may run any shard.
+        let old = acked(&["a"], 7);
+        let terms = b
+            .sees(&["a", "b"], &[("a", old), ("b", Ack::default())])
+            .await;
+        assert!(terms.is_empty(), "took shards `a` may still run");
+        // `a` acted on the new ring: `b` takes its share, above every epoch announced.
+        let new = acked(&["a", "b"], 7);
+        let mut terms = b.terms.clone();
+        b.view.send_modify(|view| {
+            view.acks.insert("a".into(), new);
+        });
+        let terms = terms
+            .wait_for(|terms| !terms.is_empty())
+            .await
+            .unwrap()
+            .clone();
+        let ring = Ring::new(["a", "b"]);
+        assert_eq!(terms.held(), ring.shards_of("b").len());
+        assert!(
+            ring.shards_of("b")
+                .iter()
+                .all(|s| terms.shard(*s).is_some())
+        );
+        assert!(terms.newest().unwrap().epoch > 7);
+    }
+
+    #[tokio::test]
+    async fn a_replica_lets_go_of_the_shards_the_ring_gives_others_before_it_says_so() {
+        let mut a = Replica::start("a");
+        let alone = a.sees(&["a"], &[("a", Ack::default())]).await;
+        let term = alone.newest().unwrap().clone();
+        // `b` joined and has not acted on anything yet: `a` keeps its own share, in its term.
+        let terms = a.sees(&["a", "b"], &[("b", Ack::default())]).await;
+        let ring = Ring::new(["a", "b"]);
+        assert_eq!(terms.held(), ring.shards_of("a").len());
+        assert!(
+            ring.shards_of("a")
+                .iter()
+                .all(|s| terms.shard(*s) == Some(&term))
+        );
+        // `b` died: its shards come back to `a` once `a` acted on the ring without it.
+        let said = a.ack.borrow().clone();
+        a.sees(&["a"], &[("a", said)]).await;
+        let back = a
+            .terms
+            .wait_for(|t| t.held() == SHARDS)
+            .await
+            .unwrap()
+            .clone();
+        assert!(back.newest().unwrap().epoch > term.epoch);
+        assert!(
+            ring.shards_of("a")
+                .iter()
+                .all(|s| back.shard(*s) == Some(&term))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_cannot_renew_or_leaves_runs_nothing() {
+        let mut a = Replica::start("a");
+        a.sees(&["a"], &[("a", Ack::default())]).await;
+        a.view.send_modify(|view| view.renewed = false);
+        let mut terms = a.terms.clone();
+        terms.wait_for(Terms::is_empty).await.unwrap();
+        assert_eq!(a.ack.borrow().ring, None);
+
+        // `b` leaves while `c` is there to take its shards: it lets go at once.
+        let mut b = Replica::start("b");
+        b.sees(&["b", "c"], &[("c", acked(&["b", "c"], 1))]).await;
+        b.leave.cancel();
+        b.task.await.unwrap();
+        assert!(b.terms.borrow().is_empty());
+        assert!(b.ack.borrow().leaving);
+    }
+
+    #[tokio::test]
+    async fn the_last_replica_keeps_its_shards_until_it_stopped() {
+        let mut a = Replica::start("a");
+        a.sees(&["a"], &[("a", Ack::default())]).await;
+        a.leave.cancel();
+        tokio::task::yield_now().await;
+        assert_eq!(a.terms.borrow().held(), SHARDS, "no one to take them");
+        assert!(!a.ack.borrow().leaving);
+        assert!(!a.task.is_finished());
+    }
+}
