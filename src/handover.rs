@@ -45,6 +45,33 @@ pub struct Handovers {
     pub last_duration: Option<Duration>,
 }
 
+/// What the handshake decides: the shards held (and their terms), what this replica's Lease
+/// says, and the tally of handovers.
+struct Outputs {
+    terms: watch::Sender<Terms>,
+    ack: watch::Sender<Ack>,
+    handovers: watch::Sender<Handovers>,
+}
+
+impl Outputs {
+    /// Holds only `kept`; returns how many shards it let go.
+    fn keep_only(&self, kept: Vec<(Shard, Term)>) -> usize {
+        let released = self.terms.borrow().held() - kept.len();
+        if released > 0 {
+            self.terms.send_replace(Terms::of_shards(kept));
+            self.handovers
+                .send_modify(|h| h.released += released as u64);
+        }
+        released
+    }
+
+    /// Says this replica acts on the ring `id`.
+    fn acknowledge(&self, id: u64) {
+        self.ack
+            .send_if_modified(|ack| ack.ring.replace(id) != Some(id));
+    }
+}
+
 impl Handover {
     /// The handshake of `identity`, drawing epochs from `epochs`; `retry` is the pause before
     /// the ledger is asked again.
@@ -57,9 +84,10 @@ impl Handover {
     }
 
     /// Follows `view` into `terms` (the shards held and their terms) and `ack` (what this
-    /// replica's Lease says), until `leave`: then lets go of every shard and says it is leaving,
-    /// so that the others take them over at once; the last replica keeps them until `stop`,
-    /// there being no one to take them (its runs drain and its last statuses are written).
+    /// replica's Lease says) until `stop`. From `leave` on, it says it is leaving and takes no
+    /// shard; it lets go of its shards once the members that stay all act on the ring without
+    /// it, so that they take them over at once. With no member staying it keeps them until
+    /// `stop`: its runs drain and its last statuses are written, as one leader's would be.
     pub async fn run(
         &self,
         mut view: watch::Receiver<View>,
@@ -68,94 +96,92 @@ impl Handover {
         handovers: watch::Sender<Handovers>,
         (leave, stop): (CancellationToken, CancellationToken),
     ) {
+        let out = Outputs {
+            terms,
+            ack,
+            handovers,
+        };
         // When the ring last changed: a handover's duration counts from there.
         let mut ring_since = (0, Instant::now());
+        let (mut lapses, mut leaving) = (0, false);
         loop {
             let now = view.borrow_and_update().clone();
+            if now.lapses != lapses {
+                lapses = now.lapses;
+                let released = out.keep_only(Vec::new());
+                if released > 0 {
+                    warn!(
+                        released,
+                        "this replica's member Lease lapsed (frozen, or the apiserver out of reach); stopped firing"
+                    );
+                }
+            }
             if now.ring.id() != ring_since.0 {
                 ring_since = (now.ring.id(), Instant::now());
             }
-            let pending = self
-                .step(&now, &terms, &ack, &handovers, ring_since.1)
-                .await;
+            let pending = match leaving {
+                false => self.step(&now, &out, ring_since.1).await,
+                true => self.step_leaving(&now, &out),
+            };
             tokio::select! {
                 biased;
-                () = leave.cancelled() => break,
+                () = stop.cancelled() => break,
+                () = leave.cancelled(), if !leaving => {
+                    leaving = true;
+                    out.ack.send_modify(|ack| ack.leaving = true);
+                    info!("leaving: the shards go to the other replicas once they are ready");
+                }
                 changed = view.changed() => if changed.is_err() {
                     break;
                 },
                 () = tokio::time::sleep(self.retry), if pending => {}
             }
         }
-        let me = &*self.identity.name;
-        let others = view.borrow().ring.members().iter().any(|m| **m != *me);
-        if !others {
-            info!("the last replica: keeps its shards until it stopped");
-            return stop.cancelled().await;
-        }
-        // Let go first, then say so: the others take the shards only once it no longer runs them.
-        let released = terms.send_replace(Terms::default()).held();
-        info!(released, "leaving: let go of every shard");
-        ack.send_modify(|ack| {
-            ack.ring = None;
-            ack.leaving = true;
-        });
-        handovers.send_modify(|h| h.released += released as u64);
+        // What it holds at `stop` it keeps: the last statuses are being written in its terms.
     }
 
     /// Acts on one view; `true` when shards wait for an epoch the ledger could not give.
-    async fn step(
-        &self,
-        view: &View,
-        terms: &watch::Sender<Terms>,
-        ack: &watch::Sender<Ack>,
-        handovers: &watch::Sender<Handovers>,
-        ring_since: Instant,
-    ) -> bool {
+    async fn step(&self, view: &View, out: &Outputs, ring_since: Instant) -> bool {
         if !view.renewed {
-            let released = terms.send_replace(Terms::default()).held();
+            let released = out.keep_only(Vec::new());
             if released > 0 {
                 warn!(
                     released,
                     "could not renew this replica's member Lease within renew_deadline; stopped firing"
                 );
-                handovers.send_modify(|h| h.released += released as u64);
             }
-            ack.send_if_modified(|ack| ack.ring.take().is_some());
+            out.ack.send_if_modified(|ack| ack.ring.take().is_some());
             return false;
         }
         let ring = &view.ring;
         let mine = ring.shards_of(&self.identity.name);
-        let held = terms.borrow().clone();
+        let held = out.terms.borrow().clone();
         let kept: Vec<(Shard, Term)> = mine
             .iter()
             .filter_map(|shard| Some((*shard, held.shard(*shard)?.clone())))
             .collect();
-        let released = held.held() - kept.len();
+        let kept_count = kept.len();
+        let released = out.keep_only(kept);
         if released > 0 {
             info!(
                 released,
-                kept = kept.len(),
+                kept = kept_count,
                 "the ring gives shards to other replicas: stopped firing them"
             );
-            terms.send_replace(Terms::of_shards(kept.iter().cloned()));
-            handovers.send_modify(|h| h.released += released as u64);
         }
         let id = ring.id();
-        ack.send_if_modified(|ack| ack.ring.replace(id) != Some(id));
-        if kept.len() == mine.len() {
+        out.acknowledge(id);
+        if kept_count == mine.len() {
             return false;
         }
-        let waiting: Vec<&str> = ring
-            .members()
+        // Every other live member, leaving or not, must act on this ring: none runs a shard
+        // this one takes.
+        let me = &*self.identity.name;
+        let waiting: Vec<&str> = view
+            .acks
             .iter()
-            .filter(|member| ***member != *self.identity.name)
-            .filter(|member| {
-                view.acks
-                    .get(*member)
-                    .is_none_or(|ack| ack.ring != Some(id))
-            })
-            .map(|member| &**member)
+            .filter(|(member, ack)| ***member != *me && ack.ring != Some(id))
+            .map(|(member, _)| &**member)
             .collect();
         if !waiting.is_empty() {
             debug!(
@@ -164,8 +190,9 @@ impl Handover {
             );
             return false;
         }
-        // Above every epoch a member holds, even if the ledger lost its counter.
-        let floor = view.acks.values().map(|ack| ack.epoch).max().unwrap_or(0) + 1;
+        // Above every epoch a member (this one too) holds, even if the ledger lost its counter.
+        let announced = view.acks.values().map(|ack| ack.epoch).max().unwrap_or(0);
+        let floor = announced.max(out.ack.borrow().epoch) + 1;
         let epoch = match self.epochs.next_epoch(floor).await {
             Ok(epoch) => epoch,
             Err(error) => {
@@ -177,18 +204,42 @@ impl Handover {
             holder: Arc::from(self.identity.to_string()),
             epoch,
         };
-        let taken = mine.len() - kept.len();
+        let taken = mine.len() - kept_count;
         info!(taken, epoch, "took shards");
         let all = mine.into_iter().map(|shard| match held.shard(shard) {
             Some(kept) => (shard, kept.clone()),
             None => (shard, term.clone()),
         });
-        terms.send_replace(Terms::of_shards(all));
-        ack.send_modify(|ack| ack.epoch = ack.epoch.max(epoch));
-        handovers.send_modify(|h| {
+        out.terms.send_replace(Terms::of_shards(all));
+        out.ack.send_modify(|ack| ack.epoch = ack.epoch.max(epoch));
+        out.handovers.send_modify(|h| {
             h.taken += taken as u64;
             h.last_duration = Some(ring_since.elapsed());
         });
+        false
+    }
+
+    /// Acts on one view while leaving: lets every shard go once the members that stay all act
+    /// on the ring without this one; keeps them while no member stays.
+    fn step_leaving(&self, view: &View, out: &Outputs) -> bool {
+        let ring = &view.ring;
+        let id = ring.id();
+        let staying = ring.members();
+        // Its own Lease says it is leaving once the ring leaves it out.
+        let ready = !staying.is_empty()
+            && !staying.iter().any(|member| **member == *self.identity.name)
+            && staying.iter().all(|member| {
+                view.acks
+                    .get(member)
+                    .is_some_and(|ack| ack.ring == Some(id))
+            });
+        if ready || out.terms.borrow().is_empty() {
+            let released = out.keep_only(Vec::new());
+            if released > 0 {
+                info!(released, "leaving: let go of every shard");
+            }
+            out.acknowledge(id);
+        }
         false
     }
 }
@@ -207,6 +258,7 @@ mod tests {
         terms: watch::Receiver<Terms>,
         ack: watch::Receiver<Ack>,
         leave: CancellationToken,
+        stop: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -218,10 +270,9 @@ mod tests {
             let (terms_tx, terms) = watch::channel(Terms::default());
             let (ack_tx, ack) = watch::channel(Ack::default());
             let (handovers, _) = watch::channel(Handovers::default());
-            let leave = CancellationToken::new();
+            let (leave, stop) = (CancellationToken::new(), CancellationToken::new());
             let task = tokio::spawn({
-                let leave = leave.clone();
-                let stopping = (leave, CancellationToken::new());
+                let stopping = (leave.clone(), stop.clone());
                 async move {
                     handover
                         .run(views, terms_tx, ack_tx, handovers, stopping)
@@ -233,6 +284,7 @@ mod tests {
                 terms,
                 ack,
                 leave,
+                stop,
                 task,
             }
         }
@@ -245,10 +297,12 @@ mod tests {
                 .collect();
             let ring = Ring::new(members);
             let id = ring.id();
+            let lapses = self.view.borrow().lapses;
             self.view.send_replace(View {
                 ring,
                 acks,
                 renewed: true,
+                lapses,
             });
             self.ack.wait_for(|ack| ack.ring == Some(id)).await.unwrap();
             tokio::task::yield_now().await;
@@ -336,21 +390,65 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_replica_that_cannot_renew_or_leaves_runs_nothing() {
+    async fn a_replica_that_cannot_renew_runs_nothing() {
         let mut a = Replica::start("a");
         a.sees(&["a"], &[("a", Ack::default())]).await;
         a.view.send_modify(|view| view.renewed = false);
         let mut terms = a.terms.clone();
         terms.wait_for(Terms::is_empty).await.unwrap();
         assert_eq!(a.ack.borrow().ring, None);
+    }
 
-        // `b` leaves while `c` is there to take its shards: it lets go at once.
+    #[tokio::test]
+    async fn a_leaving_replica_lets_go_once_the_others_act_on_the_ring_without_it() {
         let mut b = Replica::start("b");
-        b.sees(&["b", "c"], &[("c", acked(&["b", "c"], 1))]).await;
+        let both = acked(&["b", "c"], 1);
+        b.sees(&["b", "c"], &[("c", both.clone())]).await;
+        let held = b.terms.borrow().held();
+        assert!(held > 0);
         b.leave.cancel();
-        b.task.await.unwrap();
-        assert!(b.terms.borrow().is_empty());
-        assert!(b.ack.borrow().leaving);
+        let mut ack = b.ack.clone();
+        ack.wait_for(|ack| ack.leaving).await.unwrap();
+        // Its Lease says so; `c` has not acted on the ring without it yet: it keeps its shards.
+        let leaving = Ack {
+            leaving: true,
+            ..both.clone()
+        };
+        b.view.send_replace(View {
+            ring: Ring::new(["c"]),
+            acks: [("b".into(), leaving.clone()), ("c".into(), both)].into(),
+            renewed: true,
+            lapses: 0,
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(b.terms.borrow().held(), held);
+        // `c` acts on it: `b` lets go, then says it acts on it too (`c` takes the shards then).
+        b.view.send_modify(|view| {
+            view.acks.insert("c".into(), acked(&["c"], 1));
+        });
+        let mut terms = b.terms.clone();
+        terms.wait_for(Terms::is_empty).await.unwrap();
+        ack.wait_for(|ack| ack.ring == Some(Ring::new(["c"]).id()))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_lease_lapsed_takes_its_shards_again_in_a_new_term() {
+        // Frozen past its renew deadline, it renewed on waking before anything else ran: the
+        // others may have taken its shards meanwhile, so it must not go on in its old term
+        // (the ledger would fence every claim of it, for good).
+        let mut a = Replica::start("a");
+        let before = a.sees(&["a"], &[("a", Ack::default())]).await;
+        let old = before.newest().unwrap().epoch;
+        let mut terms = a.terms.clone();
+        a.view.send_modify(|view| view.lapses += 1);
+        let after = terms
+            .wait_for(|t| t.held() == SHARDS && t.newest().unwrap().epoch > old)
+            .await
+            .unwrap()
+            .clone();
+        assert!(Shard::all().all(|s| after.shard(s) == after.newest()));
     }
 
     #[tokio::test]
@@ -358,9 +456,20 @@ mod tests {
         let mut a = Replica::start("a");
         a.sees(&["a"], &[("a", Ack::default())]).await;
         a.leave.cancel();
+        let mut ack = a.ack.clone();
+        let said = ack.wait_for(|ack| ack.leaving).await.unwrap().clone();
+        // Its Lease says it is leaving: no member stays.
+        a.view.send_replace(View {
+            ring: Ring::default(),
+            acks: [("a".into(), said)].into(),
+            renewed: true,
+            lapses: 0,
+        });
         tokio::task::yield_now().await;
         assert_eq!(a.terms.borrow().held(), SHARDS, "no one to take them");
-        assert!(!a.ack.borrow().leaving);
-        assert!(!a.task.is_finished());
+        // Stopping, it keeps them: its last statuses are written in their terms.
+        a.stop.cancel();
+        a.task.await.unwrap();
+        assert_eq!(a.terms.borrow().held(), SHARDS);
     }
 }

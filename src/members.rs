@@ -62,6 +62,10 @@ pub struct View {
     pub acks: BTreeMap<Arc<str>, Ack>,
     /// This replica renewed its Lease within the renew deadline: it may act on the ring.
     pub renewed: bool,
+    /// How many times its renewals lapsed past the renew deadline (a freeze, an apiserver out
+    /// of reach): the others may have taken its shards meanwhile, so it holds none from the
+    /// lapse on, even if it renewed again before anyone looked.
+    pub lapses: u64,
 }
 
 impl PartialEq for View {
@@ -69,6 +73,7 @@ impl PartialEq for View {
         self.ring.members() == other.ring.members()
             && self.acks == other.acks
             && self.renewed == other.renewed
+            && self.lapses == other.lapses
     }
 }
 
@@ -119,6 +124,7 @@ impl Members {
         let mut tick = tokio::time::interval(self.timings.retry_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewed_at: Option<Instant> = None;
+        let mut lapses = 0;
         let mut ack_open = true;
         loop {
             let renew = tokio::select! {
@@ -138,6 +144,11 @@ impl Members {
                     false
                 }
             };
+            // Woken after a freeze, it must not renew and carry on as if nothing happened.
+            if renewed_at.is_some_and(|at| at.elapsed() >= self.timings.renew_deadline) {
+                renewed_at = None;
+                lapses += 1;
+            }
             if renew {
                 let said = ack.borrow_and_update().clone();
                 // Never longer than a retry period: the view must go on telling whether this
@@ -149,7 +160,7 @@ impl Members {
                 }
             }
             let renewed = renewed_at.is_some_and(|at| at.elapsed() < self.timings.renew_deadline);
-            let now = live(&seen, renewed);
+            let now = live(&seen, renewed, lapses);
             let changed = view.send_if_modified(|view| {
                 let same = *view == now;
                 if !same {
@@ -253,7 +264,7 @@ fn see(
 }
 
 /// The live members of what was seen, and what they said.
-fn live(seen: &HashMap<String, Seen>, renewed: bool) -> View {
+fn live(seen: &HashMap<String, Seen>, renewed: bool, lapses: u64) -> View {
     let now = Instant::now();
     let mut acks: BTreeMap<Arc<str>, Ack> = BTreeMap::new();
     for Seen { lease, changed_at } in seen.values() {
@@ -284,5 +295,6 @@ fn live(seen: &HashMap<String, Seen>, renewed: bool) -> View {
         ring: Ring::new(staying.map(|(member, _)| member.clone())),
         acks,
         renewed,
+        lapses,
     }
 }

@@ -9,8 +9,10 @@
 //! checker reads the receiver's log, the Redis ledger and the statuses and proves what
 //! docs/operations.md ("Exactly once across replicas") promises; see [`check`].
 //!
-//! `CHRONFLOW_FAULT_SEED` (default [`DEFAULT_SEED`]) and `CHRONFLOW_FAULT_MINUTES` (default 1.5)
-//! set the run: the short run is part of the suite, a long one is run by hand, e.g.
+//! The replicas run sharded (`leader_election.sharding`, the default: each runs its share of
+//! the tasks, and "the Lease deleted" deletes a member's); `CHRONFLOW_FAULT_SHARDING=0` runs them
+//! with one leader instead. `CHRONFLOW_FAULT_SEED` (default [`DEFAULT_SEED`]) and
+//! `CHRONFLOW_FAULT_MINUTES` (default 1.5) set the run: the short run is part of the suite, a long one is run by hand, e.g.
 //! `CHRONFLOW_FAULT_MINUTES=12 cargo test --test cluster -- faults:: --nocapture`.
 //! Everything listens on and connects to 127.0.0.1 only.
 
@@ -1055,6 +1057,10 @@ impl Rig {
         let mut env = vec![
             ("POD_NAME", pod),
             ("SCHEDULER__LOG__LOG_TASK_SUCCESS", "false"),
+            (
+                "SCHEDULER__LEADER_ELECTION__SHARDING",
+                if sharded() { "true" } else { "false" },
+            ),
         ];
         if Fault::kinds()
             .iter()
@@ -1108,6 +1114,9 @@ impl Rig {
     async fn leader(&self) -> Option<usize> {
         if self.apiserver_down() {
             return None;
+        }
+        if sharded() {
+            return None; // every replica leads its share
         }
         let lease = tokio::time::timeout(CALL, self.leases.get_opt(LEASE))
             .await
@@ -1216,11 +1225,15 @@ impl Rig {
                 if self.apiserver_down() {
                     return false;
                 }
+                let lease = match sharded() {
+                    true => format!("{LEASE}-{}", rng.pick(&self.live).pod),
+                    false => LEASE.to_string(),
+                };
                 let deleted =
-                    tokio::time::timeout(CALL, self.leases.delete(LEASE, &Default::default()))
+                    tokio::time::timeout(CALL, self.leases.delete(&lease, &Default::default()))
                         .await;
                 match deleted {
-                    Ok(Ok(_)) => self.note("Lease deleted".into()),
+                    Ok(Ok(_)) => self.note(format!("Lease {lease} deleted")),
                     other => {
                         let why = match other {
                             Ok(Err(e)) => e.to_string(),
@@ -1619,6 +1632,11 @@ async fn gather(
     all
 }
 
+/// Whether the replicas run sharded: unless `CHRONFLOW_FAULT_SHARDING=0`.
+fn sharded() -> bool {
+    std::env::var("CHRONFLOW_FAULT_SHARDING").map_or(true, |v| v != "0")
+}
+
 /// `CHRONFLOW_FAULT_SEED` (decimal, or hex with `0x`), else [`DEFAULT_SEED`].
 fn seed() -> u64 {
     let Ok(value) = std::env::var("CHRONFLOW_FAULT_SEED") else {
@@ -1718,8 +1736,12 @@ async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
         rig.spawn(&pod, None);
     }
     let leases = rig.leases.clone();
-    eventually("a leader", || async {
-        leases.get_opt(LEASE).await.ok()??.spec?.holder_identity
+    eventually("a leader, or a member Lease", || async {
+        let lease = match sharded() {
+            true => format!("{LEASE}-{}", rig.live[0].pod),
+            false => LEASE.to_string(),
+        };
+        leases.get_opt(&lease).await.ok()??.spec?.holder_identity
     })
     .await;
     for plan in &plans {

@@ -98,7 +98,8 @@ fn latest_arrival(
         .unwrap_or_default()
 }
 
-#[tokio::test]
+// Several threads: the receiver answers while the test waits for a replica to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_replicas_split_the_tasks_and_hand_them_over_on_kill_join_and_sigterm() {
     let setup = setup("shards").await;
     let (api, ns) = (&setup.api, setup.ns.as_str());
