@@ -155,6 +155,7 @@ async fn helm_install_then_kubectl_as_a_user_would() {
         &["update", "leases.coordination.k8s.io", "-n", NS],
         // Each replica's member Lease: listed with the others', deleted at a stop.
         &["list", "leases.coordination.k8s.io", "-n", NS],
+        &["watch", "leases.coordination.k8s.io", "-n", NS],
         &["delete", "leases.coordination.k8s.io", "-n", NS],
         // config.metrics.auth: kubernetes, the chart's default.
         &["create", "tokenreviews.authentication.k8s.io"],

@@ -408,6 +408,32 @@ async fn missed_instants_are_counted_once_and_never_run() {
     );
 }
 
+/// A start Redis applied but could not confirm (`redis.wait_replicas` timed out, or the reply
+/// was lost) is reported as not started: the action never began. Its miss then lands over the
+/// start, or the run stays open for good (the fault checker found starts left so after the drain,
+/// by a replica that kept its shards to the end). Only the process that started it may do so.
+#[tokio::test]
+async fn a_start_that_could_not_be_confirmed_is_recorded_missed_by_its_own_term_only() {
+    let ledger = ledger(4);
+    let task = task("unconfirmed");
+    let me = term(1, "a#1");
+    let run = RunId::new(&task, at(0));
+    assert_eq!(claim(&ledger, &run, &me).await, Verdict::Accepted);
+    assert_eq!(mark(&ledger, &run, &me, STARTED).await, Verdict::Accepted);
+    let one = Mark::Missed { count: 1 };
+    let restarted = term(1, "a#2");
+    assert_eq!(
+        state(&mark(&ledger, &run, &restarted, one).await),
+        Some(RunState::Started),
+        "another process's miss over a start"
+    );
+    assert_eq!(mark(&ledger, &run, &me, one).await, Verdict::Accepted);
+    let taken = ledger.take_over(&task, &term(2, "b#1"), &[], None).await.unwrap();
+    assert!(taken.in_flight.is_empty(), "{:?}", taken.in_flight);
+    let counted = plain(taken.counts.unwrap());
+    assert_eq!((counted.runs, counted.missed), (0, 1));
+}
+
 #[tokio::test]
 async fn records_past_the_retention_are_pruned_and_their_instants_stay_handled() {
     let ledger = ledger(4);

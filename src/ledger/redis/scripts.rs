@@ -162,9 +162,11 @@ if not (final and mine) then
   if epoch < stored then return counts({'fenced', tostring(stored)}) end
   if epoch > stored then redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL') end
 end
+-- A miss over its own start: the start landed but its answer did not (a lost reply, WAIT timed
+-- out), so the process never began the action.
 local allowed = (to == 'started' and state == 'claimed' and mine)
   or (final and mine and (state == 'claimed' or state == 'started'))
-  or (to == 'missed' and (state == 'none' or (state == 'claimed' and mine)))
+  or (to == 'missed' and (state == 'none' or (mine and (state == 'claimed' or state == 'started'))))
 if not allowed then return counts({'held', record or 'none 0 -'}) end
 if to == 'started' and ARGV[7] == 'alone' then
   -- Forbid across processes: another one's run of the task is in flight.
