@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
@@ -150,6 +150,7 @@ impl Members {
                 lapses += 1;
             }
             if renew {
+                self.forget_dead(&seen).await;
                 let said = ack.borrow_and_update().clone();
                 // Never longer than a retry period: the view must go on telling whether this
                 // replica still renews.
@@ -161,15 +162,16 @@ impl Members {
             }
             let renewed = renewed_at.is_some_and(|at| at.elapsed() < self.timings.renew_deadline);
             let now = live(&seen, renewed, lapses);
-            let changed = view.send_if_modified(|view| {
+            let ring = view.borrow().ring.id();
+            view.send_if_modified(|view| {
                 let same = *view == now;
                 if !same {
                     *view = now;
                 }
                 !same
             });
-            if changed {
-                let view = view.borrow();
+            let view = view.borrow();
+            if view.ring.id() != ring {
                 info!(members = ?view.ring.members(), renewed, "the replicas changed");
             }
         }
@@ -180,6 +182,30 @@ impl Members {
         {
             Ok(_) => debug!("left the members"),
             Err(error) => warn!(%error, "could not delete this replica's member Lease"),
+        }
+    }
+
+    /// Deletes the Leases of members that died (expired as this process saw them), so that a
+    /// replica starting later, and `kubectl get leases`, see only live ones. What it saw is a
+    /// precondition: a Lease renewed meanwhile stays.
+    async fn forget_dead(&self, seen: &HashMap<String, Seen>) {
+        let now = Instant::now();
+        let own = self.lease_name();
+        for (name, known) in seen {
+            if *name == own || !expired(known, now) {
+                continue;
+            }
+            let preconditions = Preconditions {
+                resource_version: known.lease.resource_version(),
+                uid: None,
+            };
+            let params = DeleteParams::default().preconditions(preconditions);
+            match self.api.delete(name, &params).await {
+                Ok(_) => info!(lease = %name, "deleted the member Lease of a replica that died"),
+                Err(error) => {
+                    debug!(lease = %name, %error, "could not delete an expired member Lease")
+                }
+            }
         }
     }
 
@@ -263,23 +289,29 @@ fn see(
     }
 }
 
+/// Whether a Lease went unchanged for its duration, as this process saw it.
+fn expired(known: &Seen, now: Instant) -> bool {
+    let spec = known.lease.spec.as_ref();
+    let seconds = spec
+        .and_then(|spec| spec.lease_duration_seconds)
+        .unwrap_or(0);
+    let duration = Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
+    now.duration_since(known.changed_at) >= duration
+}
+
 /// The live members of what was seen, and what they said.
 fn live(seen: &HashMap<String, Seen>, renewed: bool, lapses: u64) -> View {
     let now = Instant::now();
     let mut acks: BTreeMap<Arc<str>, Ack> = BTreeMap::new();
-    for Seen { lease, changed_at } in seen.values() {
-        let Some(spec) = &lease.spec else {
+    for known in seen.values().filter(|known| !expired(known, now)) {
+        let lease = &known.lease;
+        let Some(holder) = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+        else {
             continue;
         };
-        let duration = Duration::from_secs(
-            u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
-        );
-        let Some(holder) = spec.holder_identity.as_deref() else {
-            continue;
-        };
-        if now.duration_since(*changed_at) >= duration {
-            continue;
-        }
         let annotation = |key| lease.annotations().get(key).map(String::as_str);
         let ack = Ack {
             ring: annotation(RING_ANNOTATION).and_then(|hex| u64::from_str_radix(hex, 16).ok()),

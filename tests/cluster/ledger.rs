@@ -428,7 +428,10 @@ async fn a_start_that_could_not_be_confirmed_is_recorded_missed_by_its_own_term_
         "another process's miss over a start"
     );
     assert_eq!(mark(&ledger, &run, &me, one).await, Verdict::Accepted);
-    let taken = ledger.take_over(&task, &term(2, "b#1"), &[], None).await.unwrap();
+    let taken = ledger
+        .take_over(&task, &term(2, "b#1"), &[], None)
+        .await
+        .unwrap();
     assert!(taken.in_flight.is_empty(), "{:?}", taken.in_flight);
     let counted = plain(taken.counts.unwrap());
     assert_eq!((counted.runs, counted.missed), (0, 1));

@@ -1,7 +1,7 @@
 //! Replicas announce themselves with a Lease each and agree on the ring of shards (issue 32's
 //! first steps, `src/members.rs`): against the real apiserver, every member sees the same
-//! members and owners, one that dies leaves once its Lease expired, one that stops leaves at
-//! once, and only the leaver's shards move.
+//! members and owners, one that dies leaves once its Lease expired (and the others delete it),
+//! one that stops leaves at once, and only the leaver's shards move.
 
 use std::time::Duration;
 
@@ -128,6 +128,12 @@ async fn replicas_agree_on_the_ring_and_a_leaver_moves_only_its_own_shards() {
             .all(|m| m.from.as_deref() == Some("chronflow-c")),
         "only the dead replica's shards move: {moved:?}"
     );
+    // The others delete its expired Lease: a replica starting later does not wait for it.
+    eventually("the dead replica's Lease deleted", || async {
+        let lease = leases.get_opt("chronflow-leader-chronflow-c").await.ok()?;
+        lease.is_none().then_some(())
+    })
+    .await;
 
     // Stopped: it deletes its Lease and leaves at once.
     b.stop.cancel();
