@@ -6,7 +6,8 @@
 //! tasks at once; runs in flight finish under the take-over rules), then says in its Lease that
 //! it acts on that ring. A shard the ring gives it is taken only once every other live member
 //! said the same: none of them runs it any more. A replica that died leaves the ring once its
-//! Lease expired; one that stops says it is leaving and leaves at once.
+//! Lease expired; one that stops, or whose clock is off, stands by: it leaves the ring at once
+//! and lets go of its shards as soon as the others are ready to take them.
 //!
 //! The shards taken together get one new term, whose epoch comes from the run ledger
 //! ([`Ledger::next_epoch`], above every epoch a member announced), so a replica that lost its
@@ -25,12 +26,15 @@ use crate::ledger::Ledger;
 use crate::members::{Ack, View};
 use crate::run::Term;
 use crate::shard::{Shard, Terms};
+use crate::skew::ClockCheck;
 
 /// This replica's side of the handshake.
 pub struct Handover {
     identity: Identity,
     epochs: Arc<dyn Ledger>,
-    /// The pause before an epoch the ledger could not give is asked again.
+    clock: ClockCheck,
+    /// How often the clock is checked, and the pause before an epoch the ledger could not give
+    /// is asked again.
     retry: Duration,
 }
 
@@ -73,21 +77,29 @@ impl Outputs {
 }
 
 impl Handover {
-    /// The handshake of `identity`, drawing epochs from `epochs`; `retry` is the pause before
-    /// the ledger is asked again.
-    pub fn new(identity: Identity, epochs: Arc<dyn Ledger>, retry: Duration) -> Self {
+    /// The handshake of `identity`, drawing epochs from `epochs` and standing by while `clock`
+    /// finds this replica's clock off; `retry` is how often the clock is checked and the pause
+    /// before the ledger is asked again.
+    pub fn new(
+        identity: Identity,
+        epochs: Arc<dyn Ledger>,
+        clock: ClockCheck,
+        retry: Duration,
+    ) -> Self {
         Self {
             identity,
             epochs,
+            clock,
             retry,
         }
     }
 
     /// Follows `view` into `terms` (the shards held and their terms) and `ack` (what this
-    /// replica's Lease says) until `stop`. From `leave` on, it says it is leaving and takes no
-    /// shard; it lets go of its shards once the members that stay all act on the ring without
-    /// it, so that they take them over at once. With no member staying it keeps them until
-    /// `stop`: its runs drain and its last statuses are written, as one leader's would be.
+    /// replica's Lease says) until `stop`. From `leave` on, it stands by: it takes no shard and
+    /// lets go of its shards once the members that stay all act on the ring without it, so that
+    /// they take them over at once; with no member staying it keeps them until `stop` (its runs
+    /// drain and its last statuses are written, as one leader's would be). While its clock is
+    /// off it stands by too, and lets go at once: it must run nothing.
     pub async fn run(
         &self,
         mut view: watch::Receiver<View>,
@@ -103,7 +115,10 @@ impl Handover {
         };
         // When the ring last changed: a handover's duration counts from there.
         let mut ring_since = (0, Instant::now());
-        let (mut lapses, mut leaving) = (0, false);
+        // Checked before anything is taken: a replica whose clock is off must run nothing.
+        let (mut lapses, mut leaving, mut skewed) = (0, false, self.skewed(false).await);
+        let mut clock = tokio::time::interval_at(Instant::now() + self.retry, self.retry);
+        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = view.borrow_and_update().clone();
             if now.lapses != lapses {
@@ -119,18 +134,22 @@ impl Handover {
             if now.ring.id() != ring_since.0 {
                 ring_since = (now.ring.id(), Instant::now());
             }
-            let pending = match leaving {
-                false => self.step(&now, &out, ring_since.1).await,
-                true => self.step_leaving(&now, &out),
+            let standby = leaving || skewed;
+            out.ack
+                .send_if_modified(|ack| std::mem::replace(&mut ack.standby, standby) != standby);
+            let pending = match (standby, skewed) {
+                (false, _) => self.step(&now, &out, ring_since.1).await,
+                (true, false) => self.step_standing_by(&now, &out, false),
+                (true, true) => self.step_standing_by(&now, &out, true),
             };
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
                 () = leave.cancelled(), if !leaving => {
                     leaving = true;
-                    out.ack.send_modify(|ack| ack.leaving = true);
                     info!("leaving: the shards go to the other replicas once they are ready");
                 }
+                _ = clock.tick() => skewed = self.skewed(skewed).await,
                 changed = view.changed() => if changed.is_err() {
                     break;
                 },
@@ -138,6 +157,26 @@ impl Handover {
             }
         }
         // What it holds at `stop` it keeps: the last statuses are being written in its terms.
+    }
+
+    /// Whether this replica's clock is off now; `was`, the last judgement, stands while the
+    /// ledger cannot answer.
+    async fn skewed(&self, was: bool) -> bool {
+        match tokio::time::timeout(self.retry, self.clock.check()).await {
+            Ok(Err(problem)) => {
+                if !was {
+                    warn!(%problem, "clock skew; standing by");
+                }
+                true
+            }
+            Err(_) => was,
+            Ok(Ok(())) => {
+                if was {
+                    info!("this replica's clock agrees with the Redis ledger's again");
+                }
+                false
+            }
+        }
     }
 
     /// Acts on one view; `true` when shards wait for an epoch the ledger could not give.
@@ -219,9 +258,10 @@ impl Handover {
         false
     }
 
-    /// Acts on one view while leaving: lets every shard go once the members that stay all act
-    /// on the ring without this one; keeps them while no member stays.
-    fn step_leaving(&self, view: &View, out: &Outputs) -> bool {
+    /// Acts on one view while standing by: lets every shard go once the members on the ring all
+    /// act on the ring without this one (`at_once`: right away); keeps them, unless `at_once`,
+    /// while no member is on the ring.
+    fn step_standing_by(&self, view: &View, out: &Outputs, at_once: bool) -> bool {
         let ring = &view.ring;
         let id = ring.id();
         let staying = ring.members();
@@ -233,10 +273,10 @@ impl Handover {
                     .get(member)
                     .is_some_and(|ack| ack.ring == Some(id))
             });
-        if ready || out.terms.borrow().is_empty() {
+        if ready || at_once || out.terms.borrow().is_empty() {
             let released = out.keep_only(Vec::new());
             if released > 0 {
-                info!(released, "leaving: let go of every shard");
+                info!(released, "standing by: let go of every shard");
             }
             out.acknowledge(id);
         }
@@ -265,7 +305,9 @@ mod tests {
     impl Replica {
         fn start(name: &str) -> Replica {
             let ledger = Arc::new(MemoryLedger::new(MemoryLedger::IDLE));
-            let handover = Handover::new(Identity::new(name), ledger, Duration::from_secs(1));
+            let clock = ClockCheck::new(ledger.clone(), Duration::ZERO);
+            let handover =
+                Handover::new(Identity::new(name), ledger, clock, Duration::from_secs(1));
             let (view, views) = watch::channel(View::default());
             let (terms_tx, terms) = watch::channel(Terms::default());
             let (ack_tx, ack) = watch::channel(Ack::default());
@@ -314,7 +356,7 @@ mod tests {
         Ack {
             ring: Some(Ring::new(members).id()),
             epoch,
-            leaving: false,
+            standby: false,
         }
     }
 
@@ -408,10 +450,10 @@ mod tests {
         assert!(held > 0);
         b.leave.cancel();
         let mut ack = b.ack.clone();
-        ack.wait_for(|ack| ack.leaving).await.unwrap();
+        ack.wait_for(|ack| ack.standby).await.unwrap();
         // Its Lease says so; `c` has not acted on the ring without it yet: it keeps its shards.
         let leaving = Ack {
-            leaving: true,
+            standby: true,
             ..both.clone()
         };
         b.view.send_replace(View {
@@ -457,7 +499,7 @@ mod tests {
         a.sees(&["a"], &[("a", Ack::default())]).await;
         a.leave.cancel();
         let mut ack = a.ack.clone();
-        let said = ack.wait_for(|ack| ack.leaving).await.unwrap().clone();
+        let said = ack.wait_for(|ack| ack.standby).await.unwrap().clone();
         // Its Lease says it is leaving: no member stays.
         a.view.send_replace(View {
             ring: Ring::default(),

@@ -16,7 +16,7 @@
 //! client-go does), never by comparing the holder's timestamps with ours: clocks may disagree.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::LeaderElectionConfig;
 use crate::ledger::Ledger;
+use crate::skew::ClockCheck;
 
 pub use crate::run::Term;
 pub use crate::shard::Terms;
@@ -70,7 +71,7 @@ pub struct Elector {
     identity: Identity,
     timings: Timings,
     epochs: Arc<dyn Ledger>,
-    skew: Arc<AtomicI64>,
+    clock: ClockCheck,
     draining: CancellationToken,
 }
 
@@ -136,13 +137,14 @@ impl Elector {
         timings: Timings,
         epochs: Arc<dyn Ledger>,
     ) -> Self {
+        let clock = ClockCheck::new(epochs.clone(), timings.max_clock_skew);
         Self {
             api,
             name: name.to_string(),
             identity,
             timings,
             epochs,
-            skew: Arc::default(),
+            clock,
             draining: CancellationToken::new(),
         }
     }
@@ -156,42 +158,7 @@ impl Elector {
 
     /// The local clock minus the ledger's, in milliseconds, as last measured (0 before).
     pub fn clock_skew(&self) -> Arc<AtomicI64> {
-        self.skew.clone()
-    }
-
-    /// Compares the local clock with the ledger's: a leader whose clock runs ahead claims
-    /// instants before they are due (and every later leader stays silent for the difference),
-    /// one behind fires late. `Err` says by how much it is off; a ledger without a clock of its
-    /// own, or one that cannot answer now, passes.
-    async fn check_clock(&self) -> Result<(), String> {
-        let bound = self.timings.max_clock_skew;
-        if bound.is_zero() {
-            return Ok(());
-        }
-        let asked = chrono::Utc::now();
-        let Ok(Some(theirs)) = self.epochs.server_time().await else {
-            return Ok(());
-        };
-        let answered = chrono::Utc::now();
-        let ours = asked + (answered - asked) / 2;
-        let skew = ours - theirs;
-        self.skew.store(skew.num_milliseconds(), Ordering::Relaxed);
-        let limit = chrono::Duration::from_std(bound).unwrap_or(chrono::TimeDelta::MAX);
-        if skew.abs() <= limit {
-            return Ok(());
-        }
-        Err(format!(
-            "this replica's clock is {} ms {} the Redis ledger's, more than \
-             leader_election.max_clock_skew ({}): it does not lead until they agree (check NTP \
-             on its node)",
-            skew.num_milliseconds().abs(),
-            if skew > chrono::TimeDelta::zero() {
-                "ahead of"
-            } else {
-                "behind"
-            },
-            crate::schedule::format_duration(bound)
-        ))
+        self.clock.skew()
     }
 
     /// Competes until `stop` is cancelled, publishing the current term (`None` while another
@@ -209,7 +176,7 @@ impl Elector {
         let mut renewed_at: Option<Instant> = None;
         let mut skewed = false;
         loop {
-            match self.check_clock().await {
+            match self.clock.check().await {
                 Err(problem) => {
                     renewed_at = None;
                     let stepped_down = !term.send_replace(Terms::default()).is_empty();

@@ -47,6 +47,7 @@ pub mod schedule;
 pub mod scheduler;
 pub mod server;
 pub mod shard;
+pub mod skew;
 pub mod standalone;
 pub mod status;
 pub mod telemetry;

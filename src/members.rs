@@ -7,7 +7,7 @@
 //! judged on the local clock from when the Lease was last seen to change, as the elector judges
 //! its Lease (`src/leader.rs`), never by comparing another replica's timestamps with ours. A
 //! replica that stops says so in its Lease (it leaves the ring at once), then deletes it; one
-//! that dies leaves once its Lease expired.
+//! that dies leaves once its Lease expired (and the others delete it).
 //!
 //! On the ring a member is its pod name, not the process (`Identity`'s nonce): a container
 //! restarted in place comes back to the shards it had.
@@ -37,8 +37,9 @@ pub const MEMBER_OF: &str = "chronflow.io/member-of";
 /// another member owns on that ring.
 pub const RING_ANNOTATION: &str = "chronflow.io/ring";
 
-/// The annotation of a member on its way out (`"true"`): it runs nothing and leaves the ring.
-pub const LEAVING_ANNOTATION: &str = "chronflow.io/leaving";
+/// The annotation of a member off the ring (`"true"`): it is on its way out, or its clock is
+/// off; it takes no shard and lets go of those it holds (`src/handover.rs`).
+pub const STANDBY_ANNOTATION: &str = "chronflow.io/standby";
 
 const FIELD_MANAGER: &str = "chronflow-members";
 
@@ -49,16 +50,16 @@ pub struct Ack {
     pub ring: Option<u64>,
     /// The newest epoch it holds shards in (the floor of the next one drawn).
     pub epoch: u64,
-    /// On its way out: it runs nothing.
-    pub leaving: bool,
+    /// Off the ring: on its way out, or its clock is off.
+    pub standby: bool,
 }
 
 /// The members as this replica sees them.
 #[derive(Clone, Debug, Default)]
 pub struct View {
-    /// The ring of the live members (not leaving).
+    /// The ring of the live members not standing by.
     pub ring: Ring,
-    /// What each live member (leaving or not) said last, by pod name.
+    /// What each live member (standing by or not) said last, by pod name.
     pub acks: BTreeMap<Arc<str>, Ack>,
     /// This replica renewed its Lease within the renew deadline: it may act on the ring.
     pub renewed: bool,
@@ -215,8 +216,8 @@ impl Members {
         if let Some(ring) = ack.ring {
             annotations.insert(RING_ANNOTATION.to_string(), format!("{ring:016x}"));
         }
-        if ack.leaving {
-            annotations.insert(LEAVING_ANNOTATION.to_string(), "true".to_string());
+        if ack.standby {
+            annotations.insert(STANDBY_ANNOTATION.to_string(), "true".to_string());
         }
         let lease = Lease {
             metadata: ObjectMeta {
@@ -318,11 +319,11 @@ fn live(seen: &HashMap<String, Seen>, renewed: bool, lapses: u64) -> View {
             epoch: annotation(EPOCH_ANNOTATION)
                 .and_then(|e| e.parse().ok())
                 .unwrap_or(0),
-            leaving: annotation(LEAVING_ANNOTATION) == Some("true"),
+            standby: annotation(STANDBY_ANNOTATION) == Some("true"),
         };
         acks.insert(Arc::from(pod_name(holder)), ack);
     }
-    let staying = acks.iter().filter(|(_, ack)| !ack.leaving);
+    let staying = acks.iter().filter(|(_, ack)| !ack.standby);
     View {
         ring: Ring::new(staying.map(|(member, _)| member.clone())),
         acks,

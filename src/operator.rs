@@ -28,6 +28,7 @@ use crate::metrics::{CountedClaims, Live, Metrics, Recording};
 use crate::run::ReportSink;
 use crate::server::access::Access;
 use crate::server::{self, Endpoint, Health};
+use crate::skew::ClockCheck;
 use crate::status::{StatusIndex, StatusWriter, WriterConfig, events};
 use crate::{ChronTask, Error, Result};
 
@@ -134,6 +135,8 @@ pub async fn run(
     }
     // Sharded, the replicas split the tasks (src/handover.rs) and no one Lease is elected.
     let sharding = election && config.leader_election.sharding;
+    let mut clock_check =
+        sharding.then(|| ClockCheck::new(ledger.clone(), config.leader_election.max_clock_skew));
     let elector = (election && !sharding).then(|| {
         let lease = &config.leader_election;
         let api = Api::namespaced(client.clone(), &lease.effective_lease_namespace());
@@ -168,7 +171,10 @@ pub async fn run(
         leader: leader.clone(),
         redis,
         kept_marks,
-        clock_skew: elector.as_ref().map(|elector| elector.clock_skew()),
+        clock_skew: match (&elector, &clock_check) {
+            (Some(elector), _) => Some(elector.clock_skew()),
+            (None, check) => check.as_ref().map(ClockCheck::skew),
+        },
         members: view.clone(),
         handovers: sharding.then(|| handovers.clone()),
     });
@@ -222,9 +228,9 @@ pub async fn run(
         writing_tasks.spawn(async move { members.run(view_tx, ack, stop).await });
         // Sharded, SIGTERM lets every shard go at once: the others take them over while this
         // replica drains its runs in flight.
-        if let Some(term_tx) = term_tx.take() {
-            let lease = &config.leader_election;
-            let handover = Handover::new(instance.clone(), ledger.clone(), lease.retry_period);
+        if let (Some(term_tx), Some(clock)) = (term_tx.take(), clock_check.take()) {
+            let retry = config.leader_election.retry_period;
+            let handover = Handover::new(instance.clone(), ledger.clone(), clock, retry);
             let stopping = (shutdown.clone(), writing.clone());
             let health = health.clone();
             let mut first_round = view.clone();

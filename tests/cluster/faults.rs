@@ -1504,7 +1504,7 @@ fn lease_notes(dir: &std::path::Path) -> Vec<String> {
             let message = line["fields"]["message"].as_str().unwrap_or_default();
             if message.starts_with("shutting down") {
                 stopping = true;
-            } else if message == "leading" {
+            } else if message == "leading" || message == "took shards" {
                 let at = line["timestamp"].as_str().unwrap_or_default();
                 if let Ok(at) = DateTime::parse_from_rfc3339(at) {
                     terms.push((at.to_utc(), label.clone()));
@@ -1923,7 +1923,10 @@ async fn a_seeded_storm_of_faults_breaks_no_guarantee() {
         let terms = log
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.contains(r#""message":"leading""#))
+            .filter(|l| {
+                // Led, or took shards (sharded).
+                l.contains(r#""message":"leading""#) || l.contains(r#""message":"took shards""#)
+            })
             .count();
         if skew.abs() >= 2.3 && terms > 0 {
             findings.violations.push(format!(

@@ -33,14 +33,20 @@ struct Sharded {
 
 impl Sharded {
     fn start(ns: &str, name: &str, dir: &tempfile::TempDir) -> Sharded {
+        Sharded::start_with(ns, name, dir, &[])
+    }
+
+    /// With `env` set too.
+    fn start_with(ns: &str, name: &str, dir: &tempfile::TempDir, env: &[(&str, &str)]) -> Sharded {
         let stats = free_address();
         let bind = stats.to_string();
-        let env = [
+        let mut all = vec![
             ("SCHEDULER__METRICS__BIND", bind.as_str()),
             ("SCHEDULER__LEADER_ELECTION__SHARDING", "true"),
         ];
+        all.extend_from_slice(env);
         let (redis, kubeconfig) = (&test_env().redis_url, &test_env().kubeconfig);
-        let replica = Replica::start_with(ns, name, redis, dir, "", kubeconfig, &env);
+        let replica = Replica::start_with(ns, name, redis, dir, "", kubeconfig, &all);
         Sharded { replica, stats }
     }
 
@@ -221,4 +227,29 @@ async fn sharded_replicas_split_the_tasks_and_hand_them_over_on_kill_join_and_si
         assert_contiguous(&seen, name);
         assert_counted_once(api, name, &seen).await;
     }
+}
+
+/// A replica whose clock is off (`leader_election.max_clock_skew`) stands by: it takes no shard,
+/// so the others run its share, and it says why. Its clock would have it claim instants early.
+#[tokio::test]
+async fn a_sharded_replica_whose_clock_is_off_takes_no_shard() {
+    let setup = setup("shards-clock").await;
+    let ns = setup.ns.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let faketime = crate::failover::libfaketime();
+    let ahead = [
+        ("LD_PRELOAD", faketime.as_str()),
+        ("FAKETIME", "+30"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let skewed = Sharded::start_with(ns, "ahead", &dir, &ahead);
+    let good = Sharded::start(ns, "good", &dir);
+    eventually("the good replica to hold every shard", || async {
+        (good.shards().await? == 256).then_some(())
+    })
+    .await;
+    let logs = skewed.replica.logs();
+    assert!(logs.contains("ms ahead of the Redis ledger"), "{logs}");
+    assert_eq!(skewed.shards().await, Some(0), "{logs}");
+    assert!(!logs.contains("took shards"), "{logs}");
 }
