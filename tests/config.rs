@@ -132,7 +132,7 @@ fn docs_list_every_key_with_its_variable_and_default() {
     let docs = std::fs::read_to_string(repo().join("docs/configuration.md"))
         .expect("read docs/configuration.md");
     let keys = default_leaves();
-    assert_eq!(keys.len(), 50, "{keys:?}");
+    assert_eq!(keys.len(), 51, "{keys:?}");
     for (key, default) in keys {
         let env = format!("SCHEDULER__{}", key.replace('.', "__").to_ascii_uppercase());
         let row = format!("| `{key}` | `{env}` | `{default}` |");

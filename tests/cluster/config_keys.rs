@@ -202,6 +202,7 @@ async fn leader_election_with_the_memory_backend_holds_the_configured_lease() {
     let ns = s.ns.clone();
     let _operator = Operator::start_with(&s.ns, client.clone(), |c| {
         c.leader_election.enabled = true;
+        c.leader_election.sharding = false;
         c.leader_election.lease_name = "my-chronflow".into();
         c.leader_election.lease_namespace = Some(chronflow::config::Namespace::new(ns).unwrap());
         c.leader_election.lease_duration = Duration::from_secs(4);

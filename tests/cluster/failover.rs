@@ -1,5 +1,7 @@
 //! Exactly once across replicas, with real processes: several `chronflow run` binaries elect a
-//! leader through the Lease and share a real redis-server as their run ledger; a loopback
+//! leader through the Lease (`leader_election.sharding: false`; sharded replicas are
+//! `tests/cluster/shards.rs`' and the fault checker's) and share a real redis-server as their
+//! run ledger; a loopback
 //! receiver records every Idempotency-Key. Replicas are killed (-9), frozen (SIGSTOP past their
 //! lease), stopped (SIGTERM), and Redis is killed and restarted; no key ever arrives twice and
 //! status counts equal what the receiver saw.
@@ -52,7 +54,7 @@ impl Replica {
         let yaml = format!(
             "backend_type: redis\nwatch_namespaces: [{ns}]\n\
              redis:\n  url: {redis_url}\n  timeout: 1s\n\
-             leader_election:\n  enabled: true\n  lease_namespace: {ns}\n  lease_duration: 3s\n  \
+             leader_election:\n  enabled: true\n  sharding: false\n  lease_namespace: {ns}\n  lease_duration: 3s\n  \
              renew_deadline: 2s\n  retry_period: 250ms\n\
              metrics:\n  bind: 127.0.0.1:0\nstatus:\n  flush_interval: 300ms\n\
              shutdown:\n  grace_period: 5s\nlog:\n  format: json\n{extra}"
