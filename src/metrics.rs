@@ -494,10 +494,11 @@ impl Collector for Live {
         let Some(load) = self.executor.load() else {
             return Ok(());
         };
-        let (counts, backlog, staleness, budget, written_after) = {
+        let (counts, owned, backlog, staleness, budget, written_after) = {
             let index = self.status.lock();
             (
                 index.counts(),
+                index.owned_tasks(),
                 index.pending_writes(),
                 index.staleness(),
                 index.write_budget(),
@@ -505,6 +506,12 @@ impl Collector for Live {
             )
         };
         let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        gauge(
+            &mut encoder,
+            "owned_tasks",
+            "ChronTasks this replica runs and writes the status of: those of the shards it holds",
+            as_i64(owned),
+        )?;
         gauge(
             &mut encoder,
             "queue_depth",

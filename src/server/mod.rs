@@ -148,15 +148,16 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
     let Some(load) = endpoint.executor.load() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopped").into_response();
     };
-    let (tasks, phases, status) = {
+    let (tasks, owned, phases, status) = {
         let index = endpoint.status.lock();
         let phases = index.phases();
+        let owned = index.owned_tasks();
         let status = json!({
             "backlog": index.pending_writes(),
             "staleness_seconds": index.staleness().as_secs_f64(),
             "writes_per_second": index.write_budget(),
         });
-        (phases.values().sum::<usize>(), phases, status)
+        (phases.values().sum::<usize>(), owned, phases, status)
     };
     let phases: serde_json::Map<String, serde_json::Value> = phases
         .into_iter()
@@ -165,6 +166,7 @@ async fn stats(State(endpoint): State<Endpoint>) -> Response {
     let body = json!({
         "running": endpoint.health.ready().is_ok(),
         "total_tasks": tasks,
+        "owned_tasks": owned,
         "queue_size": load.waiting,
         "queue_capacity": load.queue_size,
         "queue_refused": load.refused,

@@ -839,6 +839,15 @@ impl Index {
         phases
     }
 
+    /// How many tasks this replica runs and writes: those of the shards it holds (all of them
+    /// when it follows no terms).
+    pub fn owned_tasks(&self) -> usize {
+        self.tasks
+            .values()
+            .filter(|state| self.writes(&state.uid))
+            .count()
+    }
+
     /// The status as it would be written now (tests, `/stats`).
     pub fn status(&mut self, key: &TaskKey) -> Option<ChronTaskStatus> {
         let now = self.clock.now();
