@@ -148,7 +148,7 @@ pub struct EngineParts {
     /// Where runs are claimed.
     pub ledger: Arc<dyn Ledger>,
     /// The term of each shard this replica holds, checked when acting: a task whose shard it
-    /// does not hold keeps its timer but runs nothing.
+    /// does not hold runs nothing, and its timer sleeps once it came due.
     pub leader: watch::Receiver<Terms>,
     /// Where the engine's reports go.
     pub sink: Arc<dyn ReportSink>,
@@ -438,6 +438,7 @@ impl Engine {
                 counts,
             });
         }
+        let now = self.parts.clock.now();
         let Some(entry) = self.tasks.get_mut(&task.key).filter(|e| e.uid == task.uid) else {
             return;
         };
@@ -456,11 +457,17 @@ impl Engine {
         let (engine_task, description) = (engine_task.clone(), description.clone());
         // A ledger that keeps records (it has counts) says where the previous leaders stopped:
         // resume right after, whatever this replica's idle timer reached. One that keeps none
-        // (memory) knows nothing of other replicas: the timer stays where it is.
+        // (memory) knows nothing of other replicas: the timer stays where it is, or, where it
+        // slept while another replica held the task, resumes at the next instant from now.
         let moved = answer.counts.is_some();
-        if moved {
+        let slept = next.is_some() && fire_at.is_none();
+        if moved || slept {
             let floor = engine_task.catch_up_from.unwrap_or(*since).max(*since);
-            let resume = answer.newest.map_or(floor, |newest| newest.max(floor));
+            let resume = match answer.newest {
+                _ if !moved => now,
+                Some(newest) => newest.max(floor),
+                None => floor,
+            };
             *next = engine_task.schedule.next_after(resume);
             *fire_at = next.map(|t| fire_time(&engine_task, t));
         }
@@ -468,7 +475,7 @@ impl Engine {
         if let Some(at) = *fire_at {
             self.timers.insert((at, seq), task.key.clone());
         }
-        if moved {
+        if moved || slept {
             let state = ScheduleState::Scheduled {
                 schedule: description,
                 next,
@@ -829,6 +836,12 @@ impl Engine {
         let Some(first) = *next else {
             return;
         };
+        // Another replica's task sleeps until its shard is this one's (the take-over wakes it):
+        // each replica fires only its share.
+        if self.terms.task(&entry.uid).is_none() {
+            *fire_at = None;
+            return;
+        }
         let plan = catch_up::plan(&task.schedule, first, now, task.catch_up, |t| {
             fire_time(task, t) <= now
         });
@@ -1355,5 +1368,29 @@ mod tests {
             "the shard lost stops, the one gained runs: {after:?}"
         );
         stop.cancel();
+    }
+
+    /// A task of a shard another replica holds keeps no timer once it came due (each replica
+    /// fires only its share); when its shard comes, it resumes at the next instant from then,
+    /// not at those it slept through.
+    #[tokio::test(start_paused = true)]
+    async fn another_replica_s_task_sleeps_until_its_shard_comes() {
+        let (terms, leader) = watch::channel(Terms::default());
+        let (mut engine, _handle, _workers, _reports) = build(memory_ledger(), leader);
+        engine.upsert(hourly(None), t(0));
+        assert_eq!(engine.timers.len(), 1);
+        engine.fire_due(t(1));
+        assert!(
+            engine.timers.is_empty(),
+            "a timer for another replica's task"
+        );
+        tokio::time::advance(Duration::from_secs(2 * 3600 + 60)).await;
+        let term = Term::single("test");
+        terms.send_replace(Terms::all(term.clone()));
+        engine.on_terms(Terms::all(term));
+        let answer = engine.took_over.1.recv().await.unwrap();
+        engine.apply_take_over(answer);
+        let timers: Vec<DateTime<Utc>> = engine.timers.keys().map(|(at, _)| *at).collect();
+        assert_eq!(timers, [t(3)]);
     }
 }
