@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
@@ -109,8 +109,8 @@ impl Members {
     }
 
     /// Renews this replica's Lease every retry period and at once when `ack` changes, watches
-    /// the group's Leases and publishes what it sees into `view`, until `stop`; then deletes
-    /// its Lease.
+    /// the group's Leases (and lists them at each renewal: a watch can stall without an error)
+    /// and publishes what it sees into `view`, until `stop`; then deletes its Lease.
     pub async fn run(
         &self,
         view: watch::Sender<View>,
@@ -151,13 +151,34 @@ impl Members {
                 lapses += 1;
             }
             if renew {
+                // A watch can stall without an error: a live member must not look expired.
+                let listed = tokio::time::timeout(self.timings.retry_period, self.list()).await;
+                match listed {
+                    Ok(Ok(leases)) => {
+                        // As a re-list of the watch, beside the watch's own.
+                        let mut relisting = None;
+                        see(&mut seen, &mut relisting, watcher::Event::Init);
+                        for lease in leases {
+                            see(&mut seen, &mut relisting, watcher::Event::InitApply(lease));
+                        }
+                        see(&mut seen, &mut relisting, watcher::Event::InitDone);
+                    }
+                    Ok(Err(error)) => warn!(%error, "could not list the member Leases"),
+                    Err(_) => warn!("no answer listing the member Leases"),
+                }
                 self.forget_dead(&seen).await;
                 let said = ack.borrow_and_update().clone();
                 // Never longer than a retry period: the view must go on telling whether this
                 // replica still renews.
-                match tokio::time::timeout(self.timings.retry_period, self.renew(&said)).await {
+                let renewal = self.renew(&said, &mut seen);
+                match tokio::time::timeout(self.timings.retry_period, renewal).await {
                     Ok(Ok(())) => renewed_at = Some(Instant::now()),
-                    Ok(Err(error)) => warn!(%error, "could not renew this replica's member Lease"),
+                    Ok(Err(NotRenewed::OtherSelf(holder))) => {
+                        debug!(%holder, "another process of this pod holds its member Lease")
+                    }
+                    Ok(Err(NotRenewed::Failed(error))) => {
+                        warn!(%error, "could not renew this replica's member Lease")
+                    }
                     Err(_) => warn!("no answer renewing this replica's member Lease"),
                 }
             }
@@ -176,14 +197,31 @@ impl Members {
                 info!(members = ?view.ring.members(), renewed, "the replicas changed");
             }
         }
-        match self
-            .api
-            .delete(&self.lease_name(), &DeleteParams::default())
-            .await
-        {
+        // Only its own: another process of the pod may hold it now.
+        let me = self.identity.to_string();
+        let own = seen.get(&self.lease_name()).filter(|known| {
+            let spec = known.lease.spec.as_ref();
+            spec.and_then(|s| s.holder_identity.as_deref()) == Some(me.as_str())
+        });
+        let Some(own) = own else {
+            return;
+        };
+        let preconditions = Preconditions {
+            resource_version: own.lease.resource_version(),
+            uid: None,
+        };
+        let params = DeleteParams::default().preconditions(preconditions);
+        match self.api.delete(&self.lease_name(), &params).await {
             Ok(_) => debug!("left the members"),
             Err(error) => warn!(%error, "could not delete this replica's member Lease"),
         }
+    }
+
+    /// The group's Leases, as the apiserver has them now.
+    async fn list(&self) -> Result<Vec<Lease>, kube::Error> {
+        let selector = format!("{MEMBER_OF}={}", self.group);
+        let params = kube::api::ListParams::default().labels(&selector);
+        Ok(self.api.list(&params).await?.items)
     }
 
     /// Deletes the Leases of members that died (expired as this process saw them), so that a
@@ -210,7 +248,46 @@ impl Members {
         }
     }
 
-    async fn renew(&self, ack: &Ack) -> Result<(), kube::Error> {
+    /// Writes this replica's Lease, saying `ack`. The Lease is one process's at a time: another
+    /// process of the pod (a container restarted in place, a second pod under one name) takes
+    /// it only once it went unrenewed for the renew deadline, and every write is conditional
+    /// on the version last seen, so of two processes exactly one renews.
+    async fn renew(&self, ack: &Ack, seen: &mut HashMap<String, Seen>) -> Result<(), NotRenewed> {
+        let name = self.lease_name();
+        if !seen.contains_key(&name) {
+            // Not watched yet (just started): what is there now.
+            let lease = self.api.get_opt(&name).await.map_err(NotRenewed::Failed)?;
+            if let Some(lease) = lease {
+                let changed_at = Instant::now();
+                seen.insert(name.clone(), Seen { lease, changed_at });
+            }
+        }
+        let known = seen.get(&name);
+        let holder = known.and_then(|k| k.lease.spec.as_ref()?.holder_identity.clone());
+        if let Some(holder) = holder.filter(|h| self.identity.earlier_self(h))
+            && known.is_some_and(|k| k.changed_at.elapsed() < self.timings.renew_deadline)
+        {
+            return Err(NotRenewed::OtherSelf(holder));
+        }
+        let version = known.and_then(|k| k.lease.resource_version());
+        let mut lease = self.lease(ack);
+        let written = match version {
+            Some(version) => {
+                lease.metadata.resource_version = Some(version);
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                self.api.patch(&name, &params, &Patch::Apply(&lease)).await
+            }
+            None => self.api.create(&PostParams::default(), &lease).await,
+        };
+        let lease = written.map_err(NotRenewed::Failed)?;
+        // Its next write is conditional on this one's version.
+        let changed_at = Instant::now();
+        seen.insert(name, Seen { lease, changed_at });
+        Ok(())
+    }
+
+    /// This replica's Lease, saying `ack`.
+    fn lease(&self, ack: &Ack) -> Lease {
         let mut annotations =
             BTreeMap::from([(EPOCH_ANNOTATION.to_string(), ack.epoch.to_string())]);
         if let Some(ring) = ack.ring {
@@ -219,7 +296,7 @@ impl Members {
         if ack.standby {
             annotations.insert(STANDBY_ANNOTATION.to_string(), "true".to_string());
         }
-        let lease = Lease {
+        Lease {
             metadata: ObjectMeta {
                 name: Some(self.lease_name()),
                 labels: Some([(MEMBER_OF.to_string(), self.group.clone())].into()),
@@ -234,13 +311,15 @@ impl Members {
                 renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
                 ..LeaseSpec::default()
             }),
-        };
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        self.api
-            .patch(&self.lease_name(), &params, &Patch::Apply(&lease))
-            .await?;
-        Ok(())
+        }
     }
+}
+
+/// Why this process did not renew its member Lease.
+enum NotRenewed {
+    /// Another process of this pod holds it (the holder named).
+    OtherSelf(String),
+    Failed(kube::Error),
 }
 
 /// Takes in one watch event: a Lease seen changing is seen now; a re-list drops the Leases it

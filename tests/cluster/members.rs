@@ -155,6 +155,46 @@ async fn replicas_agree_on_the_ring_and_a_leaver_moves_only_its_own_shards() {
     a.stop.cancel();
 }
 
+/// Two processes of one pod (a container restarted in place while its earlier self still
+/// runs, a second pod under one name): one holds the pod's member Lease, and with it the pod's
+/// shards; the other waits until the first stopped renewing for the renew deadline. Both used to
+/// renew it, each taking the pod's shards (the fault checker saw three runs of a task allowed
+/// two, from three terms of one pod).
+#[tokio::test]
+async fn of_two_processes_of_one_pod_one_holds_its_member_lease_at_a_time() {
+    let client = test_env().client().await;
+    let ns = namespace(&client, "members-surge").await;
+    let renewed = |m: &Member| m.view.borrow().renewed;
+    let first = Member::start(&client, &ns, "chronflow-a");
+    eventually("the first process to renew", || async {
+        renewed(&first).then_some(())
+    })
+    .await;
+    let second = Member::start(&client, &ns, "chronflow-a");
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(renewed(&first), "the first process lost its Lease");
+        assert!(
+            !renewed(&second),
+            "two processes of one pod renew its Lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first dies without a word: the second takes the Lease once it went unrenewed.
+    first.task.abort();
+    let died = Instant::now();
+    eventually("the second process to renew", || async {
+        renewed(&second).then_some(())
+    })
+    .await;
+    assert!(
+        died.elapsed() >= Duration::from_secs(2),
+        "taken {:?} after the first died",
+        died.elapsed()
+    );
+    second.stop.cancel();
+}
+
 /// The operator runs it: two `chronflow run` replicas list each other in `/stats` and in
 /// `kubectl get leases`, and a task's status names the leader; the leader stopped with SIGTERM
 /// deletes its Lease on its way out, and the other names itself.
