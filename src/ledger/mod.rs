@@ -191,6 +191,12 @@ pub enum Mark {
         /// How many instants.
         count: u64,
     },
+    /// The run's start was asked and no answer came (a lost reply, `redis.wait_replicas` timed
+    /// out): this process never began the action and never will. Counted missed as
+    /// [`Mark::Missed`], and it also lands over the start should the start have landed: only
+    /// this process, in this term, can have made it (a term starts a run once), so no run that
+    /// did happen is undone.
+    Abandoned,
 }
 
 /// One run's record.

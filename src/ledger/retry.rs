@@ -287,14 +287,16 @@ impl Ledger for RetriedMarks {
             match mark {
                 _ if result.is_ok() => {}
                 Mark::Started { .. } | Mark::StartedAlone { .. } => {
-                    self.keep(run, term, Mark::Missed { count: 1 });
+                    self.keep(run, term, Mark::Abandoned);
                 }
-                Mark::Finished { .. } | Mark::Missed { .. } => self.keep(run, term, mark),
+                Mark::Finished { .. } | Mark::Missed { .. } | Mark::Abandoned => {
+                    self.keep(run, term, mark)
+                }
             }
             result
         };
         match mark {
-            Mark::Missed { .. } => {
+            Mark::Missed { .. } | Mark::Abandoned => {
                 let in_order = async move {
                     if let Err(error) = self.send_kept(run.task_id()).await {
                         self.keep(run, term, mark);

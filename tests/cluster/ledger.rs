@@ -408,26 +408,36 @@ async fn missed_instants_are_counted_once_and_never_run() {
     );
 }
 
-/// A start Redis applied but could not confirm (`redis.wait_replicas` timed out, or the reply
-/// was lost) is reported as not started: the action never began. Its miss then lands over the
-/// start, or the run stays open for good (the fault checker found starts left so after the drain,
-/// by a replica that kept its shards to the end). Only the process that started it may do so.
+/// A start Redis applied but whose answer never came (`redis.wait_replicas` timed out, a reset
+/// connection) is reported as not started: the action never began. Its abandonment lands over
+/// the start, or the run stays open for good (the fault checker found starts left so after the
+/// drain, by a replica that kept its shards to the end). Only the process that started it may
+/// abandon it; a plain miss never lands over a start (it may come from a claim whose answer was
+/// lost, of a run that did start later).
 #[tokio::test]
-async fn a_start_that_could_not_be_confirmed_is_recorded_missed_by_its_own_term_only() {
+async fn a_start_whose_answer_never_came_is_abandoned_by_its_own_term_only() {
     let ledger = ledger(4);
     let task = task("unconfirmed");
     let me = term(1, "a#1");
     let run = RunId::new(&task, at(0));
     assert_eq!(claim(&ledger, &run, &me).await, Verdict::Accepted);
     assert_eq!(mark(&ledger, &run, &me, STARTED).await, Verdict::Accepted);
-    let one = Mark::Missed { count: 1 };
+    let missed = Mark::Missed { count: 1 };
+    assert_eq!(
+        state(&mark(&ledger, &run, &me, missed).await),
+        Some(RunState::Started),
+        "a plain miss over a start"
+    );
     let restarted = term(1, "a#2");
     assert_eq!(
-        state(&mark(&ledger, &run, &restarted, one).await),
+        state(&mark(&ledger, &run, &restarted, Mark::Abandoned).await),
         Some(RunState::Started),
-        "another process's miss over a start"
+        "another process abandons a start"
     );
-    assert_eq!(mark(&ledger, &run, &me, one).await, Verdict::Accepted);
+    assert_eq!(
+        mark(&ledger, &run, &me, Mark::Abandoned).await,
+        Verdict::Accepted
+    );
     let taken = ledger
         .take_over(&task, &term(2, "b#1"), &[], None)
         .await

@@ -263,6 +263,7 @@ impl Ledger for RedisLedger {
                 Mark::Finished { succeeded: true } => ("succeeded", 1, "", 0),
                 Mark::Finished { succeeded: false } => ("failed", 1, "", 0),
                 Mark::Missed { count } => ("missed", count, "", 0),
+                Mark::Abandoned => ("abandoned", 1, "", 0),
             };
             let args = vec![
                 term.epoch.to_string(),

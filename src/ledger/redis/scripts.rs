@@ -132,7 +132,7 @@ return {'accepted'}
 "#;
 
 /// `KEYS`: epoch, runs, order, counts, open. `ARGV`: epoch, run (its field), holder, new state
-/// (`started`, `succeeded`, `failed`, `missed`), how many instants (`missed` only: a catch-up
+/// (`started`, `succeeded`, `failed`, `missed`, or `abandoned`: missed, over its own start too), how many instants (`missed` only: a catch-up
 /// skips many at once, recorded at the newest), the run's instant (ms), `alone` (a start
 /// refused as `busy` while another process's run of the task is in flight) or nothing, and
 /// (`started` only) how long the run may last (ms): it is over by then on Redis's clock. Returns
@@ -141,6 +141,9 @@ return {'accepted'}
 pub(super) const MARK: &str = r#"
 local epoch = tonumber(ARGV[1])
 local to = ARGV[4]
+-- A start whose answer never came: recorded missed, over the start too should it have landed.
+local abandoned = to == 'abandoned'
+if abandoned then to = 'missed' end
 local record = redis.call('HGET', KEYS[2], ARGV[2])
 local state, owner, holder = 'none', '0', ''
 if record then state, owner, holder = string.match(record, '^(%S+) (%S+) (.*)$') end
@@ -162,11 +165,10 @@ if not (final and mine) then
   if epoch < stored then return counts({'fenced', tostring(stored)}) end
   if epoch > stored then redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL') end
 end
--- A miss over its own start: the start landed but its answer did not (a lost reply, WAIT timed
--- out), so the process never began the action.
 local allowed = (to == 'started' and state == 'claimed' and mine)
   or (final and mine and (state == 'claimed' or state == 'started'))
-  or (to == 'missed' and (state == 'none' or (mine and (state == 'claimed' or state == 'started'))))
+  or (to == 'missed' and (state == 'none' or (state == 'claimed' and mine)))
+  or (abandoned and state == 'started' and mine)
 if not allowed then return counts({'held', record or 'none 0 -'}) end
 if to == 'started' and ARGV[7] == 'alone' then
   -- Forbid across processes: another one's run of the task is in flight.
