@@ -28,6 +28,10 @@ use crate::run::Term;
 use crate::shard::{Shard, Terms};
 use crate::skew::ClockCheck;
 
+/// How long a replica stands by before it lets its shards go, at most (a retry period if
+/// shorter).
+pub const STANDBY_GRACE: Duration = Duration::from_millis(500);
+
 /// This replica's side of the handshake.
 pub struct Handover {
     identity: Identity,
@@ -117,6 +121,7 @@ impl Handover {
         let mut ring_since = (0, Instant::now());
         // Checked before anything is taken: a replica whose clock is off must run nothing.
         let (mut lapses, mut leaving, mut skewed) = (0, false, self.skewed(false).await);
+        let mut standing_since = None;
         let mut clock = tokio::time::interval_at(Instant::now() + self.retry, self.retry);
         clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -137,10 +142,21 @@ impl Handover {
             let standby = leaving || skewed;
             out.ack
                 .send_if_modified(|ack| std::mem::replace(&mut ack.standby, standby) != standby);
-            let pending = match (standby, skewed) {
-                (false, _) => self.step(&now, &out, ring_since.1).await,
-                (true, false) => self.step_standing_by(&now, &out, false),
-                (true, true) => self.step_standing_by(&now, &out, true),
+            if !standby {
+                standing_since = None;
+            }
+            let pending = match standby {
+                false => self.step(&now, &out, ring_since.1).await,
+                true if skewed => self.step_standing_by(&now, &out, None),
+                true => {
+                    let since = *standing_since.get_or_insert_with(Instant::now);
+                    self.step_standing_by(&now, &out, Some(since))
+                }
+            };
+            // Standing by, it waits a grace at most; else an epoch the ledger could not give.
+            let pause = match standby {
+                true => STANDBY_GRACE.min(self.retry),
+                false => self.retry,
             };
             tokio::select! {
                 biased;
@@ -153,7 +169,7 @@ impl Handover {
                 changed = view.changed() => if changed.is_err() {
                     break;
                 },
-                () = tokio::time::sleep(self.retry), if pending => {}
+                () = tokio::time::sleep(pause), if pending => {}
             }
         }
         // What it holds at `stop` it keeps: the last statuses are being written in its terms.
@@ -258,10 +274,14 @@ impl Handover {
         false
     }
 
-    /// Acts on one view while standing by: lets every shard go once the members on the ring all
-    /// act on the ring without this one (`at_once`: right away); keeps them, unless `at_once`,
-    /// while no member is on the ring.
-    fn step_standing_by(&self, view: &View, out: &Outputs, at_once: bool) -> bool {
+    /// Acts on one view while standing by (`since` then; `None`: let go at once): lets every
+    /// shard go once the members on the ring all act on the ring without this one, and it stood
+    /// by for a moment ([`STANDBY_GRACE`], a retry period at most: replicas stopped together,
+    /// scaled to zero, all stand by before any lets go, and each keeps its shards); keeps them
+    /// while no member is on the ring. `true` while the moment lasts.
+    fn step_standing_by(&self, view: &View, out: &Outputs, since: Option<Instant>) -> bool {
+        let grace = STANDBY_GRACE.min(self.retry);
+        let waiting = since.is_some_and(|since| since.elapsed() < grace);
         let ring = &view.ring;
         let id = ring.id();
         let staying = ring.members();
@@ -273,14 +293,14 @@ impl Handover {
                     .get(member)
                     .is_some_and(|ack| ack.ring == Some(id))
             });
-        if ready || at_once || out.terms.borrow().is_empty() {
+        if (ready && !waiting) || since.is_none() || out.terms.borrow().is_empty() {
             let released = out.keep_only(Vec::new());
             if released > 0 {
                 info!(released, "standing by: let go of every shard");
             }
             out.acknowledge(id);
         }
-        false
+        waiting
     }
 }
 
@@ -491,6 +511,42 @@ mod tests {
             .unwrap()
             .clone();
         assert!(Shard::all().all(|s| after.shard(s) == after.newest()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_stopped_together_each_keep_their_shards() {
+        let mut b = Replica::start("b");
+        let both = acked(&["b", "c"], 1);
+        b.sees(&["b", "c"], &[("c", both.clone())]).await;
+        let held = b.terms.borrow().held();
+        b.leave.cancel();
+        let mut ack = b.ack.clone();
+        let said = ack.wait_for(|ack| ack.standby).await.unwrap().clone();
+        // `c` acts on the ring without `b` before its own SIGTERM shows...
+        b.view.send_replace(View {
+            ring: Ring::new(["c"]),
+            acks: [("b".into(), said.clone()), ("c".into(), acked(&["c"], 1))].into(),
+            renewed: true,
+            lapses: 0,
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ...then stands by too, within the grace: nobody is left to take `b`'s shards.
+        let standing = Ack {
+            standby: true,
+            ..acked(&["c"], 1)
+        };
+        b.view.send_replace(View {
+            ring: Ring::default(),
+            acks: [("b".into(), said), ("c".into(), standing)].into(),
+            renewed: true,
+            lapses: 0,
+        });
+        tokio::time::sleep(STANDBY_GRACE * 2).await;
+        assert_eq!(
+            b.terms.borrow().held(),
+            held,
+            "let go with nobody to take them"
+        );
     }
 
     #[tokio::test]

@@ -117,8 +117,7 @@ impl Members {
         mut ack: watch::Receiver<Ack>,
         stop: CancellationToken,
     ) {
-        let selector = format!("{MEMBER_OF}={}", self.group);
-        let config = watcher::Config::default().labels(&selector);
+        let config = watcher::Config::default().labels(&self.selector());
         let mut events = watcher(self.api.clone(), config).default_backoff().boxed();
         let mut seen: HashMap<String, Seen> = HashMap::new();
         let mut listing: Option<HashSet<String>> = None;
@@ -151,21 +150,7 @@ impl Members {
                 lapses += 1;
             }
             if renew {
-                // A watch can stall without an error: a live member must not look expired.
-                let listed = tokio::time::timeout(self.timings.retry_period, self.list()).await;
-                match listed {
-                    Ok(Ok(leases)) => {
-                        // As a re-list of the watch, beside the watch's own.
-                        let mut relisting = None;
-                        see(&mut seen, &mut relisting, watcher::Event::Init);
-                        for lease in leases {
-                            see(&mut seen, &mut relisting, watcher::Event::InitApply(lease));
-                        }
-                        see(&mut seen, &mut relisting, watcher::Event::InitDone);
-                    }
-                    Ok(Err(error)) => warn!(%error, "could not list the member Leases"),
-                    Err(_) => warn!("no answer listing the member Leases"),
-                }
+                self.relist(&mut seen).await;
                 self.forget_dead(&seen).await;
                 let said = ack.borrow_and_update().clone();
                 // Never longer than a retry period: the view must go on telling whether this
@@ -217,11 +202,28 @@ impl Members {
         }
     }
 
-    /// The group's Leases, as the apiserver has them now.
-    async fn list(&self) -> Result<Vec<Lease>, kube::Error> {
-        let selector = format!("{MEMBER_OF}={}", self.group);
-        let params = kube::api::ListParams::default().labels(&selector);
-        Ok(self.api.list(&params).await?.items)
+    /// Selects the group's Leases.
+    fn selector(&self) -> String {
+        format!("{MEMBER_OF}={}", self.group)
+    }
+
+    /// Takes in the group's Leases as the apiserver has them now, as a re-list of the watch
+    /// would: a watch can stall without an error, and a live member must not look expired.
+    async fn relist(&self, seen: &mut HashMap<String, Seen>) {
+        let params = kube::api::ListParams::default().labels(&self.selector());
+        let listed = tokio::time::timeout(self.timings.retry_period, self.api.list(&params));
+        match listed.await {
+            Ok(Ok(leases)) => {
+                let mut relisting = None;
+                see(seen, &mut relisting, watcher::Event::Init);
+                for lease in leases.items {
+                    see(seen, &mut relisting, watcher::Event::InitApply(lease));
+                }
+                see(seen, &mut relisting, watcher::Event::InitDone);
+            }
+            Ok(Err(error)) => warn!(%error, "could not list the member Leases"),
+            Err(_) => warn!("no answer listing the member Leases"),
+        }
     }
 
     /// Deletes the Leases of members that died (expired as this process saw them), so that a

@@ -226,8 +226,8 @@ pub async fn run(
     if let Some((members, (view_tx, view), (ack_tx, ack))) = members {
         let stop = writing.clone();
         writing_tasks.spawn(async move { members.run(view_tx, ack, stop).await });
-        // Sharded, SIGTERM lets every shard go at once: the others take them over while this
-        // replica drains its runs in flight.
+        // Sharded, SIGTERM makes it stand by: its shards go to the others as soon as they are
+        // ready, while it drains its runs in flight (the last replica keeps them to the end).
         if let (Some(term_tx), Some(clock)) = (term_tx.take(), clock_check.take()) {
             let retry = config.leader_election.retry_period;
             let handover = Handover::new(instance.clone(), ledger.clone(), clock, retry);
