@@ -255,15 +255,9 @@ impl Members {
     /// it only once it went unrenewed for the renew deadline, and every write is conditional
     /// on the version last seen, so of two processes exactly one renews.
     async fn renew(&self, ack: &Ack, seen: &mut HashMap<String, Seen>) -> Result<(), NotRenewed> {
+        // `seen` was listed just before: a Lease it lacks is created, and a create of one that
+        // exists after all is refused (renewed at the next attempt, as what it is).
         let name = self.lease_name();
-        if !seen.contains_key(&name) {
-            // Not watched yet (just started): what is there now.
-            let lease = self.api.get_opt(&name).await.map_err(NotRenewed::Failed)?;
-            if let Some(lease) = lease {
-                let changed_at = Instant::now();
-                seen.insert(name.clone(), Seen { lease, changed_at });
-            }
-        }
         let known = seen.get(&name);
         let holder = known.and_then(|k| k.lease.spec.as_ref()?.holder_identity.clone());
         if let Some(holder) = holder.filter(|h| self.identity.earlier_self(h))

@@ -165,6 +165,17 @@ impl Terms {
         self.task(uid) == Some(term)
     }
 
+    /// Per shard (by index), its term where it is held in a term it was not held in by `old`:
+    /// the shards whose tasks a new term takes over.
+    pub fn taken_since(&self, old: &Terms) -> Vec<Option<Term>> {
+        Shard::all()
+            .map(|shard| {
+                let term = self.shard(shard);
+                term.filter(|term| old.shard(shard) != Some(*term)).cloned()
+            })
+            .collect()
+    }
+
     /// How many shards this replica holds.
     pub fn held(&self) -> usize {
         self.0.iter().flatten().count()

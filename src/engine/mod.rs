@@ -345,12 +345,7 @@ impl Engine {
     /// their timers wait for the ledger's answers.
     fn on_terms(&mut self, terms: Terms) {
         let old = std::mem::replace(&mut self.terms, terms);
-        let fresh: Vec<Option<Term>> = Shard::all()
-            .map(|shard| {
-                let term = self.terms.shard(shard);
-                term.filter(|term| old.shard(shard) != Some(term)).cloned()
-            })
-            .collect();
+        let fresh = self.terms.taken_since(&old);
         if fresh.iter().all(Option::is_none) {
             return;
         }

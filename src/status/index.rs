@@ -321,14 +321,9 @@ impl Index {
             return;
         }
         let old = std::mem::replace(&mut self.terms, now);
-        let fresh: Vec<bool> = Shard::all()
-            .map(|shard| {
-                let term = self.terms.shard(shard);
-                term.is_some() && term != old.shard(shard)
-            })
-            .collect();
-        if fresh.contains(&true) {
-            self.begin_term(|uid| fresh[Shard::of(uid).index()]);
+        let fresh = self.terms.taken_since(&old);
+        if fresh.iter().any(Option::is_some) {
+            self.begin_term(|uid| fresh[Shard::of(uid).index()].is_some());
         }
     }
 
